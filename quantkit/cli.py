@@ -1,0 +1,154 @@
+"""The `quantkit` command line. Thin: parse, call the library, print.
+
+User errors (QuantkitError) print as one line on stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+
+import click
+
+from quantkit.errors import QuantkitError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in SIZE_UNITS:
+        raise QuantkitError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    n = int(float(m.group(1)) * SIZE_UNITS[unit])
+    if n < 1:
+        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
+    return n
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantkit")
+def cli() -> None:
+    """Quantize and convert MiniMax-M2 family checkpoints, streaming, in bounded memory."""
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(ckpt: str, as_json: bool) -> None:
+    """Architecture, parameters, bytes by dtype and kind, shards, output sizes, valid TP/EP degrees."""
+    from quantkit.checkpoint import CheckpointReader
+    from quantkit.info import describe, format_text
+
+    d = describe(CheckpointReader(ckpt))
+    click.echo(json.dumps(d, indent=2) if as_json else format_text(d))
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--to", "target", required=True, type=click.Choice(["bf16"]), help="Target format.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
+@click.option("--recipe", default=None, help="Recipe name or YAML file (default: the target's built-in recipe).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same job in OUTPUT.")
+@click.option("--force", is_flag=True, help="Overwrite the checkpoint files of a different job in OUTPUT.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def convert(ckpt: str, target: str, output: str, recipe: str | None, resume: bool, force: bool, max_shard_size: str,
+            no_progress: bool) -> None:
+    """Convert CKPT into OUTPUT, one tensor at a time."""
+    from quantkit.convert import convert as run
+
+    summary = run(ckpt, output, target=target, recipe=recipe, resume=resume, force=force,
+                  max_shard_bytes=parse_size(max_shard_size), progress=not no_progress)
+    for line in summary.lines():
+        click.echo(line)
+
+
+@cli.command("make-checkpoint")
+@click.option("--preset", type=click.Choice(["tiny", "minimax-m2"]), default="tiny", show_default=True)
+@click.option("--layers", type=int, default=None, help="Decoder layers (default: the preset's).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp8"]), default="bf16", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite checkpoint files already in OUTPUT.")
+def make_checkpoint(preset: str, layers: int | None, dtype: str, seed: int, output: str, max_shard_size: str,
+                    force: bool) -> None:
+    """Write a seeded synthetic MiniMax-M2 checkpoint (config, tokenizer, sharded safetensors)."""
+    from quantkit.synth import make_checkpoint as run
+
+    cfg = run(output, preset=preset, layers=layers, dtype=dtype, seed=seed,
+              max_shard_bytes=parse_size(max_shard_size), force=force)
+    total, active = cfg.parameter_count()
+    click.echo(f"wrote {output}: {preset} preset, {cfg.num_hidden_layers} layers, {dtype}, "
+               f"{total:,} parameters ({active:,} active)")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option("--chat", is_flag=True, help="Wrap each prompt as a user turn with the chat template.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
+             top_k: int, seed: int, dtype: str) -> None:
+    """Generate text from CKPT on the quantkit runtime."""
+    import time
+
+    import torch
+
+    from quantkit import tokenizer as tok
+    from quantkit.runtime import Sampling, load_model
+    from quantkit.runtime import generate as run
+
+    if max_new_tokens < 1:
+        raise QuantkitError("--max-new-tokens must be at least 1")
+    tokenizer = tok.load_tokenizer(ckpt)
+    model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    texts = [tok.apply_chat_template(ckpt, [{"role": "user", "content": p}]) if chat else p for p in prompts]
+    ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    if any(not i for i in ids):
+        raise QuantkitError("--prompt: empty prompt")
+    eos = model.cfg.eos_token_id
+    stop = tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else ()
+    t0 = time.perf_counter()
+    outs = run(model, ids, max_new_tokens, Sampling(temperature, top_p, top_k), stop_ids=stop, seed=seed)
+    dt = time.perf_counter() - t0
+    for text, out in zip(prompts, outs):
+        click.echo(f"--- {text!r}")
+        click.echo(tokenizer.decode(out, skip_special_tokens=False))
+    n = sum(len(o) for o in outs)
+    click.echo(f"{n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s, batch {len(ids)})", err=True)
+
+
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def main() -> None:
+    warnings.showwarning = _warn
+    try:
+        cli.main(standalone_mode=False)
+    except QuantkitError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The MiniMax-M2 forward pass in PyTorch, exactly as specs/minimax-m2.md section 3 gives it.
+
+    model = load_model("ckpt", dtype=torch.float32)       # BF16 or block-FP8 checkpoints (FP8 dequantized on load)
+    cache = model.new_cache(batch=2, max_len=256)
+    logits = model(tokens, cache)                        # tokens [B, T]; appends to the cache; logits [B, T, V]
+
+Per layer: pre-norm attention with QK-norm over the full projection width (before the head split and RoPE),
+NeoX rotary on the first rotary_dim dims of each head, GQA; then a pre-norm MoE whose router runs in fp32:
+sigmoid scores, top-k chosen on score + correction bias, the chosen unbiased scores renormalised.
+Batches are left-padded: the cache keeps a validity mask over its columns and positions count valid tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.arch import MiniMaxM2Config
+from quantkit.checkpoint import CheckpointReader
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)  # cast before the gain, as transformers does
+
+
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, rotary_dim/2] for integer positions [B, T]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX (rotate-half) rotary on the first 2*cos.shape[-1] dims of every head. x [B, heads, T, D]."""
+    half = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, half]
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    af, bf = a.float(), b.float()
+    ra = (af * cos - bf * sin).to(x.dtype)
+    rb = (bf * cos + af * sin).to(x.dtype)
+    return torch.cat([ra, rb, rest], dim=-1)
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # per layer [B, NKV, S, D]
+    v: list[torch.Tensor]
+    valid: torch.Tensor  # [B, S] bool: column holds a real (not padding) token
+    length: int = 0  # columns filled
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MiniMaxM2Config):
+        super().__init__()
+        self.cfg = cfg
+        h, q, kv = cfg.hidden_size, cfg.q_width, cfg.kv_width
+        self.q_proj = nn.Linear(h, q, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
+        self.o_proj = nn.Linear(q, h, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(q))
+        self.k_norm = nn.Parameter(torch.ones(kv))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = rms_norm(self.q_proj(x), self.q_norm, cfg.rms_norm_eps)  # [B, T, NH*D], norm over all heads at once
+        k = rms_norm(self.k_proj(x), self.k_norm, cfg.rms_norm_eps)
+        v = self.v_proj(x)
+        q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, NH, T, D]
+        k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        s0 = cache.length
+        cache.k[layer][:, :, s0:s0 + T] = k
+        cache.v[layer][:, :, s0:s0 + T] = v
+        keys, values = cache.k[layer][:, :, :s0 + T], cache.v[layer][:, :, :s0 + T]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
+                                             enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
+
+
+class MoE(nn.Module):
+    """Sigmoid-routed experts, computed expert by expert over the tokens routed to each (the reference path)."""
+
+    def __init__(self, cfg: MiniMaxM2Config):
+        super().__init__()
+        self.cfg = cfg
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate = nn.Parameter(torch.zeros(e, h, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(e, dtype=torch.float32))
+        self.w1 = nn.Parameter(torch.zeros(e, i, h))  # gate_proj
+        self.w3 = nn.Parameter(torch.zeros(e, i, h))  # up_proj
+        self.w2 = nn.Parameter(torch.zeros(e, h, i))  # down_proj
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, H] -> (expert ids [N, K], weights [N, K] fp32)."""
+        scores = torch.sigmoid(h.float() @ self.gate.float().t())  # [N, E], fp32 as vLLM and SGLang compute it
+        idx = torch.topk(scores + self.bias.float(), self.cfg.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(-1, idx)
+        return idx, w / w.sum(-1, keepdim=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])
+        idx, w = self.route(h)
+        out = torch.zeros_like(h)
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            x = h[rows]
+            y = (F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t()
+            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MiniMaxM2Config):
+        super().__init__()
+        self.input_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.self_attn = Attention(cfg)
+        self.moe = MoE(cfg)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, layer, mask)
+        return x + self.moe(rms_norm(x, self.post_attention_layernorm, self.eps))
+
+
+class MiniMaxM2(nn.Module):
+    def __init__(self, cfg: MiniMaxM2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        return KVCache(
+            k=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
+            v=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
+            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] appended to the cache; valid [B, T] marks real tokens (False for left padding)."""
+        B, T = tokens.shape
+        s0 = cache.length
+        if s0 + T > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; {s0 + T} needed")
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        cache.valid[:, s0:s0 + T] = valid
+        positions = (cache.valid[:, :s0 + T].long().cumsum(-1) - 1).clamp(min=0)[:, s0:]  # [B, T]
+        cos, sin = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+        cos, sin = cos.to(tokens.device), sin.to(tokens.device)
+        cols = torch.arange(s0 + T, device=tokens.device)
+        causal = cols[None, :] <= (s0 + torch.arange(T, device=tokens.device))[:, None]  # [T, S]
+        mask = causal[None] & cache.valid[:, None, :s0 + T]
+        mask |= cols[None, None, :] == (s0 + torch.arange(T, device=tokens.device))[None, :, None]  # pads see self
+        mask = mask[:, None]  # [B, 1, T, S]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, mask)
+        cache.length = s0 + T
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               reader: CheckpointReader | None = None) -> MiniMaxM2:
+    """Build the model and fill it from a checkpoint through the reader (block FP8 dequantized on read)."""
+    reader = reader or CheckpointReader(folder)
+    cfg = reader.config
+    with torch.device("meta"):
+        model = MiniMaxM2(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    for block in model.layers:  # the router stays fp32 whatever the model dtype
+        block.moe.gate.data = block.moe.gate.data.float()
+        block.moe.bias.data = block.moe.bias.data.float()
+
+    def get(name: str, dt: torch.dtype = dtype) -> torch.Tensor:
+        return reader.weight(name, dt).to(device)
+
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(get("model.embed_tokens.weight"))
+        model.norm.copy_(get("model.norm.weight"))
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        model.lm_head.weight.copy_(get(head))
+        for n, block in enumerate(model.layers):
+            p = f"model.layers.{n}."
+            block.input_layernorm.copy_(get(p + "input_layernorm.weight"))
+            block.post_attention_layernorm.copy_(get(p + "post_attention_layernorm.weight"))
+            att = block.self_attn
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(att, proj).weight.copy_(get(f"{p}self_attn.{proj}.weight"))
+            att.q_norm.copy_(get(p + "self_attn.q_norm.weight"))
+            att.k_norm.copy_(get(p + "self_attn.k_norm.weight"))
+            moe = block.moe
+            m = p + "block_sparse_moe."
+            moe.gate.copy_(get(m + "gate.weight", torch.float32))
+            moe.bias.copy_(get(m + "e_score_correction_bias", torch.float32))
+            for w in ("w1", "w2", "w3"):
+                stacked = getattr(moe, w)
+                for e in range(cfg.num_local_experts):
+                    stacked[e].copy_(get(f"{m}experts.{e}.{w}.weight"))
+    reader.close()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,176 @@
+"""`quantkit make-checkpoint`: complete, seeded MiniMax-M2 checkpoints for tests and benchmarks.
+
+    make_checkpoint("tiny-ckpt", preset="tiny")                                   # 2 layers, a few MB
+    make_checkpoint("m2-slice", preset="minimax-m2", layers=2, dtype="fp8")       # real widths, official FP8 layout
+
+The folder is what a Hugging Face release holds: config.json and generation_config.json in the release's
+layout, a byte-level BPE tokenizer, sharded safetensors and the index. Every tensor is drawn from a generator
+seeded by (seed, tensor name), so a tensor does not depend on which others were generated, and the writer
+streams them: a real-width layer is never in memory at once.
+
+In `fp8` checkpoints each 128x128 tile holds an element at +-448 and its scale has four significant bits, so
+W = fp8 x scale is exact in BF16 and re-quantizing the BF16 weights with scale = amax / 448 gives back the same
+bytes: conversions through BF16 can then be checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit import tokenizer as tok
+from quantkit.arch import MiniMaxM2Config
+from quantkit.checkpoint import OutputFolder, OutTensor, plan_shards
+from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
+from quantkit.errors import QuantkitError
+
+PRESETS = {
+    "tiny": dict(hidden_size=256, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, rotary_dim=32, num_hidden_layers=2,
+                 vocab_size=2048, max_position_embeddings=4096, tokenizer_vocab=2048),
+    "minimax-m2": dict(hidden_size=3072, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
+                       num_attention_heads=48, num_key_value_heads=8, head_dim=128, rotary_dim=64,
+                       num_hidden_layers=62, vocab_size=200064, max_position_embeddings=196608, tokenizer_vocab=4096),
+}
+FP8_BLOCK = (128, 128)
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class Init:
+    std: float = 0.02
+    norm_jitter: float = 0.1  # norm gains 1 + N(0, jitter): a test that swaps or drops a norm must fail
+    bias_std: float = 0.5  # routing correction bias large enough to change which experts are picked
+
+
+def release_config(preset: str, layers: int | None, fp8: bool, special_ids: dict) -> dict:
+    p = dict(PRESETS[preset])
+    p.pop("tokenizer_vocab")
+    if layers is not None:
+        p["num_hidden_layers"] = layers
+    n = p["num_hidden_layers"]
+    cfg = {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "model_type": "minimax_m2",
+        "attn_type_list": [1] * n,
+        "hidden_act": "silu",
+        **p,
+        "rope_theta": 5000000,
+        "rms_norm_eps": 1e-06,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+        "scoring_func": "sigmoid",
+        "use_routing_bias": True,
+        "shared_intermediate_size": 0,
+        "use_mtp": True,
+        "num_mtp_modules": 3,
+        "mtp_transformer_layers": 1,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": special_ids["bos_token_id"],
+        "eos_token_id": special_ids["eos_token_id"],
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.1",
+    }
+    if fp8:
+        cfg["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "float8_e4m3fn",
+            "quant_method": "fp8",
+            "weight_block_size": list(FP8_BLOCK),
+            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
+        }
+    return cfg
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _float_tensor(kind: str, shape: tuple[int, ...], g: torch.Generator, init: Init) -> torch.Tensor:
+    if kind in ("norm", "qk_norm"):
+        return 1.0 + init.norm_jitter * torch.randn(shape, generator=g)
+    if kind == "router_bias":
+        return init.bias_std * torch.randn(shape, generator=g)
+    return init.std * torch.randn(shape, generator=g)
+
+
+def _four_bit(x: torch.Tensor) -> torch.Tensor:
+    """Round positive values to four significant bits."""
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.round(m * 16) / 16, e)
+
+
+def fp8_weight(shape: tuple[int, int], g: torch.Generator, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block-FP8 weight [out, in] and its weight_scale_inv, in the official layout (see the module docstring)."""
+    rows, cols = shape
+    rb, cb = -(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1])
+    q = torch.randn(rb * FP8_BLOCK[0], cb * FP8_BLOCK[1], generator=g).mul_(FP8_MAX / 4).clamp_(-FP8_MAX, FP8_MAX)
+    tiles = q.view(rb, FP8_BLOCK[0], cb, FP8_BLOCK[1])
+    sign = torch.where(torch.rand(rb, cb, generator=g) < 0.5, -1.0, 1.0)
+    tiles[:, 0, :, 0] = FP8_MAX * sign
+    scale = _four_bit(std / (FP8_MAX / 4) * torch.exp(0.25 * torch.randn(rb, cb, generator=g)))
+    return q[:rows, :cols].to(torch.float8_e4m3fn).contiguous(), scale
+
+
+def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = None, dtype: str = "bf16",
+                    seed: int = 0, max_shard_bytes: int = 2 * 10**9, force: bool = False,
+                    init: Init = Init()) -> MiniMaxM2Config:
+    if preset not in PRESETS:
+        raise QuantkitError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
+    if dtype not in ("bf16", "fp8"):
+        raise QuantkitError(f"--dtype {dtype!r}: choose bf16 or fp8")
+    if layers is not None and layers < 1:
+        raise QuantkitError(f"--layers {layers}: at least one layer")
+    fp8 = dtype == "fp8"
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        special = tok.write_tokenizer(tmp, PRESETS[preset]["tokenizer_vocab"])
+        aux = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    raw = release_config(preset, layers, fp8, special)
+    cfg = MiniMaxM2Config.from_dict(raw)
+    generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
+                  "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 40}
+    aux["config.json"] = (json.dumps(raw, indent=2) + "\n").encode()
+    aux["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
+
+    tensors: list[OutTensor] = []
+    kinds: dict[str, str] = {}
+    for unit in cfg.units():
+        for spec in unit.tensors:
+            kinds[spec.name] = spec.kind
+            if fp8 and spec.is_linear:
+                tensors.append(OutTensor(spec.name, "F8_E4M3", spec.shape, unit.name))
+                sshape = tuple(math.ceil(d / b) for d, b in zip(spec.shape, FP8_BLOCK))
+                tensors.append(OutTensor(spec.name + "_scale_inv", "F32", sshape, unit.name))
+            else:
+                keep32 = fp8 and spec.kind in ("router", "router_bias")
+                tensors.append(OutTensor(spec.name, "F32" if keep32 else "BF16", spec.shape, unit.name))
+    pending_scale: dict[str, torch.Tensor] = {}
+
+    def produce(t: OutTensor) -> torch.Tensor:
+        if t.name.endswith("_scale_inv"):
+            return pending_scale.pop(t.name)
+        g = _generator(seed, t.name)
+        if t.dtype == "F8_E4M3":
+            q, s = fp8_weight(t.shape, g, init.std)
+            pending_scale[t.name + "_scale_inv"] = s
+            return q
+        dt = {v: k for k, v in DTYPE_NAMES.items()}[t.dtype]
+        return _float_tensor(kinds[t.name], t.shape, g, init).to(dt)
+
+    job = {"make-checkpoint": preset, "layers": cfg.num_hidden_layers, "dtype": dtype, "seed": seed,
+           "init": [init.std, init.norm_jitter, init.bias_std]}
+    shards = plan_shards(tensors, max_shard_bytes)
+    with OutputFolder.open(out, job, force=force) as folder:
+        for shard in shards:
+            folder.write_shard(shard, produce)
+        folder.finish(shards, aux)
+    return cfg
