@@ -94,12 +94,23 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _float_tensor(kind: str, shape: tuple[int, ...], g: torch.Generator, init: Init) -> torch.Tensor:
-    if kind in ("norm", "qk_norm"):
-        return 1.0 + init.norm_jitter * torch.randn(shape, generator=g)
-    if kind == "router_bias":
-        return init.bias_std * torch.randn(shape, generator=g)
-    return init.std * torch.randn(shape, generator=g)
+def _float_tensor(kind: str, shape: tuple[int, ...], g: torch.Generator, init: Init,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian values drawn in fp32 blocks of rows and stored in dtype, so a 200064-row embedding never
+    exists in fp32 in full."""
+    out = torch.empty(shape, dtype=dtype)
+    rows = out.view(shape[0], -1)
+    step = max(1, (16 << 20) // max(1, rows.shape[1]))
+    for lo in range(0, shape[0], step):
+        block = torch.randn(rows[lo:lo + step].shape, generator=g)
+        if kind in ("norm", "qk_norm"):
+            block = 1.0 + init.norm_jitter * block
+        elif kind == "router_bias":
+            block = init.bias_std * block
+        else:
+            block = init.std * block
+        rows[lo:lo + step] = block
+    return out
 
 
 def _four_bit(x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +175,7 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
             pending_scale[t.name + "_scale_inv"] = s
             return q
         dt = {v: k for k, v in DTYPE_NAMES.items()}[t.dtype]
-        return _float_tensor(kinds[t.name], t.shape, g, init).to(dt)
+        return _float_tensor(kinds[t.name], t.shape, g, init, dt)
 
     job = {"make-checkpoint": preset, "layers": cfg.num_hidden_layers, "dtype": dtype, "seed": seed,
            "init": [init.std, init.norm_jitter, init.bias_std]}
