@@ -139,13 +139,15 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
     with OutputFolder.open(output, job, resume=resume, force=force) as folder:
         bar_units = tqdm(total=len(units), desc="units", unit="unit", disable=not progress, position=0)
         bar = None
+        bar_unit = None  # tracked here: a disabled tqdm (--no-progress) has no .desc to compare against
         seen = {u: 0 for u in units}
 
         def on_tensor(t: OutTensor) -> None:
-            nonlocal bar
-            if bar is None or bar.desc != t.unit:
+            nonlocal bar, bar_unit
+            if bar is None or bar_unit != t.unit:
                 if bar is not None:
                     bar.close()
+                bar_unit = t.unit
                 bar = tqdm(total=per_unit[t.unit], desc=t.unit, unit="tensor", leave=False, disable=not progress,
                            position=1)
             bar.update(1)
@@ -154,20 +156,24 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
                 bar_units.update(1)
 
         written = 0
-        for shard in shards:
-            if folder.verified(shard):
-                reused += 1
-                for t in shard.tensors:
-                    on_tensor(t)
-                continue
-            folder.write_shard(shard, plan.produce, on_tensor)
-            read += sum(plan.read_bytes(t) for t in shard.tensors)
-            written += 1
-            if crash_after and written >= crash_after:
-                os._exit(137)
-        if bar is not None:
-            bar.close()
-        bar_units.close()
+        try:
+            for shard in shards:
+                if folder.verified(shard):
+                    reused += 1
+                    for t in shard.tensors:
+                        on_tensor(t)
+                    continue
+                folder.write_shard(shard, plan.produce, on_tensor)
+                read += sum(plan.read_bytes(t) for t in shard.tensors)
+                written += 1
+                if crash_after and written >= crash_after:
+                    os._exit(137)
+        finally:
+            # Also on an error (disk full, unreadable tensor): an open bar leaves the cursor mid-line, and the
+            # CLI's one-line error must start a line of its own.
+            if bar is not None:
+                bar.close()
+            bar_units.close()
         aux = aux_files(source, plan.config)
         folder.finish(shards, aux)
         total_written = folder.written_bytes + sum(len(d) for d in aux.values())

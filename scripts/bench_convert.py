@@ -121,7 +121,8 @@ def main() -> None:
     print("| layers | source GB | raw read GB/s | convert GB/s in | of raw read | GB/s out | peak RSS GiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['raw_read_gbps']:.2f} | {r['convert_in_gbps']:.2f} "
+        print(f"| {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['raw_read_gbps']:.2f} "
+              f"| {r['convert_in_gbps']:.2f} "
               f"| {r['fraction_of_raw_read']:.0%} | {r['convert_out_gbps']:.2f} | {r['peak_rss_gib']:.2f} |")
     print(f"\nwritten to {dest.relative_to(ROOT)}")
     if not args.keep:

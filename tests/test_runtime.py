@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 
 from quantkit.convert import convert
 from quantkit.runtime import Sampling, generate, load_model
 from quantkit.runtime.generate import sample
-
-from conftest import run_cli
 
 transformers = pytest.importorskip("transformers")
 

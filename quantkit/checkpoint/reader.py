@@ -43,6 +43,12 @@ def _shard_path(folder: Path, name: object, where: str) -> Path:
     return path
 
 
+def _pickle_error(path: Path) -> QuantkitError:
+    return QuantkitError(
+        f"{path}: pickled weights are refused (unpickling runs arbitrary code); convert them to safetensors first"
+    )
+
+
 class CheckpointReader:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -80,6 +86,8 @@ class CheckpointReader:
             shards = []
             for name in dict.fromkeys(weight_map.values()):
                 path = _shard_path(self.folder, name, str(index))
+                if path.suffix in PICKLE_SUFFIXES:  # else refused as a "corrupt safetensors header": misleading
+                    raise _pickle_error(path)
                 if not path.is_file():
                     raise QuantkitError(f"{path}: missing shard (listed in {INDEX_NAME})")
                 shards.append(path)
@@ -92,10 +100,7 @@ class CheckpointReader:
             return singles
         pickled = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
-            raise QuantkitError(
-                f"{self.folder / pickled[0]}: pickled weights are refused (unpickling runs arbitrary code); "
-                "convert them to safetensors first"
-            )
+            raise _pickle_error(self.folder / pickled[0])
         raise QuantkitError(f"{self.folder}: no safetensors weights found")
 
     def _check_index(self) -> None:
@@ -144,23 +149,39 @@ class CheckpointReader:
     def is_fp8(self, name: str) -> bool:
         return self.entry(name).dtype == "F8_E4M3"
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor exactly as stored."""
-        entry = self.entry(name)
+    def _handle(self, entry: TensorEntry, nbytes: int):
+        """The shard's safe_open handle, reopened once READ_WINDOW bytes have been read through it."""
         slot = self._handles.get(entry.file)
-        if slot is None or slot[1] >= READ_WINDOW:
+        if slot is None or slot[1] + nbytes > READ_WINDOW:
+            self._handles.pop(entry.file, None)  # drop the old mapping first
             try:
                 slot = [safe_open(str(entry.file), framework="pt"), 0]
             except Exception as e:  # safetensors raises its own error types
                 raise QuantkitError(f"{entry.file}: cannot open shard ({e})") from None
             self._handles[entry.file] = slot
+        slot[1] += nbytes
+        return slot[0]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor exactly as stored."""
+        entry = self.entry(name)
         try:
-            # get_tensor maps the data lazily: clone so that the copy owns its memory and the mapping can go.
-            t = slot[0].get_tensor(name).clone()
+            if entry.nbytes <= READ_WINDOW // 2 or len(entry.shape) < 1:
+                # get_tensor maps the data lazily: clone so that the copy owns its memory and the mapping can go.
+                return self._handle(entry, entry.nbytes).get_tensor(name).clone()
+            # A large tensor (embeddings, lm_head: 1.2 GB) is copied in blocks of rows, with the mapping dropped
+            # between blocks, so that it is never resident twice.
+            out = torch.empty(entry.shape, dtype=entry.torch_dtype)
+            row = entry.nbytes // max(1, entry.shape[0])
+            step = max(1, (READ_WINDOW // 4) // max(1, row))
+            for lo in range(0, entry.shape[0], step):
+                hi = min(lo + step, entry.shape[0])
+                out[lo:hi] = self._handle(entry, READ_WINDOW).get_slice(name)[lo:hi]
+            return out
+        except QuantkitError:
+            raise
         except Exception as e:
             raise QuantkitError(f"{entry.file}: cannot read tensor {name!r} ({e})") from None
-        slot[1] += entry.nbytes
-        return t
 
     def weight(self, name: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The tensor as a floating-point weight: block FP8 dequantized exactly, others cast to dtype."""

@@ -78,7 +78,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly nested JSON
         raise QuantkitError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise QuantkitError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -90,6 +90,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         try:
             dtype, shape, (lo, hi) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
             lo, hi = int(lo), int(hi)
+            if not isinstance(dtype, str):  # a list or object would make the DTYPES lookup below raise TypeError
+                raise TypeError(dtype)
         except (KeyError, TypeError, ValueError):
             raise QuantkitError(f"{path}: corrupt safetensors header (bad entry for tensor {name!r})") from None
         if dtype not in DTYPES:
@@ -102,6 +104,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise QuantkitError(
             f"{path}: truncated shard ({size} bytes on disk, header needs {base + data_end}); re-download it"
         )
+    # The safetensors library refuses data that overlaps, leaves gaps or does not end at the end of the file, but
+    # only when a tensor is read, mid-conversion: apply its rule here, before any output is written.
+    pos = base
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if e.start != pos:
+            raise QuantkitError(
+                f"{path}: corrupt safetensors header (tensor {e.name!r} data does not start where the previous "
+                "tensor's ends)"
+            )
+        pos = e.end
+    if pos != size:
+        raise QuantkitError(f"{path}: corrupt safetensors file ({size - pos} bytes after the last tensor's data)")
     return entries, meta
 
 

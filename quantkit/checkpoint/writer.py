@@ -37,6 +37,7 @@ from quantkit.errors import QuantkitError
 MANIFEST_NAME = "quantkit-manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
 LOCK_NAME = ".quantkit.lock"
+OWN_FILES = (INDEX_NAME, MANIFEST_NAME)
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 INFLIGHT_BYTES = 768 << 20  # tensors produced but not yet written; a larger single tensor still goes alone
 HASH_CHUNK = 64 << 20
@@ -130,12 +131,21 @@ class OutputFolder:
         if not path.is_dir():
             raise QuantkitError(f"{path}: output path exists and is not a folder")
         lock_path = path / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise QuantkitError(f"{path}: another quantkit process is writing into this folder") from None
+            # The holder unlinks the lock file before releasing it: the file just locked may be that unlinked one,
+            # while a third process locks a new file at the same path. Only the file still at the path counts.
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise QuantkitError(f"{path}: another quantkit process is writing into this folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         try:
@@ -158,9 +168,12 @@ class OutputFolder:
                 old = json.loads(manifest_path.read_text())
             except (OSError, ValueError):
                 old = None
+            if not (isinstance(old, dict) and isinstance(old.get("shards"), dict)):
+                old = None  # valid JSON but not a manifest: the code below would fail on it with a traceback
         if force:
             for p in others:
-                if p.suffix == ".safetensors" or p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.endswith(".partial"):
+                ours = p.suffix == ".safetensors" or p.name.endswith(".partial") or p.name in OWN_FILES
+                if ours and (p.is_file() or p.is_symlink()):
                     p.unlink()
             return fresh
         if old is None:
@@ -211,7 +224,9 @@ class OutputFolder:
         """True when the manifest calls the shard finished and its file still hashes to what was recorded."""
         rec = self.manifest["shards"].get(shard.file)
         path = self.path / shard.file
-        if rec is None or not path.is_file() or path.stat().st_size != shard.nbytes:
+        if not (isinstance(rec, dict) and isinstance(rec.get("tensors"), dict)):
+            return False  # no record, or a damaged one: the shard is not trusted, so it is rewritten
+        if not path.is_file() or path.stat().st_size != shard.nbytes:
             return False
         if rec.get("header") != hashlib.sha256(shard.header).hexdigest():
             return False
