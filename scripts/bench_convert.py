@@ -6,7 +6,9 @@
 For each layer count: generate a `minimax-m2` preset checkpoint in the official FP8 layout (real widths: 256
 experts of 1536 x 3072, vocab 200064), read its shards raw with a cold page cache, then convert it to BF16 in a
 fresh process, also from a cold page cache. Reported: input GB/s of the conversion beside the raw read speed of
-the same files in the same run, and the conversion's peak RSS, which must not grow with the layer count.
+the same files in the same run, the disk's raw write speed for as many bytes as the conversion wrote, and the
+conversion's peak RSS, which must not grow with the layer count. BF16 output is 1.6x the FP8 input, so where the
+disk writes slower than it reads, the I/O floor (the larger of raw read time and raw write time) is the bound.
 Results go to evals/results/bench_convert-<date>-<commit>.json and a Markdown table on stdout.
 """
 
@@ -47,6 +49,20 @@ def raw_read(files: list[Path]) -> tuple[int, float]:
             while n := fh.readinto(view):
                 total += n
     return total, time.perf_counter() - t0
+
+
+def raw_write(path: Path, nbytes: int) -> float:
+    """Seconds to write nbytes of incompressible data to a file and fsync it: the disk's write ceiling."""
+    block = os.urandom(CHUNK)
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        left = nbytes
+        while left > 0:
+            left -= fh.write(block[:min(left, CHUNK)])
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
 
 
 CONVERT = """
@@ -90,6 +106,8 @@ def main() -> None:
                               text=True)
         wall = time.perf_counter() - t0
         s = json.loads(proc.stdout.strip().splitlines()[-1])
+        write_s = raw_write(args.workdir / "write-test.bin", s["bytes_written"])
+        floor = max(raw_s, write_s)  # reading the input and writing the output, each at the disk's own speed
         row = {
             "layers": n,
             "source_bytes": raw_bytes,
@@ -100,6 +118,9 @@ def main() -> None:
             "convert_out_gbps": s["bytes_written"] / s["seconds"] / 1e9,
             "bytes_written": s["bytes_written"],
             "peak_rss_gib": s["peak_rss"] / 2**30,
+            "raw_write_gbps": s["bytes_written"] / write_s / 1e9,
+            "io_floor_seconds": floor,
+            "fraction_of_io_floor": floor / s["seconds"],
         }
         row["fraction_of_raw_read"] = row["convert_in_gbps"] / row["raw_read_gbps"]
         rows.append(row)
@@ -118,12 +139,13 @@ def main() -> None:
     dest = ROOT / "evals" / "results" / f"bench_convert-{result['date']}-{commit}.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['benchmark']}; {result['machine']['cpu']}, {result['machine']['cores']} cores; commit {commit}\n")
-    print("| layers | source GB | raw read GB/s | convert GB/s in | of raw read | GB/s out | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layers | GB in | GB out | raw read GB/s | raw write GB/s | convert GB/s in | of raw read "
+          "| of I/O floor | peak RSS GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['raw_read_gbps']:.2f} "
-              f"| {r['convert_in_gbps']:.2f} "
-              f"| {r['fraction_of_raw_read']:.0%} | {r['convert_out_gbps']:.2f} | {r['peak_rss_gib']:.2f} |")
+        print(f"| {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['bytes_written'] / 1e9:.2f} "
+              f"| {r['raw_read_gbps']:.2f} | {r['raw_write_gbps']:.2f} | {r['convert_in_gbps']:.2f} "
+              f"| {r['fraction_of_raw_read']:.0%} | {r['fraction_of_io_floor']:.0%} | {r['peak_rss_gib']:.2f} |")
     print(f"\nwritten to {dest.relative_to(ROOT)}")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

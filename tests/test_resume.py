@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -58,7 +59,7 @@ def check_shard(path: Path, rec: dict) -> None:
     end = 0
     for name, entry in header.items():
         lo, hi = entry["data_offsets"]
-        assert hashlib.sha256(data[8 + n + lo:8 + n + hi]).hexdigest() == rec["tensors"][name], (path.name, name)
+        assert f"{zlib.crc32(data[8 + n + lo:8 + n + hi]):08x}" == rec["tensors"][name], (path.name, name)
         end = max(end, hi)
     assert 8 + n + end == len(data), path.name
 

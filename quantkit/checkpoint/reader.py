@@ -7,8 +7,8 @@
 Everything the conversion will need is checked when the reader opens, before any output is written: shard names
 that escape the folder, missing or truncated shards, corrupt headers, missing tensors and shapes that contradict
 config.json, pickled `.bin` weights (refused, never unpickled). Tensors are then read one at a time through
-`safe_open`. Its memory map keeps every page it has touched resident while the handle is open, so each shard's
-handle is reopened after READ_WINDOW bytes: resident memory stays bounded whatever the shard size.
+`safe_open`. Its memory map keeps every page it has touched resident while the handle is open, so one handle is
+open at a time and it is reopened after READ_WINDOW bytes: resident memory stays bounded whatever the shard size.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class CheckpointReader:
         self.entries = {n: e for n, e in self.entries.items() if n in kept}
         self.block = self.config.weight_block_size if self.config.block_fp8 else None
         self._check_tensors()
-        self._handles: dict[Path, list] = {}  # shard -> [safe_open handle, bytes read since opened]
+        self._open: list | None = None  # [shard, safe_open handle, bytes read through it]
 
     # ---- discovery and validation --------------------------------------------------------------------------
 
@@ -151,16 +151,16 @@ class CheckpointReader:
 
     def _handle(self, entry: TensorEntry, nbytes: int):
         """The shard's safe_open handle, reopened once READ_WINDOW bytes have been read through it."""
-        slot = self._handles.get(entry.file)
-        if slot is None or slot[1] + nbytes > READ_WINDOW:
-            self._handles.pop(entry.file, None)  # drop the old mapping first
+        slot = self._open
+        if slot is None or slot[0] != entry.file or slot[2] + nbytes > READ_WINDOW:
+            self._open = None  # one mapping at a time: drop the old one before opening
             try:
-                slot = [safe_open(str(entry.file), framework="pt"), 0]
+                slot = [entry.file, safe_open(str(entry.file), framework="pt"), 0]
             except Exception as e:  # safetensors raises its own error types
                 raise QuantkitError(f"{entry.file}: cannot open shard ({e})") from None
-            self._handles[entry.file] = slot
-        slot[1] += nbytes
-        return slot[0]
+            self._open = slot
+        slot[2] += nbytes
+        return slot[1]
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor exactly as stored."""
@@ -185,13 +185,19 @@ class CheckpointReader:
 
     def weight(self, name: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The tensor as a floating-point weight: block FP8 dequantized exactly, others cast to dtype."""
-        t = self.tensor(name)
-        if t.dtype == torch.float8_e4m3fn:
-            return dequantize_block_fp8(t, self.tensor(name + SCALE_SUFFIX), self.block, dtype, name)
-        return t.to(dtype)
+        entry = self.entry(name)
+        if entry.dtype != "F8_E4M3":
+            return self.tensor(name).to(dtype)
+        scale = self.tensor(name + SCALE_SUFFIX)
+        try:
+            # Dequantization writes a new tensor, so it reads the mapped data directly: no copy of the input.
+            w = self._handle(entry, entry.nbytes).get_tensor(name)
+        except Exception as e:
+            raise QuantkitError(f"{entry.file}: cannot read tensor {name!r} ({e})") from None
+        return dequantize_block_fp8(w, scale, self.block, dtype, name)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._open = None
 
     # ---- description ---------------------------------------------------------------------------------------
 

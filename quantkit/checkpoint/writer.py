@@ -10,8 +10,11 @@
 Because every output tensor's dtype and shape is known from the config and the recipe, each shard's header is
 written first and the data streams after it, one tensor at a time: memory holds one tensor, never one shard.
 A shard is written to `.NAME.partial`, fsynced and renamed; only then does the manifest (itself replaced
-atomically) call it finished, with a sha256 of each tensor. `--resume` re-hashes the finished shards, keeps those
-that match and rewrites the rest, so the result is byte-identical to an uninterrupted run. The index is written
+atomically) call it finished, with a CRC-32 of each tensor. `--resume` re-checks the finished shards, keeps those
+that match and rewrites the rest, so the result is byte-identical to an uninterrupted run. CRC-32 rather than
+sha256 per tensor: it catches torn and corrupted writes, which is its job here, at 6.7 GB/s on one core where sha256
+manages 2 GB/s, which made hashing the largest cost of an FP8 -> BF16 conversion. Units (a layer) get a sha256 over
+their tensors' names and CRCs. The index is written
 last: a folder with an index is a complete checkpoint. One process at a time (flock on `.quantkit.lock`).
 """
 
@@ -25,6 +28,7 @@ import math
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +43,7 @@ INDEX_NAME = "model.safetensors.index.json"
 LOCK_NAME = ".quantkit.lock"
 OWN_FILES = (INDEX_NAME, MANIFEST_NAME)
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-INFLIGHT_BYTES = 768 << 20  # tensors produced but not yet written; a larger single tensor still goes alone
+INFLIGHT_BYTES = 256 << 20  # tensors produced but not yet written; a larger single tensor still goes alone
 HASH_CHUNK = 64 << 20
 
 
@@ -234,15 +238,14 @@ class OutputFolder:
             if f.read(len(shard.header)) != shard.header:
                 return False
             for t in shard.tensors:
-                h = hashlib.sha256()
-                left = t.nbytes
+                crc, left = 0, t.nbytes
                 while left:
                     chunk = f.read(min(left, HASH_CHUNK))
                     if not chunk:
                         return False
-                    h.update(chunk)
+                    crc = zlib.crc32(chunk, crc)
                     left -= len(chunk)
-                if rec["tensors"].get(t.name) != h.hexdigest():
+                if rec["tensors"].get(t.name) != f"{crc:08x}":
                     return False
         return True
 
@@ -265,15 +268,17 @@ class OutputFolder:
             try:
                 while (item := work.get()) is not None:
                     spec, data = item
-                    h = hashlib.sha256()
+                    crc, piece = 0, None
                     for lo in range(0, len(data), HASH_CHUNK):
                         piece = data[lo:lo + HASH_CHUNK]
-                        h.update(piece)
+                        crc = zlib.crc32(piece, crc)
                         while piece:
                             piece = piece[f.write(piece):]
-                    digests[spec.name] = h.hexdigest()
+                    digests[spec.name] = f"{crc:08x}"
+                    size = len(data)
+                    del data, item, piece  # not held while waiting for the next tensor
                     with budget:
-                        inflight[0] -= len(data)
+                        inflight[0] -= size
                         budget.notify_all()
             except BaseException as e:  # handed to the producing thread, which raises it
                 failure.append(e)
@@ -298,6 +303,7 @@ class OutputFolder:
                                 break
                             inflight[0] += len(data)
                         work.put((spec, data))
+                        del t, data  # the writer owns it now; do not hold it through the next produce()
                         if on_tensor:
                             on_tensor(spec)
                 finally:
