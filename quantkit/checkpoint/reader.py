@@ -30,6 +30,7 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SCALE_SUFFIX = "_scale_inv"
 READ_WINDOW = 512 << 20
+PREFETCH = 256 << 20
 
 
 def _shard_path(folder: Path, name: object, where: str) -> Path:
@@ -69,6 +70,7 @@ class CheckpointReader:
         self.block = self.config.weight_block_size if self.config.block_fp8 else None
         self._check_tensors()
         self._open: list | None = None  # [shard, safe_open handle, bytes read through it]
+        self._ahead: tuple | None = None  # (fd, prefetched up to this offset, shard)
 
     # ---- discovery and validation --------------------------------------------------------------------------
 
@@ -160,7 +162,22 @@ class CheckpointReader:
                 raise QuantkitError(f"{entry.file}: cannot open shard ({e})") from None
             self._open = slot
         slot[2] += nbytes
+        self._prefetch(entry)
         return slot[1]
+
+    def _prefetch(self, entry: TensorEntry) -> None:
+        """Ask the kernel to read ahead of the tensor being read, so that the next tensors' page faults find the
+        data in the page cache instead of waiting for the disk (reads are sequential within a shard)."""
+        fd, upto = self._ahead[:2] if self._ahead and self._ahead[2] == entry.file else (None, 0)
+        if fd is None:
+            if self._ahead:
+                os.close(self._ahead[0])
+            fd = os.open(entry.file, os.O_RDONLY)
+        if entry.end + PREFETCH // 2 > upto:
+            start = max(upto, entry.start)
+            os.posix_fadvise(fd, start, PREFETCH, os.POSIX_FADV_WILLNEED)
+            upto = start + PREFETCH
+        self._ahead = (fd, upto, entry.file)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor exactly as stored."""
@@ -198,6 +215,9 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._open = None
+        if self._ahead:
+            os.close(self._ahead[0])
+            self._ahead = None
 
     # ---- description ---------------------------------------------------------------------------------------
 
