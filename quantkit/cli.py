@@ -49,20 +49,22 @@ def inspect(ckpt: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ckpt", type=click.Path())
-@click.option("--to", "target", required=True, type=click.Choice(["bf16"]), help="Target format.")
+@click.option("--to", "target", required=True, type=click.Choice(["bf16", "fp8"]), help="Target format.")
+@click.option("--scheme", type=click.Choice(["block", "channel"]), default=None,
+              help="FP8 scales: per 128x128 block (official layout, default) or per channel (compressed-tensors).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
 @click.option("--recipe", default=None, help="Recipe name or YAML file (default: the target's built-in recipe).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same job in OUTPUT.")
 @click.option("--force", is_flag=True, help="Overwrite the checkpoint files of a different job in OUTPUT.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def convert(ckpt: str, target: str, output: str, recipe: str | None, resume: bool, force: bool, max_shard_size: str,
-            no_progress: bool) -> None:
+def convert(ckpt: str, target: str, scheme: str | None, output: str, recipe: str | None, resume: bool, force: bool,
+            max_shard_size: str, no_progress: bool) -> None:
     """Convert CKPT into OUTPUT, one tensor at a time."""
     from quantkit.convert import convert as run
 
     summary = run(ckpt, output, target=target, recipe=recipe, resume=resume, force=force,
-                  max_shard_bytes=parse_size(max_shard_size), progress=not no_progress)
+                  max_shard_bytes=parse_size(max_shard_size), progress=not no_progress, scheme=scheme)
     for line in summary.lines():
         click.echo(line)
 

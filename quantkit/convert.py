@@ -15,7 +15,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,10 +23,12 @@ from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.checkpoint import CheckpointReader, OutputFolder, OutTensor, plan_shards
+from quantkit.checkpoint.fp8 import dequantize_block_fp8
 from quantkit.checkpoint.reader import INDEX_NAME, PICKLE_SUFFIXES
 from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
 from quantkit.checkpoint.writer import LOCK_NAME, MANIFEST_NAME
 from quantkit.errors import QuantkitError
+from quantkit.formats import fp8
 from quantkit.recipe import Recipe
 
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -43,10 +45,24 @@ class ConvertSummary:
     bytes_written: int
     seconds: float
     peak_rss: int
+    errors: dict[str, float] = field(default_factory=dict)  # relative RMS quantization error per weight
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def error_lines(self) -> list[str]:
+        by_kind: dict[str, list[tuple[float, str]]] = {}
+        for name, e in self.errors.items():
+            by_kind.setdefault(self.kinds.get(name, "other"), []).append((e, name))
+        out = []
+        for kind, errs in sorted(by_kind.items()):
+            worst, name = max(errs)
+            mean = sum(e for e, _ in errs) / len(errs)
+            out.append(f"quantization error (relative RMS), {kind}: mean {mean:.4f}, max {worst:.4f} ({name}), "
+                       f"{len(errs)} tensors")
+        return out
 
     def lines(self) -> list[str]:
         s = max(self.seconds, 1e-9)
-        return [
+        return self.error_lines() + [
             f"wrote {self.output} ({self.shards} shards, {self.shards_reused} reused from an earlier run, "
             f"{self.tensors} tensors)",
             f"{self.bytes_written / 1e9:.3f} GB written, {self.bytes_read / 1e9:.3f} GB read in {self.seconds:.1f} s: "
@@ -61,6 +77,7 @@ class Plan:
     produce: Callable[[OutTensor], torch.Tensor]
     config: dict
     read_bytes: Callable[[OutTensor], int]
+    errors: dict[str, float] = field(default_factory=dict)  # relative RMS quantization error per weight
 
 
 def plan_bf16(reader: CheckpointReader, recipe: Recipe) -> Plan:
@@ -77,17 +94,87 @@ def plan_bf16(reader: CheckpointReader, recipe: Recipe) -> Plan:
     def produce(t: OutTensor) -> torch.Tensor:
         return reader.tensor(t.name) if keep[t.name] else reader.weight(t.name, out_dtype)
 
-    def read_bytes(t: OutTensor) -> int:
-        scale = t.name + "_scale_inv"
-        return reader.entry(t.name).nbytes + (reader.entry(scale).nbytes if scale in reader else 0)
-
     config = dict(reader.config.raw)
     config.pop("quantization_config", None)
     config["torch_dtype" if "dtype" not in config else "dtype"] = recipe.dtype
-    return Plan(tensors, produce, config, read_bytes)
+    return Plan(tensors, produce, config, lambda t: _source_bytes(reader, t.name))
 
 
-PLANNERS: dict[str, Callable[[CheckpointReader, Recipe], Plan]] = {"bf16": plan_bf16}
+def _source_bytes(reader: CheckpointReader, name: str) -> int:
+    scale = name + "_scale_inv"
+    return reader.entry(name).nbytes + (reader.entry(scale).nbytes if scale in reader else 0)
+
+
+def plan_fp8(reader: CheckpointReader, recipe: Recipe) -> Plan:
+    """Block FP8 in the official layout (weight + weight_scale_inv), or compressed-tensors per-channel FP8
+    (weight + weight_scale [out, 1]). Source weights already in the same block layout are copied as they are."""
+    scheme = recipe.options.get("scheme", "block")
+    if scheme not in ("block", "channel"):
+        raise QuantkitError(f"recipe {recipe.name!r}: options.scheme must be block or channel, not {scheme!r}")
+    block = tuple(recipe.options.get("weight_block_size", fp8.BLOCK))
+    out_dtype = getattr(torch, recipe.dtype)
+    suffix = "_scale_inv" if scheme == "block" else "_scale"
+    tensors: list[OutTensor] = []
+    role: dict[str, str] = {}  # output name -> quantized | scale | keep | cast
+    for unit in reader.config.units():
+        for spec in unit.tensors:
+            if spec.kind in recipe.quantize and spec.is_linear:
+                role[spec.name] = "quantized"
+                tensors.append(OutTensor(spec.name, "F8_E4M3", spec.shape, unit.name))
+                sshape = tuple(-(-d // b) for d, b in zip(spec.shape, block)) if scheme == "block" else (
+                    spec.shape[0], 1)
+                role[spec.name + suffix] = "scale"
+                tensors.append(OutTensor(spec.name + suffix, "F32", sshape, unit.name))
+            else:
+                keep = spec.kind in recipe.keep_dtype
+                role[spec.name] = "keep" if keep else "cast"
+                dtype = reader.entry(spec.name).torch_dtype if keep else out_dtype
+                tensors.append(OutTensor(spec.name, DTYPE_NAMES[dtype], spec.shape, unit.name))
+    pending: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    passthrough = scheme == "block" and reader.block == block
+
+    def quantize(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if passthrough and reader.is_fp8(name):
+            errors[name] = 0.0  # already in the target layout: the stored bytes are the result
+            return reader.tensor(name), reader.tensor(name + "_scale_inv")
+        w = reader.weight(name, torch.float32)  # exact for BF16 and block-FP8 sources alike
+        if scheme == "block":
+            q, s = fp8.quantize_block(w, block, name)
+            errors[name] = fp8.relative_rms(w, dequantize_block_fp8(q, s, block, torch.float32, name))
+        else:
+            q, s = fp8.quantize_channel(w, name)
+            errors[name] = fp8.relative_rms(w, fp8.dequantize_channel(q, s, torch.float32))
+        return q, s
+
+    def produce(t: OutTensor) -> torch.Tensor:
+        r = role[t.name]
+        if r == "quantized":
+            q, pending[t.name + suffix] = quantize(t.name)
+            return q
+        if r == "scale":
+            if t.name in pending:
+                return pending.pop(t.name)
+            return quantize(t.name.removesuffix(suffix))[1]  # its weight sits in a shard kept from an earlier run
+        return reader.tensor(t.name) if r == "keep" else reader.weight(t.name, out_dtype)
+
+    config = dict(reader.config.raw)
+    config["torch_dtype" if "dtype" not in config else "dtype"] = recipe.dtype
+    ignore = list(recipe.options.get("ignore", []))
+    if scheme == "block":
+        config["quantization_config"] = fp8.block_quantization_config(ignore, block)
+    else:
+        config["quantization_config"] = fp8.channel_quantization_config(ignore)
+    return Plan(tensors, produce, config, lambda t: _source_bytes(reader, t.name) if role[t.name] != "scale" else 0,
+                errors)
+
+
+PLANNERS: dict[str, Callable[[CheckpointReader, Recipe], Plan]] = {"bf16": plan_bf16, "fp8": plan_fp8}
+
+
+def shard_errors(plan: Plan, shard) -> dict:
+    errs = {t.name: plan.errors[t.name] for t in shard.tensors if t.name in plan.errors}
+    return {"rel_rms": errs} if errs else {}
 
 
 def check_paths(source: Path, output: Path) -> None:
@@ -109,15 +196,25 @@ def aux_files(source: Path, config: dict) -> dict[str, bytes]:
     return files
 
 
+def default_recipe(target: str, scheme: str | None) -> str:
+    if target == "fp8":
+        return f"fp8-{scheme or 'block'}"
+    if scheme:
+        raise QuantkitError(f"--scheme {scheme}: --to {target} has no schemes")
+    return target
+
+
 def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe: str | Path | None = None,
             resume: bool = False, force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD,
-            progress: bool = True) -> ConvertSummary:
+            progress: bool = True, scheme: str | None = None) -> ConvertSummary:
     source, output = Path(source), Path(output)
     if target not in PLANNERS:
         raise QuantkitError(f"--to {target}: not available (available: {', '.join(PLANNERS)})")
     check_paths(source, output)
     reader = CheckpointReader(source)
-    rec = Recipe.load(recipe or target)
+    rec = Recipe.load(recipe or default_recipe(target, scheme))
+    if scheme and rec.options.get("scheme", scheme) != scheme:
+        raise QuantkitError(f"recipe {rec.name!r} is for --scheme {rec.options['scheme']}, not --scheme {scheme}")
     if rec.target != target:
         raise QuantkitError(f"recipe {rec.name!r} is for --to {rec.target}, not --to {target}")
     plan = PLANNERS[target](reader, rec)
@@ -163,7 +260,7 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
                     for t in shard.tensors:
                         on_tensor(t)
                     continue
-                folder.write_shard(shard, plan.produce, on_tensor)
+                folder.write_shard(shard, plan.produce, on_tensor, record=lambda s=shard: shard_errors(plan, s))
                 read += sum(plan.read_bytes(t) for t in shard.tensors)
                 written += 1
                 if crash_after and written >= crash_after:
@@ -177,6 +274,7 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
         aux = aux_files(source, plan.config)
         folder.finish(shards, aux)
         total_written = folder.written_bytes + sum(len(d) for d in aux.values())
+        errors = {n: e for rec_ in folder.manifest["shards"].values() for n, e in rec_.get("rel_rms", {}).items()}
     reader.close()
     return ConvertSummary(
         output=output,
@@ -187,4 +285,6 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
         bytes_written=total_written,
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        errors=errors,
+        kinds={s.name: s.kind for s in reader.specs()},
     )

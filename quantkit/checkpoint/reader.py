@@ -29,8 +29,20 @@ from quantkit.errors import QuantkitError
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SCALE_SUFFIX = "_scale_inv"
+CHANNEL_SCALE_SUFFIX = "_scale"  # compressed-tensors: weight_scale
 READ_WINDOW = 512 << 20
 PREFETCH = 256 << 20
+
+
+def _is_channel_fp8(q: dict | None) -> bool:
+    """A compressed-tensors float-quantized checkpoint with per-channel 8-bit float weights."""
+    if not q or q.get("quant_method") != "compressed-tensors":
+        return False
+    for group in (q.get("config_groups") or {}).values():
+        w = group.get("weights") or {}
+        if w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") == "channel":
+            return True
+    return False
 
 
 def _shard_path(folder: Path, name: object, where: str) -> Path:
@@ -68,6 +80,7 @@ class CheckpointReader:
         kept = set(warn_extra_layers(self.config, list(self.entries)))
         self.entries = {n: e for n, e in self.entries.items() if n in kept}
         self.block = self.config.weight_block_size if self.config.block_fp8 else None
+        self.channel_fp8 = _is_channel_fp8(self.config.quantization_config)
         self._check_tensors()
         self._open: list | None = None  # [shard, safe_open handle, bytes read through it]
         self._ahead: tuple | None = None  # (fd, prefetched up to this offset, shard)
@@ -125,7 +138,16 @@ class CheckpointReader:
                     f"{entry.file}: tensor {spec.name!r} has shape {list(entry.shape)}, config.json implies "
                     f"{list(spec.shape)}"
                 )
-            if entry.dtype == "F8_E4M3":
+            if entry.dtype == "F8_E4M3" and self.channel_fp8 and spec.is_linear:
+                scale = self.entries.get(spec.name + CHANNEL_SCALE_SUFFIX)
+                if scale is None:
+                    raise QuantkitError(f"{self.folder}: tensor {spec.name + CHANNEL_SCALE_SUFFIX!r} is missing")
+                if scale.shape != (spec.shape[0], 1):
+                    raise QuantkitError(
+                        f"{scale.file}: tensor {scale.name!r} has shape {list(scale.shape)}, "
+                        f"expected {[spec.shape[0], 1]}"
+                    )
+            elif entry.dtype == "F8_E4M3":
                 if not (self.block and spec.is_linear):
                     raise QuantkitError(f"{entry.file}: tensor {spec.name!r} is FP8; config.json declares no block FP8")
                 scale = self.entries.get(spec.name + SCALE_SUFFIX)
@@ -205,6 +227,11 @@ class CheckpointReader:
         entry = self.entry(name)
         if entry.dtype != "F8_E4M3":
             return self.tensor(name).to(dtype)
+        if self.channel_fp8:
+            q = self.tensor(name)
+            if int((q.view(torch.uint8) & 0x7F).max()) == 0x7F:
+                raise QuantkitError(f"{entry.file}: FP8 weight {name!r} holds NaN")
+            return (q.float() * self.tensor(name + CHANNEL_SCALE_SUFFIX).float()).to(dtype)
         scale = self.tensor(name + SCALE_SUFFIX)
         try:
             # Dequantization writes a new tensor, so it reads the mapped data directly: no copy of the input.

@@ -252,7 +252,8 @@ class OutputFolder:
     # ---- writing -----------------------------------------------------------------------------------------
 
     def write_shard(self, shard: Shard, produce: Callable[[OutTensor], torch.Tensor],
-                    on_tensor: Callable[[OutTensor], None] | None = None) -> None:
+                    on_tensor: Callable[[OutTensor], None] | None = None,
+                    record: Callable[[], dict] | None = None) -> None:
         """Write one shard: header, then each tensor as produce() returns it, hashed and written by a
         background thread so that producing the next tensor overlaps writing this one."""
         final = self.path / shard.file
@@ -325,6 +326,7 @@ class OutputFolder:
             "bytes": shard.nbytes,
             "header": hashlib.sha256(shard.header).hexdigest(),
             "tensors": digests,
+            **(record() if record else {}),  # what the producer measured (quantization error), kept for resumes
         }
         self._save_manifest()
 

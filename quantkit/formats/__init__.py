@@ -1,0 +1,1 @@
+"""Target formats: quantize, dequantize, pack, and the quantization_config each writes."""
