@@ -99,8 +99,11 @@ def make_checkpoint(preset: str, layers: int | None, dtype: str, seed: int, outp
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True,
+              help="fp8: keep FP8 weights and run W8A8 (kernels on a GPU); dense: dequantize to --dtype.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             top_k: int, seed: int, dtype: str) -> None:
+             top_k: int, seed: int, dtype: str, backend: str, device: str | None) -> None:
     """Generate text from CKPT on the quantkit runtime."""
     import time
 
@@ -113,7 +116,9 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
     if max_new_tokens < 1:
         raise QuantkitError("--max-new-tokens must be at least 1")
     tokenizer = tok.load_tokenizer(ckpt)
-    model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
+                       backend=backend)
     texts = [tok.apply_chat_template(ckpt, [{"role": "user", "content": p}]) if chat else p for p in prompts]
     ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     if any(not i for i in ids):

@@ -21,6 +21,7 @@ from torch import nn
 
 from quantkit.arch import MiniMaxM2Config
 from quantkit.checkpoint import CheckpointReader
+from quantkit.errors import QuantkitError
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,18 +92,37 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
 
 
+class DenseExperts(nn.Module):
+    """Experts in a floating-point dtype, computed expert by expert over the tokens routed to each."""
+
+    def __init__(self, cfg: MiniMaxM2Config):
+        super().__init__()
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Parameter(torch.zeros(e, i, h))  # gate_proj
+        self.w3 = nn.Parameter(torch.zeros(e, i, h))  # up_proj
+        self.w2 = nn.Parameter(torch.zeros(e, h, i))  # down_proj
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """h [N, H], idx and w [N, K] -> [N, H]"""
+        out = torch.zeros_like(h)
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            x = h[rows]
+            y = (F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t()
+            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        return out
+
+
 class MoE(nn.Module):
-    """Sigmoid-routed experts, computed expert by expert over the tokens routed to each (the reference path)."""
+    """Sigmoid routing in fp32, then the experts (dense reference, or a quantized backend)."""
 
     def __init__(self, cfg: MiniMaxM2Config):
         super().__init__()
         self.cfg = cfg
-        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        e, h = cfg.num_local_experts, cfg.hidden_size
         self.gate = nn.Parameter(torch.zeros(e, h, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(e, dtype=torch.float32))
-        self.w1 = nn.Parameter(torch.zeros(e, i, h))  # gate_proj
-        self.w3 = nn.Parameter(torch.zeros(e, i, h))  # up_proj
-        self.w2 = nn.Parameter(torch.zeros(e, h, i))  # down_proj
+        self.experts: nn.Module = DenseExperts(cfg)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, H] -> (expert ids [N, K], weights [N, K] fp32)."""
@@ -115,13 +135,7 @@ class MoE(nn.Module):
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         idx, w = self.route(h)
-        out = torch.zeros_like(h)
-        for e in idx.unique().tolist():
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            x = h[rows]
-            y = (F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t()
-            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
-        return out.view(shape)
+        return self.experts(h, idx, w).view(shape)
 
 
 class Block(nn.Module):
@@ -190,20 +204,56 @@ class MiniMaxM2(nn.Module):
         return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
 
 
+def checkpoint_fp8_scheme(reader: CheckpointReader) -> str | None:
+    return "block" if reader.block else "channel" if reader.channel_fp8 else None
+
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               reader: CheckpointReader | None = None) -> MiniMaxM2:
-    """Build the model and fill it from a checkpoint through the reader (block FP8 dequantized on read)."""
+               reader: CheckpointReader | None = None, backend: str = "dense") -> MiniMaxM2:
+    """Build the model and fill it from a checkpoint through the reader.
+
+    backend "dense": every weight in `dtype` (FP8 dequantized on read). "fp8": attention projections and experts
+    stay in FP8 as stored and run W8A8 (an FP8 checkpoint is required). "auto": fp8 for FP8 checkpoints.
+    """
     reader = reader or CheckpointReader(folder)
     cfg = reader.config
+    scheme = checkpoint_fp8_scheme(reader)
+    if backend == "auto":
+        backend = "fp8" if scheme else "dense"
+    if backend == "fp8" and scheme is None:
+        raise QuantkitError(f"{reader.folder}: the fp8 backend needs an FP8 checkpoint (block or channel scales)")
+    if backend not in ("dense", "fp8"):
+        raise QuantkitError(f"backend {backend!r}: choose dense, fp8 or auto")
     with torch.device("meta"):
         model = MiniMaxM2(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    for block in model.layers:  # the router stays fp32 whatever the model dtype
+        if backend == "fp8":
+            from quantkit.runtime.fp8 import Fp8Experts, Fp8Linear
+
+            h, q, kv = cfg.hidden_size, cfg.q_width, cfg.kv_width
+            for block in model.layers:
+                att = block.self_attn
+                att.q_proj, att.k_proj = Fp8Linear(h, q, scheme), Fp8Linear(h, kv, scheme)
+                att.v_proj, att.o_proj = Fp8Linear(h, kv, scheme), Fp8Linear(q, h, scheme)
+                block.moe.experts = Fp8Experts(cfg.num_local_experts, h, cfg.intermediate_size, scheme)
+    model = model.to_empty(device=device)
+    for p in model.parameters():  # floating-point weights in dtype; FP8 weights and all scales as they are
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+    for block in model.layers:  # the router, and FP8 scales, stay fp32 whatever the model dtype
         block.moe.gate.data = block.moe.gate.data.float()
         block.moe.bias.data = block.moe.bias.data.float()
+        for mod in block.modules():
+            for pname in ("weight_scale", "w13_scale", "w2_scale"):
+                if hasattr(mod, pname):
+                    getattr(mod, pname).data = getattr(mod, pname).data.float()
 
     def get(name: str, dt: torch.dtype = dtype) -> torch.Tensor:
         return reader.weight(name, dt).to(device)
+
+    suffix = "_scale_inv" if scheme == "block" else "_scale"
+
+    def raw(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return reader.tensor(name).to(device), reader.tensor(name + suffix).float().to(device)
 
     with torch.no_grad():
         model.embed_tokens.weight.copy_(get("model.embed_tokens.weight"))
@@ -216,16 +266,31 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
             block.post_attention_layernorm.copy_(get(p + "post_attention_layernorm.weight"))
             att = block.self_attn
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(att, proj).weight.copy_(get(f"{p}self_attn.{proj}.weight"))
+                mod, name = getattr(att, proj), f"{p}self_attn.{proj}.weight"
+                if backend == "fp8":
+                    w, s = raw(name)
+                    mod.weight.copy_(w)
+                    mod.weight_scale.copy_(s)
+                else:
+                    mod.weight.copy_(get(name))
             att.q_norm.copy_(get(p + "self_attn.q_norm.weight"))
             att.k_norm.copy_(get(p + "self_attn.k_norm.weight"))
             moe = block.moe
             m = p + "block_sparse_moe."
             moe.gate.copy_(get(m + "gate.weight", torch.float32))
             moe.bias.copy_(get(m + "e_score_correction_bias", torch.float32))
-            for w in ("w1", "w2", "w3"):
-                stacked = getattr(moe, w)
-                for e in range(cfg.num_local_experts):
-                    stacked[e].copy_(get(f"{m}experts.{e}.{w}.weight"))
+            ex = moe.experts
+            for e in range(cfg.num_local_experts):
+                if backend == "fp8":
+                    w1, s1 = raw(f"{m}experts.{e}.w1.weight")
+                    w3, s3 = raw(f"{m}experts.{e}.w3.weight")
+                    w2, s2 = raw(f"{m}experts.{e}.w2.weight")
+                    ex.w13[e].copy_(torch.cat([w1, w3]))
+                    ex.w13_scale[e].copy_(torch.cat([s1, s3]))
+                    ex.w2[e].copy_(w2)
+                    ex.w2_scale[e].copy_(s2)
+                else:
+                    for w in ("w1", "w2", "w3"):
+                        getattr(ex, w)[e].copy_(get(f"{m}experts.{e}.{w}.weight"))
     reader.close()
     return model.eval().requires_grad_(False)
