@@ -1,0 +1,527 @@
+"""W8A8 FP8 GEMMs as vLLM and DeepSeek run block FP8, in Triton, with the pure-PyTorch references beside them.
+
+Two weight formats, both float8_e4m3fn W [N, K]:
+  block    fp32 `weight_scale_inv` [ceil(N/128), ceil(K/128)], one scale per 128x128 tile (the MiniMax-M2 release);
+           activations are quantized per token per 128-column group, scales [M, K/128].
+  channel  fp32 scale [N, 1], one per output channel; activations per token, scales [M, 1].
+
+Usage:
+    from quantkit.kernels.fp8_gemm import fp8_block_linear, per_token_group_quant_fp8, w8a8_block_fp8_matmul
+
+    y = fp8_block_linear(x, w, w_scale_inv)               # x [..., K] bf16, w fp8 [N, K] -> y [..., N] bf16
+    xq, xs = per_token_group_quant_fp8(x, 128)             # [M, K] fp8, [M, K/128] fp32
+    y = w8a8_block_fp8_matmul(xq, xs, w, w_scale_inv)     # [M, N] bf16
+    y = fp8_channel_linear(x, w, w_scale)                  # per-channel weights, per-token activations
+
+Each `foo` has a `foo_ref` in plain PyTorch that tests compare against.
+
+Where kernels run. CUDA tensors run compiled (FP8 operands go straight to `tl.dot`: FP8 tensor cores, compute
+capability 8.9+). CPU tensors run in Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment before
+triton is first imported: triton reads it when each `@triton.jit` decorator runs, its own standard library
+(`tl.cdiv`, `tl.max`, `tl.sigmoid`, ...) included, and an interpreted kernel cannot call a compiled library function
+nor the reverse. So the kernels here follow the mode `triton.language` was imported in (`INTERPRETED`), whatever the
+variable says when this module is imported. Interpreted, the kernels convert FP8/BF16 values to fp32 at once and
+round to the FP8/BF16 grid themselves before each narrowing cast (the interpreter's own casts truncate, or round
+half up without carrying into the exponent); that is the `UPCAST` flag.
+
+Block configurations: `configs/fp8_gemm.json`, {device name: {"N=..,K=..,block|channel": {M bucket: config}}},
+nearest M bucket; defaults below when a device or shape is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+# True when triton.language was imported with TRITON_INTERPRET=1: its standard-library functions are then
+# interpreted ones, and our kernels must be too (see the module docstring).
+INTERPRETED: bool = not isinstance(tl.cdiv, triton.runtime.JITFunction)
+
+
+def triton_kernel(fn: Callable) -> Callable:
+    """`triton.jit`, in the mode triton.language was imported in rather than the one TRITON_INTERPRET says now."""
+    if INTERPRETED:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn)
+    return triton.runtime.JITFunction(fn)
+
+
+@functools.cache
+def _cuda_device_info(index: int) -> tuple[str, tuple[int, int], int]:
+    """(name, compute capability, multiprocessors); asked once per device, as every launcher call needs them."""
+    props = torch.cuda.get_device_properties(index)
+    return props.name, (props.major, props.minor), props.multi_processor_count
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def check_device(*tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device that can run the kernels here; returns it."""
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"tensors on different devices: {dev} and {t.device}")
+    if dev.type == "cpu" and not INTERPRETED:
+        raise ValueError("CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before triton is "
+                         "first imported (or pass CUDA tensors)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"no Triton kernels for device {dev}")
+    if dev.type == "cuda" and not INTERPRETED:
+        name, capability, _ = _cuda_device_info(_cuda_index(dev))
+        if capability < (8, 9):
+            raise ValueError(f"FP8 tensor cores need compute capability 8.9+; {name} has {capability}")
+    return dev
+
+
+def out_mantissa_bits(dtype: torch.dtype) -> int:
+    """Mantissa bits a kernel rounds its output to itself before the cast (interpreter only; 0: the cast is right)."""
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"output dtype must be one of {ACT_DTYPES}, got {dtype}")
+    # numpy's fp32 -> fp16 cast rounds to nearest even; the interpreter's fp32 -> bf16 cast truncates
+    return 7 if (INTERPRETED and dtype == torch.bfloat16) else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# block configurations
+
+
+@functools.cache
+def load_config_table(name: str) -> dict:
+    """configs/<name>.json, or {} when absent. Keys starting with '_' are comments."""
+    path = os.path.join(CONFIG_DIR, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+def device_key(device: torch.device) -> str:
+    """The name configurations are filed under: torch.cuda.get_device_name(), or 'interpreter'."""
+    if INTERPRETED or device.type != "cuda":
+        return "interpreter"
+    return _cuda_device_info(_cuda_index(device))[0]
+
+
+def select_config(table: dict, device: str, shape: str, m: int, default: dict) -> dict:
+    """The tuned config for (device, shape) at the M bucket nearest to m, over `default`; `default` when none."""
+    buckets = table.get(device, {}).get(shape)
+    if not buckets:
+        return dict(default)
+    bucket = min(buckets, key=lambda b: (abs(int(b) - m), int(b)))
+    cfg = {**default, **{k: v for k, v in buckets[bucket].items() if k in CONFIG_KEYS}}
+    return cfg
+
+
+def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
+    if INTERPRETED:
+        # the interpreter pays per program instance and per operation, not per element: few, large tiles
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+    # H100/H200. BLOCK_K = 128 matches the scale block, so each tl.dot gets one scale pair. Up to M = 512 the
+    # weights' bandwidth bounds the time, so the tile is narrowed until every multiprocessor has a program (a sweep of
+    # MiniMax-M2's qkv (8192 x 3072) and o_proj (3072 x 6144) shapes on an H200 put this within ~10 % of the best
+    # of 18 configs at M = 1..512); above, 128 x 128 tiles run at 600+ TFLOP/s.
+    if m > 512:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    block_m = 16 if m <= 16 else 32 if m <= 64 else 64
+    num_sms = _cuda_device_info(_cuda_index(device))[2]
+    block_n = next((bn for bn in (128, 64) if triton.cdiv(m, block_m) * triton.cdiv(n, bn) >= num_sms), 32)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+def _gemm_config(device: torch.device, n: int, k: int, m: int, scheme: str, block_k: int) -> dict:
+    cfg = select_config(load_config_table("fp8_gemm.json"), device_key(device), f"N={n},K={k},{scheme}", m,
+                        _gemm_default_config(device, m, n))
+    if scheme == "block":
+        # one scale per 128 columns of K: a K tile may not straddle two scale blocks
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block_k)
+        if block_k % cfg["BLOCK_K"]:
+            raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {block_k}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# activation quantization
+
+
+def _per_token_group_quant_kernel(
+    x_ptr, q_ptr, s_ptr,  # [M, K] in, [M, K] fp8 out, [M, K/GROUP] fp32 out
+    M, stride_xm, stride_qm, stride_sm,
+    eps,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = g * GROUP + tl.arange(0, GROUP)  # [GROUP]
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
+    x = x.to(tl.float32)  # [BLOCK_M, GROUP]
+    amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_M]
+    # IEEE divisions (div_rn), as torch divides: the reference then agrees bit for bit
+    scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)  # [BLOCK_M]
+    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
+    if UPCAST:
+        # the interpreter's fp32 -> fp8 cast rounds half up and drops the carry into the exponent; round to the
+        # e4m3 grid here, ties to even as the GPU's cvt.rn.satfinite does, so that the cast below is exact
+        mag = tl.abs(y)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # biased exponent; e4m3 normals >= 2^-6
+        big = ((e + 20) << 23).to(tl.float32, bitcast=True)  # ulp(big) = e4m3 spacing at mag
+        mag = (mag + big) - big
+        y = tl.where(y < 0, -mag, mag)
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(s_ptr + rows64 * stride_sm + g, scale, mask=rmask)
+
+
+def _per_token_quant_kernel(
+    x_ptr, q_ptr, s_ptr,  # [M, K] in, [M, K] fp8 out, [M, 1] fp32 out
+    M, stride_xm, stride_qm, stride_sm,
+    eps,
+    K: tl.constexpr,  # constexpr: a loop bound (see _w8a8_fp8_matmul_kernel)
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pass 1: the row's amax
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)  # [BLOCK_M]
+    for k0 in range(0, K, BLOCK_K):  # pass 2: quantize
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
+        if UPCAST:  # see _per_token_group_quant_kernel
+            mag = tl.abs(y)
+            e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+            big = ((e + 20) << 23).to(tl.float32, bitcast=True)
+            mag = (mag + big) - big
+            y = tl.where(y < 0, -mag, mag)
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm, scale, mask=rmask)
+
+
+_per_token_group_quant = triton_kernel(_per_token_group_quant_kernel)
+_per_token_quant = triton_kernel(_per_token_quant_kernel)
+
+
+def _check_activation(x: torch.Tensor, name: str = "x") -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"{name} must be one of {ACT_DTYPES}, got {x.dtype}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous along K (stride {x.stride()})")
+
+
+def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to FP8 with one scale per token per `group_size` columns.
+
+    x [M, K] bf16/fp16/fp32 -> (xq float8_e4m3fn [M, K], xs fp32 [M, K // group_size]), with
+    xs = max(amax, 1e-10) / 448 and xq = clamp(x / xs, -448, 448) rounded to nearest even; x ~= xq * xs.
+    """
+    _check_activation(x)
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    m, k = x.shape
+    if k % group_size:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}")
+    device = check_device(x)
+    xq = torch.empty((m, k), dtype=FP8_DTYPE, device=device)  # [M, K]
+    xs = torch.empty((m, k // group_size), dtype=torch.float32, device=device)  # [M, K/G]
+    if m == 0 or k == 0:
+        return xq, xs
+    block_m = 64 if INTERPRETED else 16
+    grid = (triton.cdiv(m, block_m), k // group_size)
+    _per_token_group_quant[grid](x, xq, xs, m, x.stride(0), xq.stride(0), xs.stride(0), SCALE_EPS,
+                                 GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED, num_warps=4)
+    return xq, xs
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to FP8 with one scale per token (the per-channel weight scheme's activations).
+
+    x [M, K] -> (xq float8_e4m3fn [M, K], xs fp32 [M, 1]), xs = max(row amax, 1e-10) / 448.
+    """
+    _check_activation(x)
+    m, k = x.shape
+    device = check_device(x)
+    xq = torch.empty((m, k), dtype=FP8_DTYPE, device=device)  # [M, K]
+    xs = torch.empty((m, 1), dtype=torch.float32, device=device)  # [M, 1]
+    if m == 0:
+        return xq, xs
+    if INTERPRETED:
+        block_m, block_k = 64, min(triton.next_power_of_2(max(k, 16)), 4096)
+    else:
+        block_m, block_k = 4, min(triton.next_power_of_2(max(k, 16)), 1024)
+    _per_token_quant[(triton.cdiv(m, block_m),)](x, xq, xs, m, x.stride(0), xq.stride(0), xs.stride(0), SCALE_EPS,
+                                                 K=k, BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
+    return xq, xs
+
+
+def per_token_group_quant_fp8_ref(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of per_token_group_quant_fp8 (same result bit for bit)."""
+    m, k = x.shape
+    xg = x.float().view(m, k // group_size, group_size)  # [M, G, group]
+    amax = xg.abs().amax(dim=-1).clamp(min=SCALE_EPS)  # [M, G]
+    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, not IEEE division
+    xs = amax / torch.full_like(amax, FP8_MAX)
+    xq = (xg / xs[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, k)  # [M, K]
+    return xq, xs
+
+
+def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of per_token_quant_fp8 (same result bit for bit)."""
+    xf = x.float()  # [M, K]
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp(min=SCALE_EPS)  # [M, 1]
+    xs = amax / torch.full_like(amax, FP8_MAX)  # a tensor divisor, as in per_token_group_quant_fp8_ref
+    return (xf / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), xs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GEMMs
+
+
+def _w8a8_fp8_matmul_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,  # A [M, K] fp8, A scales, B [N, K] fp8, B scales, C [M, N]
+    M, N,
+    K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr,  # True: scales per (row, K block) x (N block, K block); False: per row x per column
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # the weight's scale block
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    # GROUP_M row tiles share each column sweep, so the B tiles they read stay in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N]
+    as_ptrs = as_ptr + offs_m64 * stride_asm  # [BLOCK_M]
+    if BLOCK_SCALED:
+        bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
+    else:
+        bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if BLOCK_SCALED:
+            k_group = (kb * BLOCK_K) // GROUP_K
+            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
+            b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
+            # scales applied per K block, in fp32: the FP8 dot only ever sums BLOCK_K products
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if not BLOCK_SCALED:
+        a_s = tl.load(as_ptrs, mask=m_mask, other=0.0)
+        b_s = tl.load(bs_ptrs, mask=n_mask, other=0.0)
+        acc = acc * a_s[:, None] * b_s[None, :]
+    if OUT_MANT:
+        # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the output grid first
+        mag = tl.abs(acc)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        acc = tl.where(acc < 0, -mag, mag)
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_w8a8_fp8_matmul = triton_kernel(_w8a8_fp8_matmul_kernel)
+
+
+def _check_fp8_operands(xq: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
+    if xq.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"xq must be [M, K] and w [N, K], got {tuple(xq.shape)} and {tuple(w.shape)}")
+    if xq.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE:
+        raise ValueError(f"xq and w must be {FP8_DTYPE}, got {xq.dtype} and {w.dtype}")
+    m, k = xq.shape
+    n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"xq has K={k} but w has K={kw}")
+    if k > 1 and (xq.stride(1) != 1 or w.stride(1) != 1):
+        raise ValueError(f"xq and w must be contiguous along K (strides {xq.stride()} and {w.stride()})")
+    return m, n, k
+
+
+def _check_scale(s: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if s.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {s.dtype}")
+    if tuple(s.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(s.shape)}, expected {shape}")
+
+
+def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                          block_size: tuple[int, int] = (128, 128),
+                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[m, n] = sum over K blocks kb of (xq[m, kb] . w[n, kb]) * xs[m, kb] * ws[n // bn, kb], fp32 accumulation.
+
+    xq fp8 [M, K], xs fp32 [M, K/bk], w fp8 [N, K], ws fp32 [ceil(N/bn), K/bk] -> [M, N] out_dtype.
+    K must be a multiple of bk (the activations' group size); M and N are arbitrary.
+    """
+    bn, bk = block_size
+    m, n, k = _check_fp8_operands(xq, w)
+    if k % bk:
+        raise ValueError(f"K={k} must be a multiple of the block size {bk} (activation groups match weight blocks)")
+    if bk < 16 or bk & (bk - 1):
+        raise ValueError(f"block size along K must be a power of two >= 16, got {bk}")
+    _check_scale(xs, (m, k // bk), "xs")
+    _check_scale(ws, (triton.cdiv(n, bn), k // bk), "ws")
+    device = check_device(xq, xs, w, ws)
+    out_mant = out_mantissa_bits(out_dtype)
+    out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
+    if m == 0 or n == 0:
+        return out
+    cfg = _gemm_config(device, n, k, m, "block", bk)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _w8a8_fp8_matmul[grid](
+        xq, xs, w, ws, out, m, n, k,
+        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def w8a8_channel_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[m, n] = (xq[m] . w[n]) * xs[m] * ws[n]: per-token x per-channel scales applied after fp32 accumulation.
+
+    xq fp8 [M, K], xs fp32 [M, 1], w fp8 [N, K], ws fp32 [N, 1] -> [M, N] out_dtype. Any M, N, K.
+    """
+    m, n, k = _check_fp8_operands(xq, w)
+    _check_scale(xs, (m, 1), "xs")
+    _check_scale(ws, (n, 1), "ws")
+    device = check_device(xq, xs, w, ws)
+    out_mant = out_mantissa_bits(out_dtype)
+    out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
+    if m == 0 or n == 0:
+        return out
+    cfg = _gemm_config(device, n, k, m, "channel", 128)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _w8a8_fp8_matmul[grid](
+        xq, xs, w, ws, out, m, n, k,
+        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        xs.stride(0), 0, ws.stride(0), 0,
+        BLOCK_SCALED=False, GROUP_N=1, GROUP_K=1, EVEN_K=k % cfg["BLOCK_K"] == 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def w8a8_block_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                              block_size: tuple[int, int] = (128, 128),
+                              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Reference of w8a8_block_fp8_matmul: the same sum, one K block at a time, in fp32."""
+    bn, bk = block_size
+    m, k = xq.shape
+    n = w.shape[0]
+    acc = torch.zeros((m, n), dtype=torch.float32, device=xq.device)  # [M, N]
+    for kb in range(k // bk):
+        a = xq[:, kb * bk:(kb + 1) * bk].float()  # [M, bk]
+        b = w[:, kb * bk:(kb + 1) * bk].float()  # [N, bk]
+        b_s = ws[:, kb].repeat_interleave(bn)[:n]  # [N]
+        acc += (a @ b.T) * xs[:, kb:kb + 1] * b_s[None, :]
+    return acc.to(out_dtype)
+
+
+def w8a8_channel_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Reference of w8a8_channel_fp8_matmul."""
+    acc = xq.float() @ w.float().T  # [M, N]
+    return (acc * xs * ws.T).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# linear layers: quantize activations, then GEMM
+
+
+def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                     block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    xq, xs = per_token_group_quant_fp8(x2, block_size[1])
+    y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
+    return y.view(*lead, w.shape[0])
+
+
+def fp8_channel_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """y = x @ (w * ws)^T with x quantized per token. x [..., K], w fp8 [N, K], ws fp32 [N, 1] -> [..., N] x.dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    xq, xs = per_token_quant_fp8(x2)
+    y = w8a8_channel_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype)  # [M, N]
+    return y.view(*lead, w.shape[0])
+
+
+def fp8_block_linear_ref(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                         block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Reference of fp8_block_linear."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = per_token_group_quant_fp8_ref(x2, block_size[1])
+    y = w8a8_block_fp8_matmul_ref(xq, xs, w, ws, block_size, out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def fp8_channel_linear_ref(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """Reference of fp8_channel_linear."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = per_token_quant_fp8_ref(x2)
+    y = w8a8_channel_fp8_matmul_ref(xq, xs, w, ws, out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,412 @@
+"""Fused mixture-of-experts for FP8 weights (block FP8 as released for MiniMax-M2, or per-channel FP8), in Triton.
+
+    out[t] = sum over slots s of topk_weights[t, s] * W2_e (silu(W1_e x_t) * (W3_e x_t)),  e = topk_ids[t, s]
+
+with x and the intermediate quantized to FP8 on the fly (W8A8), as vLLM and SGLang run such checkpoints.
+
+Usage:
+    from quantkit.kernels.fp8_moe import fused_moe_fp8
+
+    out = fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme="block")
+    # x [M, H] bf16; w13 fp8 [E, 2I, H] (rows [0, I) gate = w1, rows [I, 2I) up = w3); w2 fp8 [E, H, I]
+    # block:   w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]  (weight_scale_inv, 128x128 tiles)
+    # channel: w13_scale [E, 2I, 1],        w2_scale [E, H, 1]
+    # topk_weights fp32 [M, topk], topk_ids int [M, topk]; ids outside [0, E) (e.g. -1) route the slot nowhere
+
+Steps: quantize x (per token per 128 group, or per token); sort the (token, slot) pairs by expert and pad each
+expert's group to a multiple of BLOCK_M (`moe_align_block_size`); GEMM 1 over that list, one launch for all experts,
+each program computing a gate tile and the matching up tile and writing silu(gate) * up [M*topk, I]; quantize that;
+GEMM 2 [M*topk, I] x w2^T with the router weight multiplied in the epilogue [M*topk, H]; sum over the topk slots
+(a Triton reduction, no atomics). No host sync anywhere: the padded list lives in a worst-case-sized buffer and its
+length stays on the device, so the layer can be captured in a CUDA graph.
+
+`fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
+agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
+configurations here are in `configs/fp8_moe.json` under shape keys "E=..,I=..,H=..,block|channel", one config for
+both GEMMs (they must share BLOCK_M: both walk the same padded list).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_gemm import (
+    ACT_DTYPES,
+    FP8_DTYPE,
+    INTERPRETED,
+    check_device,
+    device_key,
+    load_config_table,
+    out_mantissa_bits,
+    per_token_group_quant_fp8,
+    per_token_group_quant_fp8_ref,
+    per_token_quant_fp8,
+    per_token_quant_fp8_ref,
+    select_config,
+    triton_kernel,
+    w8a8_block_fp8_matmul_ref,
+    w8a8_channel_fp8_matmul_ref,
+)
+
+SCHEMES = ("block", "channel")
+SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# routing: (token, slot) pairs grouped by expert
+
+
+def _align(topk_ids: torch.Tensor, block_m: int,
+           num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align_block_size without a host sync: the padded list in a buffer sized for the worst case.
+
+    Returns (sorted_token_ids int32 [P_max], expert_ids int32 [P_max / block_m], P int32 [1] on the device). Entries
+    at and past P hold the sentinel; blocks at and past P / block_m are to be skipped. P_max bounds P: each expert
+    that has pairs pads fewer than block_m of them, and at most min(M*topk, E) experts have pairs. No sync, so the
+    MoE can be captured in a CUDA graph, and at decode sizes a round trip to the host would cost more than the GEMMs.
+    """
+    numel = topk_ids.numel()
+    device = topk_ids.device
+    p_max = (numel // block_m + min(numel, num_experts)) * block_m
+    flat = topk_ids.reshape(-1)  # [M*topk]
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # unrouted pairs sort last
+    sorted_keys, order = torch.sort(key, stable=True)  # [M*topk] each: experts ascending, pair order kept within
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_experts + 1, device=device, dtype=key.dtype))  # [E+1]
+    counts = bounds[1:] - bounds[:-1]  # [E]
+    padded = torch.div(counts + (block_m - 1), block_m, rounding_mode="floor") * block_m  # [E]
+    end_padded = torch.cumsum(padded, 0)  # [E]
+    # a routed pair's place: its expert's padded start plus its rank among that expert's pairs; unrouted pairs go
+    # to a spare slot at p_max, cut off below
+    shift = torch.cat((end_padded - padded - bounds[:-1], end_padded.new_zeros(1)))  # [E+1]
+    dest = torch.where(sorted_keys < num_experts, shift[sorted_keys] + torch.arange(numel, device=device), p_max)
+    sorted_token_ids = torch.full((p_max + 1,), numel, dtype=torch.int32, device=device)  # [P_max + 1]
+    sorted_token_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, p_max, block_m, device=device)  # [P_max / block_m]
+    expert_ids = torch.searchsorted(end_padded, block_starts, right=True).to(torch.int32)  # E past the end
+    return sorted_token_ids[:p_max], expert_ids, end_padded[-1:].to(torch.int32)
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
+                         num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Group the flattened (token, slot) pairs by expert, each group padded to a multiple of block_m.
+
+    topk_ids [M, topk] int -> (sorted_token_ids int32 [P], expert_ids int32 [P / block_m], P), where
+    sorted_token_ids holds flattened indices t * topk + s, expert by expert in increasing order (pairs of one expert
+    in increasing index order), each expert's run followed by the sentinel M * topk up to a multiple of block_m;
+    expert_ids[b] is the expert of block b. Experts with no pairs take no block; ids outside [0, E) are dropped.
+    Torch operations only (no loop over experts); one host sync, for P (fused_moe_fp8 uses the sync-free form).
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be [M, topk], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if block_m < 1:
+        raise ValueError(f"block_m must be positive, got {block_m}")
+    sorted_token_ids, expert_ids, total = _align(topk_ids, block_m, num_experts)
+    total = int(total.item())
+    return sorted_token_ids[:total], expert_ids[:total // block_m], total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the grouped GEMM
+
+
+def _fused_moe_fp8_kernel(
+    a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
+    b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
+    c_ptr,  # C [M*topk, N]
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    N, num_valid_tokens, num_pid_m,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
+    stride_cm, stride_cn,
+    K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
+    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
+    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
+    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
+    BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # the grid covers the worst case; row blocks past the padded list's end have nothing to do
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+
+    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
+    offs_tok64 = offs_tok.to(tl.int64)
+    a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
+    # int64: E * 2I * H elements of w13 pass 2^31 at MiniMax-M2's size
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    n_mask = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
+    as_ptrs = as_ptr + a_rows * stride_asm  # [BLOCK_M]
+    if BLOCK_SCALED:
+        bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
+    else:
+        bs_ptrs = bs_ptr + expert * stride_bse + offs_n64 * stride_bsn  # [BLOCK_N]
+    if GATED:
+        bu_ptrs = b_ptrs + N * stride_bn  # the up projection's rows, N further down
+        if BLOCK_SCALED:
+            bus_ptrs = bs_ptr + expert * stride_bse + ((offs_n + N) // GROUP_N) * stride_bsn
+        else:
+            bus_ptrs = bs_ptrs + N * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a_mask = tok_mask[:, None]
+            b_mask = n_mask[None, :]
+        else:
+            k_left = K - kb * BLOCK_K
+            a_mask = tok_mask[:, None] & (offs_k[None, :] < k_left)
+            b_mask = (offs_k[:, None] < k_left) & n_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if BLOCK_SCALED:
+            k_group = (kb * BLOCK_K) // GROUP_K
+            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            acc += tl.dot(a, b)
+        if GATED:
+            bu = tl.load(bu_ptrs, mask=b_mask, other=0.0)
+            if UPCAST:
+                bu = bu.to(tl.float32)
+            if BLOCK_SCALED:
+                bu_s = tl.load(bus_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
+                acc_up += tl.dot(a, bu) * a_s[:, None] * bu_s[None, :]
+            else:
+                acc_up += tl.dot(a, bu)
+            bu_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if not BLOCK_SCALED:  # per-token x per-channel scales, once, after the fp32 sum
+        a_s = tl.load(as_ptrs, mask=tok_mask, other=0.0)
+        acc = acc * a_s[:, None] * tl.load(bs_ptrs, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * a_s[:, None] * tl.load(bus_ptrs, mask=n_mask, other=0.0)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+        acc = acc * w[:, None]
+    if OUT_MANT:
+        # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the output grid first
+        mag = tl.abs(acc)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        acc = tl.where(acc < 0, -mag, mag)
+    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+
+
+_fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
+
+
+def _moe_sum_kernel(
+    y_ptr,  # [M*topk, H]: each (token, slot)'s weighted expert output; rows of unrouted pairs were never written
+    ids_ptr,  # [M, topk] expert ids
+    out_ptr,  # [M, H]
+    M, H, num_experts,
+    stride_ym, stride_yh, stride_im, stride_ik, stride_om, stride_oh,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] tokens
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    rmask = rows < M
+    cmask = cols < H
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for s in range(TOP_K):  # in slot order, in fp32
+        expert = tl.load(ids_ptr + rows64 * stride_im + s * stride_ik, mask=rmask, other=-1)  # [BLOCK_M]
+        routed = rmask & (expert >= 0) & (expert < num_experts)
+        y_ptrs = y_ptr + (rows64 * TOP_K + s)[:, None] * stride_ym + cols[None, :] * stride_yh
+        acc += tl.load(y_ptrs, mask=routed[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if OUT_MANT:  # see _fused_moe_fp8_kernel
+        mag = tl.abs(acc)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        acc = tl.where(acc < 0, -mag, mag)
+    o_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oh
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+_moe_sum = triton_kernel(_moe_sum_kernel)
+
+
+def _moe_default_config(m: int, topk: int, num_experts: int) -> dict:
+    if INTERPRETED:
+        # the interpreter pays per program instance and per operation, not per element: few, large tiles
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+    # H100/H200. BLOCK_M follows the expected pairs per expert, so decode pads little; BLOCK_K = 128 matches the
+    # scale block. GEMM 1 keeps two accumulators (gate and up), hence 8 warps at the larger tiles.
+    per_expert = m * topk / max(num_experts, 1)
+    if per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if per_expert <= 32:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int,
+               scheme: str) -> dict:
+    """Block configuration for both GEMMs: configs/fp8_moe.json, else the defaults."""
+    cfg = select_config(load_config_table("fp8_moe.json"), device_key(device),
+                        f"E={num_experts},I={inter},H={hidden},{scheme}", m, _moe_default_config(m, topk, num_experts))
+    if scheme == "block":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], SCALE_BLOCK)
+        if SCALE_BLOCK % cfg["BLOCK_K"]:
+            raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {SCALE_BLOCK}")
+    return cfg
+
+
+def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
+                     topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
+                     num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
+                     mul_routed_weight: bool, block_scaled: bool, cfg: dict) -> None:
+    num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
+    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _fused_moe_fp8[grid](
+        a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        n, c.shape[0], num_pid_m,
+        a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
+        b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
+        c.stride(0), c.stride(1),
+        K=k, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        BLOCK_SCALED=block_scaled, GROUP_N=SCALE_BLOCK if block_scaled else 1,
+        GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _check_moe_args(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    scheme: str) -> tuple[int, int, int, int, int]:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if x.dim() != 2 or x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be [M, H] in one of {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    m, h = x.shape
+    if w13.dim() != 3 or w2.dim() != 3 or w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        raise ValueError(f"w13 and w2 must be 3-D {FP8_DTYPE}, got {tuple(w13.shape)} {w13.dtype} and "
+                         f"{tuple(w2.shape)} {w2.dtype}")
+    e, two_i, h13 = w13.shape
+    if two_i % 2 or h13 != h:
+        raise ValueError(f"w13 must be [E, 2I, H={h}], got {tuple(w13.shape)}")
+    i = two_i // 2
+    if tuple(w2.shape) != (e, h, i):
+        raise ValueError(f"w2 must be [E={e}, H={h}, I={i}], got {tuple(w2.shape)}")
+    if w13.stride(2) != 1 or w2.stride(2) != 1 or x.stride(1) != 1:
+        raise ValueError("x, w13 and w2 must be contiguous along their last dimension")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != m or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights and topk_ids must both be [M={m}, topk], got {tuple(topk_weights.shape)} "
+                         f"and {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_weights.dtype != torch.float32:
+        raise ValueError(f"topk_ids must be integer and topk_weights float32, got {topk_ids.dtype} and "
+                         f"{topk_weights.dtype}")
+    if scheme == "block":
+        if h % SCALE_BLOCK or i % SCALE_BLOCK:
+            raise ValueError(f"block scheme: H={h} and I={i} must be multiples of {SCALE_BLOCK} (the scale block; "
+                             f"gate and up must not share a scale tile)")
+        want13, want2 = (e, two_i // SCALE_BLOCK, h // SCALE_BLOCK), (e, h // SCALE_BLOCK, i // SCALE_BLOCK)
+    else:
+        want13, want2 = (e, two_i, 1), (e, h, 1)
+    for s, want, name in ((w13_scale, want13, "w13_scale"), (w2_scale, want2, "w2_scale")):
+        if s.dtype != torch.float32 or tuple(s.shape) != want:
+            raise ValueError(f"{scheme} scheme: {name} must be float32 {want}, got {s.dtype} {tuple(s.shape)}")
+    return m, h, e, i, topk_ids.shape[1]
+
+
+def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  scheme: str = "block") -> torch.Tensor:
+    """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring."""
+    m, h, e, i, topk = _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme)
+    device = check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    if m == 0:
+        return torch.empty_like(x)
+    block = scheme == "block"
+    cfg = moe_config(device, m, topk, e, i, h, scheme)
+
+    xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _align(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    weights = topk_weights.contiguous().view(-1)  # [M*topk]
+
+    # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
+    # only, where garbage would make numpy warn in the quantization
+    alloc = torch.zeros if INTERPRETED else torch.empty
+    inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+    _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)
+    hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+    y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
+    _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
+
+    # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
+    out = torch.empty_like(x)  # [M, H]
+    block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
+    _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
+        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
+        out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
+        OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
+    )
+    return out
+
+
+def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                      w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      scheme: str = "block") -> torch.Tensor:
+    """Reference of fused_moe_fp8: a loop over experts in PyTorch, with the same quantization and roundings
+    (activations to FP8 per token (group), the intermediate and each slot's output to x.dtype)."""
+    m, h, e, i, topk = _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme)
+    block = scheme == "block"
+    quant = (lambda t: per_token_group_quant_fp8_ref(t, SCALE_BLOCK)) if block else per_token_quant_fp8_ref
+
+    def gemm(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+        if block:
+            return w8a8_block_fp8_matmul_ref(aq, a_s, w, w_s, (SCALE_BLOCK, SCALE_BLOCK), out_dtype=torch.float32)
+        return w8a8_channel_fp8_matmul_ref(aq, a_s, w, w_s, out_dtype=torch.float32)
+
+    xq, xs = quant(x)  # [M, H], [M, *]
+    slots = torch.zeros((m, topk, h), dtype=torch.float32, device=x.device)  # [M, topk, H]
+    for ex in range(e):
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gate_up = gemm(xq[tok], xs[tok], w13[ex], w13_scale[ex])  # [n, 2I]
+        gate, up = gate_up[:, :i], gate_up[:, i:]
+        inter = (gate * torch.sigmoid(gate) * up).to(x.dtype)  # [n, I]
+        hq, hs = quant(inter)
+        y = gemm(hq, hs, w2[ex], w2_scale[ex]) * topk_weights[tok, slot][:, None]  # [n, H]
+        slots[tok, slot] = y.to(x.dtype).float()
+    return slots.sum(dim=1).to(x.dtype)

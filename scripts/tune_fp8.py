@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Tune the block configurations of the FP8 kernels for this GPU on MiniMax-M2 shapes.
+
+    python scripts/tune_fp8.py --out kernels/configs          # on an H100/H200; merges into fp8_moe.json, fp8_gemm.json
+
+For each M bucket and scheme, every candidate configuration is checked against the kernel's reference on the
+same data (a wrong or failing candidate is dropped), then timed (median, triton.testing.do_bench); the fastest is
+filed under torch.cuda.get_device_name(). Existing entries for other devices are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import triton
+from quantkit.kernels import fp8_gemm, fp8_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+H, I, E, TOPK = 3072, 1536, 256, 8
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+PROJ = {"q_proj": (6144, 3072), "kv_proj": (1024, 3072), "o_proj": (3072, 6144)}
+
+
+def candidates(m_rows: float) -> list[dict]:
+    """A grid around what suits m_rows rows per expert (MoE) or per GEMM."""
+    block_m = [16, 32, 64] if m_rows <= 64 else [32, 64, 128]
+    out = []
+    for bm, bn, ns in itertools.product(block_m, [64, 128], [3, 4]):
+        if bm == 128 and bn == 128 and ns == 4:
+            continue  # does not fit in shared memory with two accumulators
+        nw = 8 if bm * bn >= 64 * 128 else 4
+        gm = 8 if m_rows > 64 else 1
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=gm, num_warps=nw, num_stages=ns))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def quant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if scheme == "channel":
+        s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+        return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+    n, k = w.shape
+    t = w.float().view(n // 128, 128, k // 128, 128)
+    s = t.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+    return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
+
+
+def tune_moe(device: str) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    table: dict = {}
+    for scheme in ("block", "channel"):
+        w13 = torch.empty(E, 2 * I, H, device="cuda", dtype=torch.float8_e4m3fn)
+        w2 = torch.empty(E, H, I, device="cuda", dtype=torch.float8_e4m3fn)
+        s13 = torch.empty((E, 2 * I // 128, H // 128) if scheme == "block" else (E, 2 * I, 1), device="cuda")
+        s2 = torch.empty((E, H // 128, I // 128) if scheme == "block" else (E, H, 1), device="cuda")
+        for e in range(E):
+            w13[e], s13[e] = quant(torch.randn(2 * I, H, device="cuda", generator=g) * 0.02, scheme)
+            w2[e], s2[e] = quant(torch.randn(H, I, device="cuda", generator=g) * 0.02, scheme)
+        entries = {}
+        for m in MS:
+            x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+            topk_w, topk_ids = torch.topk(torch.rand(m, E, device="cuda", generator=g), TOPK, dim=-1)
+            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
+            ref = fp8_moe.fused_moe_fp8_ref(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
+            best = None
+            for cfg in candidates(m * TOPK / E):
+                fp8_moe.moe_config = lambda *a, _c=cfg, **k: dict(_c)
+                try:
+                    out = fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
+                    if rel_err(out, ref) > 1e-2:
+                        continue
+                    ms = triton.testing.do_bench(
+                        lambda: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme),
+                        warmup=10, rep=40, return_mode="median")
+                except Exception as e:  # out of resources and the like: not a candidate here
+                    print(f"skip {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            entries[str(m)] = best[1]
+            print(f"moe {scheme} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
+        table[f"E={E},I={I},H={H},{scheme}"] = entries
+    return {device: table}
+
+
+def tune_gemm(device: str) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    table: dict = {}
+    orig = fp8_gemm._gemm_config
+    for (n, k), scheme in itertools.product(PROJ.values(), ("block", "channel")):
+        w, ws = quant(torch.randn(n, k, device="cuda", generator=g) * 0.02, scheme)
+        entries = {}
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            if scheme == "block":
+                run = lambda: fp8_gemm.fp8_block_linear(x, w, ws)  # noqa: E731
+                ref = fp8_gemm.fp8_block_linear_ref(x, w, ws)
+            else:
+                run = lambda: fp8_gemm.fp8_channel_linear(x, w, ws)  # noqa: E731
+                ref = fp8_gemm.fp8_channel_linear_ref(x, w, ws)
+            best = None
+            for cfg in candidates(m):
+                fp8_gemm._gemm_config = lambda *a, _c=cfg, **kw: dict(_c)
+                try:
+                    if rel_err(run(), ref) > 1e-2:
+                        continue
+                    ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+                except Exception as e:
+                    print(f"skip {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            entries[str(m)] = best[1]
+            print(f"gemm {scheme} N={n} K={k} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
+        table[f"N={n},K={k},{scheme}"] = entries
+    fp8_gemm._gemm_config = orig
+    return {device: table}
+
+
+def merge(path: Path, new: dict) -> None:
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for dev, shapes in new.items():
+        table.setdefault(dev, {}).update(shapes)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "kernels" / "configs")
+    ap.add_argument("--only", choices=["moe", "gemm"], default=None)
+    args = ap.parse_args()
+    device = torch.cuda.get_device_name()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "moe"):
+        merge(args.out / "fp8_moe.json", tune_moe(device))
+    if args.only in (None, "gemm"):
+        merge(args.out / "fp8_gemm.json", tune_gemm(device))
+
+
+if __name__ == "__main__":
+    main()

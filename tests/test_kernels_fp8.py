@@ -1,0 +1,532 @@
+"""FP8 GEMM and fused-MoE Triton kernels (kernels/fp8_gemm.py, kernels/fp8_moe.py) against their PyTorch references.
+
+Every test runs on two devices:
+  cpu   Triton's interpreter. Triton reads TRITON_INTERPRET when each @triton.jit decorator runs, its standard
+        library's (tl.cdiv, tl.max, tl.sigmoid) at `import triton`; so it is set below, before anything here imports
+        triton, and only where no CUDA device is present, where no compiled Triton kernel could run anyway: on a GPU
+        machine this module changes nothing for other test modules. The kernels follow the mode triton.language was
+        imported in (fp8_gemm.INTERPRETED); the cpu cases are skipped when it is compiled (a GPU machine; run
+        `TRITON_INTERPRET=1 pytest` there to run them), and test_cpu_machines_interpret fails if a CPU-only machine
+        somehow imported triton compiled first, so that CI cannot skip them silently.
+  cuda  the compiled kernels (FP8 operands straight into tl.dot), marked `gpu`, skipped without a CUDA device.
+
+Two comparisons, with different tolerances:
+  kernel vs *_ref    same quantization and roundings, so they differ only by fp32 summation order (and on the GPU
+                     in exp/sigmoid): quantization is bit-exact, outputs agree to about one unit in the last place
+                     of the output dtype (TOL).
+  *_ref vs fp32 math on dequantized weights and unquantized activations: the FP8 error itself. Activations in
+                     e4m3 carry up to 2^-4 relative rounding error each; one quantized operand gives about 2 % relative
+                     (Frobenius) error, the MoE's two (x and the intermediate, through silu * up) about 4.5 % (REL_FP8).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see the module docstring
+
+from quantkit.kernels import fp8_gemm, fp8_moe  # noqa: E402
+from quantkit.kernels.fp8_gemm import (  # noqa: E402
+    FP8_DTYPE,
+    fp8_block_linear,
+    fp8_block_linear_ref,
+    fp8_channel_linear,
+    fp8_channel_linear_ref,
+    per_token_group_quant_fp8,
+    per_token_group_quant_fp8_ref,
+    per_token_quant_fp8,
+    per_token_quant_fp8_ref,
+    w8a8_block_fp8_matmul,
+    w8a8_block_fp8_matmul_ref,
+    w8a8_channel_fp8_matmul,
+    w8a8_channel_fp8_matmul_ref,
+)
+from quantkit.kernels.fp8_moe import fused_moe_fp8, fused_moe_fp8_ref, moe_align_block_size  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = fp8_gemm.INTERPRETED
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
+                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
+                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
+                                                   "the interpreter")]),
+]
+# the interpreter computes tl.sigmoid as 1 / (1 + exp(-x)) in numpy, which warns where exp overflows to inf for a very
+# negative gate; the result, 0, is right (and what the GPU gives)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
+
+# kernel vs *_ref: output dtype -> (rtol, atol as a fraction of max |ref|). One bf16 ulp is 2^-8 relative (2^-7 at the
+# bottom of a binade), one fp16 ulp 2^-11.
+TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2**-7, 2**-9),
+    torch.float16: (2**-10, 2**-12),
+}
+# on the GPU, plus: Hopper's FP8 tensor cores keep about 14 significant bits while they add up the products inside
+# a tl.dot (DeepSeek-V3 report, 3.3.2; the kernels add each BLOCK_K partial sum in fp32). Measured on H100/H200:
+# 1.3e-4 to 2.3e-4 of max |ref| for K = 384..3072, block and channel alike
+GPU_ACC = 1e-3
+# the fused MoE chains two GEMMs through a bf16 intermediate that is quantized again: a last-place difference there
+# moves one fp8 code (6 % of one element of the intermediate), hence a looser absolute part
+TOL_MOE = (2**-6, 2**-7)
+# *_ref vs fp32 math on dequantized weights, relative Frobenius error: one FP8 activation, two (MoE)
+REL_FP8 = {"linear": 0.04, "moe": 0.07}
+
+
+def gen_for(*case) -> torch.Generator:
+    """A generator seeded from the test case: fresh data per case, the same data every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol_frac: float) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    if out.is_cuda:
+        atol_frac = max(atol_frac, GPU_ACC)
+    out, ref = out.float(), ref.float()
+    atol = atol_frac * max(ref.abs().max().item(), 1e-30)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows of very different magnitudes (scales over ~8 decades), a zero group and a zero row where there is room."""
+    x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen) * 2)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    if m > 3:
+        x[1] = 0.0
+        x[2, :64] = 0.0
+    return x.to(dtype)
+
+
+def quantize_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] float -> (fp8 [..., N, K], fp32 weight_scale_inv [..., ceil(N/128), ceil(K/128)])."""
+    *lead, n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    pad = torch.zeros(*lead, nb * block, kb * block)
+    pad[..., :n, :k] = w
+    t = pad.view(*lead, nb, block, kb, block)
+    s = t.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / 448.0  # [..., nb, kb]
+    q = (t / s[..., :, None, :, None]).clamp(-448, 448).to(FP8_DTYPE).view(*lead, nb * block, kb * block)
+    return q[..., :n, :k].contiguous(), s
+
+
+def quantize_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] float -> (fp8 [..., N, K], fp32 scale [..., N, 1])."""
+    s = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (w / s).clamp(-448, 448).to(FP8_DTYPE), s
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
+    if s.shape[-1] == 1 and q.shape[-1] != 1 and s.shape[-2] == q.shape[-2]:  # per channel
+        return q.float() * s
+    n, k = q.shape[-2:]
+    return q.float() * s.repeat_interleave(block, -2)[..., :n, :].repeat_interleave(block, -1)[..., :k]
+
+
+def weights(n: int, k: int, gen: torch.Generator, experts: int | None = None) -> torch.Tensor:
+    """Random weights whose 128x128 tiles differ in magnitude, so that a wrong scale index shows."""
+    lead = () if experts is None else (experts,)
+    w = torch.randn(*lead, n, k, generator=gen) / k**0.5
+    tiles = torch.exp(torch.randn(*lead, -(-n // 128), -(-k // 128), generator=gen) * 0.7)
+    return w * tiles.repeat_interleave(128, -2)[..., :n, :].repeat_interleave(128, -1)[..., :k]
+
+
+def test_cpu_machines_interpret():
+    if CUDA:
+        pytest.skip("a CUDA device is present: kernels compile")
+    assert INTERPRETED, ("no CUDA device, yet triton was imported without TRITON_INTERPRET=1 (by something imported "
+                         "before this module): set TRITON_INTERPRET=1 in the environment")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# activation quantization
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,group", [(1, 128, 128), (37, 384, 128), (130, 256, 128), (37, 256, 64)])
+def test_per_token_group_quant_is_bit_exact(device, dtype, m, k, group):
+    x = activations(m, k, dtype, gen_for("group", dtype, m, k, group)).to(device)
+    xq, xs = per_token_group_quant_fp8(x, group)
+    rq, rs = per_token_group_quant_fp8_ref(x, group)
+    assert xq.dtype == FP8_DTYPE and xq.shape == (m, k) and xs.dtype == torch.float32 and xs.shape == (m, k // group)
+    assert torch.equal(xs, rs)
+    assert torch.equal(xq.float(), rq.float())
+    # and it is a quantization of x: each element within half an e4m3 step (2^-4 relative, 2^-9 * scale subnormal)
+    deq = (xq.float().view(m, -1, group) * xs[..., None]).view(m, k)
+    bound = x.float().abs() * 2**-4 + xs.repeat_interleave(group, 1) * 2**-9
+    assert (deq - x.float()).abs().le(bound * 1.0001).all()
+    if m > 3:
+        assert xq[1].float().eq(0).all() and xs[1].gt(0).all() and xs[1].isfinite().all()  # zero row: zero codes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 256), (37, 200), (130, 384)])
+def test_per_token_quant_is_bit_exact(device, dtype, m, k):
+    x = activations(m, k, dtype, gen_for("token", dtype, m, k)).to(device)
+    xq, xs = per_token_quant_fp8(x)
+    rq, rs = per_token_quant_fp8_ref(x)
+    assert xs.shape == (m, 1) and torch.equal(xs, rs)
+    assert torch.equal(xq.float(), rq.float())
+    assert xq.float().abs().amax(dim=1).max() == 448.0  # every row's amax maps to the largest code
+
+
+def test_quant_refuses_bad_inputs():
+    x = torch.zeros(4, 200, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        per_token_group_quant_fp8(x, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        per_token_group_quant_fp8(torch.zeros(4, 384), 96)
+    with pytest.raises(ValueError, match="must be one of"):
+        per_token_quant_fp8(torch.zeros(4, 128, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous along K"):
+        per_token_quant_fp8(torch.zeros(128, 4).T)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GEMMs
+
+
+BLOCK_GEMM_CASES = [  # M, N, K, out dtype
+    (1, 256, 256, torch.bfloat16),
+    (37, 200, 384, torch.bfloat16),  # N not a multiple of 128: a partial scale row and masked columns
+    (130, 256, 128, torch.float32),  # M over two row tiles
+    (37, 320, 256, torch.float16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,out_dtype", BLOCK_GEMM_CASES)
+def test_block_matmul_matches_ref(device, m, n, k, out_dtype):
+    gen = gen_for("block_mm", m, n, k, out_dtype)
+    xq, xs = per_token_group_quant_fp8_ref(activations(m, k, torch.float32, gen))
+    w, ws = quantize_block(weights(n, k, gen))
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    out = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype)
+    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,out_dtype", [
+    (1, 256, 256, torch.bfloat16),
+    (37, 200, 200, torch.bfloat16),  # K not a multiple of BLOCK_K: masked along K too
+    (130, 256, 384, torch.float32),
+])
+def test_channel_matmul_matches_ref(device, m, n, k, out_dtype):
+    gen = gen_for("chan_mm", m, n, k, out_dtype)
+    xq, xs = per_token_quant_fp8_ref(activations(m, k, torch.float32, gen))
+    w, ws = quantize_channel(weights(n, k, gen))
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    out = w8a8_channel_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype)
+    assert_close(out, w8a8_channel_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_linear_matches_ref_and_dequantized_math(device, scheme):
+    gen = gen_for("linear", scheme)
+    x = torch.randn(3, 11, 384, generator=gen).to(torch.bfloat16).to(device)  # leading dims are kept
+    wf = weights(256, 384, gen)
+    w, ws = (t.to(device) for t in (quantize_block(wf) if scheme == "block" else quantize_channel(wf)))
+    linear, linear_ref = (fp8_block_linear, fp8_block_linear_ref) if scheme == "block" else (fp8_channel_linear,
+                                                                                            fp8_channel_linear_ref)
+    out = linear(x, w, ws)
+    ref = linear_ref(x, w, ws)
+    assert out.shape == (3, 11, 256) and out.dtype == torch.bfloat16
+    assert_close(out, ref, *TOL[torch.bfloat16])
+    exact = x.float() @ dequantize(w, ws).T
+    assert rel_err(ref, exact) < REL_FP8["linear"]
+
+
+def test_matmul_refuses_bad_inputs():
+    xq = torch.zeros(4, 200, dtype=FP8_DTYPE)
+    w = torch.zeros(256, 200, dtype=FP8_DTYPE)
+    with pytest.raises(ValueError, match="K=200 must be a multiple of the block size 128"):
+        w8a8_block_fp8_matmul(xq, torch.ones(4, 2), w, torch.ones(2, 2))
+    xq = torch.zeros(4, 256, dtype=FP8_DTYPE)
+    w = torch.zeros(256, 256, dtype=FP8_DTYPE)
+    with pytest.raises(ValueError, match="ws has shape"):
+        w8a8_block_fp8_matmul(xq, torch.ones(4, 2), w, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="xs must be float32"):
+        w8a8_block_fp8_matmul(xq, torch.ones(4, 2, dtype=torch.float64), w, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+        w8a8_channel_fp8_matmul(xq.float(), torch.ones(4, 1), w, torch.ones(256, 1))
+    with pytest.raises(ValueError, match="has K=128"):
+        w8a8_channel_fp8_matmul(xq, torch.ones(4, 1), w[:, :128], torch.ones(256, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MoE routing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,topk,e,block_m,drop", [
+    (1, 2, 4, 16, False),
+    (37, 2, 8, 16, False),
+    (37, 8, 16, 64, True),  # some pairs routed nowhere (id -1)
+    (200, 8, 256, 16, False),
+    (64, 1, 4, 1, False),
+])
+def test_moe_align_block_size_invariants(device, m, topk, e, block_m, drop):
+    gen = gen_for("align", m, topk, e, block_m, drop)
+    topk_ids = torch.rand(m, e - 1, generator=gen).topk(topk, dim=1).indices + 1  # expert 0 gets nothing
+    if drop:
+        topk_ids[torch.rand(m, topk, generator=gen) < 0.2] = -1
+    topk_ids = topk_ids.to(torch.int32).to(device)
+    sorted_ids, expert_ids, total = moe_align_block_size(topk_ids, block_m, e)
+    assert sorted_ids.dtype == torch.int32 and expert_ids.dtype == torch.int32
+    assert sorted_ids.shape == (total,) and total % block_m == 0 and expert_ids.shape == (total // block_m,)
+    flat = topk_ids.view(-1).long().cpu()
+    sid = sorted_ids.long().cpu()
+    eid = expert_ids.long().cpu()
+    sentinel = m * topk
+    routed = ((flat >= 0) & (flat < e)).nonzero().view(-1)
+    real = sid[sid != sentinel]
+    assert torch.equal(real.sort().values, routed)  # every routed (token, slot) exactly once, nothing else
+    assert (sid <= sentinel).all() and (sid >= 0).all()
+    block_of = torch.arange(total) // block_m
+    assert torch.equal(flat[real], eid[block_of[sid != sentinel]])  # each pair in a block of its own expert
+    assert (eid[1:] >= eid[:-1]).all()  # experts in order
+    counts = torch.bincount(flat[routed], minlength=e)
+    assert torch.equal(torch.bincount(eid, minlength=e), (counts + block_m - 1) // block_m)  # padded, no empty blocks
+    assert counts[0] == 0 and not (eid == 0).any()
+    for b in range(total // block_m):  # within a block: the expert's pairs in order, then only sentinels
+        ids = sid[b * block_m:(b + 1) * block_m]
+        n_real = int((ids != sentinel).sum())
+        assert n_real > 0 and (ids[n_real:] == sentinel).all() and (ids[1:n_real] > ids[:n_real - 1]).all()
+    # the sync-free form fused_moe_fp8 runs: the same list at the head of a worst-case buffer, sentinels after
+    buf_ids, buf_experts, buf_total = fp8_moe._align(topk_ids, block_m, e)
+    assert int(buf_total.item()) == total and buf_ids.numel() >= total and buf_ids.numel() % block_m == 0
+    assert torch.equal(buf_ids[:total].cpu(), sorted_ids.cpu()) and (buf_ids[total:] == sentinel).all()
+    assert torch.equal(buf_experts[:total // block_m].cpu(), expert_ids.cpu())
+
+
+def test_moe_align_block_size_no_tokens():
+    sorted_ids, expert_ids, total = moe_align_block_size(torch.full((3, 2), -1), 16, 4)
+    assert total == 0 and sorted_ids.numel() == 0 and expert_ids.numel() == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused MoE
+
+
+def moe_case(m: int, e: int, topk: int, h: int, i: int, scheme: str, dtype: torch.dtype, gen: torch.Generator,
+             device: str, drop: float = 0.0):
+    x = (torch.randn(m, h, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))).to(dtype)
+    w13f, w2f = weights(2 * i, h, gen, experts=e), weights(h, i, gen, experts=e)
+    quant = quantize_block if scheme == "block" else quantize_channel
+    (w13, s13), (w2, s2) = quant(w13f), quant(w2f)
+    logits = torch.randn(m, e, generator=gen)
+    logits[:, 0] = -torch.inf  # expert 0 gets no tokens
+    topk_weights, topk_ids = torch.softmax(logits, dim=-1).topk(topk, dim=-1)
+    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    if drop:
+        topk_ids[torch.rand(m, topk, generator=gen) < drop] = -1
+    return tuple(t.to(device) for t in (x, w13, s13, w2, s2, topk_weights, topk_ids))
+
+
+MOE_CASES = [  # M, E, topk, H, I, x dtype
+    (1, 4, 2, 256, 128, torch.bfloat16),
+    (37, 8, 2, 256, 256, torch.bfloat16),
+    (37, 4, 2, 256, 128, torch.float16),
+    (130, 5, 2, 256, 128, torch.bfloat16),  # several row blocks for one expert
+    (20, 12, 8, 256, 128, torch.bfloat16),  # MiniMax-M2's top-8
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("m,e,topk,h,i,dtype", MOE_CASES)
+def test_fused_moe_matches_ref(device, scheme, m, e, topk, h, i, dtype):
+    args = moe_case(m, e, topk, h, i, scheme, dtype, gen_for("moe", scheme, m, e, topk, h, i, dtype), device)
+    out = fused_moe_fp8(*args, scheme=scheme)
+    assert out.shape == (m, h) and out.dtype == dtype
+    assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fused_moe_pairs_routed_nowhere(device, scheme):
+    """Slots with expert id -1 (expert parallelism: the expert lives elsewhere) add nothing; a token with no slot
+    left gets zeros."""
+    args = moe_case(37, 8, 2, 256, 128, scheme, torch.bfloat16, gen_for("moe_drop", scheme), device, drop=0.3)
+    topk_ids = args[6]
+    topk_ids[5] = -1
+    out = fused_moe_fp8(*args, scheme=scheme)
+    assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+    assert out[5].eq(0).all()
+    kept = args[:5] + (torch.where(topk_ids >= 0, args[5], 0.0), torch.where(topk_ids >= 0, topk_ids, 1))
+    assert_close(out, fused_moe_fp8_ref(*kept, scheme=scheme), *TOL_MOE)  # = weight 0 on any expert
+    none = fused_moe_fp8(*args[:6], torch.full_like(topk_ids, -1), scheme=scheme)
+    assert none.eq(0).all()
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
+    """The looser comparison: the reference (hence the kernel) against fp32 math on the dequantized weights, with x and
+    the intermediate unquantized. The gap is the FP8 activation error, about 4.5 % relative here."""
+    x, w13, s13, w2, s2, topk_weights, topk_ids = moe_case(64, 8, 2, 512, 256, scheme, torch.bfloat16,
+                                                           gen_for("moe_deq", scheme), "cpu")
+    ref = fused_moe_fp8_ref(x, w13, s13, w2, s2, topk_weights, topk_ids, scheme=scheme)
+    w13d, w2d = dequantize(w13, s13), dequantize(w2, s2)  # [E, 2I, H], [E, H, I]
+    i = w2.shape[2]
+    exact = torch.zeros(x.shape, dtype=torch.float32)
+    for slot in range(topk_ids.shape[1]):
+        e = topk_ids[:, slot].long()
+        gate_up = torch.einsum("th,tnh->tn", x.float(), w13d[e])  # [M, 2I]
+        inter = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]
+        exact += topk_weights[:, slot, None] * torch.einsum("ti,thi->th", inter, w2d[e])
+    assert rel_err(ref, exact) < REL_FP8["moe"]
+
+
+def test_fused_moe_refuses_bad_inputs():
+    args = list(moe_case(4, 4, 2, 256, 128, "block", torch.bfloat16, gen_for("moe_bad"), "cpu"))
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        fused_moe_fp8(*args, scheme="tensor")
+    with pytest.raises(ValueError, match="w13_scale must be float32"):
+        fused_moe_fp8(*args, scheme="channel")
+    bad = list(args)
+    bad[3] = args[3][:, :, :64]
+    with pytest.raises(ValueError, match="w2 must be"):
+        fused_moe_fp8(*bad)
+    bad = list(args)
+    bad[5] = args[5].double()
+    with pytest.raises(ValueError, match="topk_weights float32"):
+        fused_moe_fp8(*bad)
+    x, w13, s13, w2, s2, tw, ti = moe_case(4, 4, 2, 192, 128, "channel", torch.bfloat16, gen_for("moe_bad2"), "cpu")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fused_moe_fp8(x, w13, torch.ones(4, 2, 2), w2, torch.ones(4, 2, 1), tw, ti, scheme="block")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# block configurations
+
+
+def test_config_selection():
+    default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+    table = {"Dev": {"N=1,K=2,block": {"1": {"BLOCK_M": 16}, "64": {"BLOCK_M": 32, "num_warps": 8, "bogus": 1},
+                                       "512": {"BLOCK_M": 128}}}}
+    assert fp8_gemm.select_config(table, "Other", "N=1,K=2,block", 64, default) == default
+    assert fp8_gemm.select_config(table, "Dev", "N=9,K=2,block", 64, default) == default
+    assert fp8_gemm.select_config(table, "Dev", "N=1,K=2,block", 2, default)["BLOCK_M"] == 16
+    cfg = fp8_gemm.select_config(table, "Dev", "N=1,K=2,block", 100, default)
+    assert cfg == {**default, "BLOCK_M": 32, "num_warps": 8}  # nearest bucket, unknown keys dropped
+    assert fp8_gemm.select_config(table, "Dev", "N=1,K=2,block", 10**6, default)["BLOCK_M"] == 128
+
+
+@pytest.mark.parametrize("name", ["fp8_gemm.json", "fp8_moe.json"])
+def test_shipped_config_tables_are_valid(name):
+    table = fp8_gemm.load_config_table(name)
+    for device, shapes in table.items():
+        for shape, buckets in shapes.items():
+            for bucket, cfg in buckets.items():
+                int(bucket)
+                assert set(cfg) <= set(fp8_gemm.CONFIG_KEYS), (device, shape, bucket)
+                assert all(isinstance(v, int) and v > 0 for v in cfg.values()), (device, shape, bucket)
+                if shape.endswith(",block"):
+                    assert 128 % cfg.get("BLOCK_K", 128) == 0, (device, shape, bucket)
+
+
+TUNED = [  # configs other than the defaults: several K steps per scale block, swizzled row groups, narrow tiles
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=3, num_warps=2, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", TUNED)
+def test_tuned_configs_are_read_and_run(device, cfg, monkeypatch):
+    """A table entry for this device and shape is what the launcher runs; results match the references."""
+    dev = fp8_gemm.device_key(torch.device(device))
+    asked = []
+
+    def table(entries: dict):
+        return lambda name: asked.append(name) or {dev: {shape: {"1": {}, "40": cfg} for shape in entries}}
+
+    monkeypatch.setattr(fp8_gemm, "load_config_table", table(["N=200,K=384,block", "N=200,K=384,channel"]))
+    monkeypatch.setattr(fp8_moe, "load_config_table", table(["E=6,I=128,H=256,block", "E=6,I=128,H=256,channel"]))
+    chosen = fp8_gemm._gemm_config(torch.device(device), 200, 384, 37, "block", 128)
+    assert chosen == cfg
+    gen = gen_for("tuned", tuple(cfg.values()))
+    x = activations(37, 384, torch.bfloat16, gen).to(device)
+    wf = weights(200, 384, gen)
+    w, ws = (t.to(device) for t in quantize_block(wf))
+    assert_close(fp8_block_linear(x, w, ws), fp8_block_linear_ref(x, w, ws), *TOL[torch.bfloat16])
+    w, ws = (t.to(device) for t in quantize_channel(wf))
+    assert_close(fp8_channel_linear(x, w, ws), fp8_channel_linear_ref(x, w, ws), *TOL[torch.bfloat16])
+    for scheme in ("block", "channel"):
+        args = moe_case(37, 6, 2, 256, 128, scheme, torch.bfloat16, gen, device)
+        assert_close(fused_moe_fp8(*args, scheme=scheme), fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+    assert asked.count("fp8_gemm.json") == 3 and asked.count("fp8_moe.json") == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU only: MiniMax-M2's widths (H=3072, I=1536), fewer experts to keep the reference loop short
+
+
+@pytest.mark.parametrize("m", [1, 16, 200, 1000])
+@pytest.mark.parametrize("n,k", [(3072, 1536), (2 * 1536, 3072)])
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+def test_linear_real_widths(device, scheme, n, k, m):
+    gen = gen_for("linear_real", scheme, n, k, m)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+    wf = weights(n, k, gen)
+    if scheme == "block":
+        w, ws = (t.to(device) for t in quantize_block(wf))
+        out, ref = fp8_block_linear(x, w, ws), fp8_block_linear_ref(x, w, ws)
+    else:
+        w, ws = (t.to(device) for t in quantize_channel(wf))
+        out, ref = fp8_channel_linear(x, w, ws), fp8_channel_linear_ref(x, w, ws)
+    assert_close(out, ref, *TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("m", [1, 64, 512])
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+def test_fused_moe_real_widths(device, scheme, m):
+    args = moe_case(m, 16, 8, 3072, 1536, scheme, torch.bfloat16, gen_for("moe_real", scheme, m), device)
+    out = fused_moe_fp8(*args, scheme=scheme)
+    assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+def test_fused_moe_captures_in_a_cuda_graph(device):
+    """No host sync in fused_moe_fp8: it records into a CUDA graph, and replays with new routing and inputs."""
+    args = list(moe_case(48, 16, 8, 256, 256, "block", torch.bfloat16, gen_for("graph"), device))
+    eager = fused_moe_fp8(*args)  # compiles the kernels outside the capture
+    static = [t.clone() for t in args]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_moe_fp8(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe_fp8(*static)
+    graph.replay()
+    assert torch.equal(captured, eager)
+    other = moe_case(48, 16, 8, 256, 256, "block", torch.bfloat16, gen_for("graph", 2), device)
+    for dst, src in zip(static, other):
+        dst.copy_(src)
+    graph.replay()
+    assert_close(captured, fused_moe_fp8_ref(*other), *TOL_MOE)
+
+
+def test_moe_kernels_share_the_interpreter_mode():
+    assert fp8_moe.INTERPRETED == fp8_gemm.INTERPRETED
