@@ -97,11 +97,11 @@ def bench_projections(ceil: dict) -> list[dict]:
             xq, xs = fp8_gemm.per_token_group_quant_fp8_ref(x, 128)
             ref = fp8_gemm.w8a8_block_fp8_matmul_ref(xq, xs, wq, ws, (128, 128), torch.bfloat16)
             err = rel_err(out, ref)
-            t_ours = bench(lambda: fp8_gemm.fp8_block_linear(x, wq, ws))
-            t_bf16 = bench(lambda: x @ w.t())
+            t_ours = bench(lambda: fp8_gemm.fp8_block_linear(x, wq, ws), graph=True)
+            t_bf16 = bench(lambda: x @ w.t(), graph=True)
             xr, xrs = fp8_gemm.per_token_quant_fp8_ref(x)
             t_scaled = bench(lambda: torch._scaled_mm(xr, wc.t(), scale_a=xrs, scale_b=wcs.t(),
-                                                      out_dtype=torch.bfloat16))
+                                                      out_dtype=torch.bfloat16), graph=True)
             flops = 2 * m * n * k
             bytes_fp8 = n * k + ws.numel() * 4 + m * k * 2 + m * n * 2
             rows.append({
@@ -162,7 +162,7 @@ def bench_moe(ceil: dict) -> list[dict]:
                                                       scheme="block"), graph=True)
         t_chan = bench(lambda: fp8_moe.fused_moe_fp8(x, w13_c, w13_cs, w2_c, w2_cs, topk_w, topk_ids,
                                                      scheme="channel"), graph=True)
-        t_bf16 = bench(lambda: bf16_moe_loop(x, w1_bf, w3_bf, w2_bf, topk_w, topk_ids))
+        t_bf16 = bench(lambda: bf16_moe_loop(x, w1_bf, w3_bf, w2_bf, topk_w, topk_ids))  # host syncs: no graph
         wbytes = touched * 3 * H * I
         bytes_block = wbytes + touched * (w13_s[0].numel() + w2_s[0].numel()) * 4 + 2 * m * H * 2
         flops = 2 * m * TOPK * 3 * H * I

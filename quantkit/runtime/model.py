@@ -32,7 +32,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B, T, rotary_dim/2] for integer positions [B, T]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device)
+                               / rotary_dim)
     ang = positions.to(torch.float64)[..., None] * inv_freq
     return ang.cos().float(), ang.sin().float()
 
