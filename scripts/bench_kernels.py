@@ -8,8 +8,9 @@ M = 1 ... 4096 tokens: the attention projections (q, k, v, o) through `fp8_block
 included) beside torch bf16 (cuBLAS) and `torch._scaled_mm` with row-wise scales; and the whole MoE layer
 (E=256, top-8, H=3072, I=1536: both GEMMs, SiLU*mul, router weights, top-k sum) through `fused_moe_fp8` (block and
 channel scales) beside a bf16 loop over the touched experts. Every kernel is checked against its reference on the
-same data before it is timed. Timings: median of CUDA-event-timed runs after warm-up (triton.testing.do_bench),
-and CUDA-graph replay for the MoE layer (launch overhead matters at M = 1).
+same data before it is timed. Timings: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph; this
+machine's launch overhead would otherwise dominate every small-M figure), plain do_bench for the bf16 MoE loop, which
+synchronises with the host.
 Bandwidth counts the weight bytes touched (FP8: 1 byte per weight plus scales; bf16: 2) plus activations.
 """
 
