@@ -135,6 +135,35 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
     click.echo(f"{n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s, batch {len(ids)})", err=True)
 
 
+@cli.command("eval")
+@click.argument("ckpt", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(), help="The checkpoint to compare against (BF16).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for report.md, results.json, PNGs.")
+@click.option("--fidelity/--no-fidelity", default=True, show_default=True,
+              help="KL divergence, top-1 agreement, perplexity, per-layer error.")
+@click.option("--text", "text_file", type=click.Path(), default=None, help="UTF-8 text (default: built-in).")
+@click.option("--window", type=int, default=256, show_default=True, help="Tokens per evaluated window.")
+@click.option("--max-windows", type=int, default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: str | None, window: int,
+             max_windows: int, backend: str, device: str | None) -> None:
+    """Evaluate CKPT against a reference on quantkit's runtime."""
+    import torch
+
+    from quantkit.evals.report import run_eval
+
+    if not fidelity:
+        raise QuantkitError("nothing to do: --no-fidelity leaves no evaluation selected")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = run_eval(ckpt, reference, output, text_file=text_file, window=window, max_windows=max_windows,
+                   backend=backend, device=device)
+    f = res["fidelity"]
+    click.echo(f"{f['tokens']} positions: mean KLD {f['kld_mean']:.5f}, p99 {f['kld_p99']:.5f}, top-1 "
+               f"{f['top1_agreement']:.4f}, perplexity {f['ppl_quant']:.3f} (reference {f['ppl_reference']:.3f})")
+    click.echo(f"wrote {output}/report.md, results.json, layer_error.png")
+
+
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     click.echo(f"warning: {message}", err=True)
 

@@ -181,8 +181,10 @@ class MiniMaxM2(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] appended to the cache; valid [B, T] marks real tokens (False for left padding)."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens [B, T] appended to the cache; valid [B, T] marks real tokens (False for left padding).
+        hidden, when given, receives each layer's output [B, T, H]."""
         B, T = tokens.shape
         s0 = cache.length
         if s0 + T > cache.capacity:
@@ -201,6 +203,8 @@ class MiniMaxM2(nn.Module):
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
+            if hidden is not None:
+                hidden.append(x)
         cache.length = s0 + T
         return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
 
