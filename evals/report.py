@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from quantkit.evals import needle
 from quantkit.evals.fidelity import fidelity, format_markdown, token_windows
 
 from quantkit import tokenizer as tok
@@ -46,7 +47,8 @@ def plot_layer_error(errors: list[float], path: Path, title: str) -> None:
 
 def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, text_file: str | Path | None = None,
              window: int = 256, max_windows: int | None = 16, backend: str = "auto", device: str = "cpu",
-             dtype: torch.dtype = torch.float32) -> dict:
+             dtype: torch.dtype = torch.float32, do_fidelity: bool = True, needle_lengths: list[int] | None = None,
+             needle_depths: list[float] | None = None, do_needle: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if text_file is not None:
@@ -56,25 +58,34 @@ def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, tex
             raise QuantkitError(f"--text {text_file}: cannot read it as UTF-8 ({e})") from None
     else:
         text = held_out_text()
+    if not (do_fidelity or do_needle):
+        raise QuantkitError("nothing to do: select --fidelity and/or --needle")
     tokenizer = tok.load_tokenizer(reference)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    windows = token_windows(ids, window, max_windows)
-    t0 = time.perf_counter()
-    ref = load_model(reference, dtype=dtype, device=device, backend="dense")
-    quant = load_model(model_path, dtype=dtype, device=device, backend=backend)
-    result = fidelity(quant, ref, windows)
-    seconds = time.perf_counter() - t0
     name = Path(model_path).name
-    results = {
-        "model": str(model_path), "reference": str(reference), "backend": backend, "device": device,
-        "dtype": str(dtype).removeprefix("torch."), "window": window, "windows": len(windows),
-        "text": str(text_file) if text_file else "built-in held-out text",
-        "seconds": seconds, "fidelity": result.to_dict(),
-    }
+    source = str(text_file) if text_file else "built-in held-out text"
+    results: dict = {"model": str(model_path), "reference": str(reference), "backend": backend, "device": device,
+                     "dtype": str(dtype).removeprefix("torch."), "text": source}
+    report = f"# Evaluation of {name}\n\nReference: `{reference}`; backend {backend} on {device}.\n\n"
+    t0 = time.perf_counter()
+    quant = load_model(model_path, dtype=dtype, device=device, backend=backend)
+    if do_fidelity:
+        windows = token_windows(tokenizer.encode(text, add_special_tokens=False).ids, window, max_windows)
+        ref = load_model(reference, dtype=dtype, device=device, backend="dense")
+        result = fidelity(quant, ref, windows)
+        del ref
+        results.update(window=window, windows=len(windows), fidelity=result.to_dict())
+        plot_layer_error(result.layer_rel_error, out / "layer_error.png", f"{name} vs {Path(reference).name}")
+        report += (f"{len(windows)} windows of {window} tokens from the {source}.\n\n" + format_markdown(name, result)
+                   + "\n![per-layer error](layer_error.png)\n\n")
+    if do_needle:
+        cases = needle.needle_grid(quant.cfg.max_position_embeddings, needle_lengths or needle.DEFAULT_LENGTHS,
+                                   needle_depths or needle.DEFAULT_DEPTHS)
+        outcomes = needle.run_needle(quant, tokenizer, cases, text)
+        results["needle"] = needle.summary(outcomes)
+        needle.plot_heatmap(outcomes, out / "needle.png", f"{name}: passkey retrieval")
+        report += (f"## Needle in a haystack\n\n{len(outcomes)} cases, exact match "
+                   f"{results['needle']['score']:.1%}.\n\n![needle heatmap](needle.png)\n")
+    results["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_layer_error(result.layer_rel_error, out / "layer_error.png", f"{name} vs {Path(reference).name}")
-    report = (f"# Evaluation of {name}\n\nReference: `{reference}`; backend {backend} on {device}; "
-              f"{len(windows)} windows of {window} tokens from the {results['text']}.\n\n"
-              + format_markdown(name, result) + "\n![per-layer error](layer_error.png)\n")
     (out / "report.md").write_text(report)
     return results

@@ -144,24 +144,39 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
 @click.option("--text", "text_file", type=click.Path(), default=None, help="UTF-8 text (default: built-in).")
 @click.option("--window", type=int, default=256, show_default=True, help="Tokens per evaluated window.")
 @click.option("--max-windows", type=int, default=16, show_default=True)
+@click.option("--needle", "do_needle", is_flag=True, help="Passkey retrieval over context lengths x depths.")
+@click.option("--needle-lengths", default=None, help="Comma-separated context lengths (default 1K..128K, clipped).")
+@click.option("--needle-depths", default=None, help="Comma-separated depths in [0, 1] (default 0,.25,.5,.75,1).")
 @click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: str | None, window: int,
-             max_windows: int, backend: str, device: str | None) -> None:
+             max_windows: int, do_needle: bool, needle_lengths: str | None, needle_depths: str | None, backend: str,
+             device: str | None) -> None:
     """Evaluate CKPT against a reference on quantkit's runtime."""
     import torch
 
     from quantkit.evals.report import run_eval
 
-    if not fidelity:
-        raise QuantkitError("nothing to do: --no-fidelity leaves no evaluation selected")
+    def numbers(text: str | None, kind: type, option: str) -> list | None:
+        if text is None:
+            return None
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise QuantkitError(f"{option} {text!r}: expected comma-separated numbers") from None
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = run_eval(ckpt, reference, output, text_file=text_file, window=window, max_windows=max_windows,
-                   backend=backend, device=device)
-    f = res["fidelity"]
-    click.echo(f"{f['tokens']} positions: mean KLD {f['kld_mean']:.5f}, p99 {f['kld_p99']:.5f}, top-1 "
-               f"{f['top1_agreement']:.4f}, perplexity {f['ppl_quant']:.3f} (reference {f['ppl_reference']:.3f})")
-    click.echo(f"wrote {output}/report.md, results.json, layer_error.png")
+                   backend=backend, device=device, do_fidelity=fidelity, do_needle=do_needle,
+                   needle_lengths=numbers(needle_lengths, int, "--needle-lengths"),
+                   needle_depths=numbers(needle_depths, float, "--needle-depths"))
+    if "fidelity" in res:
+        f = res["fidelity"]
+        click.echo(f"{f['tokens']} positions: mean KLD {f['kld_mean']:.5f}, p99 {f['kld_p99']:.5f}, top-1 "
+                   f"{f['top1_agreement']:.4f}, perplexity {f['ppl_quant']:.3f} (reference {f['ppl_reference']:.3f})")
+    if "needle" in res:
+        click.echo(f"needle: {res['needle']['cases']} cases, exact match {res['needle']['score']:.1%}")
+    click.echo(f"wrote {output}/report.md and results.json")
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
