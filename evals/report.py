@@ -48,7 +48,8 @@ def plot_layer_error(errors: list[float], path: Path, title: str) -> None:
 def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, text_file: str | Path | None = None,
              window: int = 256, max_windows: int | None = 16, backend: str = "auto", device: str = "cpu",
              dtype: torch.dtype = torch.float32, do_fidelity: bool = True, needle_lengths: list[int] | None = None,
-             needle_depths: list[float] | None = None, do_needle: bool = False) -> dict:
+             needle_depths: list[float] | None = None, do_needle: bool = False, tasks: list[str] | None = None,
+             limit: int | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if text_file is not None:
@@ -58,8 +59,8 @@ def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, tex
             raise QuantkitError(f"--text {text_file}: cannot read it as UTF-8 ({e})") from None
     else:
         text = held_out_text()
-    if not (do_fidelity or do_needle):
-        raise QuantkitError("nothing to do: select --fidelity and/or --needle")
+    if not (do_fidelity or do_needle or tasks):
+        raise QuantkitError("nothing to do: select --fidelity, --needle or --tasks")
     tokenizer = tok.load_tokenizer(reference)
     name = Path(model_path).name
     source = str(text_file) if text_file else "built-in held-out text"
@@ -85,6 +86,16 @@ def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, tex
         needle.plot_heatmap(outcomes, out / "needle.png", f"{name}: passkey retrieval")
         report += (f"## Needle in a haystack\n\n{len(outcomes)} cases, exact match "
                    f"{results['needle']['score']:.1%}.\n\n![needle heatmap](needle.png)\n")
+    if tasks:
+        from quantkit.evals.lm_eval_adapter import run_lm_eval
+
+        del quant  # lm-eval loads its own copy of the model
+        results["lm_eval"] = run_lm_eval(model_path, tasks, backend=backend, device=device, limit=limit)
+        report += "## lm-eval\n\n| task | metric | value |\n|---|---|---:|\n"
+        for task, metrics in sorted(results["lm_eval"]["results"].items()):
+            for key, value in metrics.items():
+                if isinstance(value, float) and "stderr" not in key:
+                    report += f"| {task} | {key.split(',')[0]} | {value:.4f} |\n"
     results["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(report)

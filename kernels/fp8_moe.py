@@ -36,6 +36,7 @@ from .fp8_gemm import (
     ACT_DTYPES,
     FP8_DTYPE,
     INTERPRETED,
+    SCALE_EPS,
     check_device,
     device_key,
     load_config_table,
@@ -88,6 +89,104 @@ def _align(topk_ids: torch.Tensor, block_m: int,
     return sorted_token_ids[:p_max], expert_ids, end_padded[-1:].to(torch.int32)
 
 
+# Up to this many (token, slot) pairs (block scheme), the GEMMs quantize their activation rows themselves (x in
+# GEMM 1, the intermediate in GEMM 2), bit for bit as per_token_group_quant_fp8, instead of two quantization
+# launches; each of a row block's N / BLOCK_N programs quantizes the same rows again. 0: never.
+FUSED_QUANT_MAX_PAIRS = 512
+
+# Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
+# ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 128 tokens. One program sorts all pairs in registers
+# (a bitonic sort: n log^2 n compare-exchanges on 128 threads), so past a few thousand pairs the torch path, whose
+# kernels spread over the GPU, is the faster; by then the GEMMs take hundreds of microseconds anyway.
+ALIGN_KERNEL_MAX_PAIRS = 1024
+
+
+def _align_small_kernel(
+    ids_ptr,  # [M, topk] int expert ids (any integer dtype, any strides)
+    sorted_token_ids_ptr,  # int32 [P_max] out
+    expert_ids_ptr,  # int32 [P_max / BLOCK_M] out
+    total_ptr,  # int32 [1] out: P
+    shift_ptr,  # int32 [E_PAD] scratch: per expert, padded start minus start among the sorted pairs
+    numel, topk, num_experts, p_max,
+    stride_im, stride_ik,
+    BLOCK_M: tl.constexpr,  # the GEMMs' row block: each expert's run is padded to a multiple of it
+    PAIRS: tl.constexpr,  # a power of two >= numel
+    E_PAD: tl.constexpr,  # a power of two > num_experts: bins 0..E-1 for the experts, E for unrouted pairs
+    NB_PAD: tl.constexpr,  # a power of two > P_max / BLOCK_M, for any numel <= PAIRS
+    FILL_END: tl.constexpr, FILL: tl.constexpr,  # FILL_END >= P_max for any numel <= PAIRS; sentinel-fill chunk
+):
+    """`_align` in one program, no loop over experts; the same outputs, element for element."""
+    sentinel = numel
+    # every entry of the padded list starts as the sentinel; the routed pairs overwrite theirs after the barrier
+    for q0 in range(0, FILL_END, FILL):
+        q = q0 + tl.arange(0, FILL)
+        tl.store(sorted_token_ids_ptr + q, tl.full([FILL], 0, tl.int32) + sentinel, mask=q < p_max)
+
+    pair = tl.arange(0, PAIRS)  # [PAIRS] flattened index t * topk + s
+    valid = pair < numel
+    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
+    routed = valid & (ids >= 0) & (ids < num_experts)
+    key = tl.where(routed, ids, num_experts).to(tl.int32)  # [PAIRS] unrouted pairs (and padding lanes) in bin E
+
+    expert = tl.arange(0, E_PAD)  # [E_PAD]
+    counts = tl.where(expert < num_experts, tl.histogram(key, E_PAD), 0)  # [E_PAD] pairs per expert
+    padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M  # [E_PAD]
+    end_padded = tl.cumsum(padded, 0)  # [E_PAD]
+    # the destination of an expert's r-th pair is its padded start + r = shift[e] + (its place among sorted pairs)
+    tl.store(shift_ptr + expert, end_padded - padded - (tl.cumsum(counts, 0) - counts))
+    tl.store(total_ptr, tl.sum(padded, 0))
+
+    # expert_ids[b] = searchsorted(end_padded, b * BLOCK_M, right=True) = #experts whose padded run ends at or before
+    # block b: a histogram of the run ends (in blocks), summed up; lanes past E go to a bin past every block
+    block = tl.arange(0, NB_PAD)  # [NB_PAD]
+    ends = tl.where(expert < num_experts, end_padded // BLOCK_M, NB_PAD - 1)  # [E_PAD], all < NB_PAD
+    expert_of_block = tl.cumsum(tl.histogram(ends, NB_PAD), 0)  # [NB_PAD]
+    tl.store(expert_ids_ptr + block, expert_of_block, mask=block < p_max // BLOCK_M)
+
+    # pairs by (expert, pair index): one sort of unique keys, so pairs of an expert keep their order
+    order = tl.sort(key * PAIRS + pair)  # [PAIRS]
+    key_sorted = order // PAIRS
+    tl.debug_barrier()  # the sentinels and shift[] are in memory for every thread
+    shift = tl.load(shift_ptr + key_sorted)  # [PAIRS] (key E reads the unused bin E)
+    tl.store(sorted_token_ids_ptr + shift + pair, order % PAIRS, mask=key_sorted < num_experts)
+
+
+_align_small_op = triton_kernel(_align_small_kernel)
+
+
+def _align_small(topk_ids: torch.Tensor, block_m: int,
+                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_align` as one Triton launch (any number of pairs; `_route` picks it up to ALIGN_KERNEL_MAX_PAIRS)."""
+    numel = topk_ids.numel()
+    device = topk_ids.device
+    p_max = (numel // block_m + min(numel, num_experts)) * block_m
+    # at least 128 lanes (4 warps of 32 threads) in every histogram, so that no lane is held by two threads
+    pairs = max(triton.next_power_of_2(numel), 128)
+    e_pad = max(triton.next_power_of_2(num_experts + 1), 128)
+    p_bound = (pairs // block_m + min(pairs, num_experts)) * block_m  # >= p_max; a bound per compiled variant
+    nb_pad = triton.next_power_of_2(p_bound // block_m + 1)
+    fill = min(triton.next_power_of_2(p_bound), 1024)
+    sorted_token_ids = torch.empty((p_max,), dtype=torch.int32, device=device)
+    expert_ids = torch.empty((p_max // block_m,), dtype=torch.int32, device=device)
+    total = torch.empty((1,), dtype=torch.int32, device=device)
+    shift = torch.empty((e_pad,), dtype=torch.int32, device=device)
+    _align_small_op[(1,)](
+        topk_ids, sorted_token_ids, expert_ids, total, shift,
+        numel, topk_ids.shape[1], num_experts, p_max, topk_ids.stride(0), topk_ids.stride(1),
+        BLOCK_M=block_m, PAIRS=pairs, E_PAD=e_pad, NB_PAD=nb_pad, FILL_END=triton.cdiv(p_bound, fill) * fill,
+        FILL=fill, num_warps=4,
+    )
+    return sorted_token_ids, expert_ids, total
+
+
+def _route(topk_ids: torch.Tensor, block_m: int,
+           num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_align`'s result: one Triton program for up to ALIGN_KERNEL_MAX_PAIRS pairs, else the torch kernels."""
+    if 0 < topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS:
+        return _align_small(topk_ids, block_m, num_experts)
+    return _align(topk_ids, block_m, num_experts)
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
                          num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Group the flattened (token, slot) pairs by expert, each group padded to a multiple of block_m.
@@ -104,7 +203,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if block_m < 1:
         raise ValueError(f"block_m must be positive, got {block_m}")
-    sorted_token_ids, expert_ids, total = _align(topk_ids, block_m, num_experts)
+    sorted_token_ids, expert_ids, total = _route(topk_ids, block_m, num_experts)
     total = int(total.item())
     return sorted_token_ids[:total], expert_ids[:total // block_m], total
 
@@ -124,11 +223,14 @@ def _fused_moe_fp8_kernel(
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
+    eps,  # QUANT_A: the smallest amax a scale is made from
     K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
     A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
     GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
     BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
+    QUANT_A: tl.constexpr,  # A unquantized (BLOCK_SCALED, BLOCK_K == GROUP_K, EVEN_K): each program quantizes the
+    # rows it loads with per_token_group_quant_fp8's operations, so the same codes and scales; as_ptr is not read
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
 ):
@@ -182,12 +284,25 @@ def _fused_moe_fp8_kernel(
             b_mask = (offs_k[:, None] < k_left) & n_mask[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if QUANT_A:  # as fp8_gemm._per_token_group_quant_kernel, on one group per row
+            a = a.to(tl.float32)  # [BLOCK_M, BLOCK_K]
+            a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), eps), 448.0)  # [BLOCK_M]
+            a = tl.clamp(tl.math.div_rn(a, a_s[:, None]), -448.0, 448.0)
+            if UPCAST:  # round to the e4m3 grid, ties to even; stays fp32
+                mag = tl.abs(a)
+                e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                big = ((e + 20) << 23).to(tl.float32, bitcast=True)
+                mag = (mag + big) - big
+                a = tl.where(a < 0, -mag, mag)
+            else:
+                a = a.to(tl.float8e4nv)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            if not QUANT_A:
+                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -290,7 +405,9 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
-                     mul_routed_weight: bool, block_scaled: bool, cfg: dict) -> None:
+                     mul_routed_weight: bool, block_scaled: bool, cfg: dict, quant_a: bool = False) -> None:
+    """One GEMM over the padded pair list. quant_a: `a` is unquantized (a_s unused), quantized per 128-group in the
+    kernel (block scheme, BLOCK_K = 128)."""
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
     _fused_moe_fp8[grid](
@@ -298,10 +415,10 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         n, c.shape[0], num_pid_m,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
-        c.stride(0), c.stride(1),
+        c.stride(0), c.stride(1), SCALE_EPS,
         K=k, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_SCALED=block_scaled, GROUP_N=SCALE_BLOCK if block_scaled else 1,
-        GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
+        GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0, QUANT_A=quant_a,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -356,9 +473,14 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return torch.empty_like(x)
     block = scheme == "block"
     cfg = moe_config(device, m, topk, e, i, h, scheme)
+    # few pairs, block scheme: each GEMM quantizes the activation rows it loads, no quantization launches
+    fused = block and m * topk <= FUSED_QUANT_MAX_PAIRS and cfg["BLOCK_K"] == SCALE_BLOCK
 
-    xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
-    sorted_token_ids, expert_ids, num_tokens_post_padded = _align(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    if fused:
+        xq, xs = x, x  # quantized inside GEMM 1
+    else:
+        xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
 
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
@@ -366,11 +488,16 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     alloc = torch.zeros if INTERPRETED else torch.empty
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)
-    hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg,
+                     quant_a=fused)
+    if fused:
+        hq, hs = inter, inter  # quantized inside GEMM 2
+    else:
+        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg,
+                     quant_a=fused)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     out = torch.empty_like(x)  # [M, H]

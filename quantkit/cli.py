@@ -147,11 +147,15 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
 @click.option("--needle", "do_needle", is_flag=True, help="Passkey retrieval over context lengths x depths.")
 @click.option("--needle-lengths", default=None, help="Comma-separated context lengths (default 1K..128K, clipped).")
 @click.option("--needle-depths", default=None, help="Comma-separated depths in [0, 1] (default 0,.25,.5,.75,1).")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval tasks: quantkit_mc, quantkit_gen, quantkit_ppl (offline) or any standard "
+                   "task whose data is cached.")
+@click.option("--limit", type=int, default=None, help="At most this many documents per lm-eval task.")
 @click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: str | None, window: int,
-             max_windows: int, do_needle: bool, needle_lengths: str | None, needle_depths: str | None, backend: str,
-             device: str | None) -> None:
+             max_windows: int, do_needle: bool, needle_lengths: str | None, needle_depths: str | None,
+             tasks: str | None, limit: int | None, backend: str, device: str | None) -> None:
     """Evaluate CKPT against a reference on quantkit's runtime."""
     import torch
 
@@ -169,13 +173,18 @@ def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: 
     res = run_eval(ckpt, reference, output, text_file=text_file, window=window, max_windows=max_windows,
                    backend=backend, device=device, do_fidelity=fidelity, do_needle=do_needle,
                    needle_lengths=numbers(needle_lengths, int, "--needle-lengths"),
-                   needle_depths=numbers(needle_depths, float, "--needle-depths"))
+                   needle_depths=numbers(needle_depths, float, "--needle-depths"),
+                   tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, limit=limit)
     if "fidelity" in res:
         f = res["fidelity"]
         click.echo(f"{f['tokens']} positions: mean KLD {f['kld_mean']:.5f}, p99 {f['kld_p99']:.5f}, top-1 "
                    f"{f['top1_agreement']:.4f}, perplexity {f['ppl_quant']:.3f} (reference {f['ppl_reference']:.3f})")
     if "needle" in res:
         click.echo(f"needle: {res['needle']['cases']} cases, exact match {res['needle']['score']:.1%}")
+    for task, metrics in sorted(res.get("lm_eval", {}).get("results", {}).items()):
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        click.echo(f"lm-eval {task}: {shown}")
     click.echo(f"wrote {output}/report.md and results.json")
 
 
