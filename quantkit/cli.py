@@ -188,6 +188,33 @@ def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: 
     click.echo(f"wrote {output}/report.md and results.json")
 
 
+@cli.command()
+@click.argument("reference", type=click.Path())
+@click.option("--quant", "quants", multiple=True, required=True, help="NAME=PATH of a converted checkpoint (repeat).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for comparison.md/.json/.png.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--window", type=int, default=256, show_default=True)
+@click.option("--max-windows", type=int, default=8, show_default=True)
+def compare(reference: str, quants: tuple[str, ...], output: str, device: str | None, window: int,
+            max_windows: int) -> None:
+    """One table of size, bits/weight, KLD, top-1, perplexity, needle score and tokens/s per checkpoint."""
+    import torch
+
+    from quantkit.evals.compare import compare as run
+    from quantkit.evals.compare import format_table
+
+    named = {}
+    for q in quants:
+        name, sep, path = q.partition("=")
+        if not sep or not name or not path:
+            raise QuantkitError(f"--quant {q!r}: expected NAME=PATH")
+        named[name] = path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(reference, named, output, device=device, window=window, max_windows=max_windows)
+    click.echo(format_table(rows, device), nl=False)
+    click.echo(f"wrote {output}/comparison.md, comparison.json, comparison.png")
+
+
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     click.echo(f"warning: {message}", err=True)
 

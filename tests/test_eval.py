@@ -69,3 +69,19 @@ def test_windows():
     assert token_windows(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(QuantkitError, match="fewer than one window"):
         token_windows([1, 2], 4)
+
+
+def test_comparison_table(tiny_fp8, tmp_path):
+    from quantkit.evals.compare import compare
+
+    from quantkit.convert import convert
+
+    convert(tiny_fp8, tmp_path / "bf16", target="bf16", progress=False)
+    rows = compare(tmp_path / "bf16", {"fp8-block": tiny_fp8}, tmp_path / "cmp", window=64, max_windows=2,
+                   needle_lengths=(256,), needle_depths=(0.5,))
+    ref, q = rows
+    assert ref["kld_mean"] == 0 and ref["top1"] == 1 and ref["bits_per_weight"] == 16
+    assert 8 < q["bits_per_weight"] < 8.01  # one byte per weight plus one fp32 scale per 128 x 128 tile
+    assert q["kld_mean"] > 0 and q["bytes"] < ref["bytes"] and q["tokens_per_s"] > 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| fp8-block |" in table and (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000

@@ -253,6 +253,26 @@ def test_linear_matches_ref_and_dequantized_math(device, scheme):
     assert rel_err(ref, exact) < REL_FP8["linear"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 200, 256), (16, 320, 128), (64, 256, 256)])
+def test_block_linear_one_launch_is_bit_identical(device, dtype, m, n, k, monkeypatch):
+    """Up to FUSED_QUANT_MAX_M rows fp8_block_linear quantizes inside the GEMM: the same output as quantizing first."""
+    gen = gen_for("linear_fused", dtype, m, n, k)
+    x = activations(m, k, dtype, gen).to(device)
+    w, ws = (t.to(device) for t in quantize_block(weights(n, k, gen)))
+    fused = []
+    one_launch = fp8_gemm._block_linear_fused
+    monkeypatch.setattr(fp8_gemm, "_block_linear_fused", lambda *a: fused.append(1) or one_launch(*a))
+    out = fp8_block_linear(x, w, ws)
+    assert fused == [1]
+    monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_M", 0)
+    two = fp8_block_linear(x, w, ws)
+    assert fused == [1] and out.dtype == two.dtype == dtype
+    assert torch.equal(out, two)
+    assert_close(out, fp8_block_linear_ref(x, w, ws), *TOL[dtype])
+
+
 def test_matmul_refuses_bad_inputs():
     xq = torch.zeros(4, 200, dtype=FP8_DTYPE)
     w = torch.zeros(256, 200, dtype=FP8_DTYPE)
@@ -319,6 +339,67 @@ def test_moe_align_block_size_invariants(device, m, topk, e, block_m, drop):
 def test_moe_align_block_size_no_tokens():
     sorted_ids, expert_ids, total = moe_align_block_size(torch.full((3, 2), -1), 16, 4)
     assert total == 0 and sorted_ids.numel() == 0 and expert_ids.numel() == 0
+
+
+def routings(m: int, topk: int, e: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Expert ids [M, topk] of several kinds, int64."""
+    distinct = torch.rand(m, max(e, topk), generator=gen).argsort(dim=1)[:, :topk] % e  # distinct where E >= topk
+    dropped = distinct.clone()
+    dropped[torch.rand(m, topk, generator=gen) < 0.25] = -1
+    return {
+        "distinct": distinct,
+        "dropped": dropped,  # some pairs routed nowhere
+        "any": torch.randint(-3, e + 3, (m, topk), generator=gen),  # repeats, -1 and ids >= E (routed nowhere)
+        "skewed": torch.randint(0, min(e, 3), (m, topk), generator=gen),  # a few experts, several blocks each
+        "none": torch.full((m, topk), -1),
+    }
+
+
+ALIGN_CASES = [  # M, topk, E, block_m
+    (1, 8, 256, 16),  # MiniMax-M2 decode
+    (4, 8, 256, 16),
+    (16, 8, 256, 16),
+    (64, 8, 256, 16),
+    (128, 8, 256, 16),  # 1024 pairs: the largest the kernel path takes
+    (3, 8, 256, 64),
+    (1, 1, 1, 16),
+    (37, 2, 8, 16),
+    (33, 3, 5, 32),
+    (64, 1, 4, 1),  # block_m 1: no padding
+    (100, 6, 3, 64),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,topk,e,block_m", ALIGN_CASES)
+def test_align_kernel_is_identical_to_torch(device, m, topk, e, block_m):
+    """The one-program alignment (_align_small, what fused_moe_fp8 runs for few pairs) gives `_align`'s buffers
+    element for element: the pairs of each expert in the same order, the same padding and sentinels, the same
+    expert per block (E past the end), the same P."""
+    gen = gen_for("align_kernel", m, topk, e, block_m)
+    for kind, ids in routings(m, topk, e, gen).items():
+        layouts = {"int64": ids, "int32": ids.to(torch.int32)}
+        if kind == "dropped":
+            layouts["strided"] = torch.stack((ids, -ids), dim=2)[:, :, 0]  # not contiguous
+            layouts["transposed"] = ids.t().contiguous().t()
+        for layout, topk_ids in layouts.items():
+            topk_ids = topk_ids.to(device)
+            want = fp8_moe._align(topk_ids, block_m, e)
+            got = fp8_moe._align_small(topk_ids, block_m, e)
+            for name, g, w in zip(("sorted_token_ids", "expert_ids", "P"), got, want):
+                assert g.dtype == w.dtype == torch.int32 and g.shape == w.shape and g.device == w.device, \
+                    (kind, layout, name, g.dtype, g.shape, w.shape)
+                assert torch.equal(g, w), (kind, layout, name, g.cpu(), w.cpu())
+
+
+def test_route_takes_the_kernel_for_few_pairs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: calls.append("kernel") or fp8_moe._align(*a))
+    limit = fp8_moe.ALIGN_KERNEL_MAX_PAIRS
+    for rows, want in ((1, ["kernel"]), (limit // 8, ["kernel"]), (limit // 8 + 1, [])):
+        calls.clear()
+        fp8_moe._route(torch.zeros(rows, 8, dtype=torch.int64), 16, 4)
+        assert calls == want, rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -392,6 +473,33 @@ def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
         inter = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]
         exact += topk_weights[:, slot, None] * torch.einsum("ti,thi->th", inter, w2d[e])
     assert rel_err(ref, exact) < REL_FP8["moe"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("m,e,topk,dtype,drop", [
+    (1, 16, 8, torch.bfloat16, 0.0),
+    (5, 16, 8, torch.bfloat16, 0.3),
+    (20, 12, 8, torch.float16, 0.0),
+    (64, 8, 8, torch.bfloat16, 0.1),  # 512 pairs: the last the fused quantization takes
+])
+def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dtype, drop, monkeypatch):
+    """For few pairs fused_moe_fp8 aligns in one program and (block scheme) quantizes inside the GEMMs; its output
+    is the large-M path's, bit for bit."""
+    args = moe_case(m, e, topk, 256, 256, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
+                    drop=drop)
+    seen = []
+    launch = fp8_moe._launch_moe_gemm
+    monkeypatch.setattr(fp8_moe, "_launch_moe_gemm", lambda *a, **kw: seen.append(kw["quant_a"]) or launch(*a, **kw))
+    small = fused_moe_fp8(*args, scheme=scheme)
+    assert seen == [scheme == "block"] * 2
+    monkeypatch.setattr(fp8_moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
+    monkeypatch.setattr(fp8_moe, "FUSED_QUANT_MAX_PAIRS", 0)
+    seen.clear()
+    large = fused_moe_fp8(*args, scheme=scheme)
+    assert seen == [False, False]
+    assert torch.equal(small, large)
+    assert_close(small, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
 
 
 def test_fused_moe_refuses_bad_inputs():

@@ -1,0 +1,112 @@
+"""The comparison table users choose a quant by: size, bits per weight, fidelity, needle score, speed.
+
+    rows = compare("ref-bf16", {"fp8-block": "q-fp8", "fp8-channel": "q-fp8c"}, out="table")   # table.md, PNG
+
+Every checkpoint, the reference included, is evaluated on quantkit's runtime with the same windows of the same
+text; bits per weight count the stored bytes of the quantized tensors (attention and expert projections, scales
+included) over their parameter count; tokens/s is greedy decoding at batch 1 after a warm-up, on the device given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from quantkit.evals import needle
+from quantkit.evals.fidelity import fidelity, token_windows
+from quantkit.evals.report import held_out_text
+
+from quantkit import tokenizer as tok
+from quantkit.checkpoint import CheckpointReader
+from quantkit.runtime import generate, load_model
+
+
+def storage(folder: str | Path) -> tuple[int, float]:
+    """(bytes of all tensors, bits per weight of the attention and expert projections, scales included)."""
+    reader = CheckpointReader(folder)
+    kinds = {s.name: s for s in reader.specs()}
+    total = sum(e.nbytes for e in reader.entries.values())
+    linear_bytes = linear_params = 0
+    for name, entry in reader.entries.items():
+        base = name.removesuffix("_scale_inv").removesuffix("_scale")
+        spec = kinds.get(base)
+        if spec is not None and spec.is_linear:
+            linear_bytes += entry.nbytes
+            if base == name:
+                linear_params += spec.numel
+    return total, 8 * linear_bytes / max(1, linear_params)
+
+
+@torch.inference_mode()
+def decode_speed(model, steps: int = 32) -> float:
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    generate(model, prompt, 4)  # warm-up: kernels compiled, caches allocated
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = generate(model, prompt, steps)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(out[0]) / (time.perf_counter() - t0)
+
+
+def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Path, device: str = "cpu",
+            window: int = 256, max_windows: int = 8, needle_lengths: tuple[int, ...] = (1024, 2048),
+            needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0)) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tok.load_tokenizer(reference)
+    text = held_out_text()
+    windows = token_windows(tokenizer.encode(text, add_special_tokens=False).ids, window, max_windows)
+    ref = load_model(reference, dtype=torch.float32, device=device, backend="dense")
+    rows = []
+    for name, path in {"bf16 (reference)": reference, **quants}.items():
+        model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
+        fid = fidelity(model, ref, windows)
+        cases = needle.needle_grid(model.cfg.max_position_embeddings, needle_lengths, needle_depths)
+        hay = needle.summary(needle.run_needle(model, tokenizer, cases, text))
+        size, bpw = storage(path)
+        rows.append({
+            "format": name, "path": str(path), "bytes": size, "bits_per_weight": bpw,
+            "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1": fid.top1_agreement,
+            "perplexity": fid.ppl_quant, "needle": hay["score"], "needle_cases": hay["cases"],
+            "tokens_per_s": decode_speed(model),
+        })
+    (out / "comparison.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+    (out / "comparison.md").write_text(format_table(rows, device))
+    plot(rows, out / "comparison.png")
+    return rows
+
+
+def format_table(rows: list[dict], device: str) -> str:
+    lines = [
+        f"| format | size MB | bits/weight | mean KLD | p99 KLD | top-1 | perplexity | needle | tokens/s ({device}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['bytes'] / 1e6:.2f} | {r['bits_per_weight']:.2f} | {r['kld_mean']:.5f} "
+                     f"| {r['kld_p99']:.5f} | {r['top1']:.4f} | {r['perplexity']:.2f} | {r['needle']:.0%} "
+                     f"| {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    for r in rows:
+        ax.scatter(r["bits_per_weight"], max(r["kld_mean"], 1e-7), s=40)
+        ax.annotate(r["format"], (r["bits_per_weight"], max(r["kld_mean"], 1e-7)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (projections)")
+    ax.set_ylabel("mean KL divergence vs BF16")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
