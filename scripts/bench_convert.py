@@ -68,10 +68,42 @@ def raw_write(path: Path, nbytes: int) -> float:
 CONVERT = """
 import json, sys
 from quantkit.convert import convert
-s = convert(sys.argv[1], sys.argv[2], target="bf16", force=True, progress=False)
+s = convert(sys.argv[1], sys.argv[2], target=sys.argv[3], scheme=sys.argv[4] or None, force=True, progress=False)
 print(json.dumps({"seconds": s.seconds, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
                   "peak_rss": s.peak_rss, "shards": s.shards, "tensors": s.tensors}))
 """
+
+
+def measure(src: Path, out: Path, target: str, scheme: str, workdir: Path) -> dict:
+    """Convert src in a fresh process from a cold page cache, beside raw read and write of the same bytes."""
+    files = sorted(src.glob("*.safetensors"))
+    drop_cache(files)
+    raw_bytes, raw_s = raw_read(files)
+    drop_cache(files)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out), target, scheme], check=True,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    write_s = raw_write(workdir / "write-test.bin", s["bytes_written"])
+    floor = max(raw_s, write_s)  # reading the input and writing the output, each at the disk's own speed
+    row = {
+        "conversion": f"{src.name} -> {target}{'-' + scheme if scheme else ''}",
+        "source_bytes": raw_bytes,
+        "raw_read_gbps": raw_bytes / raw_s / 1e9,
+        "convert_seconds": s["seconds"],
+        "convert_wall_seconds": wall,
+        "convert_in_gbps": s["bytes_read"] / s["seconds"] / 1e9,
+        "convert_out_gbps": s["bytes_written"] / s["seconds"] / 1e9,
+        "bytes_written": s["bytes_written"],
+        "peak_rss_gib": s["peak_rss"] / 2**30,
+        "raw_write_gbps": s["bytes_written"] / write_s / 1e9,
+        "io_floor_seconds": floor,
+        "fraction_of_io_floor": floor / s["seconds"],
+    }
+    row["fraction_of_raw_read"] = row["convert_in_gbps"] / row["raw_read_gbps"]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def cpu_name() -> str:
@@ -89,6 +121,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-convert")
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and outputs")
+    ap.add_argument("--fp8", action="store_true", help="also convert the BF16 result to FP8, block and channel")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -97,40 +130,19 @@ def main() -> None:
         if not (src / "model.safetensors.index.json").is_file():
             subprocess.run([sys.executable, "-m", "quantkit.cli", "make-checkpoint", "--preset", "minimax-m2",
                             "--layers", str(n), "--dtype", "fp8", "-o", str(src), "--force"], check=True)
-        files = sorted(src.glob("*.safetensors"))
-        drop_cache(files)
-        raw_bytes, raw_s = raw_read(files)
-        drop_cache(files)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out)], check=True, capture_output=True,
-                              text=True)
-        wall = time.perf_counter() - t0
-        s = json.loads(proc.stdout.strip().splitlines()[-1])
-        write_s = raw_write(args.workdir / "write-test.bin", s["bytes_written"])
-        floor = max(raw_s, write_s)  # reading the input and writing the output, each at the disk's own speed
-        row = {
-            "layers": n,
-            "source_bytes": raw_bytes,
-            "raw_read_gbps": raw_bytes / raw_s / 1e9,
-            "convert_seconds": s["seconds"],
-            "convert_wall_seconds": wall,
-            "convert_in_gbps": s["bytes_read"] / s["seconds"] / 1e9,
-            "convert_out_gbps": s["bytes_written"] / s["seconds"] / 1e9,
-            "bytes_written": s["bytes_written"],
-            "peak_rss_gib": s["peak_rss"] / 2**30,
-            "raw_write_gbps": s["bytes_written"] / write_s / 1e9,
-            "io_floor_seconds": floor,
-            "fraction_of_io_floor": floor / s["seconds"],
-        }
-        row["fraction_of_raw_read"] = row["convert_in_gbps"] / row["raw_read_gbps"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        row = measure(src, out, "bf16", "", args.workdir)
+        rows.append({"layers": n, **row})
+        if args.fp8:
+            for scheme in ("block", "channel"):
+                dest = args.workdir / f"m2-fp8{scheme}-{n}L"
+                rows.append({"layers": n, **measure(out, dest, "fp8", scheme, args.workdir)})
+                shutil.rmtree(dest, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     result = {
-        "benchmark": "convert fp8 -> bf16, minimax-m2 preset (real widths), cold page cache",
+        "benchmark": "convert fp8 -> bf16 (and bf16 -> fp8), minimax-m2 preset (real widths), cold page cache",
         "date": datetime.date.today().isoformat(),
         "commit": commit,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -139,11 +151,11 @@ def main() -> None:
     dest = ROOT / "evals" / "results" / f"bench_convert-{result['date']}-{commit}.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['benchmark']}; {result['machine']['cpu']}, {result['machine']['cores']} cores; commit {commit}\n")
-    print("| layers | GB in | GB out | raw read GB/s | raw write GB/s | convert GB/s in | of raw read "
+    print("| conversion | layers | GB in | GB out | raw read GB/s | raw write GB/s | convert GB/s in | of raw read "
           "| of I/O floor | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['bytes_written'] / 1e9:.2f} "
+        print(f"| {r['conversion']} | {r['layers']} | {r['source_bytes'] / 1e9:.2f} | {r['bytes_written'] / 1e9:.2f} "
               f"| {r['raw_read_gbps']:.2f} | {r['raw_write_gbps']:.2f} | {r['convert_in_gbps']:.2f} "
               f"| {r['fraction_of_raw_read']:.0%} | {r['fraction_of_io_floor']:.0%} | {r['peak_rss_gib']:.2f} |")
     print(f"\nwritten to {dest.relative_to(ROOT)}")
