@@ -310,12 +310,9 @@ def _w8a8_fp8_matmul_kernel(
     K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
-    eps,  # QUANT_A: the smallest amax a scale is made from
     BLOCK_SCALED: tl.constexpr,  # True: scales per (row, K block) x (N block, K block); False: per row x per column
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,  # the weight's scale block
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
-    QUANT_A: tl.constexpr,  # A holds the activations unquantized (BLOCK_SCALED, BLOCK_K == GROUP_K, EVEN_K): each
-    # program quantizes the tiles it loads exactly as per_token_group_quant_fp8 would; as_ptr is not read
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
 ):
@@ -354,26 +351,12 @@ def _w8a8_fp8_matmul_kernel(
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
-        if QUANT_A:
-            # _per_token_group_quant_kernel's operations on the same group, so the same codes and scales
-            a = a.to(tl.float32)  # [BLOCK_M, BLOCK_K]: one activation group per row
-            a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), eps), 448.0)  # [BLOCK_M]
-            a = tl.clamp(tl.math.div_rn(a, a_s[:, None]), -448.0, 448.0)
-            if UPCAST:  # round to the e4m3 grid, ties to even (see _per_token_group_quant_kernel); stays fp32
-                mag = tl.abs(a)
-                e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-                big = ((e + 20) << 23).to(tl.float32, bitcast=True)
-                mag = (mag + big) - big
-                a = tl.where(a < 0, -mag, mag)
-            else:
-                a = a.to(tl.float8e4nv)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            if not QUANT_A:
-                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
+            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             # scales applied per K block, in fp32: the FP8 dot only ever sums BLOCK_K products
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
@@ -428,12 +411,6 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
     xq fp8 [M, K], xs fp32 [M, K/bk], w fp8 [N, K], ws fp32 [ceil(N/bn), K/bk] -> [M, N] out_dtype.
     K must be a multiple of bk (the activations' group size); M and N are arbitrary.
     """
-    return _block_matmul(xq, xs, w, ws, block_size, out_dtype, None)
-
-
-def _block_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, block_size: tuple[int, int],
-                  out_dtype: torch.dtype, cfg: dict | None) -> torch.Tensor:
-    """w8a8_block_fp8_matmul, with the block configuration already looked up when cfg is given."""
     bn, bk = block_size
     m, n, k = _check_fp8_operands(xq, w)
     if k % bk:
@@ -447,14 +424,13 @@ def _block_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch
     out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
         return out
-    if cfg is None:
-        cfg = _gemm_config(device, n, k, m, "block", bk)
+    cfg = _gemm_config(device, n, k, m, "block", bk)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _w8a8_fp8_matmul[grid](
         xq, xs, w, ws, out, m, n, k,
         xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1), SCALE_EPS,
-        BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True, QUANT_A=False,
+        xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -480,8 +456,8 @@ def w8a8_channel_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor,
     _w8a8_fp8_matmul[grid](
         xq, xs, w, ws, out, m, n, k,
         xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        xs.stride(0), 0, ws.stride(0), 0, SCALE_EPS,
-        BLOCK_SCALED=False, GROUP_N=1, GROUP_K=1, EVEN_K=k % cfg["BLOCK_K"] == 0, QUANT_A=False,
+        xs.stride(0), 0, ws.stride(0), 0,
+        BLOCK_SCALED=False, GROUP_N=1, GROUP_K=1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -515,61 +491,13 @@ def w8a8_channel_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
 # linear layers: quantize activations, then GEMM
 
 
-# Up to this many rows, fp8_block_linear is one launch: the GEMM quantizes the activation tiles it loads (each of a
-# row block's N / BLOCK_N programs quantizes the same rows again, which costs ALU time, not bandwidth), instead of
-# a quantization kernel and then the GEMM. 0: always two launches.
-FUSED_QUANT_MAX_M = 64
-
-
-def _fused_quant_eligible(x2: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, block_size: tuple[int, int]) -> bool:
-    """Whether fp8_block_linear may take the one-launch path; anything unusual goes the two-launch way, whose
-    checks then raise the right error."""
-    bn, bk = block_size
-    m, k = x2.shape
-    return (0 < m <= FUSED_QUANT_MAX_M and k > 0 and bk >= 16 and not bk & (bk - 1) and k % bk == 0
-            and x2.dtype in ACT_DTYPES and x2.stride(1) == 1 and w.dim() == 2 and w.dtype == FP8_DTYPE
-            and w.shape[1] == k and w.stride(1) == 1 and w.shape[0] > 0 and ws.dtype == torch.float32
-            and tuple(ws.shape) == (triton.cdiv(w.shape[0], bn), k // bk))
-
-
-def _block_linear_fused(x2: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, block_size: tuple[int, int],
-                        cfg: dict) -> torch.Tensor:
-    """w8a8_block_fp8_matmul(*per_token_group_quant_fp8(x2, bk), w, ws) in one launch, the same result: the GEMM
-    quantizes each [BLOCK_M, bk] activation tile it loads with per_token_group_quant_fp8's operations."""
-    bn, bk = block_size
-    m, k = x2.shape
-    n = w.shape[0]
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)  # [M, N]
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _w8a8_fp8_matmul[grid](
-        x2, x2, w, ws, out, m, n, k,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        0, 0, ws.stride(0), ws.stride(1), SCALE_EPS,
-        BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True, QUANT_A=True,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(x2.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return out
-
-
 def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                      block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype.
-
-    Up to FUSED_QUANT_MAX_M rows, one launch (the GEMM quantizes its activation tiles itself, bit for bit as
-    per_token_group_quant_fp8 does); above, per_token_group_quant_fp8 and then w8a8_block_fp8_matmul.
-    """
+    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    cfg = None
-    if _fused_quant_eligible(x2, w, ws, block_size):
-        device = check_device(x2, w, ws)
-        cfg = _gemm_config(device, w.shape[0], x2.shape[1], x2.shape[0], "block", block_size[1])
-        if cfg["BLOCK_K"] == block_size[1]:  # one activation group per K tile
-            return _block_linear_fused(x2, w, ws, block_size, cfg).view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
-    y = _block_matmul(xq, xs, w, ws, block_size, x.dtype, cfg)  # [M, N]
+    y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
     return y.view(*lead, w.shape[0])
 
 

@@ -18,7 +18,9 @@ expert's group to a multiple of BLOCK_M (`moe_align_block_size`); GEMM 1 over th
 each program computing a gate tile and the matching up tile and writing silu(gate) * up [M*topk, I]; quantize that;
 GEMM 2 [M*topk, I] x w2^T with the router weight multiplied in the epilogue [M*topk, H]; sum over the topk slots
 (a Triton reduction, no atomics). No host sync anywhere: the padded list lives in a worst-case-sized buffer and its
-length stays on the device, so the layer can be captured in a CUDA graph.
+length stays on the device, so the layer can be captured in a CUDA graph. For few pairs (decode) the sort is one
+Triton program instead of ~15 torch kernels (`_align_small`, up to ALIGN_KERNEL_MAX_PAIRS pairs), with the same
+result element for element.
 
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
@@ -36,7 +38,6 @@ from .fp8_gemm import (
     ACT_DTYPES,
     FP8_DTYPE,
     INTERPRETED,
-    SCALE_EPS,
     check_device,
     device_key,
     load_config_table,
@@ -53,6 +54,13 @@ from .fp8_gemm import (
 
 SCHEMES = ("block", "channel")
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
+
+# Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
+# ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 256 tokens. One program sorts all pairs in registers
+# (a bitonic sort, n log^2 n compare-exchanges on 128 threads), so its time grows with the pairs while the torch
+# path's hardly does. H200, CUDA-graph replays, E = 256: torch 48 us at 8 pairs, 76 us at 1024, 79 us at 2048 and
+# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us.
+ALIGN_KERNEL_MAX_PAIRS = 2048
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,18 +95,6 @@ def _align(topk_ids: torch.Tensor, block_m: int,
     block_starts = torch.arange(0, p_max, block_m, device=device)  # [P_max / block_m]
     expert_ids = torch.searchsorted(end_padded, block_starts, right=True).to(torch.int32)  # E past the end
     return sorted_token_ids[:p_max], expert_ids, end_padded[-1:].to(torch.int32)
-
-
-# Up to this many (token, slot) pairs (block scheme), the GEMMs quantize their activation rows themselves (x in
-# GEMM 1, the intermediate in GEMM 2), bit for bit as per_token_group_quant_fp8, instead of two quantization
-# launches; each of a row block's N / BLOCK_N programs quantizes the same rows again. 0: never.
-FUSED_QUANT_MAX_PAIRS = 512
-
-# Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
-# ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 128 tokens. One program sorts all pairs in registers
-# (a bitonic sort: n log^2 n compare-exchanges on 128 threads), so past a few thousand pairs the torch path, whose
-# kernels spread over the GPU, is the faster; by then the GEMMs take hundreds of microseconds anyway.
-ALIGN_KERNEL_MAX_PAIRS = 1024
 
 
 def _align_small_kernel(
@@ -164,7 +160,7 @@ def _align_small(topk_ids: torch.Tensor, block_m: int,
     pairs = max(triton.next_power_of_2(numel), 128)
     e_pad = max(triton.next_power_of_2(num_experts + 1), 128)
     p_bound = (pairs // block_m + min(pairs, num_experts)) * block_m  # >= p_max; a bound per compiled variant
-    nb_pad = triton.next_power_of_2(p_bound // block_m + 1)
+    nb_pad = max(triton.next_power_of_2(p_bound // block_m + 1), 32)  # a bin per lane of a warp, at least
     fill = min(triton.next_power_of_2(p_bound), 1024)
     sorted_token_ids = torch.empty((p_max,), dtype=torch.int32, device=device)
     expert_ids = torch.empty((p_max // block_m,), dtype=torch.int32, device=device)
@@ -223,14 +219,11 @@ def _fused_moe_fp8_kernel(
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
-    eps,  # QUANT_A: the smallest amax a scale is made from
     K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
     A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
     GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
     BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
-    QUANT_A: tl.constexpr,  # A unquantized (BLOCK_SCALED, BLOCK_K == GROUP_K, EVEN_K): each program quantizes the
-    # rows it loads with per_token_group_quant_fp8's operations, so the same codes and scales; as_ptr is not read
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
 ):
@@ -284,25 +277,12 @@ def _fused_moe_fp8_kernel(
             b_mask = (offs_k[:, None] < k_left) & n_mask[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        if QUANT_A:  # as fp8_gemm._per_token_group_quant_kernel, on one group per row
-            a = a.to(tl.float32)  # [BLOCK_M, BLOCK_K]
-            a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), eps), 448.0)  # [BLOCK_M]
-            a = tl.clamp(tl.math.div_rn(a, a_s[:, None]), -448.0, 448.0)
-            if UPCAST:  # round to the e4m3 grid, ties to even; stays fp32
-                mag = tl.abs(a)
-                e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-                big = ((e + 20) << 23).to(tl.float32, bitcast=True)
-                mag = (mag + big) - big
-                a = tl.where(a < 0, -mag, mag)
-            else:
-                a = a.to(tl.float8e4nv)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            if not QUANT_A:
-                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -405,9 +385,7 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
-                     mul_routed_weight: bool, block_scaled: bool, cfg: dict, quant_a: bool = False) -> None:
-    """One GEMM over the padded pair list. quant_a: `a` is unquantized (a_s unused), quantized per 128-group in the
-    kernel (block scheme, BLOCK_K = 128)."""
+                     mul_routed_weight: bool, block_scaled: bool, cfg: dict) -> None:
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
     _fused_moe_fp8[grid](
@@ -415,10 +393,10 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         n, c.shape[0], num_pid_m,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
-        c.stride(0), c.stride(1), SCALE_EPS,
+        c.stride(0), c.stride(1),
         K=k, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_SCALED=block_scaled, GROUP_N=SCALE_BLOCK if block_scaled else 1,
-        GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0, QUANT_A=quant_a,
+        GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -473,13 +451,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return torch.empty_like(x)
     block = scheme == "block"
     cfg = moe_config(device, m, topk, e, i, h, scheme)
-    # few pairs, block scheme: each GEMM quantizes the activation rows it loads, no quantization launches
-    fused = block and m * topk <= FUSED_QUANT_MAX_PAIRS and cfg["BLOCK_K"] == SCALE_BLOCK
 
-    if fused:
-        xq, xs = x, x  # quantized inside GEMM 1
-    else:
-        xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
+    xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
 
@@ -488,16 +461,11 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     alloc = torch.zeros if INTERPRETED else torch.empty
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg,
-                     quant_a=fused)
-    if fused:
-        hq, hs = inter, inter  # quantized inside GEMM 2
-    else:
-        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)
+    hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg,
-                     quant_a=fused)
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     out = torch.empty_like(x)  # [M, H]

@@ -253,26 +253,6 @@ def test_linear_matches_ref_and_dequantized_math(device, scheme):
     assert rel_err(ref, exact) < REL_FP8["linear"]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 200, 256), (16, 320, 128), (64, 256, 256)])
-def test_block_linear_one_launch_is_bit_identical(device, dtype, m, n, k, monkeypatch):
-    """Up to FUSED_QUANT_MAX_M rows fp8_block_linear quantizes inside the GEMM: the same output as quantizing first."""
-    gen = gen_for("linear_fused", dtype, m, n, k)
-    x = activations(m, k, dtype, gen).to(device)
-    w, ws = (t.to(device) for t in quantize_block(weights(n, k, gen)))
-    fused = []
-    one_launch = fp8_gemm._block_linear_fused
-    monkeypatch.setattr(fp8_gemm, "_block_linear_fused", lambda *a: fused.append(1) or one_launch(*a))
-    out = fp8_block_linear(x, w, ws)
-    assert fused == [1]
-    monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_M", 0)
-    two = fp8_block_linear(x, w, ws)
-    assert fused == [1] and out.dtype == two.dtype == dtype
-    assert torch.equal(out, two)
-    assert_close(out, fp8_block_linear_ref(x, w, ws), *TOL[dtype])
-
-
 def test_matmul_refuses_bad_inputs():
     xq = torch.zeros(4, 200, dtype=FP8_DTYPE)
     w = torch.zeros(256, 200, dtype=FP8_DTYPE)
@@ -360,13 +340,14 @@ ALIGN_CASES = [  # M, topk, E, block_m
     (4, 8, 256, 16),
     (16, 8, 256, 16),
     (64, 8, 256, 16),
-    (128, 8, 256, 16),  # 1024 pairs: the largest the kernel path takes
+    (128, 8, 256, 16),
+    (256, 8, 256, 64),  # 2048 pairs: the most the kernel path takes
     (3, 8, 256, 64),
     (1, 1, 1, 16),
     (37, 2, 8, 16),
     (33, 3, 5, 32),
     (64, 1, 4, 1),  # block_m 1: no padding
-    (100, 6, 3, 64),
+    (50, 6, 3, 64),
 ]
 
 
@@ -377,7 +358,10 @@ def test_align_kernel_is_identical_to_torch(device, m, topk, e, block_m):
     element for element: the pairs of each expert in the same order, the same padding and sentinels, the same
     expert per block (E past the end), the same P."""
     gen = gen_for("align_kernel", m, topk, e, block_m)
+    large = m * topk > 1024  # the interpreter sorts slowly: fewer routings there
     for kind, ids in routings(m, topk, e, gen).items():
+        if large and kind not in ("dropped", "skewed"):
+            continue
         layouts = {"int64": ids, "int32": ids.to(torch.int32)}
         if kind == "dropped":
             layouts["strided"] = torch.stack((ids, -ids), dim=2)[:, :, 0]  # not contiguous
@@ -479,25 +463,22 @@ def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
 @pytest.mark.parametrize("scheme", ["block", "channel"])
 @pytest.mark.parametrize("m,e,topk,dtype,drop", [
     (1, 16, 8, torch.bfloat16, 0.0),
-    (5, 16, 8, torch.bfloat16, 0.3),
-    (20, 12, 8, torch.float16, 0.0),
-    (64, 8, 8, torch.bfloat16, 0.1),  # 512 pairs: the last the fused quantization takes
+    (5, 8, 8, torch.bfloat16, 0.3),
+    (20, 6, 4, torch.float16, 0.0),
+    (64, 8, 8, torch.bfloat16, 0.1),
 ])
 def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dtype, drop, monkeypatch):
-    """For few pairs fused_moe_fp8 aligns in one program and (block scheme) quantizes inside the GEMMs; its output
-    is the large-M path's, bit for bit."""
-    args = moe_case(m, e, topk, 256, 256, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
+    """For few pairs fused_moe_fp8 aligns in one Triton program; its output is the torch alignment's, bit for bit."""
+    args = moe_case(m, e, topk, 256, 128, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
                     drop=drop)
     seen = []
-    launch = fp8_moe._launch_moe_gemm
-    monkeypatch.setattr(fp8_moe, "_launch_moe_gemm", lambda *a, **kw: seen.append(kw["quant_a"]) or launch(*a, **kw))
+    align_small = fp8_moe._align_small
+    monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: seen.append(1) or align_small(*a))
     small = fused_moe_fp8(*args, scheme=scheme)
-    assert seen == [scheme == "block"] * 2
+    assert seen == [1]
     monkeypatch.setattr(fp8_moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
-    monkeypatch.setattr(fp8_moe, "FUSED_QUANT_MAX_PAIRS", 0)
-    seen.clear()
     large = fused_moe_fp8(*args, scheme=scheme)
-    assert seen == [False, False]
+    assert seen == [1]
     assert torch.equal(small, large)
     assert_close(small, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
 
