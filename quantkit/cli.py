@@ -83,7 +83,7 @@ def make_checkpoint(preset: str, layers: int | None, dtype: str, seed: int, outp
     from quantkit.synth import make_checkpoint as run
 
     cfg = run(output, preset=preset, layers=layers, dtype=dtype, seed=seed,
-              max_shard_bytes=parse_size(max_shard_size), force=force)
+              max_shard_bytes=parse_size(max_shard_size), force=force, progress=preset != "tiny")
     total, active = cfg.parameter_count()
     click.echo(f"wrote {output}: {preset} preset, {cfg.num_hidden_layers} layers, {dtype}, "
                f"{total:,} parameters ({active:,} active)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from quantkit import tokenizer as tok
 from quantkit.arch import MiniMaxM2Config
@@ -133,7 +134,7 @@ def fp8_weight(shape: tuple[int, int], g: torch.Generator, std: float) -> tuple[
 
 def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = None, dtype: str = "bf16",
                     seed: int = 0, max_shard_bytes: int = 2 * 10**9, force: bool = False,
-                    init: Init = Init()) -> MiniMaxM2Config:
+                    init: Init = Init(), progress: bool = False) -> MiniMaxM2Config:
     if preset not in PRESETS:
         raise QuantkitError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
     if dtype not in ("bf16", "fp8"):
@@ -180,8 +181,10 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
     job = {"make-checkpoint": preset, "layers": cfg.num_hidden_layers, "dtype": dtype, "seed": seed,
            "init": [init.std, init.norm_jitter, init.bias_std]}
     shards = plan_shards(tensors, max_shard_bytes)
-    with OutputFolder.open(out, job, force=force) as folder:
+    with OutputFolder.open(out, job, force=force) as folder, \
+            tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="make-checkpoint",
+                 disable=not progress) as bar:
         for shard in shards:
-            folder.write_shard(shard, produce)
+            folder.write_shard(shard, produce, on_tensor=lambda t: bar.update(t.nbytes))
         folder.finish(shards, aux)
     return cfg
