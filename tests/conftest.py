@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from quantkit.synth import make_checkpoint
 
@@ -47,3 +53,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def edited_copy(src: Path, dest: Path, name: str, edit: Callable[[torch.Tensor], None]) -> Path:
+    """A copy of checkpoint src in dest with tensor `name` changed in place by edit(), its shard rewritten."""
+    shutil.copytree(src, dest)
+    index = json.loads((dest / "model.safetensors.index.json").read_text())
+    shard = dest / index["weight_map"][name]
+    with safe_open(str(shard), framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    edit(data[name])
+    save_file(data, str(shard), metadata={"format": "pt"})
+    return dest

@@ -4,14 +4,11 @@ references refused."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, edited_copy, run_cli
 from quantkit.evals.fidelity import fidelity, token_windows
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.runtime import load_model
@@ -30,15 +27,7 @@ def test_a_model_against_itself_is_exact(tiny_bf16):
 
 
 def test_a_zeroed_tensor_is_caught_where_it_enters(tiny_bf16, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_bf16, bad)
-    name = "model.layers.1.self_attn.o_proj.weight"
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
-    shard = bad / index["weight_map"][name]
-    with safe_open(str(shard), framework="pt") as f:
-        data = {k: f.get_tensor(k) for k in f.keys()}
-    data[name].zero_()
-    save_file(data, str(shard), metadata={"format": "pt"})
+    bad = edited_copy(tiny_bf16, tmp_path / "bad", "model.layers.1.self_attn.o_proj.weight", torch.Tensor.zero_)
     ref = load_model(tiny_bf16, dtype=torch.float32)
     r = fidelity(load_model(bad, dtype=torch.float32), ref, WINDOWS)
     assert r.layer_rel_error[0] == 0.0 and r.layer_rel_error[1] > 0.01  # enters at layer 1, not before

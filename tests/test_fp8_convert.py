@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, edited_copy, run_cli
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantkit.checkpoint.fp8 import dequantize_block_fp8
 from quantkit.convert import convert
@@ -131,15 +130,8 @@ def test_channel_variant_matches_transformers_compressed_tensors(tiny_channel, t
 
 
 def test_nan_in_source_weight_is_refused(tiny_bf16, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(tiny_bf16, src)
     name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][name]
-    with safe_open(str(shard), framework="pt") as f:
-        data = {k: f.get_tensor(k) for k in f.keys()}
-    data[name][3, 7] = float("inf")
-    save_file(data, str(shard), metadata={"format": "pt"})
+    src = edited_copy(tiny_bf16, tmp_path / "src", name, lambda t: t[3, 7].fill_(float("inf")))
     proc = run_cli("convert", src, "--to", "fp8", "-o", tmp_path / "out", "--no-progress")
     assert_one_line_error(proc, name, "NaN or inf")
 

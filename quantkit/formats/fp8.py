@@ -76,11 +76,12 @@ def dequantize_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 def relative_rms(w: torch.Tensor, approx: torch.Tensor) -> float:
-    """||w - approx|| / ||w||, in float64 sums (0 for an all-zero weight reproduced exactly)."""
-    wf = w.double()
-    num = (wf - approx.double()).pow(2).sum()
-    den = wf.pow(2).sum()
-    return float((num / den).sqrt()) if den > 0 else float(num.sqrt())
+    """||w - approx|| / ||w|| (the error alone for an all-zero weight). fp32 norms: torch sums them in blocks, so
+    the result is good to ~1e-6 relative, ample for a report, at a third of the cost of float64."""
+    wf = w.float()
+    num = float(torch.linalg.vector_norm(wf - approx.float()))
+    den = float(torch.linalg.vector_norm(wf))
+    return num / den if den > 0 else num
 
 
 def block_quantization_config(ignore: list[str], block: tuple[int, int] = BLOCK) -> dict:
