@@ -166,8 +166,11 @@ def measure(p, cfg, batches: Batches, tokenizer, device: str, n_passkey: int = 1
     rng = random.Random(12345)
     correct = 0
     for _ in range(n_passkey):
-        doc, answer = passkey_doc(rng, rng.randrange(1, 40))
-        prompt = tokenizer.encode(doc, add_special_tokens=False).ids[-(seq - 8):]
+        while True:  # within the trained context, as in training: a longer document would lose its needle
+            doc, answer = passkey_doc(rng, rng.randrange(1, 40))
+            prompt = tokenizer.encode(doc, add_special_tokens=False).ids
+            if len(prompt) + 8 <= seq:
+                break
         out = prompt[:]
         for _ in range(7):
             logits = forward(p, cfg, torch.tensor([out], device=device))
