@@ -66,7 +66,7 @@ def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Pat
         model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
         fid = fidelity(model, ref, windows)
         cases = needle.needle_grid(model.cfg.max_position_embeddings, needle_lengths, needle_depths)
-        hay = needle.summary(needle.run_needle(model, tokenizer, cases, text))
+        hay = needle.summary(needle.run_needle(model, tokenizer, cases))
         size, bpw = storage(path)
         rows.append({
             "format": name, "path": str(path), "bytes": size, "bits_per_weight": bpw,

@@ -3,7 +3,7 @@
     cases = needle_grid(max_context=model.cfg.max_position_embeddings)
     result = run_needle(model, tokenizer, cases)          # exact-match score per (context length, depth)
 
-The context is filler text (the built-in held-out text, repeated as needed) cut to the case's length in tokens,
+The context is filler text (FILLER by default, repeated as needed) cut to the case's length in tokens,
 with the needle sentence inserted at the case's depth (0 = the start, 1 = just before the question). The model
 reads it through chunked prefill (the KV cache grows chunk by chunk, so activations stay bounded by the chunk,
 not the context) and answers greedily; the case scores 1 when the digits of the passkey are the first digits it
@@ -24,6 +24,9 @@ from quantkit.runtime.model import MiniMaxM2
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The haystack: plain filler sentences, the classic passkey-retrieval setting; the reference model is trained on
+# documents of this exact shape (scripts/train_reference.py imports these strings).
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 12
@@ -89,7 +92,7 @@ def answer(model: MiniMaxM2, prompt: list[int], chunk: int = 2048, max_new: int 
     return out
 
 
-def run_needle(model: MiniMaxM2, tokenizer, cases: list[NeedleCase], filler: str, chunk: int = 2048
+def run_needle(model: MiniMaxM2, tokenizer, cases: list[NeedleCase], filler: str = FILLER, chunk: int = 2048
                ) -> list[NeedleOutcome]:
     filler_ids = tokenizer.encode(filler, add_special_tokens=False).ids
     outcomes = []

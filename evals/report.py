@@ -81,7 +81,7 @@ def run_eval(model_path: str | Path, reference: str | Path, out: str | Path, tex
     if do_needle:
         cases = needle.needle_grid(quant.cfg.max_position_embeddings, needle_lengths or needle.DEFAULT_LENGTHS,
                                    needle_depths or needle.DEFAULT_DEPTHS)
-        outcomes = needle.run_needle(quant, tokenizer, cases, text)
+        outcomes = needle.run_needle(quant, tokenizer, cases)
         results["needle"] = needle.summary(outcomes)
         needle.plot_heatmap(outcomes, out / "needle.png", f"{name}: passkey retrieval")
         report += (f"## Needle in a haystack\n\n{len(outcomes)} cases, exact match "
