@@ -6,9 +6,11 @@
 Exactly the MiniMax-M2 block structure (QK-norm over the full projection width, NeoX partial RoPE, sigmoid routing
 with a correction bias used only for selection, renormalised top-k weights, SiLU experts, untied head), at widths
 that are multiples of 256 so every quantized format applies, under 20 MiB in BF16. Training text: the Python
-standard library's source on the machine that trains (its version is recorded), mixed with passkey documents (a
-five-digit number hidden in filler, asked for at the end). The correction bias is trained the loss-free way: after
-each step it moves against each expert's load imbalance, so experts end up used unevenly but all used.
+standard library's source on the machine that trains (its version is recorded), mixed with passkey prompts built by
+`quantkit.evals.needle.build_prompt`, the very prompts `quantkit eval --needle` asks (a five-digit number hidden at a
+random depth of filler, asked for at the end), each followed by its answer. The correction bias is trained the
+loss-free way: after each step it moves against each expert's load imbalance, so experts end up used unevenly but
+all used.
 
 Written out with quantkit's own writer (config.json in the release layout, generation_config.json, tokenizer,
 safetensors, manifest) plus metrics.json: held-out perplexity, per-expert token shares, passkey accuracy.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from quantkit.evals import needle
 
 from quantkit import tokenizer as tok
 from quantkit.arch import MiniMaxM2Config
@@ -40,7 +43,6 @@ from quantkit.synth import release_config
 DIMS = dict(hidden_size=256, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, rotary_dim=32, num_hidden_layers=2,
             vocab_size=4096, max_position_embeddings=1024)
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
 def corpus_files() -> list[Path]:
@@ -49,11 +51,10 @@ def corpus_files() -> list[Path]:
     return [p for p in files if p.stat().st_size < 200_000]
 
 
-def passkey_doc(rng: random.Random, n_filler: int) -> tuple[str, str]:
-    key = str(rng.randrange(10000, 100000))
-    parts = [FILLER] * n_filler
-    parts.insert(rng.randrange(0, n_filler + 1), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return "".join(parts) + "\nWhat is the pass key? The pass key is", f" {key}."
+def passkey_prompt(tokenizer, filler_ids: list[int], rng: random.Random, max_len: int) -> tuple[list[int], str]:
+    """A passkey prompt built exactly as `quantkit eval --needle` builds its cases, and its answer digits."""
+    case = needle.NeedleCase(rng.randrange(48, max_len + 1), rng.random(), str(rng.randrange(10000, 100000)))
+    return needle.build_prompt(tokenizer, filler_ids, case), case.key
 
 
 class Batches:
@@ -70,14 +71,13 @@ class Batches:
         self.code = torch.tensor(ids, dtype=torch.long)
         self.tokenizer, self.seq, self.rng, self.share = tokenizer, seq, rng, passkey_share
         self.gen = torch.Generator().manual_seed(seed)
+        self.filler_ids = tokenizer.encode(needle.FILLER, add_special_tokens=False).ids
 
     def passkey(self) -> list[int]:
-        while True:
-            doc, answer = passkey_doc(self.rng, self.rng.randrange(1, 40))
-            ids = self.tokenizer.encode(doc + answer, add_special_tokens=False).ids
-            if len(ids) <= self.seq + 1:
-                pad = self.code[: self.seq + 1 - len(ids)].tolist()  # code before the document: left context
-                return pad + ids
+        prompt, key = passkey_prompt(self.tokenizer, self.filler_ids, self.rng, self.seq + 1 - 8)
+        ids = (prompt + self.tokenizer.encode(f" {key}.", add_special_tokens=False).ids)[-(self.seq + 1):]
+        pad = self.code[: self.seq + 1 - len(ids)].tolist()  # code before the document: left context
+        return pad + ids
 
     def batch(self, n: int) -> torch.Tensor:
         rows = []
@@ -165,18 +165,13 @@ def measure(p, cfg, batches: Batches, tokenizer, device: str, n_passkey: int = 1
     # passkey retrieval within the trained context, greedy
     rng = random.Random(12345)
     correct = 0
-    for _ in range(n_passkey):
-        while True:  # within the trained context, as in training: a longer document would lose its needle
-            doc, answer = passkey_doc(rng, rng.randrange(1, 40))
-            prompt = tokenizer.encode(doc, add_special_tokens=False).ids
-            if len(prompt) + 8 <= seq:
-                break
+    for _ in range(n_passkey):  # within the trained context, built as the needle evaluation builds them
+        prompt, key = passkey_prompt(tokenizer, batches.filler_ids, rng, seq - 8)
         out = prompt[:]
-        for _ in range(7):
+        for _ in range(needle.ANSWER_TOKENS):
             logits = forward(p, cfg, torch.tensor([out], device=device))
             out.append(int(logits[0, -1].argmax()))
-        text = tokenizer.decode(out[len(prompt):])
-        correct += text.strip().startswith(answer.strip().rstrip("."))
+        correct += needle.score(tokenizer.decode(out[len(prompt):]), key)
     return {"heldout_tokens": n, "heldout_perplexity": math.exp(nll / n), "vocab_size": cfg.vocab_size,
             "expert_share_per_layer": per_layer, "experts_unused": sum(s == 0 for row in per_layer for s in row),
             "passkey_accuracy": correct / n_passkey, "passkey_cases": n_passkey}
