@@ -62,6 +62,29 @@ def quant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
 
 
+def fastest(cands: list[dict], module, picker: str, ref: torch.Tensor, run) -> tuple[float, dict]:
+    """(ms, config) of the fastest candidate whose output matches ref, each forced through module.<picker> (the
+    launcher's config lookup), which is restored afterwards. Candidates that fail to compile or run are skipped."""
+    original, best = getattr(module, picker), None
+    try:
+        for cfg in cands:
+            setattr(module, picker, lambda *a, _c=cfg, **kw: dict(_c))
+            try:
+                if rel_err(run(), ref) > 1e-2:
+                    continue
+                ms = timed(run)
+            except Exception as e:  # out of resources and the like: not a candidate here
+                print(f"skip {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+    finally:
+        setattr(module, picker, original)
+    if best is None:
+        raise RuntimeError("no candidate configuration ran correctly")
+    return best
+
+
 def tune_moe(device: str) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     table: dict = {}
@@ -79,19 +102,8 @@ def tune_moe(device: str) -> dict:
             topk_w, topk_ids = torch.topk(torch.rand(m, E, device="cuda", generator=g), TOPK, dim=-1)
             topk_w = topk_w / topk_w.sum(-1, keepdim=True)
             ref = fp8_moe.fused_moe_fp8_ref(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
-            best = None
-            for cfg in candidates(m * TOPK / E):
-                fp8_moe.moe_config = lambda *a, _c=cfg, **k: dict(_c)
-                try:
-                    out = fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
-                    if rel_err(out, ref) > 1e-2:
-                        continue
-                    ms = timed(lambda: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme))
-                except Exception as e:  # out of resources and the like: not a candidate here
-                    print(f"skip {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
+            best = fastest(candidates(m * TOPK / E), fp8_moe, "moe_config", ref,
+                           lambda: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme))
             entries[str(m)] = best[1]
             print(f"moe {scheme} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
         table[f"E={E},I={I},H={H},{scheme}"] = entries
@@ -101,7 +113,6 @@ def tune_moe(device: str) -> dict:
 def tune_gemm(device: str) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     table: dict = {}
-    orig = fp8_gemm._gemm_config
     for (n, k), scheme in itertools.product(PROJ.values(), ("block", "channel")):
         w, ws = quant(torch.randn(n, k, device="cuda", generator=g) * 0.02, scheme)
         entries = {}
@@ -113,22 +124,10 @@ def tune_gemm(device: str) -> dict:
             else:
                 run = lambda: fp8_gemm.fp8_channel_linear(x, w, ws)  # noqa: E731
                 ref = fp8_gemm.fp8_channel_linear_ref(x, w, ws)
-            best = None
-            for cfg in candidates(m):
-                fp8_gemm._gemm_config = lambda *a, _c=cfg, **kw: dict(_c)
-                try:
-                    if rel_err(run(), ref) > 1e-2:
-                        continue
-                    ms = timed(run)
-                except Exception as e:
-                    print(f"skip {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
+            best = fastest(candidates(m), fp8_gemm, "_gemm_config", ref, run)
             entries[str(m)] = best[1]
             print(f"gemm {scheme} N={n} K={k} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
         table[f"N={n},K={k},{scheme}"] = entries
-    fp8_gemm._gemm_config = orig
     return {device: table}
 
 

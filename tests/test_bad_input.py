@@ -246,15 +246,22 @@ def test_corrupt_index(tiny_bf16, tmp_path):
 VICTIM = "model.layers.1.self_attn.k_proj.weight"
 
 
+def drop_tensor(src: Path, name: str, from_index: bool) -> Path:
+    """Remove a tensor from its shard (and from the index, or leave the index naming it); returns the shard."""
+    path = shard_of(src, name)
+    tensors = load_shard(path)
+    del tensors[name]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    if from_index:
+        index = read_index(src)
+        del index["weight_map"][name]
+        write_index(src, index)
+    return path
+
+
 def test_tensor_missing(tiny_bf16, tmp_path):
     src = copy_ckpt(tiny_bf16, tmp_path)
-    path = shard_of(src, VICTIM)
-    tensors = load_shard(path)
-    del tensors[VICTIM]
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    index = read_index(src)
-    del index["weight_map"][VICTIM]
-    write_index(src, index)
+    drop_tensor(src, VICTIM, from_index=True)
     out = tmp_path / "out"
     assert_one_line_error(convert(src, out), VICTIM, "missing")
     assert not out.exists()
@@ -262,10 +269,7 @@ def test_tensor_missing(tiny_bf16, tmp_path):
 
 def test_tensor_listed_in_index_but_not_in_shard(tiny_bf16, tmp_path):
     src = copy_ckpt(tiny_bf16, tmp_path)
-    path = shard_of(src, VICTIM)
-    tensors = load_shard(path)
-    del tensors[VICTIM]
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    path = drop_tensor(src, VICTIM, from_index=False)
     out = tmp_path / "out"
     assert_one_line_error(convert(src, out), VICTIM, path.name)
     assert not out.exists()
@@ -274,13 +278,7 @@ def test_tensor_listed_in_index_but_not_in_shard(tiny_bf16, tmp_path):
 def test_fp8_scale_missing(tiny_fp8, tmp_path):
     src = copy_ckpt(tiny_fp8, tmp_path)
     scale = VICTIM + "_scale_inv"
-    path = shard_of(src, scale)
-    tensors = load_shard(path)
-    del tensors[scale]
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    index = read_index(src)
-    del index["weight_map"][scale]
-    write_index(src, index)
+    drop_tensor(src, scale, from_index=True)
     out = tmp_path / "out"
     assert_one_line_error(convert(src, out), scale, "missing")
     assert not out.exists()
