@@ -53,7 +53,7 @@ def decode_speed(model, steps: int = 32) -> float:
 
 
 def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Path, device: str = "cpu",
-            window: int = 256, max_windows: int = 8, needle_lengths: tuple[int, ...] = (1024, 2048),
+            window: int = 256, max_windows: int = 8, needle_lengths: tuple[int, ...] | None = None,
             needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0)) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,10 @@ def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Pat
     for name, path in {"bf16 (reference)": reference, **quants}.items():
         model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
         fid = fidelity(model, ref, windows)
-        cases = needle.needle_grid(model.cfg.max_position_embeddings, needle_lengths, needle_depths)
+        context = model.cfg.max_position_embeddings
+        # default: 1K and 2K tokens, or the model's own context grid when it is shorter than that
+        lengths = needle_lengths or ((1024, 2048) if context >= 2048 + needle.ANSWER_TOKENS else needle.DEFAULT_LENGTHS)
+        cases = needle.needle_grid(context, lengths, needle_depths)
         hay = needle.summary(needle.run_needle(model, tokenizer, cases))
         size, bpw = storage(path)
         rows.append({

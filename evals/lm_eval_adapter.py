@@ -26,7 +26,7 @@ from quantkit.errors import QuantkitError
 from quantkit.runtime import Sampling, generate, load_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-LOCAL_TASKS = ("quantkit_mc", "quantkit_gen", "quantkit_ppl")
+LOCAL_TASKS = ("quantkit_mc", "quantkit_gen", "quantkit_ppl", "quantkit_passkey")
 
 
 @register_model("quantkit")

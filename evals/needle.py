@@ -52,6 +52,11 @@ def needle_grid(max_context: int, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS
     """The lengths x depths grid, lengths clipped to the model's context (less the answer's tokens)."""
     rng = random.Random(seed)
     usable = [n for n in lengths if n + ANSWER_TOKENS <= max_context]
+    if not usable and tuple(lengths) == DEFAULT_LENGTHS:
+        # A model whose whole context is under the grid's first length (the small reference model): the same
+        # grid shape over its own context, from an eighth of it to all of it.
+        top = max_context - ANSWER_TOKENS
+        usable = sorted({max(64, top * f // 8) for f in (1, 2, 4, 6, 8)})
     if not usable:
         raise QuantkitError(f"needle: no context length in {list(lengths)} fits the model's {max_context} positions")
     return [NeedleCase(n, d, str(rng.randrange(10000, 100000))) for n in usable for d in depths]

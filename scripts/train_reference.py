@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small MiniMax-M2-architecture reference model that quantkit's evaluations and demo run on.
 
-    python scripts/train_reference.py --out evals/assets/reference --steps 1500 --device cuda --seed 0
+    python scripts/train_reference.py --out evals/assets/reference --steps 4000 --passkey-share 0.5 --device cuda --seed 0
 
 Exactly the MiniMax-M2 block structure (QK-norm over the full projection width, NeoX partial RoPE, sigmoid routing
 with a correction bias used only for selection, renormalised top-k weights, SiLU experts, untied head), at widths
@@ -41,8 +41,8 @@ from quantkit.runtime.model import apply_rope, rms_norm, rope_tables
 from quantkit.synth import release_config
 
 DIMS = dict(hidden_size=256, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, rotary_dim=32, num_hidden_layers=2,
-            vocab_size=4096, max_position_embeddings=1024)
+            num_attention_heads=4, num_key_value_heads=2, head_dim=128, rotary_dim=64, num_hidden_layers=2,
+            vocab_size=4096, max_position_embeddings=512)
 
 
 def corpus_files() -> list[Path]:

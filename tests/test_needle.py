@@ -40,11 +40,14 @@ def test_grid_is_clipped_to_the_context():
     assert len(cases) == 2 * len(needle.DEFAULT_DEPTHS)
     assert all(len(c.key) == 5 for c in cases) and cases == needle.needle_grid(4096)  # seeded
     with pytest.raises(QuantkitError, match="fits"):
-        needle.needle_grid(512)
+        needle.needle_grid(512, lengths=(1024, 2048))
+    # a context under the default grid's first length: the same shape over the model's own context
+    small = sorted({c.length for c in needle.needle_grid(512)})
+    assert small == [64, 125, 250, 375, 500]  # eighths of 512 - ANSWER_TOKENS, at least 64
 
 
 def test_prompt_has_the_length_and_the_needle_at_its_depth(tokenizer):
-    filler = tokenizer.encode(held_out_text(5), add_special_tokens=False).ids
+    filler = tokenizer.encode(held_out_text(5, code=False), add_special_tokens=False).ids
     for depth in (0.0, 0.5, 1.0):
         case = needle.NeedleCase(1024, depth, "31337")
         ids = needle.build_prompt(tokenizer, filler, case)
@@ -59,11 +62,11 @@ def test_known_answer_scores_and_prefill_is_chunked(tokenizer):
     answer = tokenizer.encode(" 31337. Remember", add_special_tokens=False).ids
     model = ScriptedModel(2048, [0] * 2 + answer)  # the last of three prefill chunks gives the first answer token
     cases = [needle.NeedleCase(1024, 0.5, "31337")]
-    out = needle.run_needle(model, tokenizer, cases, held_out_text(5), chunk=400)
+    out = needle.run_needle(model, tokenizer, cases, held_out_text(5, code=False), chunk=400)
     assert model.calls[:3] == [400, 400, 224] and set(model.calls[3:]) == {1}
     assert out[0].correct and out[0].answer.startswith(" 31337")
     wrong = ScriptedModel(2048, [0] * 2 + tokenizer.encode(" 31338", add_special_tokens=False).ids)
-    assert not needle.run_needle(wrong, tokenizer, cases, held_out_text(5), chunk=400)[0].correct
+    assert not needle.run_needle(wrong, tokenizer, cases, held_out_text(5, code=False), chunk=400)[0].correct
 
 
 def test_score():
