@@ -2,8 +2,8 @@
 
     run_eval("MiniMax-M2-FP8", reference="MiniMax-M2-BF16", out="eval-fp8")   # report.md, results.json, PNGs
 
-The text defaults to a held-out passage of the project's own (`held_out_text`: Python source, then prose), so an evaluation runs
-offline; `--text FILE` takes any UTF-8 file instead.
+The text defaults to a held-out passage of the project's own (`held_out_text`: Python source, then prose), so an
+evaluation runs offline; `--text FILE` takes any UTF-8 file instead.
 """
 
 from __future__ import annotations

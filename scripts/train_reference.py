@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train the small MiniMax-M2-architecture reference model that quantkit's evaluations and demo run on.
 
-    python scripts/train_reference.py --out evals/assets/reference --steps 4000 --passkey-share 0.5 --device cuda --seed 0
+    python scripts/train_reference.py --out evals/assets/reference --steps 4000 --passkey-share 0.5 \
+        --device cuda --seed 0
 
 Exactly the MiniMax-M2 block structure (QK-norm over the full projection width, NeoX partial RoPE, sigmoid routing
 with a correction bias used only for selection, renormalised top-k weights, SiLU experts, untied head), at widths
