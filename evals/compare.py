@@ -24,19 +24,28 @@ from quantkit.runtime import generate, load_model
 
 
 def storage(folder: str | Path) -> tuple[int, float]:
-    """(bytes of all tensors, bits per weight of the attention and expert projections, scales included)."""
+    """(bytes of all tensors, bits per weight of the attention and expert projections, scales and zero points
+    included) of a safetensors folder (BF16, FP8, AutoAWQ or compressed-tensors INT4) or a GGUF model."""
+    from quantkit.runtime.gguf import find_gguf, gguf_storage
+
+    if find_gguf(folder) is not None:
+        return gguf_storage(folder)
     reader = CheckpointReader(folder)
-    kinds = {s.name: s for s in reader.specs()}
+    specs = {s.name: s for s in reader.specs()}
     total = sum(e.nbytes for e in reader.entries.values())
-    linear_bytes = linear_params = 0
+    linear_bytes, counted = 0, set()
     for name, entry in reader.entries.items():
-        base = name.removesuffix("_scale_inv").removesuffix("_scale")
-        spec = kinds.get(base)
+        stem, _, leaf = name.rpartition(".")
+        base = f"{stem}.weight" if leaf in INT4_LEAVES else name.removesuffix("_scale_inv").removesuffix("_scale")
+        spec = specs.get(base)
         if spec is not None and spec.is_linear:
             linear_bytes += entry.nbytes
-            if base == name:
-                linear_params += spec.numel
-    return total, 8 * linear_bytes / max(1, linear_params)
+            counted.add(base)
+    return total, 8 * linear_bytes / max(1, sum(specs[b].numel for b in counted))
+
+
+# AutoAWQ and compressed-tensors pack-quantized tensors standing for one `.weight`
+INT4_LEAVES = ("qweight", "qzeros", "scales", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 @torch.inference_mode()

@@ -18,14 +18,14 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if not m or unit not in SIZE_UNITS:
-        raise QuantkitError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        raise QuantkitError(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     n = int(float(m.group(1)) * SIZE_UNITS[unit])
     if n < 1:
-        raise QuantkitError(f"--max-shard-size {text!r}: must be positive")
+        raise QuantkitError(f"{option} {text!r}: must be positive")
     return n
 
 
@@ -49,7 +49,8 @@ def inspect(ckpt: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ckpt", type=click.Path())
-@click.option("--to", "target", required=True, type=click.Choice(["bf16", "fp8"]), help="Target format.")
+@click.option("--to", "target", required=True, type=click.Choice(["bf16", "fp8", "gguf", "awq"]),
+              help="Target format.")
 @click.option("--scheme", type=click.Choice(["block", "channel"]), default=None,
               help="FP8 scales: per 128x128 block (official layout, default) or per channel (compressed-tensors).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
@@ -58,15 +59,92 @@ def inspect(ckpt: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite the checkpoint files of a different job in OUTPUT.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--keep-source", is_flag=True,
+              help="Hub source: keep the downloaded shards instead of deleting each once consumed.")
+@click.option("--download-dir", type=click.Path(), default=None,
+              help="Hub source: where shards are downloaded (default: OUTPUT.hub-download beside OUTPUT).")
+@click.option("--type", "gguf_type", default=None, help="--to gguf: bf16, f16, q8_0, q4_k, q5_k, q6_k, q4_k_m "
+              "or q5_k_m (the _m presets: llama.cpp's per-tensor mix).")
+@click.option("--imatrix", default=None, type=click.Path(), help="--to gguf: llama.cpp imatrix (GGUF or .dat).")
+@click.option("--split-max-size", default="45GB", show_default=True, help="--to gguf: largest GGUF split.")
+@click.option("--name", "gguf_name", default=None, help="--to gguf: general.name and file prefix (default: CKPT's).")
+@click.option("--device", "gguf_device", default="cpu", show_default=True,
+              help="--to gguf: where the k-quants are computed (cpu or cuda).")
+@click.option("--awq-format", type=click.Choice(["autoawq", "compressed-tensors"]), default=None,
+              help="--to awq: AutoAWQ GEMM (default) or compressed-tensors pack-quantized.")
+@click.option("--calib", "calib", multiple=True, help="--to awq: calibration .txt/.jsonl/.parquet file or Hub dataset "
+              "(repeat; default: the built-in set).")
+@click.option("--n-samples", type=int, default=None, help="--to awq: calibration windows (default 128).")
+@click.option("--seq-len", type=int, default=None, help="--to awq: tokens per window (default 512).")
+@click.option("--chat", is_flag=True, default=None, help="--to awq: render calibration text with the chat template.")
+@click.option("--stats", "stats_file", type=click.Path(), default=None,
+              help="--to awq: activation means from a `quantkit calibrate` statistics file.")
 def convert(ckpt: str, target: str, scheme: str | None, output: str, recipe: str | None, resume: bool, force: bool,
-            max_shard_size: str, no_progress: bool) -> None:
-    """Convert CKPT into OUTPUT, one tensor at a time."""
+            max_shard_size: str, no_progress: bool, keep_source: bool, download_dir: str | None,
+            gguf_type: str | None, imatrix: str | None, split_max_size: str, gguf_name: str | None, gguf_device: str,
+            awq_format: str | None, calib: tuple[str, ...], n_samples: int | None, seq_len: int | None,
+            chat: bool | None, stats_file: str | None) -> None:
+    """Convert CKPT (a folder, or a Hub repo NAMESPACE/NAME[@REVISION]) into OUTPUT, one tensor at a time."""
     from quantkit.convert import convert as run
 
+    gguf = None
+    if target == "gguf":  # OUTPUT is a folder: NAME-TYPE.gguf, or its splits NAME-TYPE-00001-of-0000N.gguf
+        if gguf_type is None:
+            raise QuantkitError("--to gguf needs --type (bf16, f16, q8_0, q4_k, q5_k, q6_k, q4_k_m or q5_k_m)")
+        gguf = {"qtype": gguf_type, "imatrix": imatrix, "name": gguf_name, "device": gguf_device,
+                "split_max_bytes": parse_size(split_max_size, "--split-max-size")}
+    elif gguf_type or imatrix or gguf_name or gguf_device != "cpu":
+        raise QuantkitError("--type, --imatrix, --name and --device apply to --to gguf only")
+    awq = {"format": awq_format, "calib": list(calib) or None, "n_samples": n_samples, "seq_len": seq_len,
+           "chat": chat, "stats": stats_file}
+    if target != "awq" and any(v is not None for v in awq.values()):
+        raise QuantkitError("--awq-format, --calib, --n-samples, --seq-len, --chat and --stats apply to --to awq only")
     summary = run(ckpt, output, target=target, recipe=recipe, resume=resume, force=force,
-                  max_shard_bytes=parse_size(max_shard_size), progress=not no_progress, scheme=scheme)
+                  max_shard_bytes=parse_size(max_shard_size), progress=not no_progress, scheme=scheme,
+                  keep_source=keep_source, download_dir=download_dir, gguf=gguf, awq=awq if target == "awq" else None)
     for line in summary.lines():
         click.echo(line)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--calib", "calib", multiple=True, help="Calibration .txt/.jsonl/.parquet file or Hub dataset name "
+              "(repeat; default: the built-in set).")
+@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--chat", is_flag=True, help="Render calibration text with the checkpoint's chat template.")
+@click.option("--experts", type=click.Choice(["routed", "all"]), default="routed", show_default=True,
+              help="all: every token through every expert, for the statistics only (routing unchanged).")
+@click.option("--min-tokens", type=int, default=16, show_default=True,
+              help="Experts with fewer routed tokens fall back to pooled statistics (reported).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Statistics file (.safetensors; + .json, .png).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def calibrate(ckpt: str, calib: tuple[str, ...], n_samples: int, seq_len: int, chat: bool, experts: str,
+              min_tokens: int, output: str, device: str | None, no_progress: bool) -> None:
+    """Per-expert activation statistics of every linear input of CKPT (for AWQ and the GGUF imatrix)."""
+    import resource
+    from pathlib import Path
+
+    from quantkit.calibrate.data import calibration_tokens
+    from quantkit.calibrate.engine import calibrate as run
+    from quantkit.calibrate.engine import plot_token_counts, token_count_table
+
+    out = Path(output)
+    if out.suffix != ".safetensors":
+        raise QuantkitError(f"-o {output}: the statistics file must end in .safetensors")
+    tokens = calibration_tokens(ckpt, list(calib) or None, n_samples, seq_len, chat)
+    stats = run(ckpt, tokens, device=device, experts=experts, min_tokens=min_tokens, progress=not no_progress,
+                meta={"calib": list(calib) or "built-in", "chat": chat})
+    stats.save(out)
+    plot_token_counts(stats, out.with_suffix(".png"))
+    click.echo(token_count_table(stats))
+    fb = stats.fallbacks()
+    n_fb = sum(len(v) for k, v in fb.items() if k.endswith(".w13"))
+    click.echo(f"{stats.meta['tokens']} tokens, {len(stats.layers)} layers in {stats.meta['seconds']:.1f} s; "
+               f"{n_fb} layer-experts below --min-tokens {min_tokens} fell back to pooled statistics")
+    click.echo(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')} "
+               f"(peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 
 
 @cli.command("make-checkpoint")
@@ -99,11 +177,19 @@ def make_checkpoint(preset: str, layers: int | None, dtype: str, seed: int, outp
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True,
-              help="fp8: keep FP8 weights and run W8A8 (kernels on a GPU); dense: dequantize to --dtype.")
+@click.option("--backend", type=click.Choice(["auto", "dense", "fp8", "awq", "gguf"]), default="auto",
+              show_default=True,
+              help="fp8: keep FP8 weights and run W8A8 (kernels on a GPU); awq: keep INT4 groups and run W4A16; "
+                   "gguf: run a .gguf file's blocks as stored; dense: dequantize to --dtype.")
+@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(),
+              help="Folder with tokenizer.json and the chat template (default: CKPT; a GGUF file's own vocabulary, "
+                   "and for --chat its source checkpoint).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor parallel: attention heads over N ranks.")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert parallel: experts over M ranks.")
 def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             top_k: int, seed: int, dtype: str, backend: str, device: str | None) -> None:
+             top_k: int, seed: int, dtype: str, backend: str, tokenizer_dir: str | None, device: str | None, tp: int,
+             ep: int) -> None:
     """Generate text from CKPT on the quantkit runtime."""
     import time
 
@@ -115,11 +201,19 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
 
     if max_new_tokens < 1:
         raise QuantkitError("--max-new-tokens must be at least 1")
-    tokenizer = tok.load_tokenizer(ckpt)
+    from quantkit.runtime.gguf import find_gguf, tokenizer_from_gguf
+    from quantkit.runtime.parallel import cli_parallel, is_main
+
+    gguf_file = None if tokenizer_dir else find_gguf(ckpt)  # a GGUF carries its vocabulary (not its template)
+    if gguf_file is not None and chat:
+        raise QuantkitError(f"--chat with {ckpt}: pass --tokenizer FOLDER holding chat_template.jinja")
+    tokenizer_dir = tokenizer_dir or ckpt
+    tokenizer = tokenizer_from_gguf(gguf_file) if gguf_file is not None else tok.load_tokenizer(tokenizer_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _, device = cli_parallel(ckpt, backend, tp, ep, device)  # --tp/--ep: re-runs as max(tp, ep) processes
     model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
                        backend=backend)
-    texts = [tok.apply_chat_template(ckpt, [{"role": "user", "content": p}]) if chat else p for p in prompts]
+    texts = [tok.apply_chat_template(tokenizer_dir, [{"role": "user", "content": p}]) if chat else p for p in prompts]
     ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     if any(not i for i in ids):
         raise QuantkitError("--prompt: empty prompt")
@@ -128,6 +222,8 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
     t0 = time.perf_counter()
     outs = run(model, ids, max_new_tokens, Sampling(temperature, top_p, top_k), stop_ids=stop, seed=seed)
     dt = time.perf_counter() - t0
+    if not is_main():  # every rank computed the same tokens; rank 0 prints them
+        return
     for text, out in zip(prompts, outs):
         click.echo(f"--- {text!r}")
         click.echo(tokenizer.decode(out, skip_special_tokens=False))
@@ -151,11 +247,14 @@ def generate(ckpt: str, prompts: tuple[str, ...], chat: bool, max_new_tokens: in
               help="Comma-separated lm-eval tasks: quantkit_mc, quantkit_gen, quantkit_ppl (offline) or any standard "
                    "task whose data is cached.")
 @click.option("--limit", type=int, default=None, help="At most this many documents per lm-eval task.")
-@click.option("--backend", type=click.Choice(["auto", "dense", "fp8"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dense", "fp8", "awq", "gguf"]), default="auto",
+              show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor parallel: attention heads over N ranks.")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert parallel: experts over M ranks.")
 def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: str | None, window: int,
              max_windows: int, do_needle: bool, needle_lengths: str | None, needle_depths: str | None,
-             tasks: str | None, limit: int | None, backend: str, device: str | None) -> None:
+             tasks: str | None, limit: int | None, backend: str, device: str | None, tp: int, ep: int) -> None:
     """Evaluate CKPT against a reference on quantkit's runtime."""
     import torch
 
@@ -170,11 +269,23 @@ def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: 
             raise QuantkitError(f"{option} {text!r}: expected comma-separated numbers") from None
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from quantkit.runtime.parallel import cli_parallel, is_main
+
+    _, device = cli_parallel(ckpt, backend, tp, ep, device)  # --tp/--ep: re-runs as max(tp, ep) processes
+    if not is_main():  # every rank computes the same results; rank 0 writes them
+        import tempfile
+
+        output = tempfile.mkdtemp(prefix="quantkit-eval-rank")
     res = run_eval(ckpt, reference, output, text_file=text_file, window=window, max_windows=max_windows,
                    backend=backend, device=device, do_fidelity=fidelity, do_needle=do_needle,
                    needle_lengths=numbers(needle_lengths, int, "--needle-lengths"),
                    needle_depths=numbers(needle_depths, float, "--needle-depths"),
                    tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, limit=limit)
+    if not is_main():
+        import shutil
+
+        shutil.rmtree(output, ignore_errors=True)
+        return
     if "fidelity" in res:
         f = res["fidelity"]
         click.echo(f"{f['tokens']} positions: mean KLD {f['kld_mean']:.5f}, p99 {f['kld_p99']:.5f}, top-1 "
@@ -213,6 +324,82 @@ def compare(reference: str, quants: tuple[str, ...], output: str, device: str | 
     rows = run(reference, named, output, device=device, window=window, max_windows=max_windows)
     click.echo(format_table(rows, device), nl=False)
     click.echo(f"wrote {output}/comparison.md, comparison.json, comparison.png")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.option("--repo", "repo_id", required=True, help="Hub repository NAMESPACE/NAME (created if absent).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to commit to (created from main if absent).")
+@click.option("--dry-run", is_flag=True, help="Write README.md and print the upload plan; upload nothing.")
+@click.option("--eval", "eval_dirs", multiple=True, type=click.Path(),
+              help="Folder with results.json / comparison.json for the card (repeat; FOLDER itself is searched too).")
+@click.option("--base-model", default=None, help="Base model repo id for the card (default: the Hub source).")
+@click.option("--commit-size", default="50GB", show_default=True, help="Largest batch of weight files per commit.")
+def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_run: bool,
+            eval_dirs: tuple[str, ...], base_model: str | None, commit_size: str) -> None:
+    """Write FOLDER's model card and upload FOLDER to the Hugging Face Hub (token: HF_TOKEN or hf auth login)."""
+    from quantkit.hub.publish import publish as run
+
+    run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, eval_dirs=list(eval_dirs),
+        base_model=base_model, commit_bytes=parse_size(commit_size, "--commit-size"), echo=click.echo)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for bench.md, bench.json, bench.png.")
+@click.option("--concurrency", default="1,4,32,128", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--input-len", type=int, default=128, show_default=True, help="Prompt tokens per request.")
+@click.option("--output-len", type=int, default=512, show_default=True, help="Generated tokens per request.")
+@click.option("--per-layer", is_flag=True, help="Also time decode per layer against the HBM roofline (real-width "
+              "slices), projected to 62 layers.")
+@click.option("--serving/--no-serving", default=True, show_default=True, help="Run the serving sweep.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Replay decode steps from CUDA graphs on the GPU (where the backend allows).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dense", "fp8", "awq", "gguf"]), default="auto",
+              show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor parallel: attention heads over N ranks.")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert parallel: experts over M ranks.")
+def bench(ckpt: str, output: str, concurrency: str, input_len: int, output_len: int, per_layer: bool, serving: bool,
+          cuda_graphs: bool, dtype: str, backend: str, device: str | None, tp: int, ep: int) -> None:
+    """Serving throughput, TTFT and TPOT at each concurrency (and decode per layer against the roofline)."""
+    import torch
+
+    from quantkit.evals import bench as run
+    from quantkit.runtime import load_model
+    from quantkit.runtime.parallel import cli_parallel, is_main
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise QuantkitError(f"--concurrency {concurrency!r}: expected comma-separated integers") from None
+    if not levels or min(levels) < 1 or input_len < 1 or output_len < 1:
+        raise QuantkitError("--concurrency, --input-len and --output-len must be positive")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec, device = cli_parallel(ckpt, backend, tp, ep, device)
+    model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
+                       backend=backend)
+    world = spec.world if spec else 1
+    meta = run.metadata(ckpt, model, spec, backend, dtype)
+
+    def show(row: dict) -> None:
+        if is_main():
+            click.echo(f"concurrency {row['concurrency']}: {row['output_tok_s']:.1f} output tok/s, TPOT "
+                       f"{row['tpot_ms']['mean']:.2f} ms, TTFT {row['ttft_ms']['mean']:.1f} ms", err=True)
+
+    graphs = None if cuda_graphs else False  # None: wherever the backend can be captured
+    rows = run.serving_sweep(model, levels, input_len, output_len, world, show, graphs) if serving else []
+    layers = []
+    if per_layer:
+        layers, bw = run.per_layer_sweep(model, levels, context=input_len, graphs=cuda_graphs)
+        meta["bandwidth_gb_s"] = bw / 1e9
+    if is_main():
+        run.write_report(output, meta, rows, layers)
+        click.echo((run.format_serving(rows, meta) if rows else "") + (run.format_layers(layers, meta)
+                                                                        if layers else ""), nl=False)
+        click.echo(f"wrote {output}/bench.md, bench.json, bench.png")
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:

@@ -10,6 +10,7 @@ and rewrites config.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
 from quantkit.checkpoint.writer import LOCK_NAME, MANIFEST_NAME
 from quantkit.errors import QuantkitError
 from quantkit.formats import fp8
+from quantkit.hub import source as hub_source
 from quantkit.recipe import Recipe
 
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -47,6 +49,7 @@ class ConvertSummary:
     peak_rss: int
     errors: dict[str, float] = field(default_factory=dict)  # relative RMS quantization error per weight
     kinds: dict[str, str] = field(default_factory=dict)
+    source_lines: list[str] = field(default_factory=list)  # a Hub source: what was downloaded, peak shards on disk
 
     def error_lines(self) -> list[str]:
         by_kind: dict[str, list[tuple[float, str]]] = {}
@@ -68,7 +71,7 @@ class ConvertSummary:
             f"{self.bytes_written / 1e9:.3f} GB written, {self.bytes_read / 1e9:.3f} GB read in {self.seconds:.1f} s: "
             f"{self.bytes_read / 1e9 / s:.2f} GB/s in, {self.bytes_written / 1e9 / s:.2f} GB/s out",
             f"peak RSS {self.peak_rss / 2**30:.2f} GiB",
-        ]
+        ] + self.source_lines
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Plan:
     config: dict
     read_bytes: Callable[[OutTensor], int]
     errors: dict[str, float] = field(default_factory=dict)  # relative RMS quantization error per weight
+    extra_files: Callable[[], dict[str, bytes]] | None = None  # reports written beside config.json at the end
 
 
 def plan_bf16(reader: CheckpointReader, recipe: Recipe) -> Plan:
@@ -169,7 +173,15 @@ def plan_fp8(reader: CheckpointReader, recipe: Recipe) -> Plan:
                 errors)
 
 
-PLANNERS: dict[str, Callable[[CheckpointReader, Recipe], Plan]] = {"bf16": plan_bf16, "fp8": plan_fp8}
+def plan_awq(reader: CheckpointReader, recipe: Recipe) -> Plan:
+    """INT4 AWQ (calibration and search per layer as the writer reaches it): quantkit.calibrate.plan."""
+    from quantkit.calibrate.plan import plan_awq as plan
+
+    return plan(reader, recipe)
+
+
+PLANNERS: dict[str, Callable[[CheckpointReader, Recipe], Plan]] = {"bf16": plan_bf16, "fp8": plan_fp8,
+                                                                    "awq": plan_awq}
 
 
 def shard_errors(plan: Plan, shard) -> dict:
@@ -199,6 +211,8 @@ def aux_files(source: Path, config: dict) -> dict[str, bytes]:
 def default_recipe(target: str, scheme: str | None) -> str:
     if target == "fp8":
         return f"fp8-{scheme or 'block'}"
+    if target == "awq" and not scheme:
+        return "awq-w4a16"
     if scheme:
         raise QuantkitError(f"--scheme {scheme}: --to {target} has no schemes")
     return target
@@ -206,17 +220,40 @@ def default_recipe(target: str, scheme: str | None) -> str:
 
 def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe: str | Path | None = None,
             resume: bool = False, force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD,
-            progress: bool = True, scheme: str | None = None) -> ConvertSummary:
-    source, output = Path(source), Path(output)
+            progress: bool = True, scheme: str | None = None, keep_source: bool = False,
+            download_dir: str | Path | None = None, gguf: dict | None = None,
+            awq: dict | None = None) -> ConvertSummary:
+    """Convert `source` (a folder, or a Hub repo id `NAMESPACE/NAME[@REVISION]`) into `output`."""
+    if target == "gguf":  # GGUF is not safetensors shards: its own planner and writer (quantkit.gguf_convert)
+        if hub_source.parse_repo_arg(str(source)) is not None:  # its writer has no release hook yet
+            raise QuantkitError(f"{source}: --to gguf converts a local folder; download the repo first "
+                                f"(hf download {str(source).split('@')[0]} --local-dir DIR)")
+        from quantkit.gguf_convert import convert_gguf
+
+        return convert_gguf(source, output, recipe=recipe, resume=resume, force=force, progress=progress,
+                            **(gguf or {}))
     if target not in PLANNERS:
         raise QuantkitError(f"--to {target}: not available (available: {', '.join(PLANNERS)})")
+    hub = None
+    repo = hub_source.parse_repo_arg(str(source))
+    if repo is not None:  # shards are downloaded as the conversion reaches them, and deleted once consumed
+        folder = Path(download_dir) if download_dir else hub_source.default_download_dir(Path(output))
+        out_real, dl_real = os.path.realpath(output), os.path.realpath(folder)
+        if dl_real == out_real or out_real.startswith(dl_real + os.sep) or dl_real.startswith(out_real + os.sep):
+            raise QuantkitError(f"--download-dir {folder}: must not be the output folder {output}, hold it, or lie "
+                                "inside it")
+        hub = hub_source.HubSource.open(*repo, folder, keep=keep_source, progress=progress)
+        source = hub.folder
+    source, output = Path(source), Path(output)
     check_paths(source, output)
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, remote=hub)
     rec = Recipe.load(recipe or default_recipe(target, scheme))
     if scheme and rec.options.get("scheme", scheme) != scheme:
         raise QuantkitError(f"recipe {rec.name!r} is for --scheme {rec.options['scheme']}, not --scheme {scheme}")
     if rec.target != target:
         raise QuantkitError(f"recipe {rec.name!r} is for --to {rec.target}, not --to {target}")
+    if awq:  # --awq-format, --calib ...: recipe options, so that they enter the job fingerprint
+        rec = dataclasses.replace(rec, options={**rec.options, **{k: v for k, v in awq.items() if v is not None}})
     plan = PLANNERS[target](reader, rec)
     shards = plan_shards(plan.tensors, max_shard_bytes)
     job = {
@@ -226,6 +263,9 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
         "target": target,
         "max_shard_bytes": max_shard_bytes,
     }
+    if hub is not None:
+        job["hub_source"] = hub.spec  # repo@commit: what the model card names as the base model
+        hub.plan_release(reader, shards)
     crash_after = int(os.environ.get("QUANTKIT_CRASH_AFTER_SHARDS", "0"))  # fault injection for resume tests
     start = time.perf_counter()
     read = reused = 0
@@ -254,15 +294,17 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
 
         written = 0
         try:
-            for shard in shards:
+            for i, shard in enumerate(shards):
                 if folder.verified(shard):
                     reused += 1
                     for t in shard.tensors:
                         on_tensor(t)
-                    continue
-                folder.write_shard(shard, plan.produce, on_tensor, record=lambda s=shard: shard_errors(plan, s))
-                read += sum(plan.read_bytes(t) for t in shard.tensors)
-                written += 1
+                else:
+                    folder.write_shard(shard, plan.produce, on_tensor, record=lambda s=shard: shard_errors(plan, s))
+                    read += sum(plan.read_bytes(t) for t in shard.tensors)
+                    written += 1
+                if hub is not None:
+                    hub.shard_done(i, reader)  # source shards no later output shard needs are deleted
                 if crash_after and written >= crash_after:
                     os._exit(137)
         finally:
@@ -272,10 +314,16 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
                 bar.close()
             bar_units.close()
         aux = aux_files(source, plan.config)
+        if hub is not None:  # the repo's files only: --download-dir may hold other things
+            aux = {n: d for n, d in aux.items() if n == "config.json" or hub.has(n)}
+        if plan.extra_files is not None:
+            aux.update(plan.extra_files())
         folder.finish(shards, aux)
         total_written = folder.written_bytes + sum(len(d) for d in aux.values())
         errors = {n: e for rec_ in folder.manifest["shards"].values() for n, e in rec_.get("rel_rms", {}).items()}
     reader.close()
+    if hub is not None:
+        hub.finish()
     return ConvertSummary(
         output=output,
         shards=len(shards),
@@ -287,4 +335,5 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         errors=errors,
         kinds={s.name: s.kind for s in reader.specs()},
+        source_lines=hub.lines() if hub is not None else [],
     )

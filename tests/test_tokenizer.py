@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 
-# A local folder never needs the Hub; this makes any accidental Hub call fail fast instead of hanging.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.tokenizer import (  # noqa: E402
+from quantkit.errors import QuantkitError
+from quantkit.tokenizer import (
     MAX_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
     PRE_TOKENIZER_PATTERN,
@@ -36,6 +32,14 @@ TWO_TURNS = [
     {"role": "user", "content": "Thanks! 🎉"},
     {"role": "assistant", "content": "You're welcome."},
 ]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """A local folder never needs the Hub: any accidental Hub call in these tests fails fast instead of hanging.
+    Set per test, not at import, so that other test files (the local Hub server's) keep the Hub reachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

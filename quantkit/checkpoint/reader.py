@@ -9,6 +9,9 @@ that escape the folder, missing or truncated shards, corrupt headers, missing te
 config.json, pickled `.bin` weights (refused, never unpickled). Tensors are then read one at a time through
 `safe_open`. Its memory map keeps every page it has touched resident while the handle is open, so one handle is
 open at a time and it is reopened after READ_WINDOW bytes: resident memory stays bounded whatever the shard size.
+
+With `remote=` (quantkit.hub.source.HubSource) the shards need not be on disk yet: their headers come from the
+remote store, and a shard is fetched the first time a tensor in it is read.
 """
 
 from __future__ import annotations
@@ -63,15 +66,16 @@ def _pickle_error(path: Path) -> QuantkitError:
 
 
 class CheckpointReader:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, remote=None):
         self.folder = Path(folder)
+        self.remote = remote  # shard_names(), has(name), header(path), ensure(path): shards fetched on demand
         if not self.folder.is_dir():
             raise QuantkitError(f"{self.folder}: no such checkpoint folder")
         self.config = MiniMaxM2Config.from_folder(self.folder)
         self.shards = self._find_shards()
         self.entries: dict[str, TensorEntry] = {}
         for shard in self.shards:
-            entries, _ = read_header(shard)
+            entries, _ = self.remote.header(shard) if self.remote else read_header(shard)
             for name, entry in entries.items():
                 if name in self.entries:
                     raise QuantkitError(f"{shard}: tensor {name!r} is also stored in {self.entries[name].file.name}")
@@ -103,12 +107,15 @@ class CheckpointReader:
                 path = _shard_path(self.folder, name, str(index))
                 if path.suffix in PICKLE_SUFFIXES:  # else refused as a "corrupt safetensors header": misleading
                     raise _pickle_error(path)
-                if not path.is_file():
+                if not path.is_file() and not (self.remote and self.remote.has(path.name)):
                     raise QuantkitError(f"{path}: missing shard (listed in {INDEX_NAME})")
                 shards.append(path)
             return shards
         self._weight_map = None
-        singles = sorted(self.folder.glob("*.safetensors"))
+        if self.remote:
+            singles = [self.folder / n for n in self.remote.shard_names()]
+        else:
+            singles = sorted(self.folder.glob("*.safetensors"))
         if singles:
             if len(singles) > 1:
                 raise QuantkitError(f"{self.folder}: {len(singles)} safetensors files but no {INDEX_NAME}")
@@ -175,6 +182,8 @@ class CheckpointReader:
 
     def _handle(self, entry: TensorEntry, nbytes: int):
         """The shard's safe_open handle, reopened once READ_WINDOW bytes have been read through it."""
+        if self.remote:
+            self.remote.ensure(entry.file)  # downloaded (and checksummed) the first time one of its tensors is read
         slot = self._open
         if slot is None or slot[0] != entry.file or slot[2] + nbytes > READ_WINDOW:
             self._open = None  # one mapping at a time: drop the old one before opening

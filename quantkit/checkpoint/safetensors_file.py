@@ -76,6 +76,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raw = f.read(n)
     except OSError as e:
         raise QuantkitError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate the JSON header `raw` of a safetensors file of `size` bytes. The file itself is not read, so a
+    shard that is still on a remote store is checked from its first bytes alone (quantkit.hub.source)."""
+    n = len(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly nested JSON

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch import nn
 from quantkit.arch import MiniMaxM2Config
 from quantkit.checkpoint import CheckpointReader
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    from quantkit.runtime.parallel import ParallelSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,6 +64,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, NKV, T, D] at column `length`; return the layer's keys and values so far.
+        The cache owns where a step's keys go, so other layouts (the serving loop's per-slot cache) plug in here."""
+        s0, t = self.length, k.shape[2]
+        self.k[layer][:, :, s0:s0 + t] = k
+        self.v[layer][:, :, s0:s0 + t] = v
+        return self.k[layer][:, :, :s0 + t], self.v[layer][:, :, :s0 + t]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMaxM2Config):
@@ -84,10 +96,7 @@ class Attention(nn.Module):
         k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        s0 = cache.length
-        cache.k[layer][:, :, s0:s0 + T] = k
-        cache.v[layer][:, :, s0:s0 + T] = v
-        keys, values = cache.k[layer][:, :, :s0 + T], cache.v[layer][:, :, :s0 + T]
+        keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
                                              enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
@@ -104,9 +113,11 @@ class DenseExperts(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(e, h, i))  # down_proj
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """h [N, H], idx and w [N, K] -> [N, H]"""
+        """h [N, H], idx and w [N, K] -> [N, H]; ids < 0 route the slot nowhere (experts held by another rank)"""
         out = torch.zeros_like(h)
         for e in idx.unique().tolist():
+            if e < 0:
+                continue
             rows, slot = (idx == e).nonzero(as_tuple=True)
             x = h[rows]
             y = (F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t()
@@ -214,21 +225,55 @@ def checkpoint_fp8_scheme(reader: CheckpointReader) -> str | None:
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               reader: CheckpointReader | None = None, backend: str = "dense") -> MiniMaxM2:
+               reader: CheckpointReader | None = None, backend: str = "dense",
+               parallel: ParallelSpec | None = None) -> MiniMaxM2:
     """Build the model and fill it from a checkpoint through the reader.
 
     backend "dense": every weight in `dtype` (FP8 dequantized on read). "fp8": attention projections and experts
-    stay in FP8 as stored and run W8A8 (an FP8 checkpoint is required). "auto": fp8 for FP8 checkpoints.
+    stay in FP8 as stored and run W8A8 (an FP8 checkpoint is required). "awq": packed INT4 weights (AutoAWQ or
+    compressed-tensors pack-quantized) stay packed and run W4A16 (quantkit/runtime/awq.py). "auto": fp8 for FP8
+    checkpoints, awq for INT4 ones.
+    parallel: this rank's place in a tensor/expert-parallel run (default: the one set up in this process, if any);
+    the rank then reads only its slice (quantkit/runtime/parallel.py). At world size 1 it changes nothing.
+    A .gguf file (any split of one, or a folder holding one) loads through quantkit/runtime/gguf.py: backend "gguf"
+    or "auto" keeps its Q8_0/Q4_K/Q5_K/Q6_K blocks as stored, "dense" dequantizes them.
     """
-    reader = reader or CheckpointReader(folder)
+    from quantkit.runtime.gguf import find_gguf
+
+    gguf_path = find_gguf(folder) if reader is None else None  # a .gguf file, or a folder holding one GGUF model
+    if gguf_path is not None or backend == "gguf":
+        from quantkit.runtime.gguf import load_gguf_model
+
+        if gguf_path is None:
+            raise QuantkitError(f"{folder}: the gguf backend needs a GGUF file (a .gguf path, or a folder holding one)")
+        if backend not in ("auto", "gguf", "dense"):
+            raise QuantkitError(f"{gguf_path}: a GGUF file runs on the gguf backend (or dense), not {backend!r}")
+        from quantkit.runtime import parallel as par
+
+        spec = parallel or par.active_spec()
+        if spec is not None and spec.world > 1:
+            raise QuantkitError(f"{gguf_path}: GGUF files run on one device (no --tp/--ep for them yet)")
+        return load_gguf_model(gguf_path, dtype=dtype, device=device, dense=backend == "dense")
+    from quantkit.formats.awq import open_awq_reader  # INT4 checkpoints store packed tensors where others hold .weight
+
+    reader = reader or open_awq_reader(folder) or CheckpointReader(folder)
     cfg = reader.config
     scheme = checkpoint_fp8_scheme(reader)
+    int4 = getattr(reader, "awq", None) is not None
     if backend == "auto":
-        backend = "fp8" if scheme else "dense"
+        backend = "fp8" if scheme else "awq" if int4 else "dense"
     if backend == "fp8" and scheme is None:
         raise QuantkitError(f"{reader.folder}: the fp8 backend needs an FP8 checkpoint (block or channel scales)")
-    if backend not in ("dense", "fp8"):
-        raise QuantkitError(f"backend {backend!r}: choose dense, fp8 or auto")
+    if backend == "awq" and not int4:
+        raise QuantkitError(f"{reader.folder}: the awq backend needs an AWQ checkpoint (AutoAWQ or compressed-tensors "
+                            f"pack-quantized INT4)")
+    if backend not in ("dense", "fp8", "awq"):
+        raise QuantkitError(f"backend {backend!r}: choose dense, fp8, awq or auto")
+    from quantkit.runtime import parallel as par
+
+    parallel = parallel or par.active_spec()
+    if parallel is not None and parallel.world > 1:
+        return par.load_sharded(reader, dtype, device, backend, parallel)
     with torch.device("meta"):
         model = MiniMaxM2(cfg)
         if backend == "fp8":
@@ -240,6 +285,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
                 att.q_proj, att.k_proj = Fp8Linear(h, q, scheme), Fp8Linear(h, kv, scheme)
                 att.v_proj, att.o_proj = Fp8Linear(h, kv, scheme), Fp8Linear(q, h, scheme)
                 block.moe.experts = Fp8Experts(cfg.num_local_experts, h, cfg.intermediate_size, scheme)
+        elif backend == "awq":
+            from quantkit.runtime.awq import install
+
+            install(model, reader)  # AwqLinear / AwqExperts where the checkpoint stores packed weights
     model = model.to_empty(device=device)
     for p in model.parameters():  # floating-point weights in dtype; FP8 weights and all scales as they are
         if p.dtype == torch.float32:
@@ -276,6 +325,8 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
                     w, s = raw(name)
                     mod.weight.copy_(w)
                     mod.weight_scale.copy_(s)
+                elif hasattr(mod, "load"):  # AwqLinear
+                    mod.load(reader, name)
                 else:
                     mod.weight.copy_(get(name))
             att.q_norm.copy_(get(p + "self_attn.q_norm.weight"))
@@ -294,6 +345,8 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
                     ex.w13_scale[e].copy_(torch.cat([s1, s3]))
                     ex.w2[e].copy_(w2)
                     ex.w2_scale[e].copy_(s2)
+                elif hasattr(ex, "load_expert"):  # AwqExperts
+                    ex.load_expert(reader, e, f"{m}experts.{e}.")
                 else:
                     for w in ("w1", "w2", "w3"):
                         getattr(ex, w)[e].copy_(get(f"{m}experts.{e}.{w}.weight"))

@@ -1,0 +1,144 @@
+"""Fused mixture-of-experts over GGUF block-quantized experts (Q8_0, Q4_K, Q5_K, Q6_K), in Triton.
+
+    out[t] = sum over slots s of topk_weights[t, s] * D_e (silu(G_e x_t) * (U_e x_t)),  e = topk_ids[t, s]
+
+with the experts as llama.cpp stacks them in a GGUF file, bytes read as stored:
+
+Usage:
+    from quantkit.kernels.gguf_moe import fused_moe_gguf
+
+    out = fused_moe_gguf(x, gate, up, down, topk_weights, topk_ids, ("q4_k", "q4_k", "q6_k"))
+    # x [M, H] bf16/fp16/fp32; gate, up uint8 [E, I, H/QK*size] (ffn_gate_exps, ffn_up_exps; ggml {H, I, E});
+    # down uint8 [E, H, I/QK*size] (ffn_down_exps; ggml {I, H, E}); topk_weights fp32 [M, topk], topk_ids int [M, topk]
+    # (ids outside [0, E) route the slot nowhere); qtypes: gate's, up's and down's (Q4_K_M mixes types)
+
+The structure is kernels/fp8_moe.py's, with the activations kept in x's dtype instead of quantized: the (token, slot)
+pairs sorted by expert and padded to BLOCK_M without a host sync (`_route`); GEMM 1, one launch for all experts,
+each program dequantizing a gate tile and the matching up tile of its expert and writing silu(gate) * up
+[M*topk, I] in x.dtype; GEMM 2 against down with the router weight in the epilogue [M*topk, H]; the atomic-free sum
+over slots. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
+
+`fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
+rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
+`configs/gguf_moe.json`, shape key "E=..,I=..,H=..,<gate qtype>,<up qtype>,<down qtype>", by M bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .fp8_gemm import INTERPRETED, device_key, load_config_table, out_mantissa_bits, select_config
+from .fp8_moe import _moe_sum, _route
+from .gguf_gemm import ACT_DTYPES, check_device, check_weight_bytes, dequantize_ref, launch_gguf_matmul
+
+
+def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    qtypes: tuple[str, str, str]) -> tuple[int, int, int, int, int]:
+    if x.dim() != 2 or x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be [M, H] in one of {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    if len(qtypes) != 3:
+        raise ValueError(f"qtypes must be (gate, up, down), got {qtypes!r}")
+    m, h = x.shape
+    if gate.dim() != 3 or up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"gate, up and down must be 3-D [E, rows, bytes], got {tuple(gate.shape)}, "
+                         f"{tuple(up.shape)}, {tuple(down.shape)}")
+    e, i = gate.shape[0], gate.shape[1]
+    if tuple(up.shape[:2]) != (e, i) or tuple(down.shape[:2]) != (e, h):
+        raise ValueError(f"up must be [E={e}, I={i}, ..] and down [E={e}, H={h}, ..], got {tuple(up.shape)} and "
+                         f"{tuple(down.shape)}")
+    check_weight_bytes(gate, h, qtypes[0], "gate")
+    check_weight_bytes(up, h, qtypes[1], "up")
+    check_weight_bytes(down, i, qtypes[2], "down")
+    if x.stride(1) != 1 and h > 1:
+        raise ValueError("x must be contiguous along H")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != m or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights and topk_ids must both be [M={m}, topk], got {tuple(topk_weights.shape)} "
+                         f"and {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_weights.dtype != torch.float32:
+        raise ValueError(f"topk_ids must be integer and topk_weights float32, got {topk_ids.dtype} and "
+                         f"{topk_weights.dtype}")
+    return m, h, e, i, topk_ids.shape[1]
+
+
+def _moe_default_config(m: int, topk: int, num_experts: int) -> dict:
+    if INTERPRETED:
+        # the interpreter pays per program instance and per operation, not per element: few, large tiles
+        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
+    # H100/H200. BLOCK_M follows the expected pairs per expert, so decode pads little. At one or two pairs per
+    # expert (MiniMax-M2 up to M = 64) the fp32 FMA path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
+    per_expert = m * topk / max(num_experts, 1)
+    if per_expert <= 2:
+        return dict(BLOCK_M=2, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2)
+    if per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
+    if per_expert <= 32:
+        return dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def moe_shape_key(num_experts: int, inter: int, hidden: int, qtypes: tuple[str, str, str]) -> str:
+    return f"E={num_experts},I={inter},H={hidden},{','.join(qtypes)}"
+
+
+def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int,
+               qtypes: tuple[str, str, str]) -> dict:
+    """Block configuration for both GEMMs (they share BLOCK_M): configs/gguf_moe.json, else the defaults."""
+    return select_config(load_config_table("gguf_moe.json"), device_key(device),
+                         moe_shape_key(num_experts, inter, hidden, qtypes), m,
+                         _moe_default_config(m, topk, num_experts))
+
+
+def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, qtypes: tuple[str, str, str],
+                   config: dict | None = None) -> torch.Tensor:
+    """MoE layer with GGUF experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring.
+
+    config overrides the block configuration (the tuning script's candidates)."""
+    m, h, e, i, topk = _check_moe_args(x, gate, up, down, topk_weights, topk_ids, qtypes)
+    device = check_device(x, gate, up, down, topk_weights, topk_ids)
+    if m == 0:
+        return torch.empty_like(x)
+    cfg = config or moe_config(device, m, topk, e, i, h, qtypes)
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    weights = topk_weights.contiguous().view(-1)  # [M*topk]
+    routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
+
+    # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
+    # only, where garbage could make numpy warn
+    alloc = torch.zeros if INTERPRETED else torch.empty
+    inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+    launch_gguf_matmul(x, gate, qtypes[0], inter, i, h, cfg, u=up, qtype_up=qtypes[1], routing=routing,
+                       a_row_div=topk)
+    y = alloc((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
+    launch_gguf_matmul(inter, down, qtypes[2], y, h, i, cfg, routing=routing, a_row_div=1, mul_routed_weight=True)
+
+    out = torch.empty_like(x)  # [M, H]
+    block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
+    _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
+        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
+        out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
+        OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
+    )
+    return out
+
+
+def fused_moe_gguf_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       qtypes: tuple[str, str, str]) -> torch.Tensor:
+    """Reference of fused_moe_gguf: a loop over the routed experts in PyTorch, fp32 math on dequantized weights,
+    rounded to x.dtype where the kernel rounds (the intermediate, each slot's output, the sum)."""
+    m, h, e, i, topk = _check_moe_args(x, gate, up, down, topk_weights, topk_ids, qtypes)
+    xf = x.float()
+    slots = torch.zeros((m, topk, h), dtype=torch.float32, device=x.device)  # [M, topk, H]
+    for ex in range(e):
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        g = xf[tok] @ dequantize_ref(gate[ex], qtypes[0]).t()  # [n, I]
+        u = xf[tok] @ dequantize_ref(up[ex], qtypes[1]).t()
+        inter = (g * torch.sigmoid(g) * u).to(x.dtype).float()  # [n, I]
+        y = (inter @ dequantize_ref(down[ex], qtypes[2]).t()) * topk_weights[tok, slot][:, None]  # [n, H]
+        slots[tok, slot] = y.to(x.dtype).float()
+    return slots.sum(dim=1).to(x.dtype)

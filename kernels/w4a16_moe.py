@@ -1,0 +1,457 @@
+"""Fused mixture-of-experts with INT4 weights and 16-bit activations (W4A16, AWQ groups), in Triton.
+
+    out[t] = sum over slots s of topk_weights[t, s] * W2_e (silu(W1_e x_t) * (W3_e x_t)),  e = topk_ids[t, s]
+
+Usage:
+    from quantkit.kernels.w4a16_gemm import awq_to_kmajor
+    from quantkit.kernels.w4a16_moe import fused_moe_w4a16
+
+    w13 = awq_to_kmajor(w13_qweight, w13_qzeros, w13_scales)  # once, at load: AutoAWQ [E, H, 2I/8] -> K-major
+    w2 = awq_to_kmajor(w2_qweight, w2_qzeros, w2_scales)
+    out = fused_moe_w4a16(x, *w13, *w2, topk_weights, topk_ids)
+    # x [M, H] bf16/fp16/fp32; experts stacked in the K-major layout (kernels/w4a16_gemm.py, `pack_kmajor`):
+    #   w13_qweight int32 [E, 2I, H/8], w13_zeros uint8 [E, 2I, H/G], w13_scales [E, 2I, H/G]
+    #     (rows [0, I) gate = w1, [I, 2I) up = w3)
+    #   w2_qweight  int32 [E, H, I/8],  w2_zeros  uint8 [E, H, I/G],  w2_scales  [E, H, I/G]
+    #   in each group of G codes of a row (G/8 words), nibble j of word c holds code j * G/8 + c;
+    #   W[n, k] = (q[n, k] - z[n, k/G]) * s[n, k/G]
+    # topk_weights fp32 [M, topk], topk_ids int [M, topk]; ids outside [0, E) route the slot nowhere
+
+Why this layout. AutoAWQ packs eight output columns per word, so a row of its qweight is N/2 bytes along N and the K
+loop of a tile BLOCK_N wide reads BLOCK_N/2 contiguous bytes per K row (32 bytes at BLOCK_N = 64): small, scattered
+transactions and many short iterations, which held the AutoAWQ-layout kernel to 14-23% of HBM bandwidth on an H200
+at decode sizes. Here each output row's codes are contiguous along K: one group of 128 codes is 64 contiguous bytes
+(four 16-byte vector loads per row), its zero and scale sit beside it in [E, N, K/G] arrays, and a program streams
+whole rows. Inside a group the codes are transposed: nibble j of the group's words holds G/8 consecutive codes, so
+the activations one nibble place multiplies are one contiguous vector (one load per thread and nibble, shared by
+all the rows the thread holds) and, for the tensor cores, one [BLOCK_M, G/8] slice of x. Both AutoAWQ and
+compressed-tensors checkpoints are repacked to it once at load (quantkit/runtime/awq.py); the repack is torch ops
+on the GPU, a few milliseconds per MoE layer (scripts/bench_w4a16.py measures it).
+
+Steps, as in kernels/fp8_moe.py (whose routing and slot-sum kernels this module imports): sort the (token, slot)
+pairs by expert, each expert's run padded to a multiple of BLOCK_M, with no host sync; GEMM 1 over that list, one
+launch for all experts, each program computing gate rows and the matching up rows and writing silu(gate) * up
+[M*topk, I] in x.dtype; GEMM 2 [M*topk, I] x W2^T with the router weight multiplied in the epilogue [M*topk, H]; the
+sum over the topk slots in fp32. The whole layer can be captured in a CUDA graph. Two kernels, one layout; the block
+configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key:
+
+  "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
+      up rows in GEMM 1, 2 x BLOCK_N output rows in GEMM 2) of one expert for the BLOCK_M pairs of one block and
+      walks K one group at a time, with the words of the next PREFETCH groups in flight (registers). CUDA cores, no
+      tensor cores, fp32 throughout. Per weight: one LOP3, one
+      FADD with an immediate and one FFMA. The nibble is not shifted down: nibble j (e = j for j < 5; for j >= 5
+      e = j - 3, read from the word shifted right by 12, one shift per word) sits at bits 4e .. 4e+3, which are
+      mantissa bits of a float with exponent 2^(23-4e) whose ulp is 16^-e, so OR-ing the exponent in gives
+      2^(23-4e) + q and subtracting 2^(23-4e) gives q exactly. The zero point enters once per row and group as
+      z * sum(x), the scale multiplies each group's sum: not per weight. Integer-to-float conversions (a quarter of
+      the FMA rate on Hopper) are avoided entirely; the dequantized words of a group are shared by the BLOCK_M
+      tokens of the block. The compiled loop (sm_90, triton 3.9, read from the SASS) issues about 6.5 instructions
+      per weight at BLOCK_N = 16 on 2 warps and 5 at BLOCK_N = 64 (3 of them the LOP3 / FADD / FFMA). An SM issues
+      at most 4 warp instructions per cycle, 128 thread instructions: at 5 per weight that is 25 weights (13 bytes)
+      per cycle, about 3 TB/s over 132 SMs at 1.75 GHz, so instruction issue, not DRAM, bounds this path (to some
+      55-75% of an H200's 4.2 TB/s); the tuner picks the tile that does best.
+  "dot" (prefill): tensor cores, one group per iteration: for each nibble place j the [BLOCK_N, G/8] words give
+      a [G/8, BLOCK_N] operand (q - z exactly as above, with the zero point folded into the subtracted bias; cast to
+      x.dtype, exact since |q - z| <= 15) against the [BLOCK_M, G/8] slice of x it multiplies, eight tl.dot with
+      K = G/8 (16 at G = 128, the tensor cores' K step; the path needs G >= 128 on a GPU) summed into the group's
+      partial product, which the group scale multiplies.
+
+`fused_moe_w4a16_ref` loops over experts in PyTorch on the dequantized weights with the same roundings (the
+intermediate and each slot's output in x.dtype), so kernels and reference agree to fp32 summation order. Running on
+CPU (Triton's interpreter) follows kernels/fp8_gemm.py: loads are converted to fp32 at once, outputs rounded to the
+bf16 grid before the store (`OUT_MANT`). Block configurations: `configs/w4a16_moe.json` under shape keys
+"E=..,I=..,H=..,G=..", one config for both GEMMs (they walk the same padded list, so they share BLOCK_M), written by
+`scripts/bench_w4a16.py --tune-seconds S`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_gemm import ACT_DTYPES, INTERPRETED, device_key, load_config_table, out_mantissa_bits
+from .fp8_gemm import triton_kernel as _jit
+from .fp8_moe import _moe_sum, _route
+from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
+
+# K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
+MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages")
+PATHS = ("gemv", "dot")
+
+
+def _moe_gemv_kernel(
+    a_ptr,  # A [rows, K] activations, contiguous along K
+    b_ptr, z_ptr, s_ptr,  # qweight int32 [E, Nb, K/8], zeros uint8 [E, Nb, K/G], scales [E, Nb, K/G]
+    c_ptr,  # C [M*topk, N]
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    N, num_valid_tokens, num_pid_m,
+    stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
+    K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
+    GROUP: tl.constexpr,  # quantization group along K: one loop iteration
+    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
+    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
+    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
+    # the same time, so the second read hits L2
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    # the grid covers the worst case; row blocks past the padded list's end have nothing to do
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+
+    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
+    offs_tok64 = offs_tok.to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    HALVES: tl.constexpr = 2 if GATED else 1
+    ROWS: tl.constexpr = HALVES * BLOCK_N
+    GW: tl.constexpr = GROUP // 8  # words per row and group
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS] output column of each weight row
+    row_mask = offs_n < N
+    rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)  # [ROWS] gate rows, then (GATED) the up rows N further
+    offs_c = tl.arange(0, GW)  # [GW]
+    w_ptrs = b_ptr + expert * stride_be + rows[:, None] * stride_bn + offs_c[None, :]  # [ROWS, GW]
+    z_ptrs = z_ptr + expert * stride_ze + rows * stride_zn  # [ROWS]
+    s_ptrs = s_ptr + expert * stride_se + rows * stride_sn  # [ROWS]
+    tcol = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+
+    # BLOCK_M == 1 accumulates [ROWS] in the layout the row sums come out in (no layout change in the loop); more
+    # tokens go into the columns of a [ROWS, BLOCK_M] tile of that same layout
+    acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
+    words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
+    if PREFETCH == 2:
+        nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < K // 8)[None, :], other=0)  # group 1
+    for kb in range(0, K // GROUP):
+        # the next PREFETCH groups' words in flight while this one is computed (loads past K are masked off):
+        # registers, not shared memory, so it happens whatever num_stages says (Triton pipelines loads into dots)
+        ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < K // 8)[None, :]
+        ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
+        z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
+        s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
+        hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+        for t in tl.static_range(BLOCK_M):
+            # token t of the block: the dequantized words are the same expressions for every t (computed once)
+            tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
+            x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + kb * GROUP + offs_c[None, :]  # [1, GW]
+            x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
+            part = tl.zeros((ROWS, GW), dtype=tl.float32)
+            xs = tl.zeros((1, GW), dtype=tl.float32)
+            for j in tl.static_range(8):
+                if j < 5:
+                    src = words
+                    e = j
+                else:
+                    src = hi
+                    e = j - 3
+                # q exactly: the nibble in the mantissa of 2^(23-4e), which an immediate subtraction removes
+                q = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True) \
+                    - (1 << (23 - 4 * e))  # [ROWS, GW]
+                # nibble j of the group's words: codes j * GW .. j * GW + GW - 1, one contiguous vector load
+                xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [1, GW]
+                xs += xj
+                part += q * xj  # [ROWS, GW]
+            # the zero point once per row and group: sum (q - z) x = sum q x - z sum x
+            rs = (tl.sum(part, axis=1) - z * tl.sum(tl.sum(xs, axis=1), axis=0)) * s  # [ROWS]
+            if BLOCK_M == 1:
+                acc += rs
+            else:
+                acc += tl.where(tcol[None, :] == t, rs[:, None], 0.0)  # [ROWS, BLOCK_M]
+        if PREFETCH == 2:
+            words = nxt
+            nxt = ahead
+        else:
+            words = ahead
+
+    if BLOCK_M == 1:
+        acc = tl.reshape(acc, (1, ROWS))
+    else:
+        acc = tl.trans(acc)  # [BLOCK_M, ROWS]
+    if GATED:
+        acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))  # [BLOCK_M, gate | up, BLOCK_N]
+        half = tl.arange(0, 2)[None, :, None]
+        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)  # [BLOCK_M, BLOCK_N]
+        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
+        out = gate * tl.sigmoid(gate) * up  # silu(gate) * up, in fp32
+    else:
+        out = acc
+    if MUL_ROUTED_WEIGHT:
+        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+        out = out * rw[:, None]
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first (kernels/fp8_gemm.py)
+        mag = tl.abs(out)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        out = tl.where(out < 0, -mag, mag)
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & (offs_out < N)[None, :])
+
+
+def _moe_dot_kernel(
+    a_ptr,  # A [rows, K] activations, contiguous along K
+    b_ptr, z_ptr, s_ptr,  # qweight int32 [E, Nb, K/8], zeros uint8 [E, Nb, K/G], scales [E, Nb, K/G]
+    c_ptr,  # C [M*topk, N]
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    N, num_valid_tokens, num_pid_m,
+    stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
+    K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
+    GROUP: tl.constexpr,  # quantization group along K: one loop iteration, eight tl.dot of GROUP/8 along K
+    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
+    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
+    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+
+    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    tok_mask = offs_tok < num_valid_tokens
+    offs_tok64 = offs_tok.to(tl.int64)
+    a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    GW: tl.constexpr = GROUP // 8  # words per row and group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_mask = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    offs_c = tl.arange(0, GW)  # [GW]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_c[None, :]  # [BLOCK_M, GW] nibble 0's codes of group 0
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + offs_c[None, :]  # [BLOCK_N, GW]
+    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn  # [BLOCK_N]
+    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn  # [BLOCK_N]
+    HALVES: tl.constexpr = 2 if GATED else 1  # GATED: the up projection's rows, N further along
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // GROUP):
+        for hf in tl.static_range(HALVES):
+            words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
+            z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
+            hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                # nibble j of the group's words holds codes j * GW .. j * GW + GW - 1: one [BLOCK_M, GW] x
+                # [GW, BLOCK_N] product; q - z exactly as in the GEMV kernel, in [-15, 15]: exact in bf16/fp16
+                a = tl.load(a_ptrs + j * GW, mask=tok_mask[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                if j < 5:
+                    src = words
+                    e = j
+                else:
+                    src = hi
+                    e = j - 3
+                f = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True)
+                w = (f - (z + (1 << (23 - 4 * e)))[:, None]).to(a.dtype)  # [BLOCK_N, GW]
+                if F32_DOT:
+                    part = tl.dot(a, tl.trans(w), part, input_precision="ieee")
+                else:
+                    part = tl.dot(a, tl.trans(w), part)
+            s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+            if hf == 0:
+                acc += part * s[None, :]
+            else:
+                acc_up += part * s[None, :]
+        a_ptrs += GROUP
+        b_ptrs += GW
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if MUL_ROUTED_WEIGHT:
+        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+        acc = acc * rw[:, None]
+    if OUT_MANT:
+        mag = tl.abs(acc)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        acc = tl.where(acc < 0, -mag, mag)
+    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+
+
+_moe_gemv = _jit(_moe_gemv_kernel)
+_moe_dot = _jit(_moe_dot_kernel)
+
+
+def _moe_default_config(m: int, topk: int, num_experts: int, g: int) -> dict:
+    per_expert = m * topk / max(num_experts, 1)  # pairs per expert, on average
+    if INTERPRETED:
+        # the interpreter pays per program instance and per operation, not per element: few, large tiles
+        if per_expert <= 4:
+            return dict(PATH="gemv", BLOCK_M=4, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=1)
+        return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
+    # H100/H200. Decode reads weights and nothing else: the GEMV path, one pair per program while most experts get
+    # one token (a second pair of the same expert re-reads its rows from L2), then two and four. BLOCK_N = 16: 32
+    # weight rows of 64 bytes per group on 2 warps, two 16-byte loads per thread and group, 72 registers, 768
+    # programs for each GEMM at M = 1, all resident at once. Then every row of the
+    # 8 experts is being read and the bytes in flight are rows x groups ahead x 64: 24576 x 2 x 64 = 3.1 MB at
+    # PREFETCH = 2, about what 4.2 TB/s needs over a DRAM latency of ~700 ns (Little's law); PREFETCH = 1 halves it.
+    if per_expert <= 1 or g < 128:  # (the dot path's tl.dot needs K = G/8 >= 16)
+        return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
+    if per_expert <= 4:
+        return dict(PATH="gemv", BLOCK_M=2 if per_expert <= 2 else 4, BLOCK_N=16, GROUP_M=1, PREFETCH=2,
+                    num_warps=2, num_stages=1)
+    if per_expert <= 32:
+        return dict(PATH="dot", BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def select_moe_config(table: dict, device: str, shape: str, m: int, default: dict) -> dict:
+    """The tuned config for (device, shape) at the M bucket nearest to m (the smaller on a tie), over `default`."""
+    buckets = table.get(device, {}).get(shape)
+    if not buckets:
+        return dict(default)
+    bucket = min(buckets, key=lambda b: (abs(int(b) - m), int(b)))
+    return {**default, **{k: v for k, v in buckets[bucket].items() if k in MOE_CONFIG_KEYS}}
+
+
+def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int, g: int,
+               override: dict | None = None) -> dict:
+    """Block configuration for both GEMMs: configs/w4a16_moe.json, else the defaults, then `override`; validated."""
+    default = _moe_default_config(m, topk, num_experts, g)
+    cfg = select_moe_config(load_config_table("w4a16_moe.json"), device_key(device),
+                            f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
+    over = dict(override or {})
+    if "PATH" in over and over["PATH"] != cfg.get("PATH"):
+        cfg = _other_path_default(over["PATH"], g)  # a config of the other path starts from its own defaults
+    cfg = {k: v for k, v in {**cfg, **over}.items() if k in MOE_CONFIG_KEYS}
+    if cfg["PATH"] not in PATHS:
+        raise ValueError(f"block config {cfg}: PATH must be one of {PATHS}")
+    if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
+            or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
+        raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
+    if cfg.setdefault("PREFETCH", 1) not in (1, 2):
+        raise ValueError(f"block config {cfg}: PREFETCH must be 1 or 2")
+    if cfg["PATH"] == "dot" and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
+        raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
+    return cfg
+
+
+def _other_path_default(path: str, g: int) -> dict:
+    if path == "gemv":
+        return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
+    return dict(PATH=path, BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
+
+
+def _check_moe_args(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...],
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    if x.dim() != 2 or x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be [M, H] in one of {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    m, h = x.shape
+    if w13[0].dim() != 3 or w2[0].dim() != 3:
+        raise ValueError(f"expert weights must be stacked K-major [E, N, K/8], got {tuple(w13[0].shape)} and "
+                         f"{tuple(w2[0].shape)}")
+    two_i, k13, g = check_kmajor_weight(*w13, name="w13 ")
+    n2, k2, g2 = check_kmajor_weight(*w2, name="w2 ")
+    e = w13[0].shape[0]
+    i = two_i // 2
+    if k13 != h or two_i % 2 or w2[0].shape[0] != e or k2 != i or n2 != h or g2 != g:
+        raise ValueError(f"w13 must be [E, 2I, H/8 = {h // 8}] and w2 [E, H, I/8] with one group size, got "
+                         f"{tuple(w13[0].shape)} (group {g}) and {tuple(w2[0].shape)} (group {g2})")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along H")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != m or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights and topk_ids must both be [M={m}, topk], got {tuple(topk_weights.shape)} "
+                         f"and {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_weights.dtype != torch.float32:
+        raise ValueError(f"topk_ids must be integer and topk_weights float32, got {topk_ids.dtype} and "
+                         f"{topk_weights.dtype}")
+    return m, h, e, i, topk_ids.shape[1], g
+
+
+def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_weights: torch.Tensor,
+            sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, total: torch.Tensor, n: int, k: int, g: int,
+            a_row_div: int, gated: bool, mul_routed_weight: bool, cfg: dict) -> None:
+    qweight, zeros, scales = w
+    num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
+    # the GEMV tile holds the same number of weight rows in both GEMMs (GEMM 1 takes BLOCK_N gate and BLOCK_N up
+    # rows): the per-thread layout, and so the compiled loop's cost per weight, is the same (half the rows would
+    # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
+    block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] == "dot" else 2 * cfg["BLOCK_N"]
+    grid = (num_pid_m * triton.cdiv(n, block_n),)
+    args = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total,
+            n, c.shape[0], num_pid_m,
+            a.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
+            scales.stride(0), scales.stride(1), c.stride(0))
+    common = dict(K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["PATH"] == "gemv":
+        _moe_gemv[grid](*args, PREFETCH=cfg["PREFETCH"], **common)
+    else:
+        _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
+                       F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
+
+
+def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor, w13_scales: torch.Tensor,
+                    w2_qweight: torch.Tensor, w2_zeros: torch.Tensor, w2_scales: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """MoE layer with W4A16 experts in the K-major layout: x [M, H] -> [M, H] in x.dtype (module docstring)."""
+    w13, w2 = (w13_qweight, w13_zeros, w13_scales), (w2_qweight, w2_zeros, w2_scales)
+    m, h, e, i, topk, g = _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    device = check_device(x, *w13, *w2, topk_weights, topk_ids)
+    if m == 0:
+        return torch.empty_like(x)
+    cfg = moe_config(device, m, topk, e, i, h, g, config)
+    sorted_token_ids, expert_ids, total = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    weights = topk_weights.contiguous().view(-1)  # [M*topk]
+
+    # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
+    # only, where garbage would make numpy warn
+    alloc = torch.zeros if INTERPRETED else torch.empty
+    inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+    _launch(x, w13, inter, weights, sorted_token_ids, expert_ids, total, n=i, k=h, g=g, a_row_div=topk,
+            gated=True, mul_routed_weight=False, cfg=cfg)
+    y = alloc((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
+    _launch(inter, w2, y, weights, sorted_token_ids, expert_ids, total, n=h, k=i, g=g, a_row_div=1,
+            gated=False, mul_routed_weight=True, cfg=cfg)
+
+    out = torch.empty_like(x)  # [M, H]
+    block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
+    _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
+        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
+        out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
+        OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
+    )
+    return out
+
+
+def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor,
+                        w13_scales: torch.Tensor, w2_qweight: torch.Tensor, w2_zeros: torch.Tensor,
+                        w2_scales: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Reference of fused_moe_w4a16: a loop over the touched experts on dequantized fp32 weights, with the kernel's
+    roundings (the intermediate and each slot's weighted output in x.dtype, the slot sum in fp32)."""
+    w13, w2 = (w13_qweight, w13_zeros, w13_scales), (w2_qweight, w2_zeros, w2_scales)
+    m, h, e, i, topk, g = _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    slots = torch.zeros((m, topk, h), dtype=torch.float32, device=x.device)  # [M, topk, H]
+    for ex in topk_ids.unique().tolist():
+        if not 0 <= ex < e:
+            continue
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        gate_up = x[tok].float() @ kmajor_dequantize_ref(*(t[ex] for t in w13)).t()  # [n, 2I]
+        gate, up = gate_up[:, :i], gate_up[:, i:]
+        inter = (gate * torch.sigmoid(gate) * up).to(x.dtype)  # [n, I]
+        y = (inter.float() @ kmajor_dequantize_ref(*(t[ex] for t in w2)).t()) * topk_weights[tok, slot][:, None]
+        slots[tok, slot] = y.to(x.dtype).float()  # [n, H]
+    return slots.sum(dim=1).to(x.dtype)

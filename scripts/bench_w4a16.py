@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""W4A16 (group 128) MoE layer and projections on MiniMax-M2 shapes: check, tune, benchmark.
+
+    python scripts/bench_w4a16.py --check --tune-seconds 240 --out evals/results     # on an H100/H200, ~6.5 min
+
+One run, in order:
+  1. ceilings: HBM read bandwidth (sum over 2 GiB of bf16) and the bf16 matmul peak (cuBLAS 8192^3), measured now;
+  2. --check: the fused MoE (M = 1 ... 4096, E=256, top-8, H=3072, I=1536) with the launcher's choice, and both its
+     paths forced ("gemv" at M <= 256, "dot" everywhere), and the linear kernel (q/kv/o shapes) against their
+     PyTorch references on the GPU; any relative error above 1e-2 stops the run;
+  3. --tune-seconds S: for each M bucket (decode sizes first, and with twice the share of the budget) candidate
+     configurations of both paths are checked against the reference and timed, within about S seconds in all; the
+     winners (PATH included) are written to OUT/w4a16_moe.json (this repository's kernels/configs/w4a16_moe.json
+     with this device's entries replaced: copy it there to make it the launcher's default);
+  4. the benchmark: the whole MoE layer (routing, both GEMMs, SiLU*mul, router weights, top-k sum) with the tuned
+     configs, beside a bf16 loop over the touched experts (torch, what a user gets without fused kernels) and the
+     bf16 bandwidth floor (the best any bf16 kernel could do: weight bytes / measured HBM bandwidth); and the
+     attention projections through w4a16_linear (AutoAWQ layout) beside cuBLAS bf16;
+  5. the one-time repack at load of one MoE layer's experts to the K-major layout, from AutoAWQ tensors and from
+     compressed-tensors codes, expert by expert as quantkit/runtime/awq.py does it.
+Timings: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph); plain do_bench for the bf16 loop,
+which synchronises with the host. Bandwidth counts the bytes of the experts actually touched: 4-bit codes, 16-bit
+scales and 8-bit zero points (0.5 + 3/128 bytes per weight) plus the activations in and out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import triton
+from quantkit.kernels import w4a16_gemm, w4a16_moe
+
+from quantkit.formats.awq import pack_autoawq, pack_compressed_tensors, unpack_compressed_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
+MS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
+TUNE_ORDER = [1, 16, 4, 64, 256, 1024, 4096, 2, 8]  # decode first: the targets are at M <= 16
+DECODE = 16  # M buckets up to this get twice the tuning share
+PROJ = {"q_proj": (6144, 3072), "kv_proj": (1024, 3072), "o_proj": (3072, 6144)}
+SHAPE_KEY = f"E={E},I={I},H={H},G={G}"
+
+
+def bench(fn, graph: bool = True, rep: int = 100) -> float:
+    """Milliseconds, median; replayed from a CUDA graph when asked and the function can be captured."""
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+        except Exception as e:  # a host synchronisation inside fn makes it uncapturable
+            print(f"(no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
+            torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def ceilings() -> tuple[float, float]:
+    """(HBM read TB/s, bf16 matmul TFLOP/s) measured now: the sum over 2 GiB of bf16, cuBLAS 8192^3."""
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    ms = bench(lambda: x.sum(dtype=torch.float32), graph=False)
+    x = None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = bench(lambda: a @ a.t(), graph=False)
+    return 2 * (1 << 30) / ms / 1e9, 2 * 8192**3 / mm_ms / 1e9
+
+
+def awq_weights(e: int, k: int, n: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Random AutoAWQ tensors [e, K, N/8], [e, K/G, N/8], fp16 [e, K/G, N] (the projections' layout): the kernels read
+    any codes, and scales near 0.02 / 8 keep the outputs at the scale of a real layer."""
+    lo, hi = -2**31, 2**31 - 1
+    return [torch.randint(lo, hi, (e, k, n // 8), generator=g, device="cuda", dtype=torch.int32),
+            torch.randint(lo, hi, (e, k // G, n // 8), generator=g, device="cuda", dtype=torch.int32),
+            (torch.rand(e, k // G, n, generator=g, device="cuda") * 4e-3 + 1e-3).half()]
+
+
+def kmajor_weights(e: int, n: int, k: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Random K-major expert tensors (the fused MoE's layout): qweight int32 [e, N, K/8], zeros uint8 [e, N, K/G],
+    fp16 scales [e, N, K/G]."""
+    return [torch.randint(-2**31, 2**31 - 1, (e, n, k // 8), generator=g, device="cuda", dtype=torch.int32),
+            torch.randint(0, 16, (e, n, k // G), generator=g, device="cuda", dtype=torch.uint8),
+            (torch.rand(e, n, k // G, generator=g, device="cuda") * 4e-3 + 1e-3).half()]
+
+
+def routing(m: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.sigmoid(torch.randn(m, E, device="cuda", generator=g))
+    w, ids = torch.topk(scores, TOPK, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def moe_bytes(touched: int, m: int) -> int:
+    per_weight = 0.5 + 2 / G + 1 / G  # code, fp16 scale and 8-bit zero per group of G
+    return int(touched * 3 * H * I * per_weight) + 2 * m * H * 2
+
+
+def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
+    out = torch.zeros_like(x)
+    for e in topk_ids.unique().tolist():
+        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
+        h = x[rows]
+        y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
+        out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
+    return out
+
+
+def moe_candidates(m: int) -> list[dict]:
+    """Configurations to try at M, most promising first (the budget may stop the list early): the GEMV path while
+    experts get up to 8 tokens each, alternating with the tensor-core path, which is tried at every M."""
+    per_expert = m * TOPK / E
+    out = []
+    if per_expert <= 8:
+        block_m = [1] if per_expert < 0.5 else [1, 2] if per_expert <= 1 else [2, 4] if per_expert <= 4 else [4, 8]
+        # BLOCK_N rows of 64 bytes per group: more rows put more bytes in flight per program and amortize the
+        # activations, fewer make more programs; 16 rows per warp in GEMM 1 (BLOCK_N = 8 x num_warps) keep the
+        # per-row zeros and scales in the words' layout (no shared-memory exchange per group in the compiled loop)
+        tiles = [(16, 2), (32, 4), (64, 8), (8, 1), (32, 2), (64, 4), (16, 1), (64, 2), (16, 4), (32, 8)]
+        # (num_stages does nothing here: Triton pipelines loads that feed a tl.dot; PREFETCH is the kernel's own)
+        for pf, (bn, nw), bm in itertools.product([2, 1], tiles, block_m):
+            out.append(dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=1))
+    # the tensor-core path competes at every M: at BLOCK_M = 16 its loop issues about as few instructions per weight
+    # as the GEMV's (the MMA takes the multiply-adds), whatever the padding rows cost
+    block_m = [16] if per_expert <= 2 else [16, 32] if per_expert <= 16 else [64, 32, 16] if per_expert <= 64 \
+        else [128, 64]
+    bns = [64, 128, 32] if per_expert <= 2 else [64, 128, 256]
+    for ns, bm, bn, nw in itertools.product([3, 2, 4], block_m, bns, [4, 8]):
+        if bn == 256 and bm > 64 or bm * bn >= 128 * 128 and nw == 4 or bn == 32 and nw == 8:
+            continue  # the accumulators (two in GEMM 1) and the spread tile live in registers
+        out.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if per_expert > 16 else 1, num_warps=nw,
+                        num_stages=ns))
+    if per_expert <= 8:  # both paths: alternate, so that each gets its best few tried
+        gemv = [c for c in out if c["PATH"] == "gemv"]
+        dot = [c for c in out if c["PATH"] == "dot"]
+        out = [c for pair in itertools.zip_longest(gemv, dot) for c in pair if c is not None]
+    return out
+
+
+def tune_moe(w13, w2, budget_s: float, g: torch.Generator) -> dict:
+    """{M bucket: config}: the fastest correct candidate per M, within about budget_s seconds."""
+    t_end = time.monotonic() + budget_s
+    table = {}
+    for n_left, m in enumerate(TUNE_ORDER):
+        weights = [2 if b <= DECODE else 1 for b in TUNE_ORDER[n_left:]]
+        t_stop = time.monotonic() + (t_end - time.monotonic()) * weights[0] / sum(weights)
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        tw, ids = routing(m, g)
+        ref = w4a16_moe.fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
+        default_ms = bench(lambda: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids), rep=40)
+        # the launcher's own choice competes too, and is filed when it wins: an M left out of the table would
+        # take its nearest neighbour's config instead
+        best, tried = (default_ms, w4a16_moe.moe_config(x.device, m, TOPK, E, I, H, G)), 0
+        for cfg in moe_candidates(m):
+            if time.monotonic() > t_stop:
+                break
+            tried += 1
+            try:
+                if rel_err(w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), ref) > 1e-2:
+                    print(f"  wrong result, dropped: {cfg}", flush=True)
+                    continue
+                ms = bench(lambda: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), rep=40)
+            except Exception as e:  # out of shared memory and the like: not a candidate on this GPU
+                print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
+                      flush=True)
+                continue
+            if ms < best[0]:
+                best = (ms, cfg)
+        print(f"tune M={m}: default {default_ms:.4f} ms, best {best[0]:.4f} ms {best[1]} ({tried} tried)", flush=True)
+        table[str(m)] = best[1]
+    return table
+
+
+def check_all(w13, w2, g: torch.Generator) -> list[dict]:
+    rows = []
+    for m in MS:
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        tw, ids = routing(m, g)
+        ref = w4a16_moe.fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
+        for path in (None, "gemv", "dot"):
+            if path == "gemv" and m > 256:
+                continue
+            out = w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": path} if path else None)
+            rows.append({"op": "moe", "path": path or "launcher", "M": m, "rel_err": rel_err(out, ref)})
+            print(json.dumps(rows[-1]), flush=True)
+    for name, (n, k) in PROJ.items():
+        wq = [t[0] for t in awq_weights(1, k, n, g)]
+        for m in (1, 7, 64, 300):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            err = rel_err(w4a16_gemm.w4a16_linear(x, *wq), w4a16_gemm.w4a16_linear_ref(x, *wq))
+            rows.append({"op": name, "M": m, "rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
+    bad = [r for r in rows if not r["rel_err"] < 1e-2]
+    if bad:
+        raise SystemExit(f"check failed: {bad}")
+    return rows
+
+
+def bench_moe(w13, w2, tuned: dict, bw: float, peak: float, g: torch.Generator) -> list[dict]:
+    # bf16 experts for the baselines: the same layer at 16 bits (random values: only time is measured)
+    w1_bf = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    w3_bf = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    w2_bf = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    rows = []
+    for m in MS:
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        tw, ids = routing(m, g)
+        touched = int(ids.unique().numel())
+        bucket = min(tuned, key=lambda b: (abs(int(b) - m), int(b))) if tuned else None
+        cfg = tuned.get(bucket) if bucket else None
+        path = w4a16_moe.moe_config(x.device, m, TOPK, E, I, H, G, cfg)["PATH"]
+        t_w4 = bench(lambda: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg))
+        t_bf16 = bench(lambda: bf16_moe_loop(x, w1_bf, w3_bf, w2_bf, tw, ids), graph=False)
+        nbytes = moe_bytes(touched, m)
+        bf16_floor = (touched * 3 * H * I * 2 + 2 * m * H * 2) / bw / 1e9
+        flops = 2 * m * TOPK * 3 * H * I
+        rows.append({
+            "M": m, "experts_touched": touched, "path": path, "config": cfg, "w4a16_ms": t_w4, "bf16_loop_ms": t_bf16,
+            "bf16_floor_ms": bf16_floor, "w4a16_floor_ms": nbytes / bw / 1e9,
+            "w4a16_tbps": nbytes / t_w4 / 1e9, "w4a16_frac_bw": nbytes / t_w4 / 1e9 / bw,
+            "w4a16_tflops": flops / t_w4 / 1e9, "w4a16_frac_bf16_peak": flops / t_w4 / 1e9 / peak,
+            "speedup_vs_bf16_loop": t_bf16 / t_w4, "speedup_vs_bf16_floor": bf16_floor / t_w4,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_proj(bw: float, g: torch.Generator) -> list[dict]:
+    rows = []
+    for name, (n, k) in PROJ.items():
+        wq = [t[0] for t in awq_weights(1, k, n, g)]
+        w_bf = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        for m in (1, 16, 256, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            t_w4 = bench(lambda: w4a16_gemm.w4a16_linear(x, *wq))
+            t_bf16 = bench(lambda: x @ w_bf.t())
+            nbytes = n * k * (0.5 + 2.5 / G) + 2 * m * (n + k)
+            rows.append({"op": name, "M": m, "N": n, "K": k, "w4a16_ms": t_w4, "bf16_ms": t_bf16,
+                         "w4a16_frac_bw": nbytes / t_w4 / 1e9 / bw, "w4a16_tflops": 2 * m * n * k / t_w4 / 1e9})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def repack_ms_per_layer() -> dict:
+    """Milliseconds to repack one MoE layer's experts (w1, w3, w2 of E experts) to the K-major layout on the GPU,
+    expert by expert as quantkit/runtime/awq.py does at load: from AutoAWQ tensors (awq_to_kmajor), and from
+    compressed-tensors tensors (unpack to codes, then pack_kmajor with the scales as stored)."""
+    def codes(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8, device="cuda")
+        z = torch.full((out_f, in_f // G), 8, dtype=torch.uint8, device="cuda")
+        return q, torch.rand(out_f, in_f // G, device="cuda") * 4e-3 + 1e-3, z
+
+    shapes = ((I, H), (I, H), (H, I))  # w1, w3, w2 as [out, in]
+    awq = [pack_autoawq(*codes(o, i)) for o, i in shapes]
+    ct = [pack_compressed_tensors(*codes(o, i), symmetric=True) for o, i in shapes]
+
+    def from_awq() -> None:
+        for t in awq:
+            w4a16_gemm.awq_to_kmajor(*t)
+
+    def from_ct() -> None:
+        for t in ct:
+            q, _, z = unpack_compressed_tensors(*t)
+            w4a16_gemm.pack_kmajor(q, t[1], z)
+
+    out = {}
+    for name, fn in (("autoawq", from_awq), ("compressed-tensors", from_ct)):
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / 4 * 1e3 * E
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results")
+    ap.add_argument("--check", action="store_true", help="check every kernel against its reference first")
+    ap.add_argument("--tune-seconds", type=float, default=0.0, help="tuning budget (0: use the stored configs)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bw, peak = ceilings()
+    print(f"{device}: HBM read {bw:.2f} TB/s, bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    w13 = kmajor_weights(E, 2 * I, H, g)  # [E, 2I, H/8]
+    w2 = kmajor_weights(E, H, I, g)  # [E, H, I/8]
+    checks = check_all(w13, w2, g) if args.check else []
+
+    tuned: dict = {}
+    if args.tune_seconds > 0:
+        tuned = tune_moe(w13, w2, args.tune_seconds, g)
+        src = ROOT / "kernels" / "configs" / "w4a16_moe.json"
+        table = json.loads(src.read_text()) if src.exists() else {}
+        table.setdefault(device, {})[SHAPE_KEY] = tuned
+        (args.out / "w4a16_moe.json").write_text(json.dumps(table, indent=1) + "\n")
+        print(f"tuned configs written to {args.out / 'w4a16_moe.json'} (copy to kernels/configs/)", flush=True)
+    moe = bench_moe(w13, w2, tuned, bw, peak, g)
+    proj = bench_proj(bw, g)
+    repack = repack_ms_per_layer()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
+    result = {
+        "benchmark": "W4A16 kernels (MoE: K-major layout; projections: AutoAWQ layout; group 128) on MiniMax-M2 "
+                     "shapes",
+        "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+        "torch": torch.__version__, "triton": triton.__version__, "hbm_read_tbps": bw, "bf16_matmul_tflops": peak,
+        "checks": checks, "tuned": tuned, "moe": moe, "projections": proj,
+        "repack_gpu_ms_per_layer": repack,
+    }
+    dest = args.out / f"bench_w4a16-{result['date']}-{device.replace(' ', '_')}-{commit}.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{device}, torch {result['torch']}, triton {result['triton']}, commit {commit}, HBM {bw:.2f} TB/s, "
+          f"bf16 matmul {peak:.0f} TFLOP/s")
+    print("\nMoE layer (E=256, top-8, H=3072, I=1536), W4A16 group 128\n")
+    print("| M | experts | path | W4A16 ms | % BW | TFLOP/s | % bf16 peak | bf16 loop ms | x bf16 loop "
+          "| bf16 floor ms | x bf16 floor |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in moe:
+        print(f"| {r['M']} | {r['experts_touched']} | {r['path']} | {r['w4a16_ms']:.4f} "
+              f"| {100 * r['w4a16_frac_bw']:.0f} | {r['w4a16_tflops']:.1f} | {100 * r['w4a16_frac_bf16_peak']:.0f} "
+              f"| {r['bf16_loop_ms']:.3f} | {r['speedup_vs_bf16_loop']:.1f} "
+              f"| {r['bf16_floor_ms']:.4f} | {r['speedup_vs_bf16_floor']:.2f} |")
+    print("\nAttention projections\n")
+    print("| op | M | W4A16 ms | bf16 ms | % BW | TFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in proj:
+        print(f"| {r['op']} | {r['M']} | {r['w4a16_ms']:.4f} | {r['bf16_ms']:.4f} | {100 * r['w4a16_frac_bw']:.0f} "
+              f"| {r['w4a16_tflops']:.0f} |")
+    print(f"\nrepack to the K-major layout at load (GPU, expert by expert): {repack['autoawq']:.0f} ms per MoE layer "
+          f"from AutoAWQ, {repack['compressed-tensors']:.0f} ms from compressed-tensors")
+    print(f"written to {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""GGUF dequant-GEMM and fused-MoE Triton kernels (kernels/gguf_gemm.py, kernels/gguf_moe.py) against their references.
+
+Devices as in tests/test_kernels_fp8.py: `cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 is set
+below where no CUDA device exists, before triton's first import), `cuda` runs them compiled (marked gpu).
+
+Test data are random valid blocks: random bytes for the quants and packed scales, random small finite fp16 for d
+and dmin, so every bit of every field is exercised without a quantizer. The decoder the references use is checked
+bit for bit against gguf-py's `gguf.quants.dequantize` (itself bit-identical to ggml's dequantize_row_*).
+
+Tolerances (kernel vs reference, both on the same dequantized values):
+  cpu   everything in fp32 in both; they differ by summation order, and the output's rounding to its dtype: TOL.
+  cuda  the dequantized weights are rounded to x's dtype for the tensor cores (bf16: 2^-9 relative per weight), so
+        outputs differ by about 2^-10 of their typical size, a few bf16 ulps at most: TOL_GPU. A misread field (a
+        wrong nibble, scale or sub-block) moves outputs by O(1) of their size, which every tolerance here catches.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see the module docstring
+
+import gguf  # noqa: E402
+from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_moe  # noqa: E402
+from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gguf_linear, gguf_linear_ref  # noqa: E402
+from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = gguf_gemm.INTERPRETED
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
+                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
+                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
+                                                   "the interpreter")]),
+]
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
+        "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
+
+# kernel vs reference: output dtype -> (rtol, atol as a fraction of max |ref|)
+TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2**-7, 2**-9),
+    torch.float16: (2**-10, 2**-12),
+}
+TOL_GPU = {
+    torch.float32: (1e-4, 1e-5),  # IEEE fp32 products; FMA contraction in the dequantization
+    torch.bfloat16: (2**-6, 2**-7),
+    torch.float16: (2**-8, 2**-10),
+}
+# the MoE's intermediate is rounded to x's dtype between the GEMMs: a last-place difference there moves GEMM 2's
+# inputs by one ulp, hence looser absolute parts
+TOL_MOE = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2**-5, 2**-6), torch.float16: (2**-7, 2**-9)}
+# relative Frobenius error, kernel vs reference
+REL = {"cpu": {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4},
+       "cuda": {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}}
+
+
+def gen_for(*case) -> torch.Generator:
+    """A generator seeded from the test case: fresh data per case, the same data every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def random_blocks(rows: int, k: int, qtype: str, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [rows, K/QK*size] of valid blocks: random quants and packed scales, d and dmin small finite fp16
+    (magnitudes over three decades, so that a d read from the wrong block shows)."""
+    qk, size = QTYPES[qtype]
+    nb = k // qk
+    b = torch.randint(0, 256, (rows, nb, size), generator=gen, dtype=torch.uint8)
+
+    def f16_bytes(scale: float) -> torch.Tensor:
+        v = torch.exp(torch.rand(rows, nb, generator=gen) * 7.0 - 9.0) * scale  # [rows, nb] in ~[1e-4, 0.1]
+        return v.half().view(torch.uint8).view(rows, nb, 2)
+
+    if qtype == "q6_k":
+        b[..., 208:210] = f16_bytes(0.1)
+    else:
+        b[..., 0:2] = f16_bytes(1.0 if qtype == "q8_0" else 0.1)
+        if qtype != "q8_0":
+            b[..., 2:4] = f16_bytes(0.1)
+    return b.view(rows, nb * size)
+
+
+def activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))
+    if m > 3:
+        x[1] = 0.0  # a zero row
+    return x.to(dtype)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: tuple[float, float]) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    out, ref = out.float(), ref.float()
+    torch.testing.assert_close(out, ref, rtol=tol[0], atol=tol[1] * max(ref.abs().max().item(), 1e-30))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+def test_cpu_machines_interpret():
+    if CUDA:
+        pytest.skip("a CUDA device is present: kernels compile")
+    assert INTERPRETED and fp8_gemm.INTERPRETED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the reference decoder
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES))
+def test_dequantize_ref_is_bit_exact_with_gguf(qtype):
+    gen = gen_for("dequant", qtype)
+    data = random_blocks(37, 1024, qtype, gen)
+    # every d/dmin bit pattern class too: zero, subnormal, negative, large
+    specials = torch.tensor([0.0, 6e-8, -3.5e-5, -0.75, 1000.0], dtype=torch.float16).view(torch.uint8).view(-1, 2)
+    d_at = 208 if qtype == "q6_k" else 0
+    size = QTYPES[qtype][1]
+    for j in range(specials.shape[0]):
+        data[j, d_at:d_at + 2] = specials[j]
+        if qtype in ("q4_k", "q5_k"):
+            data[j, size + 2:size + 4] = specials[-1 - j]
+    want = gguf.quants.dequantize(data.numpy(), GGML[qtype])  # [37, 1024] float32
+    got = dequantize_ref(data, qtype)
+    assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
+    bad = np.nonzero(got.numpy().view(np.uint32) != want.view(np.uint32))
+    assert bad[0].size == 0, f"{bad[0].size} values differ, first at row {bad[0][:5]}, column {bad[1][:5]}"
+
+
+def test_dequantize_ref_keeps_leading_dims_and_refuses_bad_input():
+    data = random_blocks(6, 512, "q4_k", gen_for("lead"))
+    assert tuple(dequantize_ref(data.view(2, 3, -1), "q4_k").shape) == (2, 3, 512)
+    torch.testing.assert_close(dequantize_ref(data.view(2, 3, -1), "q4_k").view(6, 512), dequantize_ref(data, "q4_k"))
+    with pytest.raises(ValueError, match="qtype"):
+        dequantize_ref(data, "q2_k")
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        dequantize_ref(data[:, :100], "q4_k")
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_ref(data.view(torch.int8), "q4_k")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plain GEMM
+
+
+LINEAR_CASES = [
+    # (m, n, k): one token; masked M and N edges at big blocks; several super-blocks along K
+    (1, 64, 256),
+    (37, 130, 512),
+    (70, 200, 768),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("m,n,k", LINEAR_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_matches_ref(device, qtype, m, n, k, dtype):
+    gen = gen_for("linear", qtype, m, n, k, dtype)
+    w = random_blocks(n, k, qtype, gen).to(device)
+    x = activations(m, k, dtype, gen).to(device)
+    out = gguf_linear(x, w, qtype)
+    ref = gguf_linear_ref(x, w, qtype)
+    assert_close(out, ref, (TOL_GPU if out.is_cuda else TOL)[dtype])
+    assert rel_err(out, ref) < REL[device][dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("block_m", [1, 4])
+def test_linear_fma_path_matches_ref(device, qtype, block_m):
+    """BLOCK_M < 16 (decode configs) runs fp32 FMAs instead of tl.dot: same result, fp32 all the way."""
+    gen = gen_for("fma", qtype, block_m)
+    w = random_blocks(96, 512, qtype, gen).to(device)
+    x = activations(7, 512, torch.bfloat16, gen).to(device)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=32 if x.is_cuda else 128, GROUP_M=1, num_warps=4, num_stages=2)
+    out, ref = gguf_linear(x, w, qtype, config=cfg), gguf_linear_ref(x, w, qtype)
+    assert_close(out, ref, TOL[torch.bfloat16])  # no bf16 weights on this path, on the GPU either
+    assert rel_err(out, ref) < REL["cpu"][torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [32, 96, 288])
+def test_q8_0_rows_shorter_than_a_super_block(device, k):
+    """Q8_0 rows need only be a multiple of 32: the loop masks the blocks past K."""
+    gen = gen_for("q8_0 short", k)
+    w = random_blocks(33, k, "q8_0", gen).to(device)
+    x = activations(5, k, torch.float16, gen).to(device)
+    out = gguf_linear(x, w, "q8_0")
+    ref = gguf_linear_ref(x, w, "q8_0")
+    assert_close(out, ref, (TOL_GPU if out.is_cuda else TOL)[torch.float16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_reads_strided_rows(device):
+    """A weight that is a slice of a bigger byte tensor (an expert of a stacked tensor, a row range)."""
+    gen = gen_for("strided")
+    big = random_blocks(3 * 96, 512, "q6_k", gen).view(3, 96, -1).to(device)
+    w = big[1, 10:90]  # [80, row bytes], row stride as stored
+    x = activations(9, 512, torch.float32, gen).to(device)
+    assert_close(gguf_linear(x, w, "q6_k"), gguf_linear_ref(x, w.contiguous(), "q6_k"),
+                 (TOL_GPU if x.is_cuda else TOL)[torch.float32])
+
+
+def test_linear_refuses_bad_inputs():
+    w = random_blocks(8, 256, "q4_k", gen_for("bad"))
+    x = torch.zeros(2, 256)
+    with pytest.raises(ValueError, match="qtype"):
+        gguf_linear(x, w, "iq4_xs")
+    with pytest.raises(ValueError, match="take 176 bytes"):
+        gguf_linear(x, w, "q5_k")
+    with pytest.raises(ValueError, match="multiple of the block length"):
+        gguf_linear(torch.zeros(2, 200), w, "q4_k")
+    with pytest.raises(ValueError, match="uint8"):
+        gguf_linear(x, w.view(torch.int8), "q4_k")
+    with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
+        gguf_linear(x.long(), w, "q4_k")
+    assert tuple(gguf_linear(torch.zeros(0, 256), w, "q4_k").shape) == (0, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused MoE
+
+
+def moe_case(e: int, h: int, i: int, m: int, topk: int, qtypes: tuple[str, str, str], dtype: torch.dtype,
+             device: str, drop: bool = False):
+    gen = gen_for("moe", e, h, i, m, topk, qtypes, dtype, drop)
+    gate = random_blocks(e * i, h, qtypes[0], gen).view(e, i, -1).to(device)  # [E, I, H bytes]
+    up = random_blocks(e * i, h, qtypes[1], gen).view(e, i, -1).to(device)
+    down = random_blocks(e * h, i, qtypes[2], gen).view(e, h, -1).to(device)  # [E, H, I bytes]
+    x = activations(m, h, dtype, gen).to(device)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:topk] for _ in range(m)]).to(device)  # [M, topk]
+    if drop:
+        ids[::3, 0] = -1  # slots routed nowhere
+    w = torch.rand(m, topk, generator=gen).to(device)
+    w = w / w.sum(-1, keepdim=True)
+    return x, gate, up, down, w, ids
+
+
+MOE_CASES = [
+    # (e, h, i, m, topk, qtypes)
+    (8, 256, 256, 1, 2, ("q4_k", "q4_k", "q6_k")),  # Q4_K_M's mix, one token
+    (8, 256, 512, 21, 3, ("q5_k", "q5_k", "q8_0")),
+    (8, 512, 256, 24, 2, ("q8_0", "q6_k", "q4_k")),  # gate and up of different types
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("e,h,i,m,topk,qtypes", MOE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_matches_ref(device, e, h, i, m, topk, qtypes, dtype):
+    x, gate, up, down, w, ids = moe_case(e, h, i, m, topk, qtypes, dtype, device, drop=m > 20)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[dtype])
+    assert rel_err(out, ref) < 2 * REL[device][dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_m", [1, 2])
+def test_fused_moe_fma_path_matches_ref(device, block_m):
+    qtypes = ("q4_k", "q5_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(8, 256, 256, 5, 3, qtypes, torch.bfloat16, device, drop=True)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=64 if x.is_cuda else 128, GROUP_M=1, num_warps=4, num_stages=2)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[torch.bfloat16])
+    assert rel_err(out, ref) < 2 * REL["cpu"][torch.bfloat16]
+
+
+def test_fused_moe_ref_is_the_dense_moe():
+    """The reference on dequantized weights equals the plain expert loop of the runtime (DenseExperts' math)."""
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(4, 256, 256, 6, 2, qtypes, torch.float32, "cpu")
+    g, u, d = (dequantize_ref(t, q) for t, q in zip((gate, up, down), qtypes))  # [E, I, H], [E, I, H], [E, H, I]
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for s in range(ids.shape[1]):
+            e = ids[t, s]
+            hid = torch.nn.functional.silu(g[e] @ x[t]) * (u[e] @ x[t])
+            want[t] += w[t, s] * (d[e] @ hid)
+    torch.testing.assert_close(fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_moe_refuses_bad_inputs():
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(4, 256, 256, 3, 2, qtypes, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="down: q4_k rows of K=256 take 144 bytes, got 210"):
+        fused_moe_gguf(x, gate, up, down, w, ids, ("q4_k", "q4_k", "q4_k"))
+    with pytest.raises(ValueError, match="down"):
+        fused_moe_gguf(x, gate, up, down[:, :128], w, ids, qtypes)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_moe_gguf(x, gate, up, down, w[:, :1], ids, qtypes)
+    with pytest.raises(ValueError, match="qtypes"):
+        fused_moe_gguf(x, gate, up, down, w, ids, ("q4_k", "q6_k"))
+
+
+def test_shipped_config_table_is_valid():
+    """configs/gguf_moe.json, where present: every entry names known keys with values the kernel accepts."""
+    table = fp8_gemm.load_config_table("gguf_moe.json")
+    for device, shapes in table.items():
+        for shape, buckets in shapes.items():
+            assert shape.startswith("E=") and len(shape.split(",")) == 6, shape
+            for bucket, cfg in buckets.items():
+                assert int(bucket) > 0
+                assert set(cfg) <= {"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}, cfg
+                bm, bn = cfg.get("BLOCK_M", 16), cfg.get("BLOCK_N", 16)
+                assert bm & (bm - 1) == 0 and bn >= 16 and bn & (bn - 1) == 0, (device, shape, bucket)
+
+
+def test_tuned_config_is_taken(monkeypatch):
+    table = {"interpreter": {gguf_moe.moe_shape_key(8, 256, 256, ("q4_k",) * 3): {"1": {"BLOCK_M": 16, "BLOCK_N": 32}}}}
+    monkeypatch.setattr(gguf_moe, "load_config_table", lambda name: table)
+    cfg = gguf_moe.moe_config(torch.device("cpu"), 3, 2, 8, 256, 256, ("q4_k",) * 3)
+    assert cfg["BLOCK_M"] == 16 and cfg["BLOCK_N"] == 32 and "num_warps" in cfg
+    assert gguf_moe.moe_config(torch.device("cpu"), 3, 2, 8, 256, 256, ("q6_k",) * 3)["BLOCK_N"] == 128
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MiniMax-M2 widths on the GPU
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("n,k", [(6144, 3072), (3072, 6144), (1024, 3072)])  # attn_q, attn_output, attn_k
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_linear_real_widths(device, qtype, n, k, m):
+    gen = gen_for("real linear", qtype, n, k, m)
+    w = random_blocks(n, k, qtype, gen).to(device)
+    x = activations(m, k, torch.bfloat16, gen).to(device)
+    out, ref = gguf_linear(x, w, qtype), gguf_linear_ref(x, w, qtype)
+    assert_close(out, ref, TOL_GPU[torch.bfloat16])
+    assert rel_err(out, ref) < REL["cuda"][torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+@pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q5_k", "q5_k", "q6_k"), ("q6_k",) * 3,
+                                    ("q8_0",) * 3])
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_fused_moe_real_widths(device, qtypes, m):
+    x, gate, up, down, w, ids = moe_case(256, 3072, 1536, m, 8, qtypes, torch.bfloat16, device)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[torch.bfloat16])
+    assert rel_err(out, ref) < 2 * REL["cuda"][torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+def test_fused_moe_captures_in_a_cuda_graph(device):
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(256, 3072, 1536, 4, 8, qtypes, torch.bfloat16, device)
+    eager = fused_moe_gguf(x, gate, up, down, w, ids, qtypes)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes)
+    ids.copy_(torch.roll(ids, 1, dims=0))  # new routing, same buffers: the replay must follow it
+    graph.replay()
+    torch.testing.assert_close(out, fused_moe_gguf(x, gate, up, down, w, ids, qtypes), rtol=0, atol=0)
+    assert not torch.equal(out, eager)

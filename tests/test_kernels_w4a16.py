@@ -1,0 +1,341 @@
+"""W4A16 GEMM and fused-MoE Triton kernels (kernels/w4a16_gemm.py, kernels/w4a16_moe.py) against their references.
+
+Devices as in tests/test_kernels_fp8.py: `cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 set
+below where no CUDA device is present, before triton's first import), `cuda` the compiled kernels (marked gpu).
+
+Three comparisons:
+  the reference's dequantization vs quantkit.formats.awq (an independent unpacking of the same AutoAWQ tensors):
+      bit for bit;
+  kernel vs *_ref: the same dequantized weights and roundings, so they differ by fp32 summation order only (the
+      kernel sums each K block's q - z products, then scales them): about one unit in the last place (TOL);
+  *_ref vs a plain fp32 loop over experts on the dequantized weights: the reference itself.
+Shapes are small with large blocks on the CPU and cover the masked edges: M not a multiple of BLOCK_M, N not a
+multiple of BLOCK_N, unrouted slots (id -1), experts that receive no token; the GPU cases run MiniMax-M2's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see tests/test_kernels_fp8.py
+
+from quantkit.formats.awq import dequantize_groups, pack_autoawq, quantize_groups  # noqa: E402, I001
+from quantkit.kernels import fp8_gemm  # noqa: E402
+from quantkit.kernels import w4a16_gemm as w4a16_gemm_mod  # noqa: E402
+from quantkit.kernels.w4a16_gemm import (  # noqa: E402
+    awq_dequantize_ref,
+    awq_to_kmajor,
+    kmajor_dequantize_ref,
+    pack_kmajor,
+    w4a16_gemm,
+    w4a16_gemm_ref,
+    w4a16_linear,
+    w4a16_linear_ref,
+)
+from quantkit.kernels import w4a16_moe as w4a16_moe_mod  # noqa: E402
+from quantkit.kernels.w4a16_moe import fused_moe_w4a16, fused_moe_w4a16_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = fp8_gemm.INTERPRETED
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
+                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
+                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
+                                                   "the interpreter")]),
+]
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+# kernel vs *_ref: output dtype -> (rtol, atol as a fraction of max |ref|); one bf16 ulp is 2^-8 relative
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 2**-9), torch.float16: (2**-10, 2**-12)}
+GPU_ACC = 2e-3  # tensor cores sum bf16 products in an order (and precision) of their own inside each tl.dot
+
+
+def gen_for(*case) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol_frac = TOL[dtype]
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    if out.is_cuda:
+        atol_frac = max(atol_frac, GPU_ACC)
+    atol = atol_frac * max(ref.float().abs().max().item(), 1e-30)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+
+
+def awq_weight(n: int, k: int, group: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A [N, K] weight quantized and packed as AutoAWQ stores it: qweight [K, N/8], qzeros, scales [K/G, N]."""
+    w = torch.randn(n, k, generator=gen) * 0.05 + torch.randn(n, 1, generator=gen) * 0.02  # groups off zero
+    return pack_autoawq(*quantize_groups(w, group=group))
+
+
+def stacked(e: int, n: int, k: int, group: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """e experts' [N, K] weights in the K-major layout the fused MoE reads, repacked from AutoAWQ as at load."""
+    parts = [awq_weight(n, k, group, gen) for _ in range(e)]
+    return list(awq_to_kmajor(*(torch.stack([p[j] for p in parts]) for j in range(3))))
+
+
+def test_cpu_machines_interpret():
+    if CUDA:
+        pytest.skip("a CUDA device is present: kernels compile")
+    assert INTERPRETED, "no CUDA device, yet triton was imported without TRITON_INTERPRET=1"
+
+
+def test_reference_dequantization_matches_the_format_module():
+    gen = gen_for("deq")
+    w = torch.randn(48, 256, generator=gen)
+    q, s, z = quantize_groups(w, group=64)
+    ref = awq_dequantize_ref(*pack_autoawq(q, s, z))  # [K, N]
+    assert ref.shape == (256, 48)
+    assert torch.equal(ref, dequantize_groups(q, s, z).t())
+
+
+def test_kmajor_repack_is_exact_and_sequential():
+    gen = gen_for("kmajor")
+    w = torch.randn(2, 24, 256, generator=gen)  # two experts' [N, K] weights
+    trip = [quantize_groups(w[e], group=64) for e in range(2)]
+    awq = [torch.stack([pack_autoawq(*t)[j] for t in trip]) for j in range(3)]
+    qweight, zeros, scales = awq_to_kmajor(*awq)
+    assert qweight.shape == (2, 24, 32) and qweight.dtype == torch.int32
+    assert zeros.shape == scales.shape == (2, 24, 4) and zeros.dtype == torch.uint8 and scales.dtype == torch.float16
+    # within a group of 64 codes (8 words), nibble j of word c holds code 8j + c: word 11 is word 3 of group 1
+    q = torch.stack([t[0] for t in trip]).to(torch.int32)  # [2, N, K]
+    assert torch.equal((qweight[1, 5, 11] >> 4 * 6) & 0xF, q[1, 5, 64 + 6 * 8 + 3])
+    assert torch.equal(zeros, torch.stack([t[2] for t in trip]).to(torch.uint8))
+    deq = kmajor_dequantize_ref(qweight, zeros, scales)  # [2, N, K]
+    assert torch.equal(deq, awq_dequantize_ref(*awq).transpose(-1, -2))
+    assert torch.equal(deq[0], dequantize_groups(*quantize_groups(w[0], group=64)))
+    # packing the codes directly gives the same words as repacking the AutoAWQ tensors
+    direct = pack_kmajor(q, scales, zeros)
+    assert all(torch.equal(a, b) for a, b in zip(direct, (qweight, zeros, scales)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GEMM
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,group,dtype,config", [
+    (5, 192, 256, 128, torch.bfloat16, None),  # N = 1.5 column blocks, M = 5 of a 64-row block
+    (70, 64, 256, 64, torch.float32, None),  # two row blocks, the second almost empty
+    (3, 128, 512, 128, torch.bfloat16, {"SPLIT_K": 2}),  # K split over two programs
+    (17, 136, 128, 32, torch.float16, {"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_M": 16}),  # several K blocks per 128
+])
+def test_w4a16_gemm_matches_reference(device, m, n, k, group, dtype, config):
+    gen = gen_for("gemm", m, n, k, group, dtype)
+    qweight, qzeros, scales = (t.to(device) for t in awq_weight(n, k, group, gen))
+    x = (torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))).to(dtype).to(device)
+    if m > 3:
+        x[1] = 0.0
+    out = w4a16_gemm(x, qweight, qzeros, scales, config=config)
+    ref = w4a16_gemm_ref(x, qweight, qzeros, scales)
+    assert_close(out, ref, dtype)
+    if m > 3:
+        assert float(out[1].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_w4a16_linear_leading_dims(device):
+    gen = gen_for("linear")
+    qweight, qzeros, scales = (t.to(device) for t in awq_weight(64, 128, 128, gen))
+    x = torch.randn(2, 3, 128, generator=gen).to(torch.bfloat16).to(device)
+    out = w4a16_linear(x, qweight, qzeros, scales)
+    assert out.shape == (2, 3, 64)
+    assert_close(out, w4a16_linear_ref(x, qweight, qzeros, scales), torch.bfloat16)
+
+
+def test_tuned_table_lookup_keeps_split_k():
+    table = {"dev": {"N=64,K=256,G=128": {"1": {"SPLIT_K": 2, "BLOCK_N": 32, "junk": 1}, "64": {"BLOCK_M": 64}}}}
+    default = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1}
+    assert w4a16_gemm_mod.select_config(table, "dev", "N=64,K=256,G=128", 3, default) == \
+        {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}
+    assert w4a16_gemm_mod.select_config(table, "dev", "N=64,K=256,G=128", 40, default)["BLOCK_M"] == 64
+    assert w4a16_gemm_mod.select_config(table, "other", "N=64,K=256,G=128", 3, default) == default
+
+
+def test_gemm_refuses_bad_operands():
+    gen = gen_for("bad")
+    qweight, qzeros, scales = awq_weight(64, 256, 128, gen)
+    x = torch.randn(4, 256).bfloat16()
+    with pytest.raises(ValueError, match="does not fit qweight"):
+        w4a16_gemm(torch.randn(4, 128).bfloat16(), qweight, qzeros, scales)
+    with pytest.raises(ValueError, match="qweight and qzeros must be int32"):
+        w4a16_gemm(x, qweight.float(), qzeros, scales)
+    with pytest.raises(ValueError, match="qzeros must be"):
+        w4a16_gemm(x, qweight, qzeros[:1], scales)
+    with pytest.raises(ValueError, match="scales must be float"):
+        w4a16_gemm(x, qweight, qzeros, scales[:, :8])
+    with pytest.raises(ValueError, match="does not fit"):
+        w4a16_gemm(x, qweight, qzeros, scales, config={"BLOCK_K": 256})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused MoE
+
+
+def moe_loop_fp32(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """The MoE on dequantized weights in plain fp32, no intermediate rounding."""
+    i = w13[0].shape[-2] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for s in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, s])
+            if e < 0:
+                continue
+            gu = x[t].float().cpu() @ kmajor_dequantize_ref(*(w[e].cpu() for w in w13)).t()
+            h = torch.nn.functional.silu(gu[:i]) * gu[i:]
+            out[t] += float(topk_weights[t, s]) * (h @ kmajor_dequantize_ref(*(w[e].cpu() for w in w2)).t())
+    return out
+
+
+def routing(m: int, e: int, topk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(e - 1, generator=gen)[:topk] for _ in range(m)])  # expert e-1: no token
+    w = torch.rand(m, topk, generator=gen) + 0.1
+    w = w / w.sum(-1, keepdim=True)
+    ids[0, -1] = -1  # a slot routed nowhere
+    return w, ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,dtype", [(5, torch.bfloat16), (37, torch.float32)])
+def test_fused_moe_matches_reference(device, m, dtype):
+    """The launcher's own choice: the GEMV path at 2 pairs per expert (m = 5), the tl.dot path at 15 (m = 37)."""
+    e, h, i, topk, group = 5, 256, 384, 2, 128  # I = 3 column blocks of 128, H = 2
+    gen = gen_for("moe", m, dtype)
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(m, h, generator=gen).to(dtype).to(device)
+    tw, ids = (t.to(device) for t in routing(m, e, topk, gen))
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids)
+    ref = fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
+    assert_close(out, ref, dtype)
+    if dtype == torch.float32:  # the reference is the MoE: fp32 loop on the dequantized weights
+        torch.testing.assert_close(ref.cpu(), moe_loop_fp32(x, w13, w2, tw, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,dtype,h,i,group,config", [
+    # one pair per program; I = 96 leaves the second 64-row tile of GEMM 1 half full
+    (3, torch.float32, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 64}),
+    # two groups of words loaded ahead (past the last group: masked off); two pairs per program
+    (4, torch.bfloat16, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 2, "BLOCK_N": 64, "PREFETCH": 2}),
+    # four pairs per program (experts with fewer leave rows of their block padded); H = 192 = 1.5 tiles of 128
+    (6, torch.bfloat16, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 4, "BLOCK_N": 128}),
+    # the tensor-core path on the same layout (group 128: K steps of 16); 384 = 1.5 tiles of 256 in both GEMMs
+    (6, torch.float16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 256}),
+])
+def test_fused_moe_paths_and_masked_edges(device, m, dtype, h, i, group, config):
+    e, topk = 4, 2
+    gen = gen_for("moe-paths", m, dtype)
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = (torch.randn(m, h, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))).to(dtype).to(device)
+    tw, ids = (t.to(device) for t in routing(m, e, topk, gen))
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=config)
+    assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), dtype)
+
+
+def test_gemv_nibbles_are_exact():
+    """Every code 0..15 at every nibble place, zero points 0 and 15, one token: the GEMV path's 2^23-mantissa
+    dequantization must give (q - z) * s * x with nothing lost (fp32, powers of two: exact sums)."""
+    h, i = 128, 128  # one group of 128 along K in both GEMMs
+    q13 = (torch.arange(2 * i * h).view(2 * i, h) * 7 % 16).to(torch.uint8)[None]  # [1, 2I, H]
+    q2 = (torch.arange(h * i).view(h, i) * 5 % 16).to(torch.uint8)[None]  # [1, H, I]
+    z13 = torch.tensor([0, 15] * i, dtype=torch.uint8).view(1, 2 * i, 1)
+    z2 = torch.tensor([15, 0] * (h // 2), dtype=torch.uint8).view(1, h, 1)
+    w13 = pack_kmajor(q13, torch.full((1, 2 * i, 1), 2.0**-6, dtype=torch.float16), z13)
+    w2 = pack_kmajor(q2, torch.full((1, h, 1), 2.0**-5, dtype=torch.float16), z2)
+    x = (2.0 ** -torch.randint(0, 4, (1, h), generator=gen_for("exact"))).float()
+    tw, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64)
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 64, "PREFETCH": 2})
+    gate_up = x @ kmajor_dequantize_ref(*w13)[0].t()
+    assert torch.equal(gate_up, x.double().matmul(kmajor_dequantize_ref(*w13)[0].t().double()).float())
+    ref = fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_int64_ids_and_small_blocks(device):
+    e, h, i, group = 3, 128, 128, 128
+    gen = gen_for("moe-small")
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(40, h, generator=gen).to(torch.bfloat16).to(device)
+    ids = torch.tensor([[0, 1, 2]] * 40, device=device)  # int64; 40 pairs per expert: three 16-row blocks each
+    tw = torch.full((40, 3), 1 / 3, device=device)
+    cfg = {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 64}
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), torch.bfloat16)
+
+
+def test_moe_config_path_is_data():
+    table = {"dev": {"E=8,I=64,H=64,G=64": {"1": {"PATH": "gemv", "BLOCK_N": 32, "junk": 1},
+                                              "64": {"PATH": "dot", "BLOCK_M": 32}}}}
+    default = {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128}
+    pick = w4a16_moe_mod.select_moe_config
+    assert pick(table, "dev", "E=8,I=64,H=64,G=64", 2, default) == {"PATH": "gemv", "BLOCK_M": 64, "BLOCK_N": 32}
+    assert pick(table, "dev", "E=8,I=64,H=64,G=64", 40, default)["PATH"] == "dot"
+    assert pick(table, "other", "E=8,I=64,H=64,G=64", 2, default) == default
+    with pytest.raises(ValueError, match="PATH must be one of"):
+        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "mma"})
+    with pytest.raises(ValueError, match="PREFETCH must be 1 or 2"):
+        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv", "PREFETCH": 3})
+
+
+def test_fused_moe_refuses_mismatched_experts():
+    gen = gen_for("moe-bad")
+    w13 = stacked(2, 256, 128, 64, gen)
+    w2 = stacked(2, 128, 128, 128, gen)  # another group size
+    x = torch.randn(2, 128).bfloat16()
+    tw, ids = torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="one group size"):
+        fused_moe_w4a16(x, *w13, *w2, tw, ids)
+    with pytest.raises(ValueError, match="topk_ids must be integer"):
+        fused_moe_w4a16(x, *w13, *stacked(2, 128, 128, 64, gen), tw, ids.float())
+    with pytest.raises(ValueError, match="zeros uint8"):  # an AutoAWQ tensor where the K-major layout is expected
+        fused_moe_w4a16(x, *w13[:1], w13[1].to(torch.int32), *w13[2:], *stacked(2, 128, 128, 64, gen), tw, ids)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MiniMax-M2 shapes on the GPU
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("n,k", [(6144, 3072), (1024, 3072), (3072, 6144)])
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
+def test_gemm_minimax_shapes_gpu(m, n, k, mark):
+    gen = gen_for("gpu-gemm", m, n, k)
+    qweight, qzeros, scales = (t.cuda() for t in awq_weight(n, k, 128, gen))
+    x = torch.randn(m, k, generator=gen).bfloat16().cuda()
+    assert_close(w4a16_gemm(x, qweight, qzeros, scales), w4a16_gemm_ref(x, qweight, qzeros, scales), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 256])
+@pytest.mark.parametrize("path", [None, "gemv", "dot"])
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
+def test_fused_moe_minimax_shapes_gpu(m, path, mark):
+    e, h, i, topk = 256, 3072, 1536, 8
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    # random codes stand in for a quantized weight: the kernels read any code, zero point and scale
+
+    def kmajor(n: int, k: int) -> list[torch.Tensor]:
+        return [torch.randint(-2**31, 2**31 - 1, (e, n, k // 8), generator=gen, device="cuda", dtype=torch.int32),
+                torch.randint(0, 16, (e, n, k // 128), generator=gen, device="cuda", dtype=torch.uint8),
+                (torch.rand(e, n, k // 128, generator=gen, device="cuda") * 2e-3).half()]
+
+    w13, w2 = kmajor(2 * i, h), kmajor(h, i)
+    x = torch.randn(m, h, generator=gen, device="cuda").bfloat16()
+    scores = torch.sigmoid(torch.randn(m, e, generator=gen, device="cuda"))
+    tw, ids = torch.topk(scores, topk, dim=-1)
+    tw = tw / tw.sum(-1, keepdim=True)
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": path} if path else None)
+    assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), torch.bfloat16)

@@ -1,0 +1,151 @@
+"""The serving loop: many requests through a slot cache (queue, chunked prefill, batched decode) give what
+one-at-a-time generation gives; sampling and stop conditions per request; `quantkit bench`'s table adds up."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the fp8 backend imports the kernels: Triton's interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import assert_one_line_error, run_cli  # noqa: E402
+from quantkit.evals.bench import pct  # noqa: E402
+
+from quantkit.errors import QuantkitError  # noqa: E402
+from quantkit.runtime import Sampling, generate, load_model  # noqa: E402
+from quantkit.runtime.serve import Request, Server, buckets_for, serve  # noqa: E402
+
+LENGTHS = [3, 17, 1, 9, 30, 5, 12]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bf16):
+    return load_model(tiny_bf16, dtype=torch.float32)
+
+
+def prompts(lengths=LENGTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2000, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_batched_serving_equals_one_at_a_time_greedy(model):
+    ps = prompts()
+    ref = [generate(model, [p], max_new_tokens=6)[0] for p in ps]
+    # 3 slots for 7 requests: a queue; chunks of 7 tokens: the 30- and 17-token prompts prefill over several steps,
+    # interleaved with other requests' decoding; a budget of 14 tokens batches two chunks per prefill forward
+    server = Server(model, slots=3, max_len=40, prefill_chunk=7, prefill_budget=14)
+    for p in ps:
+        server.submit(Request(p, max_new_tokens=6))
+    out = server.run()
+    assert [c.tokens for c in out] == ref
+    assert all(c.finish == "length" for c in out)
+    assert server.steps["prefill"] > 3 and server.steps["decode"] >= 6
+    assert all(c.t_submit <= c.t_first <= c.t_done for c in out)
+
+
+def test_fp8_backend_serving_equals_generation(tiny_fp8):
+    fp8 = load_model(tiny_fp8, dtype=torch.float32, backend="fp8")
+    ps = prompts([4, 7, 2], seed=1)
+    ref = [generate(fp8, [p], max_new_tokens=3)[0] for p in ps]
+    assert [c.tokens for c in serve(fp8, [Request(p, max_new_tokens=3) for p in ps], prefill_chunk=5)] == ref
+
+
+def test_stop_ids_and_stop_strings_per_request(model):
+    p = prompts([6])[0]
+    ref = generate(model, [p], max_new_tokens=8)[0]
+    stop_tok = ref[3]
+    first = ref.index(stop_tok)  # the stop id may already appear earlier
+    reqs = [Request(p, max_new_tokens=8, stop_ids=(stop_tok,)), Request(p, max_new_tokens=8),
+            Request(p, max_new_tokens=8, stop=(f" {ref[2]} ",))]
+    text = " ".join  # a stand-in detokenizer: ids as words
+
+    def detok(ids):
+        return " " + text(map(str, ids)) + " "
+
+    out = serve(model, reqs, detokenize=detok)
+    assert out[0].tokens == ref[:first + 1] and out[0].finish == "stop"
+    assert out[1].tokens == ref and out[1].finish == "length"
+    done = ref.index(ref[2])  # the string is complete once ref[2] first comes out
+    assert out[2].finish == "stop" and out[2].tokens == ref[:done + 1]
+    assert out[2].text.split() == [str(t) for t in ref[:done]]  # cut before the stop string
+
+
+def test_sampling_is_per_request_and_independent_of_the_batch(model):
+    ps = prompts([5, 8, 3], seed=2)
+    hot = Sampling(temperature=0.9, top_k=50)
+    alone = generate(model, [ps[1]], max_new_tokens=6, sampling=hot, seed=7)[0]
+    mixed = serve(model, [Request(ps[0], 6), Request(ps[1], 6, sampling=hot, seed=7), Request(ps[2], 6)])
+    assert mixed[1].tokens == alone  # same seed, same tokens, whoever shares the batch
+    assert mixed[0].tokens == generate(model, [ps[0]], max_new_tokens=6)[0]  # greedy neighbours stay greedy
+
+
+def test_requests_that_cannot_fit_are_refused(model):
+    server = Server(model, slots=2, max_len=16)
+    with pytest.raises(QuantkitError, match="exceed the 16 positions"):
+        server.submit(Request(list(range(10)), max_new_tokens=7))
+    with pytest.raises(QuantkitError, match="at least one token"):
+        server.submit(Request([], max_new_tokens=2))
+    with pytest.raises(QuantkitError, match="detokenizer"):
+        server.submit(Request([1], max_new_tokens=2, stop=("x",)))
+
+
+def test_buckets_and_percentiles():
+    assert buckets_for(1) == [1]
+    assert buckets_for(6) == [1, 2, 4, 6]
+    assert buckets_for(32) == [1, 2, 4, 8, 16, 32]
+    assert pct([4.0], 99) == 4.0
+    assert pct([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert pct([0.0, 10.0], 99) == pytest.approx(9.9)
+
+
+def test_bench_table_counts_what_was_requested(tiny_fp8, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli("bench", tiny_fp8, "-o", out, "--concurrency", "1,3", "--input-len", "9", "--output-len", "4",
+                   "--per-layer", "--device", "cpu", "--dtype", "fp32", check=True)
+    res = json.loads((out / "bench.json").read_text())
+    assert res["meta"]["backend"] == "fp8" and res["meta"]["world"] == 1
+    assert [r["concurrency"] for r in res["serving"]] == [1, 3]
+    for r in res["serving"]:
+        assert r["requests"] == r["concurrency"]
+        assert r["output_tokens"] == r["requested_tokens"] == r["concurrency"] * 4
+        assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"])
+        assert r["output_tok_s_per_gpu"] == pytest.approx(r["output_tok_s"])
+        assert r["decode_steps"] == 3  # all requests decode together: output_len - 1 steps after the prefill
+        for k in ("ttft_ms", "tpot_ms"):
+            assert 0 < r[k]["p50"] <= r[k]["p99"] and r[k]["mean"] > 0
+    for r in res["per_layer"]:
+        assert 1 <= r["experts_hit"] <= 16 and r["layer_bytes"] > 0 and r["floor_ms"] > 0
+        assert r["tpot_62_ms"] == pytest.approx(62 * r["layer_ms"] + r["head_ms"])
+    md = (out / "bench.md").read_text()
+    assert "| 3 | 3 | 12 |" in md and "TPOT at 62 layers" in md and "vLLM" in md
+    assert (out / "bench.png").stat().st_size > 0
+    assert "| 1 | 1 | 4 |" in proc.stdout
+
+
+@pytest.mark.slow  # three processes start torch
+def test_bench_under_tensor_parallel(tiny_fp8, tmp_path):
+    out = tmp_path / "tp"
+    run_cli("bench", tiny_fp8, "-o", out, "--concurrency", "2", "--input-len", "5", "--output-len", "3", "--device",
+            "cpu", "--dtype", "fp32", "--tp", "2", check=True)
+    row = json.loads((out / "bench.json").read_text())["serving"][0]
+    assert row["output_tokens"] == 6 and row["output_tok_s_per_gpu"] == pytest.approx(row["output_tok_s"] / 2)
+
+
+def test_bench_bad_options_one_line(tiny_fp8, tmp_path):
+    proc = run_cli("bench", tiny_fp8, "-o", tmp_path / "x", "--concurrency", "1,a", "--device", "cpu")
+    assert_one_line_error(proc, "--concurrency")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_equals_eager(tiny_fp8):
+    gpu = load_model(tiny_fp8, dtype=torch.bfloat16, backend="fp8", device="cuda")
+    ps = prompts([4, 11, 2, 7, 9], seed=3)
+    reqs = [Request(p, max_new_tokens=8) for p in ps]
+    eager = serve(gpu, reqs, slots=4, cuda_graphs=False)
+    graphs = serve(gpu, reqs, slots=4, cuda_graphs=True)
+    assert [c.tokens for c in graphs] == [c.tokens for c in eager]
