@@ -30,7 +30,9 @@ def storage(folder: str | Path) -> tuple[int, float]:
 
     if find_gguf(folder) is not None:
         return gguf_storage(folder)
-    reader = CheckpointReader(folder)
+    from quantkit.formats.awq import open_awq_reader
+
+    reader = open_awq_reader(folder) or CheckpointReader(folder)
     specs = {s.name: s for s in reader.specs()}
     total = sum(e.nbytes for e in reader.entries.values())
     linear_bytes, counted = 0, set()

@@ -118,10 +118,12 @@ def convert(ckpt: str, target: str, scheme: str | None, output: str, recipe: str
 @click.option("--min-tokens", type=int, default=16, show_default=True,
               help="Experts with fewer routed tokens fall back to pooled statistics (reported).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Statistics file (.safetensors; + .json, .png).")
+@click.option("--imatrix", "imatrix_out", type=click.Path(), default=None,
+              help="Also write the statistics as llama.cpp's imatrix GGUF (for llama-quantize --imatrix).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def calibrate(ckpt: str, calib: tuple[str, ...], n_samples: int, seq_len: int, chat: bool, experts: str,
-              min_tokens: int, output: str, device: str | None, no_progress: bool) -> None:
+              min_tokens: int, output: str, imatrix_out: str | None, device: str | None, no_progress: bool) -> None:
     """Per-expert activation statistics of every linear input of CKPT (for AWQ and the GGUF imatrix)."""
     import resource
     from pathlib import Path
@@ -143,6 +145,10 @@ def calibrate(ckpt: str, calib: tuple[str, ...], n_samples: int, seq_len: int, c
     n_fb = sum(len(v) for k, v in fb.items() if k.endswith(".w13"))
     click.echo(f"{stats.meta['tokens']} tokens, {len(stats.layers)} layers in {stats.meta['seconds']:.1f} s; "
                f"{n_fb} layer-experts below --min-tokens {min_tokens} fell back to pooled statistics")
+    if imatrix_out:
+        from quantkit.calibrate.imatrix import stats_to_imatrix
+
+        click.echo(f"wrote {stats_to_imatrix(stats).save(imatrix_out)} (llama.cpp imatrix)")
     click.echo(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')} "
                f"(peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 

@@ -106,7 +106,13 @@ def load_imatrix(path: Path, plan: list[GGUFTensor]) -> tuple[dict[str, np.ndarr
     refuses a file made for another model. Also what llama-quantize records of it in the metadata."""
     if not path.is_file():
         raise QuantkitError(f"--imatrix {path}: no such file")
-    data = ImatrixData.load(path)
+    if path.suffix == ".safetensors":  # statistics from `quantkit calibrate`, per expert
+        from quantkit.calibrate.imatrix import stats_to_imatrix
+        from quantkit.calibrate.stats import CalibrationStats
+
+        data = stats_to_imatrix(CalibrationStats.load(path))
+    else:
+        data = ImatrixData.load(path)
     by_name = {t.name: t for t in plan}
     foreign = [n for n in data.names() if n not in by_name]
     if foreign:

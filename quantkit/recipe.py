@@ -51,7 +51,7 @@ class Recipe:
     @classmethod
     def load(cls, name_or_path: str | Path, family: str = "minimax-m2") -> Recipe:
         path = Path(name_or_path)
-        if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.suffix in (".yaml", ".yml") or path.is_file():
             if not path.is_file():
                 raise QuantkitError(f"{path}: no such recipe file")
             text = path.read_text()
