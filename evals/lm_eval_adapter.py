@@ -29,6 +29,13 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ("quantkit_mc", "quantkit_gen", "quantkit_ppl", "quantkit_passkey")
 
 
+def _tokenizer(path: str):
+    """The checkpoint folder's tokenizer, or the vocabulary stored in a GGUF file."""
+    from quantkit.runtime.gguf import find_gguf, tokenizer_from_gguf
+
+    return tokenizer_from_gguf(path) if find_gguf(path) is not None else tok.load_tokenizer(path)
+
+
 @register_model("quantkit")
 class QuantkitLM(TemplateLM):
     def __init__(self, pretrained: str, backend: str = "auto", device: str | None = None, dtype: str = "float32",
@@ -37,7 +44,7 @@ class QuantkitLM(TemplateLM):
         self.path = str(pretrained)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(self.path, dtype=getattr(torch, dtype), device=device, backend=backend)
-        self.tok = tok.load_tokenizer(self.path)
+        self.tok = _tokenizer(self.path)
         cfg = self.model.cfg
         eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
         self._eot = int(eos)

@@ -63,3 +63,16 @@ def test_unknown_task_is_one_line(tiny_bf16, tmp_path):
     proc = run_cli("eval", tiny_bf16, "--reference", tiny_bf16, "-o", tmp_path / "ev", "--no-fidelity", "--tasks",
                    "no_such_task", "--device", "cpu")
     assert_one_line_error(proc, "no_such_task")
+
+
+def test_a_gguf_file_brings_its_own_tokenizer(tiny_bf16, tmp_path):
+    from quantkit.evals.lm_eval_adapter import QuantkitLM
+
+    from quantkit import tokenizer as tok
+    from quantkit.gguf_convert import convert_gguf
+
+    convert_gguf(tiny_bf16, tmp_path / "gguf", qtype="q8_0", progress=False)
+    lm = QuantkitLM(str(tmp_path / "gguf"), device="cpu")
+    text = "def f(x):\n    return x + 1  # the pass key is 31415"
+    assert lm.tok.encode(text, add_special_tokens=False).ids == \
+        tok.load_tokenizer(tiny_bf16).encode(text, add_special_tokens=False).ids
