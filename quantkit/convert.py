@@ -54,7 +54,8 @@ class ConvertSummary:
     def error_lines(self) -> list[str]:
         by_kind: dict[str, list[tuple[float, str]]] = {}
         for name, e in self.errors.items():
-            by_kind.setdefault(self.kinds.get(name, "other"), []).append((e, name))
+            stem = name.rpartition(".")[0] + ".weight"  # INT4 outputs: qweight / weight_packed stand for .weight
+            by_kind.setdefault(self.kinds.get(name, self.kinds.get(stem, "other")), []).append((e, name))
         out = []
         for kind, errs in sorted(by_kind.items()):
             worst, name = max(errs)
