@@ -71,8 +71,10 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def check_device(*tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device that can run the kernels here; returns it."""
+def check_device(*tensors: torch.Tensor, min_capability: tuple[int, int] | None = (8, 9),
+                 need: str = "FP8 tensor cores") -> torch.device:
+    """All tensors on one device that can run the kernels here (a CUDA GPU of at least min_capability, or the CPU
+    under the interpreter); returns it."""
     dev = tensors[0].device
     for t in tensors[1:]:
         if t.device != dev:
@@ -84,8 +86,9 @@ def check_device(*tensors: torch.Tensor) -> torch.device:
         raise ValueError(f"no Triton kernels for device {dev}")
     if dev.type == "cuda" and not INTERPRETED:
         name, capability, _ = _cuda_device_info(_cuda_index(dev))
-        if capability < (8, 9):
-            raise ValueError(f"FP8 tensor cores need compute capability 8.9+; {name} has {capability}")
+        if min_capability is not None and capability < min_capability:
+            raise ValueError(f"{need} need compute capability {min_capability[0]}.{min_capability[1]}+; {name} has "
+                             f"{capability}")
     return dev
 
 

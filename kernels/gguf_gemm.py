@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import INTERPRETED, device_key, load_config_table, out_mantissa_bits, select_config, triton_kernel
+from .fp8_gemm import check_device as _check_device
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (values per block, bytes per block), ggml's table for the types the kernels read
@@ -410,16 +411,7 @@ def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Te
 
 def check_device(*tensors: torch.Tensor) -> torch.device:
     """All tensors on one device that can run the kernels here (CUDA compiled, or CPU under the interpreter)."""
-    dev = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != dev:
-            raise ValueError(f"tensors on different devices: {dev} and {t.device}")
-    if dev.type == "cpu" and not INTERPRETED:
-        raise ValueError("CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before triton is "
-                         "first imported (or pass CUDA tensors)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"no Triton kernels for device {dev}")
-    return dev
+    return _check_device(*tensors, min_capability=None)
 
 
 def row_bytes(k: int, qtype: str) -> int:

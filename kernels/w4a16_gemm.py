@@ -52,6 +52,9 @@ from .fp8_gemm import (
     out_mantissa_bits,
     triton_kernel,
 )
+from .fp8_gemm import (
+    check_device as _check_device,
+)
 
 PACK = 8  # 4-bit codes per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -60,20 +63,7 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps
 
 def check_device(*tensors: torch.Tensor) -> torch.device:
     """All tensors on one device that can run the kernels (any CUDA GPU with bf16 tensor cores, or the interpreter)."""
-    dev = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != dev:
-            raise ValueError(f"tensors on different devices: {dev} and {t.device}")
-    if dev.type == "cpu" and not INTERPRETED:
-        raise ValueError("CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before triton is "
-                         "first imported (or pass CUDA tensors)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"no Triton kernels for device {dev}")
-    if dev.type == "cuda" and not INTERPRETED:
-        name, capability, _ = _cuda_device_info(_cuda_index(dev))
-        if capability < (8, 0):
-            raise ValueError(f"the W4A16 kernels need compute capability 8.0+; {name} has {capability}")
-    return dev
+    return _check_device(*tensors, min_capability=(8, 0), need="the W4A16 kernels")
 
 
 def check_awq_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
