@@ -60,6 +60,31 @@ def triton_kernel(fn: Callable) -> Callable:
     return triton.runtime.JITFunction(fn)
 
 
+def _round_to_out_grid(acc, OUT_MANT: tl.constexpr):
+    """fp32 values rounded to nearest even on the grid of an output type with OUT_MANT mantissa bits (7 for bf16),
+    so that the interpreter's truncating fp32 -> bf16 cast stores what a GPU's rounding cast stores."""
+    mag = tl.abs(acc)
+    e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
+    mag = (mag + big) - big
+    return tl.where(acc < 0, -mag, mag)
+
+
+def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program pid, visiting GROUP_M row blocks per column sweep (L2 reuse of B)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+round_to_out_grid = triton_kernel(_round_to_out_grid)
+grouped_pid = triton_kernel(_grouped_pid)
+
+
 @functools.cache
 def _cuda_device_info(index: int) -> tuple[str, tuple[int, int], int]:
     """(name, compute capability, multiprocessors); asked once per device, as every launcher call needs them."""
@@ -323,12 +348,7 @@ def _w8a8_fp8_matmul_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -371,13 +391,8 @@ def _w8a8_fp8_matmul_kernel(
         a_s = tl.load(as_ptrs, mask=m_mask, other=0.0)
         b_s = tl.load(bs_ptrs, mask=n_mask, other=0.0)
         acc = acc * a_s[:, None] * b_s[None, :]
-    if OUT_MANT:
-        # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the output grid first
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 

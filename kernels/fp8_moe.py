@@ -40,12 +40,14 @@ from .fp8_gemm import (
     INTERPRETED,
     check_device,
     device_key,
+    grouped_pid,
     load_config_table,
     out_mantissa_bits,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
+    round_to_out_grid,
     select_config,
     triton_kernel,
     w8a8_block_fp8_matmul_ref,
@@ -229,12 +231,7 @@ def _fused_moe_fp8_kernel(
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
     # the grid covers the worst case; row blocks past the padded list's end have nothing to do
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
@@ -310,13 +307,8 @@ def _fused_moe_fp8_kernel(
     if MUL_ROUTED_WEIGHT:
         w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
         acc = acc * w[:, None]
-    if OUT_MANT:
-        # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the output grid first
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
 
@@ -343,12 +335,8 @@ def _moe_sum_kernel(
         routed = rmask & (expert >= 0) & (expert < num_experts)
         y_ptrs = y_ptr + (rows64 * TOP_K + s)[:, None] * stride_ym + cols[None, :] * stride_yh
         acc += tl.load(y_ptrs, mask=routed[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    if OUT_MANT:  # see _fused_moe_fp8_kernel
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     o_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oh
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 

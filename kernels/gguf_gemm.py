@@ -37,7 +37,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import INTERPRETED, device_key, load_config_table, out_mantissa_bits, select_config, triton_kernel
+from .fp8_gemm import (
+    INTERPRETED,
+    device_key,
+    grouped_pid,
+    load_config_table,
+    out_mantissa_bits,
+    round_to_out_grid,
+    select_config,
+    triton_kernel,
+)
 from .fp8_gemm import check_device as _check_device
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -289,12 +298,7 @@ def _gguf_matmul_kernel(
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     if ROUTED:
         # the grid covers the worst case; row blocks past the padded list's end have nothing to do
@@ -356,13 +360,8 @@ def _gguf_matmul_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if MUL_ROUTED_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + rows, mask=tok_mask, other=0.0)[:, None]
-    if OUT_MANT:
-        # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the output grid first
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n64[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
 

@@ -48,8 +48,10 @@ from .fp8_gemm import (
     _cuda_device_info,
     _cuda_index,
     device_key,
+    grouped_pid,
     load_config_table,
     out_mantissa_bits,
+    round_to_out_grid,
     triton_kernel,
 )
 from .fp8_gemm import (
@@ -215,12 +217,7 @@ def _w4a16_gemm_kernel(
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -264,12 +261,8 @@ def _w4a16_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first (kernels/fp8_gemm.py)
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 

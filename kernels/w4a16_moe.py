@@ -70,7 +70,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import ACT_DTYPES, INTERPRETED, device_key, load_config_table, out_mantissa_bits
+from .fp8_gemm import (
+    ACT_DTYPES,
+    INTERPRETED,
+    device_key,
+    grouped_pid,
+    load_config_table,
+    out_mantissa_bits,
+    round_to_out_grid,
+)
 from .fp8_gemm import triton_kernel as _jit
 from .fp8_moe import _moe_sum, _route
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
@@ -185,12 +193,8 @@ def _moe_gemv_kernel(
     if MUL_ROUTED_WEIGHT:
         rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
         out = out * rw[:, None]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first (kernels/fp8_gemm.py)
-        mag = tl.abs(out)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        out = tl.where(out < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        out = round_to_out_grid(out, OUT_MANT)
     offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & (offs_out < N)[None, :])
@@ -215,12 +219,7 @@ def _moe_dot_kernel(
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
 
@@ -280,12 +279,8 @@ def _moe_dot_kernel(
     if MUL_ROUTED_WEIGHT:
         rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
         acc = acc * rw[:, None]
-    if OUT_MANT:
-        mag = tl.abs(acc)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
-        big = ((e + 23 - OUT_MANT) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        acc = tl.where(acc < 0, -mag, mag)
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
     c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
 
