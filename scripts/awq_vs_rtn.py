@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256, help="evaluation window (tokens)")
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--no-clip", action="store_true")
-    ap.add_argument("--qkv-scale", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--qkv-scale", choices=["auto", "on", "off"], default="off")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()

@@ -60,10 +60,12 @@ def awq_options(recipe: Recipe) -> dict:
         "chat": bool(o.get("chat", False)),
         "min_tokens": int(o.get("min_tokens", 16)),
         "stats": o.get("stats"),
-        "qkv_scale": o.get("qkv_scale", "auto"),
+        "qkv_scale": {False: "off", True: "on"}.get(o.get("qkv_scale", "off"), o.get("qkv_scale")),  # YAML's off
         "clip": bool(o.get("clip", True)),
         "duo_scaling": bool(o.get("duo_scaling", True)),
     }
+    if out["qkv_scale"] not in ("auto", "on", "off"):
+        raise QuantkitError(f"recipe {recipe.name!r}: qkv_scale {out['qkv_scale']!r} is not auto, on or off")
     if out["format"] not in FORMATS:
         raise QuantkitError(f"--awq-format {out['format']!r}: choose {' or '.join(FORMATS)}")
     if not out["zero_point"] and out["format"] == "autoawq":

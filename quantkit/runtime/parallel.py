@@ -631,6 +631,9 @@ def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
+    if torch.distributed.is_initialized():  # leave together: a rank exiting under gloo's live threads aborts
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def cli_parallel(ckpt: str, backend: str, tp: int, ep: int, device: str) -> tuple[ParallelSpec | None, str]:
