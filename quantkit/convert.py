@@ -225,15 +225,7 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
             download_dir: str | Path | None = None, gguf: dict | None = None,
             awq: dict | None = None) -> ConvertSummary:
     """Convert `source` (a folder, or a Hub repo id `NAMESPACE/NAME[@REVISION]`) into `output`."""
-    if target == "gguf":  # GGUF is not safetensors shards: its own planner and writer (quantkit.gguf_convert)
-        if hub_source.parse_repo_arg(str(source)) is not None:  # its writer has no release hook yet
-            raise QuantkitError(f"{source}: --to gguf converts a local folder; download the repo first "
-                                f"(hf download {str(source).split('@')[0]} --local-dir DIR)")
-        from quantkit.gguf_convert import convert_gguf
-
-        return convert_gguf(source, output, recipe=recipe, resume=resume, force=force, progress=progress,
-                            **(gguf or {}))
-    if target not in PLANNERS:
+    if target not in PLANNERS and target != "gguf":
         raise QuantkitError(f"--to {target}: not available (available: {', '.join(PLANNERS)})")
     hub = None
     repo = hub_source.parse_repo_arg(str(source))
@@ -245,6 +237,11 @@ def convert(source: str | Path, output: str | Path, target: str = "bf16", recipe
                                 "inside it")
         hub = hub_source.HubSource.open(*repo, folder, keep=keep_source, progress=progress)
         source = hub.folder
+    if target == "gguf":  # GGUF is not safetensors shards: its own planner and writer (quantkit.gguf_convert)
+        from quantkit.gguf_convert import convert_gguf
+
+        return convert_gguf(source, output, recipe=recipe, resume=resume, force=force, progress=progress, hub=hub,
+                            **(gguf or {}))
     source, output = Path(source), Path(output)
     check_paths(source, output)
     reader = CheckpointReader(source, remote=hub)

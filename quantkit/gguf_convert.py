@@ -16,11 +16,13 @@ with its sha256; `--resume` keeps the splits that still hash to their record and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -182,7 +184,10 @@ def _verified(folder: OutputFolder, file: str, header: bytes, nbytes: int) -> bo
 
 def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", recipe: str | Path | None = None,
                  imatrix: str | Path | None = None, split_max_bytes: int = DEFAULT_SPLIT, resume: bool = False,
-                 force: bool = False, progress: bool = True, name: str | None = None, device: str = "cpu"):
+                 force: bool = False, progress: bool = True, name: str | None = None, device: str = "cpu",
+                 hub=None):
+    """`hub` (quantkit.hub.source.HubSource, whose folder is `source`): shards are fetched as the first tensor in
+    them is read and deleted once no later GGUF tensor needs them, so the disk holds a few source shards at once."""
     from quantkit.convert import ConvertSummary, check_paths
 
     source, output = Path(source), Path(output)
@@ -196,7 +201,8 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
     if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
         raise QuantkitError(f"--name {name!r}: must be a plain file name prefix (no slashes, no leading dot)")
     check_paths(source, output)
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, remote=hub)
+    stem = hub.repo_id.split("/")[-1] if hub is not None else source.resolve().name  # not the download folder's
     rec = Recipe.load(recipe or f"gguf-{qtype}")
     if rec.target != "gguf":
         raise QuantkitError(f"recipe {rec.name!r} is for --to {rec.target}, not --to gguf")
@@ -206,18 +212,26 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
         path = Path(imatrix)
         imat, imat_info = load_imatrix(path, plan)
         imat_digest = file_sha256(path)
-    kvs = metadata(reader.config, source, rec, name=name, imatrix=imat_info)
+    kvs = metadata(reader.config, source, rec, name=name, imatrix=imat_info, stem=stem)
     alignment = alignment_of(kvs)
     infos = [t.info for t in plan]
     groups = plan_splits(infos, split_max_bytes, alignment)
     by_name = {t.name: t for t in plan}
-    prefix = f"{name or source.resolve().name}-{rec.options.get('type_name', qtype.upper())}"
+    prefix = f"{name or stem}-{rec.options.get('type_name', qtype.upper())}"
     files = []
     for no, group in enumerate(groups):
         split_meta = [kv for kv in kvs if no == 0 or kv.key == "general.alignment"]
         files.append((split_name(prefix, no, len(groups)), split_meta + split_kv(no, len(groups), len(infos)), group))
     job = {"quantkit": __version__, "source": reader.fingerprint(), "recipe": rec.digest(), "target": "gguf",
            "type": qtype, "imatrix": imat_digest, "split_max_bytes": split_max_bytes, "name": prefix}
+    if hub is not None:
+        job["hub_source"] = hub.spec  # repo@commit, as the safetensors targets record it
+        # Release granularity is one GGUF tensor (a split can be most of the model): each releases what no later
+        # tensor reads. A GGUF tensor reads its HF sources (all experts of a layer, for stacked ones) and their
+        # FP8 scales, which plan_release adds by name.
+        hub.plan_release(reader, [SimpleNamespace(tensors=[SimpleNamespace(name=s, unit=None) for s in t.sources])
+                                  for g in groups for t in (by_name[i.name] for i in g)])
+    last_of: list[int] = list(itertools.accumulate(len(g) for g in groups))  # tensor count through each split
     crash_after = int(os.environ.get("QUANTKIT_CRASH_AFTER_SHARDS", "0"))  # fault injection for resume tests
     start = time.perf_counter()
     read = reused = written = bytes_out = 0
@@ -230,17 +244,19 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
         folder._save_manifest()  # the job is on record before the first byte: a crash in split 1 is resumable
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="gguf", disable=not progress)
         try:
-            for file, split_meta, group in files:
+            for no, (file, split_meta, group) in enumerate(files):
                 writer = GGUFStreamWriter(folder.path / file, split_meta, group)
                 if _verified(folder, file, writer.header, writer.nbytes):
                     reused += 1
                     bar.update(writer.nbytes)
+                    if hub is not None:  # a finished split reads nothing: what only it needed can go
+                        hub.shard_done(last_of[no] - 1, reader)
                     continue
                 folder.manifest["shards"].pop(file, None)
                 try:
                     writer.open()
                     bar.update(len(writer.header))
-                    for info in group:
+                    for k, info in enumerate(group):
                         t = by_name[info.name]
                         writer.begin_tensor(t.name)
                         for chunk in produce(reader, t, imat.get(t.name), tally, device):
@@ -248,6 +264,8 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
                             bar.update(chunk.nbytes)
                         writer.end_tensor()
                         read += sum(reader.entry(s).nbytes for s in t.sources)
+                        if hub is not None:
+                            hub.shard_done(last_of[no] - len(group) + k, reader)
                     digest = writer.close()
                 except OSError as e:
                     writer.abort()
@@ -270,6 +288,8 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
         folder._save_manifest()
         errors = {n: e for r in folder.manifest["shards"].values() for n, e in r.get("rel_rms", {}).items()}
     reader.close()
+    if hub is not None:
+        hub.finish()
     return ConvertSummary(
         output=output,
         shards=len(files),
@@ -281,4 +301,5 @@ def convert_gguf(source: str | Path, output: str | Path, qtype: str = "q8_0", re
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         errors=errors,
         kinds={t.name: t.kind for t in plan},
+        source_lines=hub.lines() if hub is not None else [],
     )

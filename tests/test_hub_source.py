@@ -203,3 +203,38 @@ def test_one_process_per_download_folder(hub_env, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", first.commit)  # "main" was pinned to the commit it pointed at
     first.finish()
     assert not (tmp_path / "dl").exists()
+
+
+def test_gguf_from_hub_is_identical_bounded_and_resumes(hub, hub_env, small_shards, count_shards, tmp_path):
+    """--to gguf from the Hub: the same bytes as from the local folder, a few source shards at a time (each GGUF
+    tensor releases what no later one reads: stacked experts hold a layer's shards, FP8 scales their weights'),
+    and a killed run resumes without fetching the shards its finished splits consumed."""
+    repo, src = "quantkit-test/tiny-fp8", small_shards["fp8"]  # FP8: scales are sources too
+    gguf = {"qtype": "q8_0", "split_max_bytes": 2 * SHARD}
+    n_source = len(list(src.glob("*.safetensors")))
+    summary = convert(repo, tmp_path / "hub", target="gguf", progress=False, gguf=gguf)
+    convert(src, tmp_path / "local", target="gguf", progress=False, gguf=gguf)
+    assert summary.shards >= 3  # several splits: the per-split resume path below has something to skip
+    assert_same_output(tmp_path / "hub", tmp_path / "local")
+    assert len(count_shards) >= n_source >= 9
+    print(f"gguf: {n_source} source shards, at most {max(count_shards)} on disk at once")
+    # A stacked-experts tensor reads all of its layer's experts, which span 4 of these 1 MB shards; the final norm,
+    # read near the start, sits in the last layer's shard, which stays until that layer is written.
+    assert max(count_shards) <= 5 < n_source, count_shards
+    assert not (tmp_path / "hub.hub-download").exists()
+    assert any("deleted as consumed" in line for line in summary.lines())
+
+    out, dl = tmp_path / "out", tmp_path / "out.hub-download"
+    args = ("convert", repo, "--to", "gguf", "--type", "q8_0", "-o", out, "--split-max-size", "2MB", "--no-progress")
+    start = len(hub.log)
+    killed = run_cli(*args, env={**hub_env, "QUANTKIT_CRASH_AFTER_SHARDS": "2"})
+    assert killed.returncode == 137, killed.stderr
+    on_disk = {p.name for p in dl.glob("*.safetensors")}
+    assert len(on_disk) < n_source  # the finished splits' shards are gone
+    done = run_cli(*args, "--resume", env=hub_env, check=True)
+    assert "2 reused from an earlier run" in done.stdout
+    assert_same_output(out, tmp_path / "local")
+    whole = [p for method, p, rng in hub.log[start:] if method == "GET" and "/resolve/" in p and rng is None]
+    shards = [p.rsplit("/", 1)[1] for p in whole if p.endswith(".safetensors")]
+    assert sorted(shards) == sorted(p.name for p in src.glob("*.safetensors"))  # each fetched once over both runs
+    assert not dl.exists()

@@ -244,22 +244,22 @@ def tokenizer_kvs(folder: Path, cfg: MiniMaxM2Config) -> list[KV]:
     return kvs
 
 
-def base_model(folder: Path, cfg: MiniMaxM2Config) -> tuple[str, str | None]:
+def base_model(folder: Path, cfg: MiniMaxM2Config, stem: str | None = None) -> tuple[str, str | None]:
     """(name, organization) of the model converted: config.json's _name_or_path when it names a Hub repo."""
     ref = cfg.raw.get("_name_or_path")
     if isinstance(ref, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
         org, name = ref.split("/")
         return name, org
-    return folder.resolve().name, None
+    return stem or folder.resolve().name, None
 
 
 def metadata(cfg: MiniMaxM2Config, folder: Path, recipe: Recipe, name: str | None = None,
-             imatrix: dict | None = None) -> list[KV]:
+             imatrix: dict | None = None, stem: str | None = None) -> list[KV]:
     """All KV metadata of the first split, in the converter's order then llama-quantize's additions."""
     opts = recipe.options
     if "file_type" not in opts:
         raise QuantkitError(f"recipe {recipe.name!r}: options.file_type (llama_ftype) is missing")
-    base, org = base_model(folder, cfg)
+    base, org = base_model(folder, cfg, stem)  # stem: the model's own name when `folder` is a download folder
     a = ARCH
     kvs = [kv_str("general.architecture", a), kv_str("general.type", "model"),
            kv_str("general.name", name or base), kv_str("general.quantized_by", "quantkit"),
