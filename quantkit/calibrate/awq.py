@@ -50,7 +50,7 @@ class AWQConfig:
     scale_dtype: torch.dtype = torch.float16  # the dtype scales are stored in (AutoAWQ: fp16)
     n_grid: int = 20  # alpha in {0, 1/20, ..., 19/20}
     duo_scaling: bool = True  # s = x^a / w^(1-a); False: s = x^a (original llm-awq)
-    qkv_scale: str = "auto"  # auto: keep the qkv scale only when it beats plain rounding; on; off
+    qkv_scale: str = "off"  # off (QK-norm follows q/k: measured better); auto: keep it where it beats rounding; on
     attention: bool = True  # False: attention stays unquantized (no qkv search, no o/v clipping)
     clip: bool = True
     clip_grid: int = 20

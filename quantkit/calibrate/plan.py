@@ -42,6 +42,11 @@ CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_sha
 REPORT_NAME = "quantkit-awq-report.json"
 
 
+
+def _on_off(value: object) -> object:
+    """YAML reads a bare off/on as a boolean."""
+    return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
+
 def awq_options(recipe: Recipe) -> dict:
     o = recipe.options
     out = {
@@ -60,7 +65,7 @@ def awq_options(recipe: Recipe) -> dict:
         "chat": bool(o.get("chat", False)),
         "min_tokens": int(o.get("min_tokens", 16)),
         "stats": o.get("stats"),
-        "qkv_scale": {False: "off", True: "on"}.get(o.get("qkv_scale", "off"), o.get("qkv_scale")),  # YAML's off
+        "qkv_scale": _on_off(o.get("qkv_scale", "off")),
         "clip": bool(o.get("clip", True)),
         "duo_scaling": bool(o.get("duo_scaling", True)),
     }

@@ -140,7 +140,12 @@ def init_parallel(tp: int, ep: int, device: str | torch.device = "cpu") -> tuple
 
 
 def _shutdown() -> None:
+    """Leave the group together: a gloo rank tearing down while its peer still talks to it can abort the peer."""
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: nothing to wait for
+            pass
         dist.destroy_process_group()
 
 
@@ -631,9 +636,7 @@ def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
-    if torch.distributed.is_initialized():  # leave together: a rank exiting under gloo's live threads aborts
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _shutdown()
 
 
 def cli_parallel(ckpt: str, backend: str, tp: int, ep: int, device: str) -> tuple[ParallelSpec | None, str]:
