@@ -456,10 +456,17 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                      n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
+    return moe_sum(y, topk_ids, x, e)
+
+
+def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """out[t] = sum over t's routed slots of y[t * topk + s], in fp32, without atomics; [M, H] in x's dtype."""
+    m, topk = topk_ids.shape
+    h = y.shape[1]
     out = torch.empty_like(x)  # [M, H]
     block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
     _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
-        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
+        y, topk_ids, out, m, h, num_experts, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
         out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
         OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
     )

@@ -26,10 +26,9 @@ rounding where the kernel does (the intermediate, each slot's output, the sum). 
 from __future__ import annotations
 
 import torch
-import triton
 
-from .fp8_gemm import INTERPRETED, device_key, load_config_table, out_mantissa_bits, select_config
-from .fp8_moe import _moe_sum, _route
+from .fp8_gemm import INTERPRETED, device_key, load_config_table, select_config
+from .fp8_moe import _route, moe_sum
 from .gguf_gemm import ACT_DTYPES, check_device, check_weight_bytes, dequantize_ref, launch_gguf_matmul
 
 
@@ -114,14 +113,7 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     y = alloc((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     launch_gguf_matmul(inter, down, qtypes[2], y, h, i, cfg, routing=routing, a_row_div=1, mul_routed_weight=True)
 
-    out = torch.empty_like(x)  # [M, H]
-    block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
-    _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
-        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-        out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
-        OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
-    )
-    return out
+    return moe_sum(y, topk_ids, x, e)
 
 
 def fused_moe_gguf_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,

@@ -80,7 +80,7 @@ from .fp8_gemm import (
     round_to_out_grid,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _moe_sum, _route
+from .fp8_moe import _route, moe_sum
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -422,14 +422,7 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     _launch(inter, w2, y, weights, sorted_token_ids, expert_ids, total, n=h, k=i, g=g, a_row_div=1,
             gated=False, mul_routed_weight=True, cfg=cfg)
 
-    out = torch.empty_like(x)  # [M, H]
-    block_m, block_h = (64, min(triton.next_power_of_2(h), 4096)) if INTERPRETED else (4, 512)
-    _moe_sum[(triton.cdiv(m, block_m), triton.cdiv(h, block_h))](
-        y, topk_ids, out, m, h, e, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-        out.stride(0), out.stride(1), TOP_K=topk, BLOCK_M=block_m, BLOCK_H=block_h,
-        OUT_MANT=out_mantissa_bits(x.dtype), num_warps=4,
-    )
-    return out
+    return moe_sum(y, topk_ids, x, e)
 
 
 def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor,
