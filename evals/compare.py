@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,33 +66,77 @@ def decode_speed(model, steps: int = 32) -> float:
 
 def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Path, device: str = "cpu",
             window: int = 256, max_windows: int = 8, needle_lengths: tuple[int, ...] | None = None,
-            needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0)) -> list[dict]:
+            needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0), jobs: int = 1,
+            log: Callable[[str], None] | None = None) -> list[dict]:
+    """The table's rows, the reference first. `jobs` > 1 evaluates that many checkpoints at once, each in its own
+    process (on a GPU, mostly to overlap the kernels' first compilation); the rows are the same either way."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tok.load_tokenizer(reference)
-    text = held_out_text()
-    windows = token_windows(tokenizer.encode(text, add_special_tokens=False).ids, window, max_windows)
-    ref = load_model(reference, dtype=torch.float32, device=device, backend="dense")
-    rows = []
-    for name, path in {"bf16 (reference)": reference, **quants}.items():
-        model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
-        fid = fidelity(model, ref, windows)
-        context = model.cfg.max_position_embeddings
-        # default: 1K and 2K tokens, or the model's own context grid when it is shorter than that
-        lengths = needle_lengths or ((1024, 2048) if context >= 2048 + needle.ANSWER_TOKENS else needle.DEFAULT_LENGTHS)
-        cases = needle.needle_grid(context, lengths, needle_depths)
-        hay = needle.summary(needle.run_needle(model, tokenizer, cases))
-        size, bpw = storage(path)
-        rows.append({
-            "format": name, "path": str(path), "bytes": size, "bits_per_weight": bpw,
-            "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1": fid.top1_agreement,
-            "perplexity": fid.ppl_quant, "needle": hay["score"], "needle_cases": hay["cases"],
-            "tokens_per_s": decode_speed(model),
-        })
+    todo = list({"bf16 (reference)": reference, **quants}.items())
+    args = [(name, str(path), str(reference), device, window, max_windows, needle_lengths, needle_depths)
+            for name, path in todo]
+    rows: list[dict] = []
+    if jobs <= 1:
+        for a in args:
+            rows.append(evaluate_one(*a))
+            if log:
+                log(progress_line(rows[-1]))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(evaluate_one, *a): i for i, a in enumerate(args)}
+            done: dict[int, dict] = {}
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                if log:
+                    log(progress_line(done[futures[f]]))
+        rows = [done[i] for i in range(len(args))]
     (out / "comparison.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
     (out / "comparison.md").write_text(format_table(rows, device))
     plot(rows, out / "comparison.png")
     return rows
+
+
+def progress_line(row: dict) -> str:
+    t = row["seconds"]
+    return (f"{row['format']}: KLD {row['kld_mean']:.5f}, top-1 {row['top1']:.4f}, {row['tokens_per_s']:.1f} tokens/s "
+            f"(load {t['load']:.0f} s, fidelity {t['fidelity']:.0f} s, needle {t['needle']:.0f} s, "
+            f"speed {t['speed']:.0f} s)")
+
+
+@torch.inference_mode()
+def evaluate_one(name: str, path: str, reference: str, device: str, window: int, max_windows: int,
+                 needle_lengths: tuple[int, ...] | None, needle_depths: tuple[float, ...]) -> dict:
+    """One row of the table: `path` against `reference` on the same windows of the built-in held-out text."""
+    seconds = {}
+    t0 = time.perf_counter()
+    tokenizer = tok.load_tokenizer(reference)
+    windows = token_windows(tokenizer.encode(held_out_text(), add_special_tokens=False).ids, window, max_windows)
+    ref = load_model(reference, dtype=torch.float32, device=device, backend="dense")
+    model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
+    seconds["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fid = fidelity(model, ref, windows)
+    seconds["fidelity"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    context = model.cfg.max_position_embeddings
+    # default: 1K and 2K tokens, or the model's own context grid when it is shorter than that
+    lengths = needle_lengths or ((1024, 2048) if context >= 2048 + needle.ANSWER_TOKENS else needle.DEFAULT_LENGTHS)
+    cases = needle.needle_grid(context, lengths, needle_depths)
+    hay = needle.summary(needle.run_needle(model, tokenizer, cases))
+    seconds["needle"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    speed = decode_speed(model)
+    seconds["speed"] = time.perf_counter() - t0
+    size, bpw = storage(path)
+    return {
+        "format": name, "path": path, "bytes": size, "bits_per_weight": bpw,
+        "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1": fid.top1_agreement,
+        "perplexity": fid.ppl_quant, "needle": hay["score"], "needle_cases": hay["cases"],
+        "tokens_per_s": speed, "seconds": seconds,
+    }
 
 
 def format_table(rows: list[dict], device: str) -> str:

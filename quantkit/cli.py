@@ -312,8 +312,10 @@ def eval_cmd(ckpt: str, reference: str, output: str, fidelity: bool, text_file: 
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--window", type=int, default=256, show_default=True)
 @click.option("--max-windows", type=int, default=8, show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Checkpoints evaluated at once, each in its own process.")
 def compare(reference: str, quants: tuple[str, ...], output: str, device: str | None, window: int,
-            max_windows: int) -> None:
+            max_windows: int, jobs: int) -> None:
     """One table of size, bits/weight, KLD, top-1, perplexity, needle score and tokens/s per checkpoint."""
     import torch
 
@@ -327,7 +329,10 @@ def compare(reference: str, quants: tuple[str, ...], output: str, device: str | 
             raise QuantkitError(f"--quant {q!r}: expected NAME=PATH")
         named[name] = path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(reference, named, output, device=device, window=window, max_windows=max_windows)
+    if jobs < 1:
+        raise QuantkitError(f"--jobs {jobs}: expected at least 1")
+    rows = run(reference, named, output, device=device, window=window, max_windows=max_windows, jobs=jobs,
+               log=lambda line: click.echo(line, err=True))
     click.echo(format_table(rows, device), nl=False)
     click.echo(f"wrote {output}/comparison.md, comparison.json, comparison.png")
 

@@ -63,7 +63,7 @@ for t in q8_0 q6_k q5_k_m q4_k_m; do
 done
 stage "convert gguf q4_k_m + imatrix" 60 "${QK[@]}" convert "$MODEL" --to gguf --type q4_k_m \
   --imatrix "$WORK/calib/stats.safetensors" -o "$WORK/gguf-q4_k_m-imatrix" --force --no-progress
-if stage "compare on $DEVICE" 300 "${QK[@]}" compare "$MODEL" --device "$DEVICE" \
+if stage "compare on $DEVICE" 400 "${QK[@]}" compare "$MODEL" --device "$DEVICE" --jobs "${JOBS:-5}" \
     --quant fp8-block="$WORK/fp8-block" --quant fp8-channel="$WORK/fp8-channel" \
     --quant awq="$WORK/awq" --quant awq-compressed-tensors="$WORK/awq-ct" --quant gguf-q8_0="$WORK/gguf-q8_0" \
     --quant gguf-q6_k="$WORK/gguf-q6_k" --quant gguf-q5_k_m="$WORK/gguf-q5_k_m" \

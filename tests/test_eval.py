@@ -74,3 +74,13 @@ def test_comparison_table(tiny_fp8, tmp_path):
     assert q["kld_mean"] > 0 and q["bytes"] < ref["bytes"] and q["tokens_per_s"] > 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| fp8-block |" in table and (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    # the same rows, in the same order, when the checkpoints are evaluated in two processes at once
+    lines = []
+    again = compare(tmp_path / "bf16", {"fp8-block": tiny_fp8}, tmp_path / "cmp2", window=64, max_windows=2,
+                    needle_lengths=(256,), needle_depths=(0.5,), jobs=2, log=lines.append)
+    assert [r["format"] for r in again] == ["bf16 (reference)", "fp8-block"] and len(lines) == 2
+    for a, b in zip(rows, again):
+        for key in ("bytes", "bits_per_weight", "needle"):
+            assert a[key] == b[key]
+        for key in ("kld_mean", "kld_p99", "top1", "perplexity"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7)
