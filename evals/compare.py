@@ -69,7 +69,8 @@ def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Pat
             needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0), jobs: int = 1,
             log: Callable[[str], None] | None = None) -> list[dict]:
     """The table's rows, the reference first. `jobs` > 1 evaluates that many checkpoints at once, each in its own
-    process (on a GPU, mostly to overlap the kernels' first compilation); the rows are the same either way."""
+    process (on a GPU, mostly to overlap the kernels' first compilation); the rows are the same either way: the
+    decoding speed is then measured afterwards, one checkpoint at a time, so that no row is timed while others run."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = list({"bf16 (reference)": reference, **quants}.items())
@@ -86,13 +87,19 @@ def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Pat
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(evaluate_one, *a): i for i, a in enumerate(args)}
+            futures = {pool.submit(evaluate_one, *a, measure_speed=False): i for i, a in enumerate(args)}
             done: dict[int, dict] = {}
             for f in as_completed(futures):
                 done[futures[f]] = f.result()
-                if log:
-                    log(progress_line(done[futures[f]]))
         rows = [done[i] for i in range(len(args))]
+        for row in rows:
+            t0 = time.perf_counter()
+            backend = "dense" if row["path"] == str(reference) else "auto"
+            row["tokens_per_s"] = decode_speed(load_model(row["path"], dtype=torch.float32, device=device,
+                                                          backend=backend))
+            row["seconds"]["speed"] = time.perf_counter() - t0
+            if log:
+                log(progress_line(row))
     (out / "comparison.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
     (out / "comparison.md").write_text(format_table(rows, device))
     plot(rows, out / "comparison.png")
@@ -108,7 +115,8 @@ def progress_line(row: dict) -> str:
 
 @torch.inference_mode()
 def evaluate_one(name: str, path: str, reference: str, device: str, window: int, max_windows: int,
-                 needle_lengths: tuple[int, ...] | None, needle_depths: tuple[float, ...]) -> dict:
+                 needle_lengths: tuple[int, ...] | None, needle_depths: tuple[float, ...],
+                 measure_speed: bool = True) -> dict:
     """One row of the table: `path` against `reference` on the same windows of the built-in held-out text."""
     seconds = {}
     t0 = time.perf_counter()
@@ -128,7 +136,7 @@ def evaluate_one(name: str, path: str, reference: str, device: str, window: int,
     hay = needle.summary(needle.run_needle(model, tokenizer, cases))
     seconds["needle"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    speed = decode_speed(model)
+    speed = decode_speed(model) if measure_speed else float("nan")
     seconds["speed"] = time.perf_counter() - t0
     size, bpw = storage(path)
     return {
