@@ -156,7 +156,8 @@ def calibrate(ckpt: str, calib: tuple[str, ...], n_samples: int, seq_len: int, c
 @cli.command("make-checkpoint")
 @click.option("--preset", type=click.Choice(["tiny", "minimax-m2"]), default="tiny", show_default=True)
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the preset's).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp8"]), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp8", "awq"]), default="bf16", show_default=True,
+              help="awq: INT4 round-to-nearest of the bf16 checkpoint, AutoAWQ layout.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--max-shard-size", default="2GB", show_default=True)

@@ -2,6 +2,7 @@
 
     make_checkpoint("tiny-ckpt", preset="tiny")                                   # 2 layers, a few MB
     make_checkpoint("m2-slice", preset="minimax-m2", layers=2, dtype="fp8")       # real widths, official FP8 layout
+    make_checkpoint("m2-int4", preset="minimax-m2", layers=2, dtype="awq")        # INT4 W4A16, AutoAWQ layout
 
 The folder is what a Hugging Face release holds: config.json and generation_config.json in the release's
 layout, a byte-level BPE tokenizer, sharded safetensors and the index. Every tensor is drawn from a generator
@@ -10,7 +11,9 @@ streams them: a real-width layer is never in memory at once.
 
 In `fp8` checkpoints each 128x128 tile holds an element at +-448 and its scale has four significant bits, so
 W = fp8 x scale is exact in BF16 and re-quantizing the BF16 weights with scale = amax / 448 gives back the same
-bytes: conversions through BF16 can then be checked bit for bit.
+bytes: conversions through BF16 can then be checked bit for bit. `awq` checkpoints hold the round-to-nearest INT4
+(groups of 128, asymmetric, AutoAWQ GEMM layout) of the bf16 checkpoint of the same seed for every attention and
+expert projection; router gates and the head stay as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from quantkit import tokenizer as tok
+from quantkit.formats.awq import GROUP as AWQ_GROUP
 from quantkit.arch import MiniMaxM2Config
 from quantkit.checkpoint import OutputFolder, OutTensor, plan_shards
 from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
@@ -137,8 +141,8 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
                     init: Init = Init(), progress: bool = False) -> MiniMaxM2Config:
     if preset not in PRESETS:
         raise QuantkitError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
-    if dtype not in ("bf16", "fp8"):
-        raise QuantkitError(f"--dtype {dtype!r}: choose bf16 or fp8")
+    if dtype not in ("bf16", "fp8", "awq"):
+        raise QuantkitError(f"--dtype {dtype!r}: choose bf16, fp8 or awq")
     if layers is not None and layers < 1:
         raise QuantkitError(f"--layers {layers}: at least one layer")
     fp8 = dtype == "fp8"
@@ -148,6 +152,13 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
         aux = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
     raw = release_config(preset, layers, fp8, special)
     cfg = MiniMaxM2Config.from_dict(raw)
+    awq = dtype == "awq"
+    if awq:  # round-to-nearest INT4 of the bf16 checkpoint of the same seed, in AutoAWQ's GEMM layout
+        from quantkit.formats.awq import quantization_config_autoawq
+
+        keep = ["lm_head"] + [s.name.removesuffix(".weight") for u in cfg.units() for s in u.tensors
+                              if s.kind == "router"]
+        raw["quantization_config"] = quantization_config_autoawq(keep)
     generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
                   "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 40}
     aux["config.json"] = (json.dumps(raw, indent=2) + "\n").encode()
@@ -162,14 +173,29 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
                 tensors.append(OutTensor(spec.name, "F8_E4M3", spec.shape, unit.name))
                 sshape = tuple(math.ceil(d / b) for d, b in zip(spec.shape, FP8_BLOCK))
                 tensors.append(OutTensor(spec.name + "_scale_inv", "F32", sshape, unit.name))
+            elif awq and spec.is_linear:
+                n_out, n_in = spec.shape
+                base = spec.name.removesuffix("weight")
+                tensors.append(OutTensor(base + "qweight", "I32", (n_in, n_out // 8), unit.name))
+                kinds[base + "qweight"] = spec.kind
+                tensors.append(OutTensor(base + "qzeros", "I32", (n_in // AWQ_GROUP, n_out // 8), unit.name))
+                tensors.append(OutTensor(base + "scales", "F16", (n_in // AWQ_GROUP, n_out), unit.name))
             else:
                 keep32 = fp8 and spec.kind in ("router", "router_bias")
                 tensors.append(OutTensor(spec.name, "F32" if keep32 else "BF16", spec.shape, unit.name))
     pending_scale: dict[str, torch.Tensor] = {}
 
     def produce(t: OutTensor) -> torch.Tensor:
-        if t.name.endswith("_scale_inv"):
+        if t.name.endswith(("_scale_inv", ".qzeros", ".scales")):
             return pending_scale.pop(t.name)
+        if t.name.endswith(".qweight"):
+            from quantkit.formats.awq import packed_tensors, quantize_groups
+
+            name = t.name.removesuffix("qweight") + "weight"
+            w = _float_tensor(kinds[t.name], (t.shape[1] * 8, t.shape[0]), _generator(seed, name), init, torch.bfloat16)
+            packed = packed_tensors(name.removesuffix("weight"), *quantize_groups(w, name=name), "autoawq")
+            pending_scale.update({k: v for k, v in packed.items() if k != t.name})
+            return packed[t.name]
         g = _generator(seed, t.name)
         if t.dtype == "F8_E4M3":
             q, s = fp8_weight(t.shape, g, init.std)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Tensor/expert parallelism and serving on a 2-GPU machine, in one command. Usage: scripts/gpu_parallel_check.sh OUT
+# Tensor/expert parallelism and serving on a machine of N GPUs (2, 4 or 8), in one command.
+# Usage: scripts/gpu_parallel_check.sh OUT
 #
-#   1. the GPU tests of the serving loop (CUDA-graph decode = eager decode)
-#   2. TP=2, EP=2 and TP=2 x EP=2 over NCCL against one process: tiny BF16 and FP8 checkpoints (dense and fp8
-#      backends) and a generated 2-layer real-width MiniMax-M2 FP8 slice (fp8 backend)
-#   3. `quantkit bench` on that slice, serving sweep and per-layer roofline: 1 GPU, TP=2 and EP=2
+#   1. the GPU tests of the serving loop (CUDA-graph decode = eager decode); SERVE_TESTS=0 skips them
+#   2. TP=N, EP=N (and TP=2 x EP=2 on 2 GPUs) over NCCL against one process: tiny BF16 and FP8 checkpoints (dense
+#      and fp8 backends; TINY=0 skips them), a generated 2-layer real-width MiniMax-M2 FP8 slice (fp8 backend) and,
+#      with AWQ=1, a real-width INT4 slice (make-checkpoint --dtype awq; awq backend)
+#   3. `quantkit bench` on those slices, serving sweep and per-layer roofline: 1 GPU, TP=N and EP=N (FP8);
+#      1 GPU and TP=N (INT4)
 #
-# Writes (8 files at most): OUT/summary.md (every table), OUT/log.txt, OUT/check_parallel.json,
-# OUT/bench_{tp1,tp2,ep2}.json, OUT/bench_{tp1,tp2}.png. Each stage has its own time limit and a failure does
-# not stop the later stages; the exit code is non-zero if any stage failed. About 6 minutes on 2 H200s.
+# Writes: OUT/summary.md (every table), OUT/log.txt, OUT/check_parallel*.json, OUT/bench_*.json and .png. Each
+# stage has its own time limit and a failure does not stop the later stages; the exit code is non-zero if any
+# stage failed. About 6 minutes on 2 H200s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_parallel_check.sh OUT}
@@ -18,6 +21,11 @@ mkdir -p "$WORK"
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu SLICE=a-tiny-fp8-checkpoint CONC=1,2 OUTLEN=4: a dry run of this script on a CPU
 CONC=${CONC:-1,4,32,128}
+NGPU=${NGPU:-$($PY -c 'import torch; print(max(2, torch.cuda.device_count()))' 2>/dev/null || echo 2)}
+DEGREES=${DEGREES:-$([ "$NGPU" = 2 ] && echo 2x1,1x2,2x2 || echo "${NGPU}x1,1x${NGPU}")}
+SERVE_TESTS=${SERVE_TESTS:-1}
+TINY=${TINY:-1}
+AWQ=${AWQ:-0}
 OUTLEN=${OUTLEN:-64}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export PYTHONWARNINGS=ignore
@@ -53,35 +61,48 @@ $PY -c 'import torch, quantkit; print("torch", torch.__version__, "GPUs", torch.
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"],
   capture_output=True, text=True).stdout.strip())' 2>&1 | tee -a "$LOG" "$SUMMARY"
 
-stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py
+[ "$SERVE_TESTS" = 1 ] && stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py
 
-TINY16="$WORK/tiny-bf16" TINY8="$WORK/tiny-fp8" SLICE=${SLICE:-$WORK/m2-2layers-fp8}
+TINY16="$WORK/tiny-bf16" TINY8="$WORK/tiny-fp8" SLICE=${SLICE:-$WORK/m2-2layers-fp8} SLICE4=${SLICE4:-$WORK/m2-2layers-int4}
 rm -f "$WORK/check.md"
-[ -f "$TINY16/config.json" ] || stage "make tiny bf16" 60 $PY -m quantkit.cli make-checkpoint --preset tiny -o "$TINY16" --force
-[ -f "$TINY8/config.json" ] || stage "make tiny fp8" 60 $PY -m quantkit.cli make-checkpoint --preset tiny --dtype fp8 --seed 1 -o "$TINY8" --force
+CHECK=()
+if [ "$TINY" = 1 ]; then
+  [ -f "$TINY16/config.json" ] || stage "make tiny bf16" 60 $PY -m quantkit.cli make-checkpoint --preset tiny -o "$TINY16" --force
+  [ -f "$TINY8/config.json" ] || stage "make tiny fp8" 60 $PY -m quantkit.cli make-checkpoint --preset tiny --dtype fp8 --seed 1 -o "$TINY8" --force
+  CHECK+=("$TINY16" "$TINY8")
+fi
 [ -f "$SLICE/model.safetensors.index.json" ] ||
   stage "make real-width 2-layer FP8 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 --layers 2 \
     --dtype fp8 -o "$SLICE" --force
+CHECK+=("$SLICE@fp8")
+if [ "$AWQ" = 1 ]; then
+  [ -f "$SLICE4/model.safetensors.index.json" ] ||
+    stage "make real-width 2-layer INT4 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 --layers 2 \
+      --dtype awq -o "$SLICE4" --force
+  CHECK+=("$SLICE4")
+fi
 
-if stage "NCCL logits vs one process" 300 $PY scripts/check_parallel.py "$TINY16" "$TINY8" "$SLICE@fp8" \
-    --device "$DEVICE" --degrees 2x1,1x2,2x2 --json "$OUT/check_parallel.json" --md "$WORK/check.md"; then :; fi
+if stage "NCCL logits vs one process ($DEGREES)" 300 $PY scripts/check_parallel.py "${CHECK[@]}" \
+    --device "$DEVICE" --degrees "$DEGREES" --json "$OUT/check_parallel.json" --md "$WORK/check.md"; then :; fi
 [ -f "$WORK/check.md" ] && { echo; echo "## NCCL logits vs one process"; echo; cat "$WORK/check.md"; } >>"$SUMMARY"
 
-BENCH=(--concurrency "$CONC" --input-len 128 --output-len "$OUTLEN" --per-layer --backend fp8 --dtype bf16
-  --device "$DEVICE")
-for setup in "tp1" "tp2 --tp 2" "ep2 --ep 2"; do
+BENCH=(--concurrency "$CONC" --input-len 128 --output-len "$OUTLEN" --per-layer --dtype bf16 --device "$DEVICE")
+SETUPS=("fp8 tp1" "fp8 tp$NGPU --tp $NGPU" "fp8 ep$NGPU --ep $NGPU")
+[ "$AWQ" = 1 ] && SETUPS+=("awq tp1" "awq tp$NGPU --tp $NGPU")
+for setup in "${SETUPS[@]}"; do
   set -- $setup
-  name=$1
-  shift
-  dir="$WORK/bench_$name"
-  if ! stage "bench $name" 200 $PY -m quantkit.cli bench "$SLICE" -o "$dir" "${BENCH[@]}" "$@"; then
-    stage "bench $name without CUDA graphs" 200 $PY -m quantkit.cli bench "$SLICE" -o "$dir" "${BENCH[@]}" "$@" \
-      --no-cuda-graphs
+  backend=$1 name=$2
+  shift 2
+  [ "$backend" = fp8 ] && { ckpt=$SLICE; tag=$name; } || { ckpt=$SLICE4; tag=awq_$name; }
+  dir="$WORK/bench_$tag"
+  if ! stage "bench $backend $name" 200 $PY -m quantkit.cli bench "$ckpt" -o "$dir" "${BENCH[@]}" --backend "$backend" "$@"; then
+    stage "bench $backend $name without CUDA graphs" 200 $PY -m quantkit.cli bench "$ckpt" -o "$dir" "${BENCH[@]}" \
+      --backend "$backend" "$@" --no-cuda-graphs
   fi
   if [ -f "$dir/bench.json" ]; then
-    cp "$dir/bench.json" "$OUT/bench_$name.json"
-    [ "$name" = ep2 ] || cp "$dir/bench.png" "$OUT/bench_$name.png"
-    { echo; echo "## bench $name"; echo; cat "$dir/bench.md"; } >>"$SUMMARY"
+    cp "$dir/bench.json" "$OUT/bench_$tag.json"
+    [ -f "$dir/bench.png" ] && cp "$dir/bench.png" "$OUT/bench_$tag.png"
+    { echo; echo "## bench $backend $name"; echo; cat "$dir/bench.md"; } >>"$SUMMARY"
   fi
 done
 echo "exit $status" | tee -a "$LOG"

@@ -225,3 +225,38 @@ def test_packed_tensor_names():
     assert base + "weight_zero_point" not in sym
     with pytest.raises(QuantkitError, match="INT4 layout 'gptq'"):
         packed_tensors(base, q, s, z, "gptq")
+
+
+def test_make_checkpoint_awq_is_rtn_of_the_bf16_checkpoint(tmp_path):
+    """make-checkpoint --dtype awq: every attention and expert projection is the AutoAWQ packing of the round-to-
+    nearest INT4 of the bf16 checkpoint of the same seed; everything else is that checkpoint's own tensor."""
+    import json
+
+    from quantkit.checkpoint import CheckpointReader
+    from quantkit.formats.awq import open_awq_reader
+    from quantkit.synth import make_checkpoint
+
+    make_checkpoint(tmp_path / "bf16", preset="tiny", seed=3)
+    make_checkpoint(tmp_path / "awq", preset="tiny", seed=3, dtype="awq")
+    from safetensors.torch import load_file
+
+    bf16 = CheckpointReader(tmp_path / "bf16")
+    awq = {k: v for f in sorted((tmp_path / "awq").glob("*.safetensors")) for k, v in load_file(f).items()}
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["group_size"] == 128 and "lm_head" in qc["modules_to_not_convert"]
+    assert "model.layers.1.block_sparse_moe.gate" in qc["modules_to_not_convert"]
+    packed = 0
+    for name in bf16.entries:
+        w = bf16.tensor(name)
+        base = name.removesuffix("weight")
+        if base + "qweight" in awq:
+            want = packed_tensors(base, *quantize_groups(w, name=name), "autoawq")
+            for k, v in want.items():
+                assert torch.equal(awq.pop(k), v), k
+            assert name not in awq
+            packed += 1
+        else:
+            assert torch.equal(awq.pop(name), w), name
+    assert not awq  # nothing else
+    assert packed == 2 * (4 + 3 * 16)  # two layers: q/k/v/o and w1/w2/w3 of 16 experts
+    assert open_awq_reader(tmp_path / "awq") is not None
