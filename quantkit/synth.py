@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,11 @@ import torch
 from tqdm import tqdm
 
 from quantkit import tokenizer as tok
-from quantkit.formats.awq import GROUP as AWQ_GROUP
 from quantkit.arch import MiniMaxM2Config
 from quantkit.checkpoint import OutputFolder, OutTensor, plan_shards
 from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
 from quantkit.errors import QuantkitError
+from quantkit.formats.awq import GROUP as AWQ_GROUP
 
 PRESETS = {
     "tiny": dict(hidden_size=256, intermediate_size=256, num_local_experts=16, num_experts_per_tok=4,
@@ -138,7 +140,9 @@ def fp8_weight(shape: tuple[int, int], g: torch.Generator, std: float) -> tuple[
 
 def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = None, dtype: str = "bf16",
                     seed: int = 0, max_shard_bytes: int = 2 * 10**9, force: bool = False,
-                    init: Init = Init(), progress: bool = False) -> MiniMaxM2Config:
+                    init: Init = Init(), progress: bool = False, workers: int | None = None) -> MiniMaxM2Config:
+    """Write the checkpoint; `workers` threads (default: one per core, at most 16) draw the tensors ahead of the
+    writer. The bytes do not depend on `workers`."""
     if preset not in PRESETS:
         raise QuantkitError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
     if dtype not in ("bf16", "fp8", "awq"):
@@ -147,6 +151,7 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
         raise QuantkitError(f"--layers {layers}: at least one layer")
     fp8 = dtype == "fp8"
     out = Path(out)
+    workers = workers if workers is not None else min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         special = tok.write_tokenizer(tmp, PRESETS[preset]["tokenizer_vocab"])
         aux = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
@@ -183,34 +188,89 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
             else:
                 keep32 = fp8 and spec.kind in ("router", "router_bias")
                 tensors.append(OutTensor(spec.name, "F32" if keep32 else "BF16", spec.shape, unit.name))
-    pending_scale: dict[str, torch.Tensor] = {}
-
-    def produce(t: OutTensor) -> torch.Tensor:
-        if t.name.endswith(("_scale_inv", ".qzeros", ".scales")):
-            return pending_scale.pop(t.name)
+    def compute(t: OutTensor) -> dict[str, torch.Tensor]:
+        """Every output tensor drawn from t's generator: t alone, or a weight with its scales."""
         if t.name.endswith(".qweight"):
             from quantkit.formats.awq import packed_tensors, quantize_groups
 
             name = t.name.removesuffix("qweight") + "weight"
             w = _float_tensor(kinds[t.name], (t.shape[1] * 8, t.shape[0]), _generator(seed, name), init, torch.bfloat16)
-            packed = packed_tensors(name.removesuffix("weight"), *quantize_groups(w, name=name), "autoawq")
-            pending_scale.update({k: v for k, v in packed.items() if k != t.name})
-            return packed[t.name]
+            return packed_tensors(name.removesuffix("weight"), *quantize_groups(w, name=name), "autoawq")
         g = _generator(seed, t.name)
         if t.dtype == "F8_E4M3":
             q, s = fp8_weight(t.shape, g, init.std)
-            pending_scale[t.name + "_scale_inv"] = s
-            return q
+            return {t.name: q, t.name + "_scale_inv": s}
         dt = {v: k for k, v in DTYPE_NAMES.items()}[t.dtype]
-        return _float_tensor(kinds[t.name], t.shape, g, init, dt)
+        return {t.name: _float_tensor(kinds[t.name], t.shape, g, init, dt)}
 
     job = {"make-checkpoint": preset, "layers": cfg.num_hidden_layers, "dtype": dtype, "seed": seed,
            "init": [init.std, init.norm_jitter, init.bias_std]}
     shards = plan_shards(tensors, max_shard_bytes)
-    with OutputFolder.open(out, job, force=force) as folder, \
+    # the scales of a weight are drawn with it: they come from the group led by that weight
+    order = [t for t in tensors if not t.name.endswith(("_scale_inv", ".qzeros", ".scales"))]
+    leads = {t.name for t in order}
+    lead: dict[str, OutTensor] = {}
+    for t in tensors:
+        lead[t.name] = t if t.name in leads else lead_of(t, lead)
+    with Prefetcher(compute, order, workers=workers) as ahead, \
+            OutputFolder.open(out, job, force=force) as folder, \
             tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="make-checkpoint",
                  disable=not progress) as bar:
         for shard in shards:
-            folder.write_shard(shard, produce, on_tensor=lambda t: bar.update(t.nbytes))
+            folder.write_shard(shard, lambda t: ahead.take(lead[t.name], t.name),
+                               on_tensor=lambda t: bar.update(t.nbytes))
         folder.finish(shards, aux)
     return cfg
+
+
+def lead_of(t: OutTensor, lead: dict[str, OutTensor]) -> OutTensor:
+    """The weight whose generator also draws t (a `_scale_inv`, `.qzeros` or `.scales` tensor)."""
+    for suffix, base in (("_scale_inv", ""), (".qzeros", ".qweight"), (".scales", ".qweight")):
+        if t.name.endswith(suffix):
+            return lead[t.name.removesuffix(suffix) + base]
+    raise KeyError(t.name)
+
+
+class Prefetcher:
+    """Groups of tensors computed ahead, in a fixed order, by a pool of threads (torch releases the GIL while it
+    draws and quantizes), at most `depth` groups beyond the one being consumed. take(lead, name) returns one tensor
+    of lead's group and forgets the group once all of it was taken; groups the consumer skipped (a resumed run)
+    are dropped."""
+
+    def __init__(self, compute: Callable[[OutTensor], dict[str, torch.Tensor]], order: list[OutTensor],
+                 workers: int, depth: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.compute, self.order = compute, order
+        self.index = {t.name: i for i, t in enumerate(order)}
+        self.depth = depth if depth is not None else 2 * workers
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="make-checkpoint")
+        self.futures: dict[int, object] = {}
+        self.ready: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(self, lead: OutTensor, name: str) -> torch.Tensor:
+        i = self.index[lead.name]
+        for j in [j for j in self.futures if j < i]:  # skipped by the consumer
+            self.futures.pop(j).cancel()
+        for j in [j for j in self.ready if j < i]:
+            del self.ready[j]
+        for j in range(i, min(len(self.order), i + 1 + self.depth)):
+            if j not in self.futures and j not in self.ready:
+                self.futures[j] = self.pool.submit(self.compute, self.order[j])
+        if i not in self.ready:
+            self.ready[i] = self.futures.pop(i).result()
+        group = self.ready[i]
+        out = group.pop(name)
+        if not group:
+            del self.ready[i]
+        return out
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.futures.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+

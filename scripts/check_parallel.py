@@ -42,7 +42,7 @@ from quantkit.runtime.parallel import init_parallel, spawn, sublayer_io
 # awq: weight-only INT4 with fp32 activations, so no re-quantization amplifies the rounding: judged as dense is, with
 # room for the W4A16 kernel's different split of the K reduction per rank
 TOLERANCE = {"dense": 1e-5, "fp8": None, "awq": 1e-4}
-SUBLAYER_TOLERANCE = {"dense": 1e-5, "fp8": 5e-3, "awq": 1e-4}  # fp8: one flipped FP8 rounding in a 2-token decode ~6e-4
+SUBLAYER_TOLERANCE = {"dense": 1e-5, "fp8": 5e-3, "awq": 1e-4}  # fp8: one flipped rounding in a 2-token decode ~6e-4
 
 
 def logits(model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,12 +63,13 @@ def test_fp8_to_bf16_is_the_exact_dequantization(tiny_fp8, tmp_path):
 
 def test_make_checkpoint_is_deterministic_and_seeded(tmp_path):
     make_checkpoint(tmp_path / "a", preset="tiny", dtype="fp8", seed=7, layers=1)
-    make_checkpoint(tmp_path / "b", preset="tiny", dtype="fp8", seed=7, layers=1, max_shard_bytes=10**6)
+    make_checkpoint(tmp_path / "b", preset="tiny", dtype="fp8", seed=7, layers=1, max_shard_bytes=10**6, workers=3)
     make_checkpoint(tmp_path / "c", preset="tiny", dtype="fp8", seed=8, layers=1)
     a, b, c = load_all(tmp_path / "a"), load_all(tmp_path / "b"), load_all(tmp_path / "c")
     assert a.keys() == b.keys() == c.keys()
     name = "model.layers.0.block_sparse_moe.experts.3.w2.weight"
-    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)  # sharding changes nothing
+    # neither sharding nor the number of threads drawing ahead changes a byte
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
     assert not torch.equal(a[name].view(torch.uint8), c[name].view(torch.uint8))
     for k, s in a.items():
         if k.endswith("_scale_inv"):
@@ -80,6 +81,35 @@ def test_make_checkpoint_is_deterministic_and_seeded(tmp_path):
     assert cfg["quantization_config"]["modules_to_not_convert"] == ["gate", "e_score_correction_bias", "lm_head"]
     gen = json.loads((tmp_path / "a" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == cfg["eos_token_id"]
+
+
+def test_prefetcher_order_skips_and_groups():
+    """Groups come back whole and in order, however far ahead the pool ran; a group the consumer skips (a resumed
+    run's finished shard) is dropped, and nothing is computed twice."""
+    import threading
+
+    from quantkit.checkpoint import OutTensor
+    from quantkit.synth import Prefetcher
+
+    order = [OutTensor(f"t{i}", "F32", (2,), "u") for i in range(10)]
+    calls, lock = [], threading.Lock()
+
+    def compute(t):
+        with lock:
+            calls.append(t.name)
+        i = int(t.name[1:])
+        return {t.name: torch.full((2,), float(i)), t.name + "_scale_inv": torch.tensor([i + 0.5])}
+
+    with Prefetcher(compute, order, workers=3, depth=2) as ahead:
+        assert ahead.take(order[0], "t0").tolist() == [0.0, 0.0]
+        assert ahead.take(order[0], "t0_scale_inv").tolist() == [0.5]
+        assert 0 not in ahead.ready and len(ahead.futures) <= 2
+        assert ahead.take(order[6], "t6").tolist() == [6.0, 6.0]  # t1..t5 skipped
+        assert all(j >= 6 for j in [*ahead.futures, *ahead.ready])
+        assert ahead.take(order[6], "t6_scale_inv").tolist() == [6.5]
+        for i in (7, 8, 9):
+            assert ahead.take(order[i], f"t{i}").tolist() == [float(i)] * 2
+    assert len(calls) == len(set(calls)) and {"t0", "t6", "t7", "t8", "t9"} <= set(calls)
 
 
 def test_minimax_m2_preset_has_the_real_widths(tmp_path):
