@@ -45,11 +45,12 @@ stage() {  # stage NAME SECONDS CMD...: run, log, keep going
   return $rc
 }
 
+# COMMIT=...: the code's commit where this copy's git metadata may not be current (a copied work tree)
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 $PY -c 'import quantkit.kernels, quantkit.evals' 2>/dev/null ||
   $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
 $PY -c 'import torch, triton, quantkit; print("torch", torch.__version__, "triton", triton.__version__,
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"],
-  capture_output=True, text=True).stdout.strip())' 2>&1 | tee -a "$LOG" "$SUMMARY"
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", "'"$COMMIT"'")' 2>&1 | tee -a "$LOG" "$SUMMARY"
 
 QK=("$PY" -m quantkit.cli)
 stage "convert fp8 block" 60 "${QK[@]}" convert "$MODEL" --to fp8 -o "$WORK/fp8-block" --force --no-progress

@@ -55,11 +55,12 @@ stage() {  # stage NAME SECONDS CMD...: run, log, keep going
 }
 
 # quantkit into this python, without dependencies (none can be fetched here)
+# COMMIT=...: the code's commit where this copy's git metadata may not be current (a copied work tree)
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 $PY -c 'import quantkit.kernels, quantkit.evals' 2>/dev/null ||
   $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
 $PY -c 'import torch, quantkit; print("torch", torch.__version__, "GPUs", torch.cuda.device_count(),
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", __import__("subprocess").run(["git", "rev-parse", "--short", "HEAD"],
-  capture_output=True, text=True).stdout.strip())' 2>&1 | tee -a "$LOG" "$SUMMARY"
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", "'"$COMMIT"'")' 2>&1 | tee -a "$LOG" "$SUMMARY"
 
 [ "$SERVE_TESTS" = 1 ] && stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py
 
