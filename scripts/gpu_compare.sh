@@ -20,37 +20,8 @@ TESTS=${TESTS-tests/test_kernels_fp8.py tests/test_kernels_w4a16.py tests/test_k
 tests/test_runtime_awq.py tests/test_runtime_gguf.py}  # TESTS= : no tests
 mkdir -p "$WORK"
 export PYTHONWARNINGS=ignore
-LOG="$OUT/log.txt"
-SUMMARY="$OUT/summary.md"
-: >"$LOG"
-: >"$SUMMARY"
-status=0
 BUDGET=${BUDGET:-580}
-stage() {  # stage NAME SECONDS CMD...: run, log, keep going
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - SECONDS))
-  [ "$limit" -le "$left" ] || limit=$left
-  if [ "$limit" -lt 10 ]; then
-    echo "== $name: skipped, $left s of the budget left" | tee -a "$LOG"
-    status=1
-    return 1
-  fi
-  echo "== $name ($(date -u +%T))" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc, $((SECONDS - t0)) s" | tee -a "$LOG"
-  [ $rc -eq 0 ] || status=1
-  return $rc
-}
-
-# COMMIT=...: the code's commit where this copy's git metadata may not be current (a copied work tree)
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-$PY -c 'import quantkit.kernels, quantkit.evals' 2>/dev/null ||
-  $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
-$PY -c 'import torch, triton, quantkit; print("torch", torch.__version__, "triton", triton.__version__,
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", "'"$COMMIT"'")' 2>&1 | tee -a "$LOG" "$SUMMARY"
+source scripts/gpu_stages.sh
 
 QK=("$PY" -m quantkit.cli)
 stage "convert fp8 block" 60 "${QK[@]}" convert "$MODEL" --to fp8 -o "$WORK/fp8-block" --force --no-progress

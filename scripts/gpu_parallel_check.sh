@@ -29,38 +29,8 @@ AWQ=${AWQ:-0}
 OUTLEN=${OUTLEN:-64}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export PYTHONWARNINGS=ignore
-LOG="$OUT/log.txt"
-SUMMARY="$OUT/summary.md"
-: >"$LOG"
-: >"$SUMMARY"
-status=0
-BUDGET=${BUDGET:-560}  # seconds for the whole script: stages are cut to what is left, and skipped under 20 s
-stage() {  # stage NAME SECONDS CMD...: run, log, keep going
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - SECONDS))
-  [ "$limit" -le "$left" ] || limit=$left
-  if [ "$limit" -lt 20 ]; then
-    echo "== $name: skipped, $left s of the budget left" | tee -a "$LOG"
-    status=1
-    return 1
-  fi
-  echo "== $name ($(date -u +%T))" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc, $((SECONDS - t0)) s" | tee -a "$LOG"
-  [ $rc -eq 0 ] || status=1
-  return $rc
-}
-
-# quantkit into this python, without dependencies (none can be fetched here)
-# COMMIT=...: the code's commit where this copy's git metadata may not be current (a copied work tree)
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-$PY -c 'import quantkit.kernels, quantkit.evals' 2>/dev/null ||
-  $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
-$PY -c 'import torch, quantkit; print("torch", torch.__version__, "GPUs", torch.cuda.device_count(),
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "commit", "'"$COMMIT"'")' 2>&1 | tee -a "$LOG" "$SUMMARY"
+BUDGET=${BUDGET:-560}  # seconds for the whole script: stages are cut to what is left, and skipped under 10 s
+source scripts/gpu_stages.sh
 
 [ "$SERVE_TESTS" = 1 ] && stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py
 
