@@ -44,7 +44,7 @@ _MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves round-half-even(v) in the l
 
 # Rows of at most this many weights are quantized per step: on the CPU the ~20 live [32, M] temporaries then stay
 # in cache; on a GPU a large chunk amortises the ~2,000 small launches of a k-quant search.
-CHUNK_WEIGHTS = {"cpu": 1 << 17, "cuda": 1 << 24}
+CHUNK_WEIGHTS = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 # llama-quantize's `tensor_type_fallback` for rows that are not a multiple of 256 (then F16 if not of 32 either).
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
