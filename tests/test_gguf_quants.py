@@ -179,6 +179,11 @@ def test_per_expert_imatrix_slices_and_chunking(monkeypatch):
         assert torch.equal(whole[e], quantize(x[e], "q4_k", im[e]))
     monkeypatch.setitem(gq.CHUNK_WEIGHTS, "cpu", 512 * 2)  # two rows per step: chunk borders inside experts
     assert torch.equal(quantize(x, "q4_k", im), whole)
+    threads = torch.get_num_threads()
+    for workers in (1, 3):  # eight chunks one after another, or three threads side by side: the same bytes
+        monkeypatch.setattr(gq, "CPU_WORKERS", workers)
+        assert torch.equal(quantize(x, "q4_k", im), whole)
+        assert torch.get_num_threads() == threads  # the torch thread count is given back
     assert torch.equal(quantize(x.to(torch.bfloat16), "q6_k"), quantize(x.to(torch.bfloat16).float(), "q6_k"))
 
 
