@@ -1,11 +1,11 @@
 """FP8 GEMM and fused-MoE Triton kernels (kernels/fp8_gemm.py, kernels/fp8_moe.py) against their PyTorch references.
 
 Every test runs on two devices:
-  cpu   Triton's interpreter. Triton reads TRITON_INTERPRET when each @triton.jit decorator runs, its standard
-        library's (tl.cdiv, tl.max, tl.sigmoid) at `import triton`; so it is set below, before anything here imports
-        triton, and only where no CUDA device is present, where no compiled Triton kernel could run anyway: on a GPU
-        machine this module changes nothing for other test modules. The kernels follow the mode triton.language was
-        imported in (fp8_gemm.INTERPRETED); the cpu cases are skipped when it is compiled (a GPU machine; run
+  cpu   Triton's interpreter. Triton reads TRITON_INTERPRET when each @triton.jit decorator runs, its standard library's
+        (tl.cdiv, tl.max, tl.sigmoid) at `import triton`; so tests/kernel_devices.py, imported before anything here
+        imports triton, sets it, and only where no CUDA device is present, where no compiled Triton kernel could run
+        anyway: on a GPU machine it changes nothing for other test modules. The kernels follow the mode triton.language
+        was imported in (fp8_gemm.INTERPRETED); the cpu cases are skipped when it is compiled (a GPU machine; run
         `TRITON_INTERPRET=1 pytest` there to run them), and test_cpu_machines_interpret fails if a CPU-only machine
         somehow imported triton compiled first, so that CI cannot skip them silently.
   cuda  the compiled kernels (FP8 operands straight into tl.dot), marked `gpu`, skipped without a CUDA device.
@@ -21,17 +21,13 @@ Two comparisons, with different tolerances:
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see the module docstring
-
-from quantkit.kernels import fp8_gemm, fp8_moe  # noqa: E402
-from quantkit.kernels.fp8_gemm import (  # noqa: E402
+from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
+from quantkit.kernels import fp8_gemm, fp8_moe
+from quantkit.kernels.fp8_gemm import (
     FP8_DTYPE,
     fp8_block_linear,
     fp8_block_linear_ref,
@@ -46,24 +42,10 @@ from quantkit.kernels.fp8_gemm import (  # noqa: E402
     w8a8_channel_fp8_matmul,
     w8a8_channel_fp8_matmul_ref,
 )
-from quantkit.kernels.fp8_moe import fused_moe_fp8, fused_moe_fp8_ref, moe_align_block_size  # noqa: E402
+from quantkit.kernels.fp8_moe import fused_moe_fp8, fused_moe_fp8_ref, moe_align_block_size
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = fp8_gemm.INTERPRETED
+pytestmark = IGNORE_EXP_OVERFLOW  # the result of the overflowing exp, 0, is right (and what the GPU gives)
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
-                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
-                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
-                                                   "the interpreter")]),
-]
-# the interpreter computes tl.sigmoid as 1 / (1 + exp(-x)) in numpy, which warns where exp overflows to inf for a very
-# negative gate; the result, 0, is right (and what the GPU gives)
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
 
 # kernel vs *_ref: output dtype -> (rtol, atol as a fraction of max |ref|). One bf16 ulp is 2^-8 relative (2^-7 at the
 # bottom of a binade), one fp16 ulp 2^-11.

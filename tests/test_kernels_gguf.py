@@ -1,7 +1,8 @@
 """GGUF dequant-GEMM and fused-MoE Triton kernels (kernels/gguf_gemm.py, kernels/gguf_moe.py) against their references.
 
 Devices as in tests/test_kernels_fp8.py: `cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 is set
-below where no CUDA device exists, before triton's first import), `cuda` runs them compiled (marked gpu).
+by tests/kernel_devices.py where no CUDA device exists, before triton's first import), `cuda` runs them compiled
+(marked gpu).
 
 Test data are random valid blocks: random bytes for the quants and packed scales, random small finite fp16 for d
 and dmin, so every bit of every field is exercised without a quantizer. The decoder the references use is checked
@@ -16,34 +17,18 @@ Tolerances (kernel vs reference, both on the same dequantized values):
 
 from __future__ import annotations
 
-import os
 import zlib
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
+from quantkit.kernels import fp8_gemm, gguf_moe
+from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gguf_linear, gguf_linear_ref
+from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see the module docstring
-
-import gguf  # noqa: E402
-from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_moe  # noqa: E402
-from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gguf_linear, gguf_linear_ref  # noqa: E402
-from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-INTERPRETED = gguf_gemm.INTERPRETED
-
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
-                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
-                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
-                                                   "the interpreter")]),
-]
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = IGNORE_EXP_OVERFLOW
 
 GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
         "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}

@@ -1,7 +1,8 @@
 """W4A16 GEMM and fused-MoE Triton kernels (kernels/w4a16_gemm.py, kernels/w4a16_moe.py) against their references.
 
-Devices as in tests/test_kernels_fp8.py: `cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 set
-below where no CUDA device is present, before triton's first import), `cuda` the compiled kernels (marked gpu).
+Devices as in tests/test_kernels_fp8.py: `cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 set by
+tests/kernel_devices.py where no CUDA device is present, before triton's first import), `cuda` the compiled kernels
+(marked gpu).
 
 Three comparisons:
   the reference's dequantization vs quantkit.formats.awq (an independent unpacking of the same AutoAWQ tensors):
@@ -15,19 +16,14 @@ multiple of BLOCK_N, unrouted slots (id -1), experts that receive no token; the 
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see tests/test_kernels_fp8.py
-
-from quantkit.formats.awq import dequantize_groups, pack_autoawq, quantize_groups  # noqa: E402, I001
-from quantkit.kernels import fp8_gemm  # noqa: E402
-from quantkit.kernels import w4a16_gemm as w4a16_gemm_mod  # noqa: E402
-from quantkit.kernels.w4a16_gemm import (  # noqa: E402
+from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
+from quantkit.kernels import w4a16_gemm as w4a16_gemm_mod
+from quantkit.kernels import w4a16_moe as w4a16_moe_mod
+from quantkit.kernels.w4a16_gemm import (
     awq_dequantize_ref,
     awq_to_kmajor,
     kmajor_dequantize_ref,
@@ -37,22 +33,11 @@ from quantkit.kernels.w4a16_gemm import (  # noqa: E402
     w4a16_linear,
     w4a16_linear_ref,
 )
-from quantkit.kernels import w4a16_moe as w4a16_moe_mod  # noqa: E402
-from quantkit.kernels.w4a16_moe import fused_moe_w4a16, fused_moe_w4a16_ref  # noqa: E402
+from quantkit.kernels.w4a16_moe import fused_moe_w4a16, fused_moe_w4a16_ref
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = fp8_gemm.INTERPRETED
+from quantkit.formats.awq import dequantize_groups, pack_autoawq, quantize_groups
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton compiles in this process; CPU "
-                                                 "tensors need TRITON_INTERPRET=1 before triton's first import")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not CUDA, reason="no CUDA device"),
-                                pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the cpu cases cover "
-                                                   "the interpreter")]),
-]
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device, compiled")]
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = IGNORE_EXP_OVERFLOW
 
 # kernel vs *_ref: output dtype -> (rtol, atol as a fraction of max |ref|); one bf16 ulp is 2^-8 relative
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 2**-9), torch.float16: (2**-10, 2**-12)}
