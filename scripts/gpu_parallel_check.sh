@@ -5,7 +5,8 @@
 #   1. the GPU tests of the serving loop (CUDA-graph decode = eager decode); SERVE_TESTS=0 skips them
 #   2. TP=N, EP=N (and TP=2 x EP=2 on 2 GPUs) over NCCL against one process: tiny BF16 and FP8 checkpoints (dense
 #      and fp8 backends; TINY=0 skips them), a generated 2-layer real-width MiniMax-M2 FP8 slice (fp8 backend) and,
-#      with AWQ=1, a real-width INT4 slice (make-checkpoint --dtype awq; awq backend)
+#      with AWQ=1, a real-width INT4 slice of LAYERS4 layers (default 2; make-checkpoint --dtype awq; awq backend).
+#      Slices already in WORK are reused: a second call on a machine still warm skips making them
 #   3. `quantkit bench` on those slices, serving sweep and per-layer roofline: 1 GPU, TP=N and EP=N (FP8);
 #      1 GPU and TP=N (INT4)
 #
@@ -34,7 +35,8 @@ source scripts/gpu_stages.sh
 
 [ "$SERVE_TESTS" = 1 ] && stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py
 
-TINY16="$WORK/tiny-bf16" TINY8="$WORK/tiny-fp8" SLICE=${SLICE:-$WORK/m2-2layers-fp8} SLICE4=${SLICE4:-$WORK/m2-2layers-int4}
+TINY16="$WORK/tiny-bf16" TINY8="$WORK/tiny-fp8" SLICE=${SLICE:-$WORK/m2-2layers-fp8} LAYERS4=${LAYERS4:-2}
+SLICE4=${SLICE4:-$WORK/m2-${LAYERS4}layers-int4}
 rm -f "$WORK/check.md"
 CHECK=()
 if [ "$TINY" = 1 ]; then
@@ -48,7 +50,8 @@ fi
 CHECK+=("$SLICE@fp8")
 if [ "$AWQ" = 1 ]; then
   [ -f "$SLICE4/model.safetensors.index.json" ] ||
-    stage "make real-width 2-layer INT4 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 --layers 2 \
+    stage "make real-width $LAYERS4-layer INT4 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 \
+      --layers "$LAYERS4" \
       --dtype awq -o "$SLICE4" --force
   CHECK+=("$SLICE4")
 fi
