@@ -9,6 +9,7 @@ included) over their parameter count; tokens/s is greedy decoding at batch 1 aft
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -78,10 +79,13 @@ def compare(reference: str | Path, quants: dict[str, str | Path], out: str | Pat
             for name, path in todo]
     rows: list[dict] = []
     if jobs <= 1:
-        for a in args:
-            rows.append(evaluate_one(*a))
-            if log:
-                log(progress_line(rows[-1]))
+        try:
+            for a in args:
+                rows.append(evaluate_one(*a))
+                if log:
+                    log(progress_line(rows[-1]))
+        finally:
+            _reference.cache_clear()  # the reference model is not kept past the table
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -113,6 +117,14 @@ def progress_line(row: dict) -> str:
             f"speed {t['speed']:.0f} s)")
 
 
+@functools.lru_cache(maxsize=1)
+def _reference(reference: str, device: str, window: int, max_windows: int) -> tuple:
+    """(tokenizer, held-out windows, reference model): made once per process and table, shared by its rows."""
+    tokenizer = tok.load_tokenizer(reference)
+    windows = token_windows(tokenizer.encode(held_out_text(), add_special_tokens=False).ids, window, max_windows)
+    return tokenizer, windows, load_model(reference, dtype=torch.float32, device=device, backend="dense")
+
+
 @torch.inference_mode()
 def evaluate_one(name: str, path: str, reference: str, device: str, window: int, max_windows: int,
                  needle_lengths: tuple[int, ...] | None, needle_depths: tuple[float, ...],
@@ -120,9 +132,7 @@ def evaluate_one(name: str, path: str, reference: str, device: str, window: int,
     """One row of the table: `path` against `reference` on the same windows of the built-in held-out text."""
     seconds = {}
     t0 = time.perf_counter()
-    tokenizer = tok.load_tokenizer(reference)
-    windows = token_windows(tokenizer.encode(held_out_text(), add_special_tokens=False).ids, window, max_windows)
-    ref = load_model(reference, dtype=torch.float32, device=device, backend="dense")
+    tokenizer, windows, ref = _reference(reference, device, window, max_windows)
     model = ref if path == reference else load_model(path, dtype=torch.float32, device=device, backend="auto")
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()

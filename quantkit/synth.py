@@ -169,25 +169,35 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
     aux["config.json"] = (json.dumps(raw, indent=2) + "\n").encode()
     aux["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
 
+    # every output tensor, in file order, and the group it is drawn with: a weight's scales come from its generator
     tensors: list[OutTensor] = []
+    order: list[OutTensor] = []  # the first tensor of each group
+    lead: dict[str, OutTensor] = {}  # tensor name -> the first of its group
     kinds: dict[str, str] = {}
+
+    def group(*members: OutTensor) -> None:
+        tensors.extend(members)
+        order.append(members[0])
+        lead.update((m.name, members[0]) for m in members)
+
     for unit in cfg.units():
         for spec in unit.tensors:
             kinds[spec.name] = spec.kind
             if fp8 and spec.is_linear:
-                tensors.append(OutTensor(spec.name, "F8_E4M3", spec.shape, unit.name))
                 sshape = tuple(math.ceil(d / b) for d, b in zip(spec.shape, FP8_BLOCK))
-                tensors.append(OutTensor(spec.name + "_scale_inv", "F32", sshape, unit.name))
+                group(OutTensor(spec.name, "F8_E4M3", spec.shape, unit.name),
+                      OutTensor(spec.name + "_scale_inv", "F32", sshape, unit.name))
             elif awq and spec.is_linear:
                 n_out, n_in = spec.shape
                 base = spec.name.removesuffix("weight")
-                tensors.append(OutTensor(base + "qweight", "I32", (n_in, n_out // 8), unit.name))
                 kinds[base + "qweight"] = spec.kind
-                tensors.append(OutTensor(base + "qzeros", "I32", (n_in // AWQ_GROUP, n_out // 8), unit.name))
-                tensors.append(OutTensor(base + "scales", "F16", (n_in // AWQ_GROUP, n_out), unit.name))
+                group(OutTensor(base + "qweight", "I32", (n_in, n_out // 8), unit.name),
+                      OutTensor(base + "qzeros", "I32", (n_in // AWQ_GROUP, n_out // 8), unit.name),
+                      OutTensor(base + "scales", "F16", (n_in // AWQ_GROUP, n_out), unit.name))
             else:
                 keep32 = fp8 and spec.kind in ("router", "router_bias")
-                tensors.append(OutTensor(spec.name, "F32" if keep32 else "BF16", spec.shape, unit.name))
+                group(OutTensor(spec.name, "F32" if keep32 else "BF16", spec.shape, unit.name))
+
     def compute(t: OutTensor) -> dict[str, torch.Tensor]:
         """Every output tensor drawn from t's generator: t alone, or a weight with its scales."""
         if t.name.endswith(".qweight"):
@@ -206,12 +216,6 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
     job = {"make-checkpoint": preset, "layers": cfg.num_hidden_layers, "dtype": dtype, "seed": seed,
            "init": [init.std, init.norm_jitter, init.bias_std]}
     shards = plan_shards(tensors, max_shard_bytes)
-    # the scales of a weight are drawn with it: they come from the group led by that weight
-    order = [t for t in tensors if not t.name.endswith(("_scale_inv", ".qzeros", ".scales"))]
-    leads = {t.name for t in order}
-    lead: dict[str, OutTensor] = {}
-    for t in tensors:
-        lead[t.name] = t if t.name in leads else lead_of(t, lead)
     with Prefetcher(compute, order, workers=workers) as ahead, \
             OutputFolder.open(out, job, force=force) as folder, \
             tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="make-checkpoint",
@@ -221,14 +225,6 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", layers: int | None = 
                                on_tensor=lambda t: bar.update(t.nbytes))
         folder.finish(shards, aux)
     return cfg
-
-
-def lead_of(t: OutTensor, lead: dict[str, OutTensor]) -> OutTensor:
-    """The weight whose generator also draws t (a `_scale_inv`, `.qzeros` or `.scales` tensor)."""
-    for suffix, base in (("_scale_inv", ""), (".qzeros", ".qweight"), (".scales", ".qweight")):
-        if t.name.endswith(suffix):
-            return lead[t.name.removesuffix(suffix) + base]
-    raise KeyError(t.name)
 
 
 class Prefetcher:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_common import bf16_moe_loop, rel_err
 from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_moe
 from quantkit.kernels.gguf_gemm import QTYPES, gguf_linear, gguf_linear_ref, row_bytes
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
@@ -61,10 +62,6 @@ def timed(fn, rep: int = 100) -> float:
         print(f"(no CUDA graph: {type(e).__name__})", flush=True)
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def random_blocks(shape: tuple[int, ...], k: int, qtype: str, g: torch.Generator) -> torch.Tensor:
@@ -213,16 +210,6 @@ def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path) -> di
     fp8_gemm.load_config_table.cache_clear()  # the benchmark below runs the new entries
     print(f"wrote {path} and {out / 'gguf_moe.json'}", flush=True)
     return table
-
-
-def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
-    out = torch.zeros_like(x)
-    for e in topk_ids.unique().tolist():
-        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = x[rows]
-        y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
-        out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
-    return out
 
 
 def bench_moe(experts: Experts, g: torch.Generator, ceil: dict, ms: list[int]) -> list[dict]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_common import bf16_moe_loop, rel_err
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +83,6 @@ def channel_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
-
-
 def bench_projections(ceil: dict) -> list[dict]:
     rows = []
     for name, (n, k) in PROJ.items():
@@ -114,16 +111,6 @@ def bench_projections(ceil: dict) -> list[dict]:
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
-    out = torch.zeros_like(x)
-    for e in topk_ids.unique().tolist():
-        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = x[rows]
-        y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
-        out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
-    return out
 
 
 def bench_moe(ceil: dict) -> list[dict]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_common import bf16_moe_loop, rel_err
 from quantkit.kernels import w4a16_gemm, w4a16_moe
 
 from quantkit.formats.awq import pack_autoawq, pack_compressed_tensors, unpack_compressed_tensors
@@ -58,10 +59,6 @@ def bench(fn, graph: bool = True, rep: int = 100) -> float:
             print(f"(no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
             torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def ceilings() -> tuple[float, float]:
@@ -100,16 +97,6 @@ def routing(m: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 def moe_bytes(touched: int, m: int) -> int:
     per_weight = 0.5 + 2 / G + 1 / G  # code, fp16 scale and 8-bit zero per group of G
     return int(touched * 3 * H * I * per_weight) + 2 * m * H * 2
-
-
-def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
-    out = torch.zeros_like(x)
-    for e in topk_ids.unique().tolist():
-        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = x[rows]
-        y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
-        out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
-    return out
 
 
 def moe_candidates(m: int) -> list[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_common import rel_err
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +47,6 @@ def timed(fn) -> float:
     except Exception:
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def quant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,22 @@
+"""What the GPU kernel benchmarks share (scripts/bench_kernels.py, bench_w4a16.py, bench_gguf_kernels.py,
+tune_fp8.py): the error measure every kernel is checked by, and the bf16 MoE baseline it is timed against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of a against b."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
+    """The MoE layer as a user runs it without fused kernels: a PyTorch loop over the experts the batch touches."""
+    out = torch.zeros_like(x)
+    for e in topk_ids.unique().tolist():
+        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
+        h = x[rows]
+        y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
+        out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
+    return out
