@@ -78,11 +78,15 @@ def sublayer_error(got: list, ref: list) -> tuple[float, str]:
 def ranks(cases: list[tuple[str, str]], degrees: list[tuple[int, int]], device: str, out: str) -> None:
     for i, (ckpt, backend) in enumerate(cases):
         for tp, ep in degrees:
+            t0 = time.perf_counter()
             spec, dev = init_parallel(tp, ep, device)
             model = load_model(ckpt, dtype=torch.float32, device=dev, backend=backend)
+            t1 = time.perf_counter()
             result = run(model, torch.load(os.path.join(out, f"{i}-ref.pt")))
             if spec.rank == 0:
                 torch.save(result, os.path.join(out, f"{i}-{tp}x{ep}.pt"))
+                print(f"rank 0, {tp}x{ep}: {ckpt} {backend}: load {t1 - t0:.1f} s, run "
+                      f"{time.perf_counter() - t1:.1f} s", file=sys.stderr, flush=True)
             del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -117,12 +121,14 @@ def main() -> int:
         for i, (ckpt, backend) in enumerate(cases):  # one process first, then freed before the ranks start
             t0 = time.perf_counter()
             model = load_model(ckpt, dtype=torch.float32, device=args.device, backend=backend)
+            t1 = time.perf_counter()
             refs[ckpt, backend] = run(model)
             torch.save(refs[ckpt, backend][1], os.path.join(tmp, f"{i}-ref.pt"))  # the ranks' teacher
             del model
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            print(f"one process: {ckpt} {backend} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            print(f"one process: {ckpt} {backend}: load {t1 - t0:.1f} s, run {time.perf_counter() - t1:.1f} s",
+                  file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         spawn(ranks, world, cases, degrees, args.device, tmp)
         print(f"{world} ranks: {time.perf_counter() - t0:.1f} s", file=sys.stderr)

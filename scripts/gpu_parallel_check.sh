@@ -7,8 +7,11 @@
 #      and fp8 backends; TINY=0 skips them), a generated 2-layer real-width MiniMax-M2 FP8 slice (fp8 backend) and,
 #      with AWQ=1, a real-width INT4 slice of LAYERS4 layers (default 2; make-checkpoint --dtype awq; awq backend).
 #      Slices already in WORK are reused: a second call on a machine still warm skips making them
-#   3. `quantkit bench` on those slices, serving sweep and per-layer roofline: 1 GPU, TP=N and EP=N (FP8);
-#      1 GPU and TP=N (INT4)
+#   3. `quantkit bench` on those slices, serving sweep and per-layer roofline: 1 GPU, TP=N and EP=N, in FP8 and
+#      (AWQ=1) INT4
+#
+# CHECK=0 skips step 2 (CHECK_LIMIT: its seconds, default 300); BENCHES="fp8:tp1 awq:epN ..." picks the benchmarks
+# of step 3 (default: all of them).
 #
 # Writes: OUT/summary.md (every table), OUT/log.txt, OUT/check_parallel*.json, OUT/bench_*.json and .png. Each
 # stage has its own time limit and a failure does not stop the later stages; the exit code is non-zero if any
@@ -28,6 +31,9 @@ SERVE_TESTS=${SERVE_TESTS:-1}
 TINY=${TINY:-1}
 AWQ=${AWQ:-0}
 OUTLEN=${OUTLEN:-64}
+CHECK_STAGE=${CHECK:-1}
+CHECK_LIMIT=${CHECK_LIMIT:-300}
+BENCHES=${BENCHES:-fp8:tp1 fp8:tpN fp8:epN awq:tp1 awq:tpN awq:epN}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export PYTHONWARNINGS=ignore
 BUDGET=${BUDGET:-560}  # seconds for the whole script: stages are cut to what is left, and skipped under 10 s
@@ -56,17 +62,19 @@ if [ "$AWQ" = 1 ]; then
   CHECK+=("$SLICE4")
 fi
 
-if stage "NCCL logits vs one process ($DEGREES)" 300 $PY scripts/check_parallel.py "${CHECK[@]}" \
+if [ "$CHECK_STAGE" = 1 ] && stage "NCCL logits vs one process ($DEGREES)" "$CHECK_LIMIT" $PY scripts/check_parallel.py "${CHECK[@]}" \
     --device "$DEVICE" --degrees "$DEGREES" --json "$OUT/check_parallel.json" --md "$WORK/check.md"; then :; fi
 [ -f "$WORK/check.md" ] && { echo; echo "## NCCL logits vs one process"; echo; cat "$WORK/check.md"; } >>"$SUMMARY"
 
 BENCH=(--concurrency "$CONC" --input-len 128 --output-len "$OUTLEN" --per-layer --dtype bf16 --device "$DEVICE")
-SETUPS=("fp8 tp1" "fp8 tp$NGPU --tp $NGPU" "fp8 ep$NGPU --ep $NGPU")
-[ "$AWQ" = 1 ] && SETUPS+=("awq tp1" "awq tp$NGPU --tp $NGPU")
+SETUPS=("fp8 tp1" "fp8 tpN --tp $NGPU" "fp8 epN --ep $NGPU")
+[ "$AWQ" = 1 ] && SETUPS+=("awq tp1" "awq tpN --tp $NGPU" "awq epN --ep $NGPU")
 for setup in "${SETUPS[@]}"; do
   set -- $setup
   backend=$1 name=$2
   shift 2
+  [[ " $BENCHES " == *" $backend:$name "* ]] || continue
+  name=${name/N/$NGPU}
   [ "$backend" = fp8 ] && { ckpt=$SLICE; tag=$name; } || { ckpt=$SLICE4; tag=awq_$name; }
   dir="$WORK/bench_$tag"
   if ! stage "bench $backend $name" 200 $PY -m quantkit.cli bench "$ckpt" -o "$dir" "${BENCH[@]}" --backend "$backend" "$@"; then

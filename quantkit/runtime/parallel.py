@@ -575,6 +575,14 @@ def check_degrees(ckpt: str, backend: str, tp: int, ep: int) -> None:
     check_parallel(reader.config, fmt, tp, ep)
 
 
+def rank_threads(world: int) -> int:
+    """CPU threads per local rank: OMP_NUM_THREADS where set, else the cores shared out over the ranks. Every rank
+    running one thread per core makes the OpenMP pools of the ranks spin against each other (torchrun sets 1 for
+    the same reason); a share keeps gloo runs on the CPU fast."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // world)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -589,7 +597,8 @@ def launch(world: int, argv: list[str]) -> int:
     procs, logs = [], []
     for r in range(world):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": str(rank_threads(world))}
         log = None if r == 0 else tempfile.TemporaryFile(mode="w+")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, "-m", "quantkit.cli", *argv], env=env,
@@ -635,6 +644,7 @@ def spawn(fn, world: int, *args: Any) -> None:
 def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(rank_threads(world))
     fn(*args)
     _shutdown()
 
