@@ -70,9 +70,10 @@ def metadata(ckpt: str | Path, model, spec, backend: str, dtype: str) -> dict:
     import subprocess
 
     device = model.device
+    commit = os.environ.get("QUANTKIT_COMMIT", "")  # where a copied tree's git metadata may not be current
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     tp, ep = (spec.tp, spec.ep) if spec else (1, 1)
@@ -198,7 +199,11 @@ def _time_graph(fn, iters: int) -> float:
 
 
 def _bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Bytes of a module's weights: parameters and the buffers packed formats keep them in (AWQ, GGUF), each once."""
+    seen = {}
+    for t in module.state_dict(keep_vars=True).values():
+        seen.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 def _experts_hit(model, tokens: torch.Tensor, cache: SlotCache, positions: torch.Tensor) -> list[int]:

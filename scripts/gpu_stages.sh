@@ -26,6 +26,7 @@ stage() {  # stage NAME SECONDS CMD...: run, log, keep going
   return $rc
 }
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export QUANTKIT_COMMIT=$COMMIT
 $PY -c 'import quantkit.kernels, quantkit.evals' 2>/dev/null ||
   $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
 $PY -c 'import torch, triton, quantkit; print("torch", torch.__version__, "triton", triton.__version__, "GPUs",
