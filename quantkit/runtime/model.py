@@ -28,10 +28,52 @@ if TYPE_CHECKING:
     from quantkit.runtime.parallel import ParallelSpec
 
 
+def _fused(*ts: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels (kernels/fused_ops.py) run this step: CUDA tensors of one dtype. Elsewhere
+    the PyTorch code below, which computes the same roundings (the kernels' tests hold them to it). The kernels have
+    no backward: where autograd records (training), the PyTorch code runs."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    return ts[0].is_cuda and all(t.dtype == ts[0].dtype for t in ts) and ts[0].dtype in (
+        torch.bfloat16, torch.float16, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _fused(x, weight):
+        from quantkit.kernels import fused_ops
+
+        return fused_ops.rms_norm(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * y.to(x.dtype)  # cast before the gain, as transformers does
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, rms_norm(x + r)): the residual add and the next norm, one kernel on a GPU."""
+    if _fused(x, r, weight) and x.shape == r.shape:
+        from quantkit.kernels import fused_ops
+
+        return fused_ops.add_rms_norm(x, r, weight, eps)
+    s = x + r
+    return s, rms_norm(s, weight, eps)
+
+
+def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+              rstd: torch.Tensor | None = None) -> torch.Tensor:
+    """The QK-norm and rotary embedding of one projection: y [B, T, heads*D] -> [B, heads, T, D]. The norm spans
+    the whole width (all heads at once); rstd [B, T, 1] (fp32) replaces the width's own 1/rms where the width is
+    split over tensor-parallel ranks."""
+    B, T, W = y.shape
+    if _fused(y, weight):
+        from quantkit.kernels import fused_ops
+
+        return fused_ops.qk_norm_rope(y, weight, cos, sin, heads, eps, rstd).transpose(1, 2)
+    if rstd is None:
+        n = rms_norm(y, weight, eps)
+    else:
+        n = weight * (y.float() * rstd).to(y.dtype)
+    return apply_rope(n.view(B, T, heads, W // heads).transpose(1, 2), cos, sin)
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +131,10 @@ class Attention(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = rms_norm(self.q_proj(x), self.q_norm, cfg.rms_norm_eps)  # [B, T, NH*D], norm over all heads at once
-        k = rms_norm(self.k_proj(x), self.k_norm, cfg.rms_norm_eps)
-        v = self.v_proj(x)
-        q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, NH, T, D]
-        k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head
+        q = norm_rope(self.q_proj(x), self.q_norm, cos, sin, cfg.num_attention_heads, cfg.rms_norm_eps)
+        k = norm_rope(self.k_proj(x), self.k_norm, cos, sin, cfg.num_key_value_heads, cfg.rms_norm_eps)
+        v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
                                              enable_gqa=True)
@@ -138,7 +177,12 @@ class MoE(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, H] -> (expert ids [N, K], weights [N, K] fp32)."""
-        scores = torch.sigmoid(h.float() @ self.gate.float().t())  # [N, E], fp32 as vLLM and SGLang compute it
+        logits = h.float() @ self.gate.float().t()  # [N, E], fp32 as vLLM and SGLang compute it
+        if _fused(logits):  # sigmoid, bias, top-k and the renormalisation in one kernel
+            from quantkit.kernels import fused_ops
+
+            return fused_ops.route_topk(logits, self.bias, self.cfg.num_experts_per_tok)
+        scores = torch.sigmoid(logits)
         idx = torch.topk(scores + self.bias.float(), self.cfg.num_experts_per_tok, dim=-1).indices
         w = scores.gather(-1, idx)
         return idx, w / w.sum(-1, keepdim=True)
@@ -160,8 +204,9 @@ class Block(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x, cos, sin, cache, layer, mask):
-        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, layer, mask)
-        return x + self.moe(rms_norm(x, self.post_attention_layernorm, self.eps))
+        a = self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, layer, mask)
+        x, h = add_rms_norm(x, a, self.post_attention_layernorm, self.eps)
+        return x + self.moe(h)
 
 
 class MiniMaxM2(nn.Module):

@@ -45,7 +45,7 @@ from torch import nn
 from quantkit.arch import MiniMaxM2Config, check_parallel
 from quantkit.checkpoint import CheckpointReader
 from quantkit.errors import QuantkitError
-from quantkit.runtime.model import DenseExperts, MiniMaxM2, apply_rope, checkpoint_fp8_scheme
+from quantkit.runtime.model import DenseExperts, MiniMaxM2, checkpoint_fp8_scheme, norm_rope
 
 Range = tuple[int, int]  # [lo, hi) along one dimension
 READ_WINDOW = 512 << 20  # reopen a shard's mapping after this many bytes, as CheckpointReader does
@@ -383,14 +383,11 @@ def shard_format(reader: CheckpointReader, backend: str) -> tuple[str, str, str 
 # ---- the sharded model -----------------------------------------------------------------------------------------
 
 
-def tp_rms_norms(xs: list[torch.Tensor], weights: list[torch.Tensor], widths: list[int], eps: float,
-                 spec: ParallelSpec) -> list[torch.Tensor]:
-    """RMSNorm of tensors whose last dimension is split across the tp group (x [..., width/tp] holds this rank's
-    part): the sums of squares of all of them in one all-reduce, then each normalised over its full width."""
-    fs = [x.float() for x in xs]
-    ss = all_reduce(torch.cat([f.pow(2).sum(-1, keepdim=True) for f in fs], -1), spec.tp, spec.tp_group)  # [..., n]
-    return [w * (f * torch.rsqrt(ss[..., i:i + 1] / n + eps)).to(x.dtype)  # cast before the gain, as rms_norm does
-            for i, (x, f, w, n) in enumerate(zip(xs, fs, weights, widths))]
+def tp_rstds(xs: list[torch.Tensor], widths: list[int], eps: float, spec: ParallelSpec) -> list[torch.Tensor]:
+    """1/rms [..., 1] fp32 of tensors whose last dimension is split across the tp group (x [..., width/tp] holds
+    this rank's part): the sums of squares of all of them in one all-reduce, each over its full width."""
+    ss = all_reduce(torch.cat([x.float().pow(2).sum(-1, keepdim=True) for x in xs], -1), spec.tp, spec.tp_group)
+    return [torch.rsqrt(ss[..., i:i + 1] / n + eps) for i, n in enumerate(widths)]
 
 
 class ShardedAttention(nn.Module):
@@ -406,13 +403,11 @@ class ShardedAttention(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         cfg, spec, D = self.cfg, self.spec, self.cfg.head_dim
         B, T, _ = x.shape
-        q, k = tp_rms_norms([self.q_proj(x), self.k_proj(x)], [self.q_norm, self.k_norm],  # [B, T, NH/tp*D] ...
-                            [cfg.q_width, cfg.kv_width], cfg.rms_norm_eps, spec)
-        v = self.v_proj(x)
-        q = q.view(B, T, self.heads, D).transpose(1, 2)  # [B, NH/tp, T, D]
-        k = k.view(B, T, self.kv_heads, D).transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, T, NH/tp*D], [B, T, NKV/tp*D]
+        rq, rk = tp_rstds([q, k], [cfg.q_width, cfg.kv_width], cfg.rms_norm_eps, spec)
+        q = norm_rope(q, self.q_norm, cos, sin, self.heads, cfg.rms_norm_eps, rq)  # [B, NH/tp, T, D]
+        k = norm_rope(k, self.k_norm, cos, sin, self.kv_heads, cfg.rms_norm_eps, rk)
+        v = self.v_proj(x).view(B, T, self.kv_heads, D).transpose(1, 2)
         keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * D))  # partial sum over this rank's heads

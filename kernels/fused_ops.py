@@ -1,0 +1,250 @@
+"""The small steps of a decoder layer fused into one launch each, with the pure-PyTorch references beside them.
+
+A decode step at low concurrency is launch-bound: the RMSNorms, the QK-norm and rotary embedding, and the router's
+sigmoid/top-k each took five to ten PyTorch launches per layer (about 70 of the 87 kernels of an FP8 MiniMax-M2
+layer at concurrency 1, half of its time in a CUDA graph). Here each is one kernel:
+
+    y = rms_norm(x, w, eps)                       # w * bf16(x * rsqrt(mean(x^2) + eps)), as the model computes it
+    s, y = add_rms_norm(x, r, w, eps)             # s = x + r (the residual stream), y = rms_norm(s)
+    q = qk_norm_rope(y, w, cos, sin, heads, eps)  # y [B, T, heads*D] -> [B, T, heads, D]: RMSNorm over the whole
+                                                  # width (or a given 1/rms, for tensor parallelism), then NeoX
+                                                  # rotary on the first 2*cos.shape[-1] dims of every head
+    idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
+
+Each `foo` has a `foo_ref` computing the same steps in PyTorch, in the same order and dtypes as quantkit.runtime.model;
+results agree to fp32 rounding (reductions sum in another order), not bit for bit. CUDA tensors run compiled, CPU
+tensors under Triton's interpreter (see kernels/fp8_gemm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels.fp8_gemm import check_device, out_mantissa_bits, round_to_out_grid, triton_kernel
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _narrow(v, OUT_MANT: tl.constexpr, dtype: tl.constexpr):
+    """fp32 -> the output dtype -> fp32: the rounding a PyTorch cast to that dtype makes."""
+    if OUT_MANT:
+        v = round_to_out_grid(v, OUT_MANT)
+    return v.to(dtype).to(tl.float32)
+
+
+narrow = triton_kernel(_narrow)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMSNorm, with the residual add before it
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * y.to(x.dtype)  # cast before the gain, as transformers does
+
+
+def add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + r
+    return s, rms_norm_ref(s, w, eps)
+
+
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,  # x, r, sum, out [rows, N]; w [N]
+    N, stride_x, stride_r, stride_o, stride_s, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:  # the residual stream, rounded to the model's dtype as x + r is
+        x = narrow(x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), OUT_MANT, dtype)
+        tl.store(sum_ptr + row * stride_s + cols, x.to(dtype), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
+    tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
+
+
+_rms_norm = triton_kernel(_rms_norm_kernel)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    if x.dtype not in DTYPES or w.dtype != x.dtype or (r is not None and (r.dtype != x.dtype or r.shape != x.shape)):
+        raise ValueError(f"rms_norm: x {x.dtype}, weight {w.dtype}{'' if r is None else f', residual {r.dtype}'}: "
+                         f"one of {DTYPES}, the same for all")
+    n = x.shape[-1]
+    if w.shape != (n,):
+        raise ValueError(f"rms_norm: weight {tuple(w.shape)} for rows of {n}")
+    check_device(x, w, *(() if r is None else (r,)), min_capability=None)
+    x2 = _rows(x)
+    r2 = _rows(r) if r is not None else x2
+    out = torch.empty_like(x2)
+    s = torch.empty_like(x2) if r is not None else out
+    if x2.shape[0]:
+        _rms_norm[(x2.shape[0],)](x2, r2, w.contiguous(), out, s, n, x2.stride(0), r2.stride(0), out.stride(0),
+                                  s.stride(0), float(eps), HAS_RES=r is not None, BLOCK=triton.next_power_of_2(n),
+                                  OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
+                                  num_warps=8 if n >= 2048 else 4)
+    return (s.view(x.shape) if r is not None else None), out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N], w [N] (same dtype) -> [..., N]."""
+    return _launch_norm(x, None, w, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, rms_norm(x + r)) in one pass."""
+    s, y = _launch_norm(x, r, w, eps)
+    return s, y
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# QK-norm over all heads at once, then the rotary embedding of each head
+
+
+def qk_norm_rope_ref(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                     rstd: torch.Tensor | None = None) -> torch.Tensor:
+    """y [B, T, heads*D], w [heads*D], cos/sin [B, T, half] fp32, rstd [B, T, 1] fp32 (None: from y) ->
+    [B, T, heads, D]."""
+    B, T, W = y.shape
+    f = y.float()
+    if rstd is None:
+        rstd = torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
+    n = (w * (f * rstd).to(y.dtype)).view(B, T, heads, W // heads)
+    half = cos.shape[-1]
+    c, s = cos[:, :, None], sin[:, :, None]  # [B, T, 1, half]
+    a, b, rest = n[..., :half].float(), n[..., half:2 * half].float(), n[..., 2 * half:]
+    return torch.cat([(a * c - b * s).to(y.dtype), (b * c + a * s).to(y.dtype), rest], dim=-1)
+
+
+def _qk_norm_rope_kernel(
+    y_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, out_ptr,  # y, out [rows, W]; cos, sin [rows, HALF]; rstd [rows]
+    W, HEADS, D, HALF, stride_y, stride_o, stride_c, stride_s, eps,
+    HAS_RSTD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < HEADS) & (d < D)
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(y_ptr + row * stride_y + h * D + d, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
+    if HAS_RSTD:
+        rstd = tl.load(rstd_ptr + row)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / W + eps)
+    w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+    n = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
+    # the partner of d in the rotation (d + HALF in the first half, d - HALF in the second), normalised the same way
+    first = d < HALF
+    second = (d >= HALF) & (d < 2 * HALF)
+    pd = tl.where(first, d + HALF, tl.where(second, d - HALF, d))
+    xp = tl.load(y_ptr + row * stride_y + h * D + pd, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + h * D + pd, mask=mask, other=0.0).to(tl.float32)
+    npart = narrow(narrow(xp * rstd, OUT_MANT, dtype) * wp, OUT_MANT, dtype)
+    j = tl.where(first, d, d - HALF)
+    rot = first | second
+    c = tl.load(cos_ptr + row * stride_c + j, mask=rot & (d < D), other=1.0)
+    s = tl.load(sin_ptr + row * stride_s + j, mask=rot & (d < D), other=0.0)
+    out = tl.where(first, n * c - npart * s, tl.where(second, n * c + npart * s, n))
+    if OUT_MANT:
+        out = round_to_out_grid(out, OUT_MANT)
+    tl.store(out_ptr + row * stride_o + h * D + d, out.to(dtype), mask=mask)
+
+
+_qk_norm_rope = triton_kernel(_qk_norm_rope_kernel)
+
+
+def qk_norm_rope(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                 rstd: torch.Tensor | None = None) -> torch.Tensor:
+    """y [B, T, heads*D] -> [B, T, heads, D]; see qk_norm_rope_ref."""
+    B, T, W = y.shape
+    if y.dtype not in DTYPES or w.dtype != y.dtype:
+        raise ValueError(f"qk_norm_rope: y {y.dtype}, weight {w.dtype}: one of {DTYPES}, the same for both")
+    if W % heads or w.shape != (W,):
+        raise ValueError(f"qk_norm_rope: width {W} over {heads} heads, weight {tuple(w.shape)}")
+    D, half = W // heads, cos.shape[-1]
+    if cos.shape != (B, T, half) or sin.shape != cos.shape or 2 * half > D:
+        raise ValueError(f"qk_norm_rope: cos/sin {tuple(cos.shape)} for y {tuple(y.shape)} of head dim {D}")
+    check_device(y, w, cos, sin, min_capability=None)
+    y2 = _rows(y)
+    c2, s2 = _rows(cos.float()), _rows(sin.float())
+    r = rstd.reshape(-1).float().contiguous() if rstd is not None else y2
+    out = torch.empty((B * T, W), dtype=y.dtype, device=y.device)
+    if B * T:
+        _qk_norm_rope[(B * T,)](y2, w.contiguous(), c2, s2, r, out, W, heads, D, half, y2.stride(0), out.stride(0),
+                                c2.stride(0), s2.stride(0), float(eps), HAS_RSTD=rstd is not None,
+                                BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(D),
+                                OUT_MANT=out_mantissa_bits(y.dtype) if y.dtype != torch.float32 else 0,
+                                num_warps=8 if W >= 2048 else 4)
+    return out.view(B, T, heads, D)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the router: sigmoid scores, top-k on score + correction bias, weights renormalised
+
+
+def route_topk_ref(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] fp32 (h @ gate^T), bias [E] -> (expert ids [N, k] int64, weights [N, k] fp32)."""
+    scores = torch.sigmoid(logits.float())
+    idx = torch.topk(scores + bias.float(), k, dim=-1).indices
+    w = scores.gather(-1, idx)
+    return idx, w / w.sum(-1, keepdim=True)
+
+
+def _route_kernel(
+    logits_ptr, bias_ptr, idx_ptr, w_ptr,  # logits [N, E]; bias [E]; idx, w [N, TOP_K]
+    E, stride_l, stride_i, stride_w,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    scores = tl.sigmoid(tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0).to(tl.float32))
+    choice = tl.where(emask, scores + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32), float("-inf"))
+    slots = tl.arange(0, BLOCK_K)
+    ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    ws = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for s in range(TOP_K):  # the largest remaining, the lowest id among equals; descending, as torch.topk returns
+        best = tl.max(choice, axis=0)
+        pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+        ids = tl.where(slots == s, pick.to(tl.int64), ids)
+        ws = tl.where(slots == s, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), ws)
+        choice = tl.where(e == pick, float("-inf"), choice)
+    ws = ws / tl.sum(ws, axis=0)
+    kmask = slots < TOP_K
+    tl.store(idx_ptr + row * stride_i + slots, ids, mask=kmask)
+    tl.store(w_ptr + row * stride_w + slots, ws, mask=kmask)
+
+
+_route = triton_kernel(_route_kernel)
+
+
+def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] fp32, bias [E] -> (ids [N, k] int64, weights [N, k] fp32); see route_topk_ref."""
+    N, E = logits.shape
+    if bias.shape != (E,) or not 0 < k <= E:
+        raise ValueError(f"route_topk: logits {tuple(logits.shape)}, bias {tuple(bias.shape)}, k {k}")
+    check_device(logits, bias, min_capability=None)
+    lg = logits.float()
+    lg = lg if lg.stride(-1) == 1 else lg.contiguous()
+    ids = torch.empty((N, k), dtype=torch.int64, device=logits.device)
+    w = torch.empty((N, k), dtype=torch.float32, device=logits.device)
+    if N:
+        _route[(N,)](lg, bias.float().contiguous(), ids, w, E, lg.stride(0), ids.stride(0), w.stride(0), TOP_K=k,
+                     BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+    return ids, w

@@ -1,0 +1,89 @@
+"""The fused decoder-layer steps (kernels/fused_ops.py) against their PyTorch references and the model's own code,
+on the CPU under Triton's interpreter and on the GPU compiled (tests/kernel_devices.py).
+
+The kernels and the references make the same roundings to the model's dtype in the same places; only the fp32 sums
+(the mean square, the weights' sum) run in another order, so a bf16 output may sit one unit in the last place away
+where the fp32 value lies near a rounding boundary: at most one ulp anywhere, and almost every element exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_devices import DEVICES, IGNORE_EXP_OVERFLOW  # sets TRITON_INTERPRET first
+from quantkit.kernels import fused_ops
+from quantkit.runtime import model as M
+
+
+def within_one_ulp(got: torch.Tensor, ref: torch.Tensor, exact_share: float = 0.99) -> None:
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    g, r = got.float().cpu(), ref.float().cpu()
+    if ref.dtype == torch.float32:
+        torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6)
+        return
+    ulp = 2.0 ** (torch.frexp(r.abs().clamp(min=1e-30)).exponent - 1 - (7 if ref.dtype == torch.bfloat16 else 10))
+    assert ((g - r).abs() <= ulp + 1e-30).all(), float(((g - r).abs() / ulp).max())
+    assert (g == r).float().mean() >= exact_share
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [256, 3072, 100])
+def test_rms_norm(device, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(5, 3, n, generator=g) * 3).to(dtype).to(device)
+    r = torch.randn(5, 3, n, generator=g).to(dtype).to(device)
+    w = (1 + torch.randn(n, generator=g) / 4).to(dtype).to(device)
+    within_one_ulp(fused_ops.rms_norm(x, w, 1e-6), fused_ops.rms_norm_ref(x, w, 1e-6))
+    within_one_ulp(fused_ops.rms_norm(x, w, 1e-6), M.rms_norm(x.cpu(), w.cpu(), 1e-6))  # the model's CPU path
+    s, y = fused_ops.add_rms_norm(x, r, w, 1e-6)
+    s_ref, y_ref = fused_ops.add_rms_norm_ref(x, r, w, 1e-6)
+    assert torch.equal(s.cpu(), s_ref.cpu())  # one rounding of one fp32 sum: exact
+    within_one_ulp(y, y_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,dim,rotary", [(4, 64, 32), (6, 128, 64), (3, 48, 48), (2, 32, 8)])
+@pytest.mark.parametrize("given_rstd", [False, True])
+def test_qk_norm_rope(device, dtype, heads, dim, rotary, given_rstd):
+    g = torch.Generator().manual_seed(heads * dim + rotary)
+    B, T, W = 2, 5, heads * dim
+    y = (torch.randn(B, T, W, generator=g) * 2).to(dtype).to(device)
+    w = (1 + torch.randn(W, generator=g) / 4).to(dtype).to(device)
+    pos = torch.randint(0, 4096, (B, T), generator=g)
+    cos, sin = (t.to(device) for t in M.rope_tables(pos, rotary, 5e6))
+    rstd = None
+    if given_rstd:  # as a tensor-parallel rank passes it: 1/rms over a width other than the local one
+        rstd = torch.rsqrt(y.float().pow(2).sum(-1, keepdim=True) / (3 * W) + 1e-6)
+    got = fused_ops.qk_norm_rope(y, w, cos, sin, heads, 1e-6, rstd)
+    ref = fused_ops.qk_norm_rope_ref(y, w, cos, sin, heads, 1e-6, rstd)
+    within_one_ulp(got, ref, exact_share=0.97)
+    if not given_rstd:  # the reference is the model's own sequence of steps
+        model = M.apply_rope(M.rms_norm(y, w, 1e-6).view(B, T, heads, dim).transpose(1, 2), cos, sin).transpose(1, 2)
+        within_one_ulp(ref.cpu(), model.cpu(), exact_share=1.0)
+
+
+@IGNORE_EXP_OVERFLOW
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("experts,k,rows", [(256, 8, 7), (16, 4, 33), (12, 3, 1)])
+def test_route_topk(device, experts, k, rows):
+    g = torch.Generator().manual_seed(experts + k)
+    logits = (torch.randn(rows, experts, generator=g) * 3).to(device)
+    bias = (torch.randn(experts, generator=g) / 10).to(device)
+    ids, w = fused_ops.route_topk(logits, bias, k)
+    ids_ref, w_ref = fused_ops.route_topk_ref(logits, bias, k)
+    assert ids.dtype == torch.int64 and torch.equal(ids.cpu(), ids_ref.cpu())  # the same experts, in the same order
+    torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.sum(-1).cpu(), torch.ones(rows), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_shapes_one_line(device):
+    x = torch.randn(2, 8, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="weight"):
+        fused_ops.rms_norm(x, torch.ones(8, device=device), 1e-6)  # fp32 gain on bf16 rows
+    with pytest.raises(ValueError, match="heads"):
+        fused_ops.qk_norm_rope(x[None], torch.ones(8, dtype=torch.bfloat16, device=device),
+                               torch.zeros(1, 2, 1, device=device), torch.zeros(1, 2, 1, device=device), 3, 1e-6)
+    with pytest.raises(ValueError, match="k 9"):
+        fused_ops.route_topk(torch.randn(2, 8, device=device), torch.zeros(8, device=device), 9)
