@@ -29,6 +29,7 @@ from quantkit.formats.awq import (  # noqa: E402
     quantize_groups,
 )
 from quantkit.runtime import load_model  # noqa: E402
+from quantkit.runtime.model import fuse_qkv  # noqa: E402
 from quantkit.runtime.parallel import ParallelSpec, SliceReader, init_parallel  # noqa: E402
 from quantkit.runtime.parallel import spawn as spawn_once  # noqa: E402
 
@@ -103,8 +104,11 @@ def _ranks(cases: list[tuple[str, str]], out: str) -> None:
             spec, _ = init_parallel(tp, ep)
             model = load_model(ckpt, dtype=torch.float32, backend=backend)
             logits = prefill_then_decode(model)
+            fuse_qkv(model)  # as a GPU load does: q/k/v of this rank's heads as one projection
+            fused = prefill_then_decode(model)
             if spec.rank == 0:
                 torch.save(logits, os.path.join(out, f"{CASES[i][0]}-{backend}-{tp}x{ep}.pt"))
+                torch.save(fused, os.path.join(out, f"{CASES[i][0]}-{backend}-{tp}x{ep}-fused.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +119,35 @@ def parallel_logits(tiny_bf16, tiny_fp8, tiny_awq, tiny_awq_ct, tmp_path_factory
     return out, folders
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("tp,ep", DEGREES)
 @pytest.mark.parametrize("ckpt,backend", CASES)
-def test_two_ranks_give_the_logits_of_one_process(parallel_logits, ckpt, backend, tp, ep):
+def test_two_ranks_give_the_logits_of_one_process(parallel_logits, ckpt, backend, tp, ep, fused):
     out, folders = parallel_logits
     model = load_model(folders[ckpt], dtype=torch.float32, backend=backend)
     ref = prefill_then_decode(model)
-    got = torch.load(out / f"{ckpt}-{backend}-{tp}x{ep}.pt")
+    got = torch.load(out / f"{ckpt}-{backend}-{tp}x{ep}{'-fused' if fused else ''}.pt")
     for r, g in zip(ref, got):
         assert g.shape == r.shape
         # only the summation order differs (partial sums over heads or experts, all-reduced): fp32 rounding
         assert ((g - r).norm() / r.norm()).item() < 1e-5
         assert torch.equal(g.argmax(-1), r.argmax(-1))
+
+
+@pytest.mark.parametrize("ckpt,backend", CASES)
+def test_fused_qkv_keeps_the_logits_and_the_bytes(ckpt, backend, request):
+    """One process: q/k/v fused into one projection (what a GPU load does) computes what the three did, from the
+    same weights held once."""
+    model = load_model(request.getfixturevalue(ckpt), dtype=torch.float32, backend=backend)
+    ref = prefill_then_decode(model)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    kinds = {type(model.layers[0].self_attn.q_proj)}
+    assert fuse_qkv(model) == len(model.layers)
+    att = model.layers[0].self_attn
+    assert att.q_proj is None and type(att.qkv_proj) in kinds
+    assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) == before
+    for r, g in zip(ref, prefill_then_decode(model)):
+        assert ((g - r).norm() / r.norm()).item() < 1e-6 and torch.equal(g.argmax(-1), r.argmax(-1))
 
 
 def test_each_rank_holds_only_its_slice(tiny_fp8):

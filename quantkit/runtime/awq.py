@@ -43,6 +43,20 @@ class AwqLinear(nn.Module):
         self.in_features, self.out_features, self.group = in_features, out_features, group
         _buffers(self, "", in_features, out_features, group, scale_dtype)  # buffers: the dtype cast leaves them be
 
+    @classmethod
+    def cat(cls, mods: list[AwqLinear]) -> AwqLinear | None:
+        """One AwqLinear of mods' output columns side by side (runtime.model.fuse_linears): AutoAWQ packs eight
+        outputs per int32 along the last dimension, so the packed tensors concatenate there as they are."""
+        first = mods[0]
+        if any(m.in_features != first.in_features or m.group != first.group or m.scales.dtype != first.scales.dtype
+               for m in mods):
+            return None
+        with torch.device("meta"):
+            fused = cls(first.in_features, sum(m.out_features for m in mods), first.group, first.scales.dtype)
+        for name in ("qweight", "qzeros", "scales"):
+            setattr(fused, name, torch.cat([getattr(m, name) for m in mods], dim=-1))
+        return fused
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in dtype, contiguous as nn.Linear holds it."""
         return w4a16_gemm.awq_dequantize_ref(self.qweight, self.qzeros, self.scales).t().contiguous().to(dtype)

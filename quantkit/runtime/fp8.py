@@ -25,6 +25,21 @@ class Fp8Linear(nn.Module):
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(sshape, dtype=torch.float32), requires_grad=False)
 
+    @classmethod
+    def cat(cls, mods: list[Fp8Linear]) -> Fp8Linear | None:
+        """One Fp8Linear of mods' rows stacked (runtime.model.fuse_linears); None where a block of 128 rows would
+        span two of them."""
+        first = mods[0]
+        if any(m.scheme != first.scheme or m.in_features != first.in_features for m in mods):
+            return None
+        if first.scheme == "block" and any(m.out_features % 128 for m in mods[:-1]):
+            return None
+        with torch.device("meta"):
+            fused = cls(first.in_features, sum(m.out_features for m in mods), first.scheme)
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in mods]), requires_grad=False)
+        fused.weight_scale = nn.Parameter(torch.cat([m.weight_scale.detach() for m in mods]), requires_grad=False)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, K]

@@ -126,19 +126,62 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, h, bias=False)
         self.q_norm = nn.Parameter(torch.ones(q))
         self.k_norm = nn.Parameter(torch.ones(kv))
+        self.qkv_proj: nn.Module | None = None  # set by fuse_qkv in place of the three
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.qkv_widths, -1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
                 mask: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
+        q, k, v = self.qkv(x)
         # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head
-        q = norm_rope(self.q_proj(x), self.q_norm, cos, sin, cfg.num_attention_heads, cfg.rms_norm_eps)
-        k = norm_rope(self.k_proj(x), self.k_norm, cos, sin, cfg.num_key_value_heads, cfg.rms_norm_eps)
-        v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q = norm_rope(q, self.q_norm, cos, sin, cfg.num_attention_heads, cfg.rms_norm_eps)
+        k = norm_rope(k, self.k_norm, cos, sin, cfg.num_key_value_heads, cfg.rms_norm_eps)
+        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
                                              enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One module whose output is mods' outputs side by side for the same input: one GEMM (and, for FP8, one
+    activation quantization) instead of several. Built by concatenating their weights, which the caller then drops,
+    so no weight is held twice. None where it cannot be: mixed types, a bias, or a format without `cat` (GGUF)."""
+    kind = type(mods[0])
+    if any(type(m) is not kind for m in mods):
+        return None
+    if kind is nn.Linear:
+        if any(m.bias is not None for m in mods) or len({m.in_features for m in mods}) != 1:
+            return None
+        w = torch.cat([m.weight.detach() for m in mods])
+        with torch.device("meta"):
+            fused = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        return fused
+    cat = getattr(kind, "cat", None)  # Fp8Linear.cat, AwqLinear.cat
+    return cat(mods) if cat is not None else None
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Each layer's q/k/v projections as one (Attention.qkv), where fuse_linears can; returns how many layers."""
+    done = 0
+    for block in model.layers:
+        att = block.self_attn
+        if getattr(att, "qkv_proj", None) is not None:
+            continue
+        parts = [att.q_proj, att.k_proj, att.v_proj]
+        fused = fuse_linears(parts)
+        if fused is not None:
+            att.qkv_widths = [m.out_features for m in parts]
+            att.qkv_proj = fused
+            att.q_proj = att.k_proj = att.v_proj = None
+            done += 1
+    return done
 
 
 class DenseExperts(nn.Module):
@@ -396,4 +439,6 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
                     for w in ("w1", "w2", "w3"):
                         getattr(ex, w)[e].copy_(get(f"{m}experts.{e}.{w}.weight"))
     reader.close()
+    if torch.device(device).type == "cuda":  # fewer launches per decode step; the CPU keeps the checkpoint's modules
+        fuse_qkv(model)
     return model.eval().requires_grad_(False)

@@ -45,7 +45,14 @@ from torch import nn
 from quantkit.arch import MiniMaxM2Config, check_parallel
 from quantkit.checkpoint import CheckpointReader
 from quantkit.errors import QuantkitError
-from quantkit.runtime.model import DenseExperts, MiniMaxM2, checkpoint_fp8_scheme, norm_rope
+from quantkit.runtime.model import (
+    Attention,
+    DenseExperts,
+    MiniMaxM2,
+    checkpoint_fp8_scheme,
+    fuse_qkv,
+    norm_rope,
+)
 
 Range = tuple[int, int]  # [lo, hi) along one dimension
 READ_WINDOW = 512 << 20  # reopen a shard's mapping after this many bytes, as CheckpointReader does
@@ -398,16 +405,19 @@ class ShardedAttention(nn.Module):
         self.cfg, self.spec = cfg, spec
         self.heads, self.kv_heads = cfg.num_attention_heads // spec.tp, cfg.num_key_value_heads // spec.tp
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
+        self.qkv_proj: nn.Module | None = None  # set by fuse_qkv in place of the three
+
+    qkv = Attention.qkv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
                 mask: torch.Tensor) -> torch.Tensor:
         cfg, spec, D = self.cfg, self.spec, self.cfg.head_dim
         B, T, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)  # [B, T, NH/tp*D], [B, T, NKV/tp*D]
+        q, k, v = self.qkv(x)  # [B, T, NH/tp*D], [B, T, NKV/tp*D] x 2
         rq, rk = tp_rstds([q, k], [cfg.q_width, cfg.kv_width], cfg.rms_norm_eps, spec)
         q = norm_rope(q, self.q_norm, cos, sin, self.heads, cfg.rms_norm_eps, rq)  # [B, NH/tp, T, D]
         k = norm_rope(k, self.k_norm, cos, sin, self.kv_heads, cfg.rms_norm_eps, rk)
-        v = self.v_proj(x).view(B, T, self.kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
         keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * D))  # partial sum over this rank's heads
@@ -550,6 +560,8 @@ def load_sharded(reader: CheckpointReader, dtype: torch.dtype, device: str | tor
         block.moe.bias = get(m + "e_score_correction_bias", torch.float32)
         block.moe.experts = ExpertShard(shards.experts(m, experts, inter), experts[0], experts[1] - experts[0], spec)
     reader.close()
+    if torch.device(device).type == "cuda":
+        fuse_qkv(model)
     return model.eval().requires_grad_(False)
 
 
