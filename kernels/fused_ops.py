@@ -10,6 +10,7 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
+    kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch, in the same order and dtypes as quantkit.runtime.model;
 results agree to fp32 rounding (reductions sum in another order), not bit for bit. CUDA tensors run compiled, CPU
@@ -248,3 +249,57 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.
         _route[(N,)](lg, bias.float().contiguous(), ids, w, E, lg.stride(0), ids.stride(0), w.stride(0), TOP_K=k,
                      BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), num_warps=4)
     return ids, w
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the KV-cache write of one step
+
+
+def kv_write_ref(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 cols: torch.Tensor) -> None:
+    """kc, vc [S, NKV, C, D] (the cache of one layer); k, v [B, NKV, T, D]; slots, cols [B, T] int64: token (b, t)
+    goes to slot slots[b, t], column cols[b, t]."""
+    kc[slots, :, cols] = k.transpose(1, 2)  # [B, T, NKV, D]
+    vc[slots, :, cols] = v.transpose(1, 2)
+
+
+def _kv_write_kernel(
+    kc_ptr, vc_ptr, k_ptr, v_ptr, slots_ptr, cols_ptr,
+    T, NKV, D,
+    s_cs, s_ch, s_cc,  # cache strides: slot, head, column (the last dimension is contiguous)
+    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,  # k and v strides: batch, head, token
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)  # token b * T + t
+    b, t = i // T, i % T
+    slot = tl.load(slots_ptr + i).to(tl.int64)
+    col = tl.load(cols_ptr + i).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NKV) & (d < D)
+    dst = slot * s_cs + h * s_ch + col * s_cc + d
+    kk = tl.load(k_ptr + b.to(tl.int64) * s_kb + h * s_kh + t * s_kt + d, mask=mask)
+    tl.store(kc_ptr + dst, kk, mask=mask)
+    vv = tl.load(v_ptr + b.to(tl.int64) * s_vb + h * s_vh + t * s_vt + d, mask=mask)
+    tl.store(vc_ptr + dst, vv, mask=mask)
+
+
+_kv_write = triton_kernel(_kv_write_kernel)
+
+
+def kv_write(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             cols: torch.Tensor) -> None:
+    """The keys and values of a step into the cache, one launch; see kv_write_ref."""
+    B, NKV, T, D = k.shape
+    if v.shape != k.shape or kc.shape[1] != NKV or kc.shape[3] != D or vc.shape != kc.shape or \
+            kc.dtype != k.dtype or vc.dtype != v.dtype or slots.shape != (B, T) or cols.shape != (B, T):
+        raise ValueError(f"kv_write: cache {tuple(kc.shape)} {kc.dtype}, k/v {tuple(k.shape)} {k.dtype}, slots "
+                         f"{tuple(slots.shape)}, columns {tuple(cols.shape)}")
+    if kc.stride() != vc.stride() or kc.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("kv_write: the cache's and the step's last dimension must be contiguous, k/v caches alike")
+    check_device(kc, vc, k, v, slots, cols, min_capability=None)
+    sl, co = slots.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
+    if B * T:
+        _kv_write[(B * T,)](kc, vc, k, v, sl, co, T, NKV, D, kc.stride(0), kc.stride(1), kc.stride(2),
+                            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                            BLOCK_H=triton.next_power_of_2(NKV), BLOCK_D=triton.next_power_of_2(D), num_warps=4)

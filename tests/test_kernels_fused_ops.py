@@ -87,3 +87,24 @@ def test_bad_shapes_one_line(device):
                                torch.zeros(1, 2, 1, device=device), torch.zeros(1, 2, 1, device=device), 3, 1e-6)
     with pytest.raises(ValueError, match="k 9"):
         fused_ops.route_topk(torch.randn(2, 8, device=device), torch.zeros(8, device=device), 9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,T,nkv,dim", [(3, 1, 2, 64), (2, 5, 8, 128), (1, 7, 3, 48)])
+def test_kv_write(device, B, T, nkv, dim):
+    g = torch.Generator().manual_seed(B * T * nkv)
+    S, C = 5, 16
+    kc = torch.randn(S, nkv, C, dim, generator=g).to(torch.bfloat16).to(device)
+    vc = torch.randn(S, nkv, C, dim, generator=g).to(torch.bfloat16).to(device)
+    # the step's keys as the model makes them: [B, T, NKV, D] contiguous, seen as [B, NKV, T, D]
+    k = torch.randn(B, T, nkv, dim, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)
+    v = torch.randn(B, T, nkv, dim, generator=g).to(torch.bfloat16).to(device).transpose(1, 2)
+    slots = torch.randperm(S, generator=g)[:B, None].expand(B, T).to(device)
+    cols = (torch.randperm(C - T, generator=g)[:B, None] + torch.arange(T)).to(device)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    fused_ops.kv_write_ref(ref_k, ref_v, k, v, slots, cols)
+    fused_ops.kv_write(kc, vc, k, v, slots, cols)
+    assert torch.equal(kc.cpu(), ref_k.cpu()) and torch.equal(vc.cpu(), ref_v.cpu())
+    b, t = B - 1, T - 1  # and the last token is where it belongs
+    assert torch.equal(kc[slots[b, t], :, cols[b, t]].cpu(), k[b, :, t].cpu())
+    assert torch.equal(vc[slots[b, t], :, cols[b, t]].cpu(), v[b, :, t].cpu())

@@ -41,6 +41,7 @@ class SlotCache:
     lengths: torch.Tensor  # [S] int64, on the model's device
     rows: slice | torch.Tensor = field(default_factory=lambda: slice(0, 0))  # slots of the step's batch rows
     positions: torch.Tensor | None = None  # [B, T] column of each token of the current step
+    write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, columns) [B, T] of the step's tokens
 
     @classmethod
     def allocate(cls, model: MiniMaxM2, slots: int, max_len: int) -> SlotCache:
@@ -59,15 +60,22 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, NKV, T, D] at the step's positions; return the batch rows' keys and values [B, NKV, C, D]
         (all C columns: the step's mask hides what a row does not hold)."""
-        B, T = self.positions.shape
         rows = self.rows
-        if isinstance(rows, slice):
-            idx = torch.arange(rows.start, rows.start + B, device=k.device)[:, None].expand(B, T)
+        if self.write_at is None:  # where each token goes: the same for every layer of the step
+            B, T = self.positions.shape
+            if isinstance(rows, slice):
+                idx = torch.arange(rows.start, rows.start + B, device=k.device)[:, None].expand(B, T)
+            else:
+                idx = rows[:, None].expand(B, T)
+            self.write_at = (idx, self.positions.clamp(max=self.capacity - 1))  # throw-away rows may sit at the end
+        idx, pos = self.write_at
+        if k.is_cuda and k.dtype == self.k[layer].dtype:
+            from quantkit.kernels import fused_ops
+
+            fused_ops.kv_write(self.k[layer], self.v[layer], k, v, idx, pos)
         else:
-            idx = rows[:, None].expand(B, T)
-        pos = self.positions.clamp(max=self.capacity - 1)  # throw-away rows may sit at a full slot's end
-        self.k[layer][idx, :, pos] = k.transpose(1, 2)  # [B, T, NKV, D]
-        self.v[layer][idx, :, pos] = v.transpose(1, 2)
+            self.k[layer][idx, :, pos] = k.transpose(1, 2)  # [B, T, NKV, D]
+            self.v[layer][idx, :, pos] = v.transpose(1, 2)
         return self.k[layer][rows], self.v[layer][rows]  # a view for a slice of slots, a gather for an index
 
 
@@ -81,7 +89,7 @@ def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows
     cos, sin = rope_tables(positions, cfg.rotary_dim, cfg.rope_theta)
     cols = torch.arange(cache.capacity, device=tokens.device)
     mask = (cols[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, C] causal within the slot
-    cache.rows, cache.positions = rows, positions
+    cache.rows, cache.positions, cache.write_at = rows, positions, None
     x = model.embed_tokens(tokens)  # [B, T, H]
     for i in range(len(model.layers))[layers]:
         x = model.layers[i](x, cos, sin, cache, i, mask)
