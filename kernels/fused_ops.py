@@ -10,7 +10,8 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
-    kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
+    kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache (checked on the
+                                                  # interpreter; the runtime uses it once its GPU test has run)
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch, in the same order and dtypes as quantkit.runtime.model;
 results agree to fp32 rounding (reductions sum in another order), not bit for bit. CUDA tensors run compiled, CPU

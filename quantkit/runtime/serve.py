@@ -69,13 +69,8 @@ class SlotCache:
                 idx = rows[:, None].expand(B, T)
             self.write_at = (idx, self.positions.clamp(max=self.capacity - 1))  # throw-away rows may sit at the end
         idx, pos = self.write_at
-        if k.is_cuda and k.dtype == self.k[layer].dtype:
-            from quantkit.kernels import fused_ops
-
-            fused_ops.kv_write(self.k[layer], self.v[layer], k, v, idx, pos)
-        else:
-            self.k[layer][idx, :, pos] = k.transpose(1, 2)  # [B, T, NKV, D]
-            self.v[layer][idx, :, pos] = v.transpose(1, 2)
+        self.k[layer][idx, :, pos] = k.transpose(1, 2)  # [B, T, NKV, D]
+        self.v[layer][idx, :, pos] = v.transpose(1, 2)
         return self.k[layer][rows], self.v[layer][rows]  # a view for a slice of slots, a gather for an index
 
 
