@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from quantkit.kernels.fp8_gemm import check_device, out_mantissa_bits, round_to_out_grid, triton_kernel
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

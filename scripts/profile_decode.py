@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
+from quantkit.evals.bench import time_call
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from quantkit.evals.bench import time_call
 from quantkit.runtime import load_model
 from quantkit.runtime.serve import SlotCache, forward_slots
 from quantkit.synth import make_checkpoint

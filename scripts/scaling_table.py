@@ -34,8 +34,7 @@ def table(runs: list[dict]) -> str:
     head = ["backend", "setup", "GPUs"] + [f"c={c} tok/s (speed-up, efficiency)" for c in concs] + \
         ["layer ms at c=1", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(concs) + "---:|---|"]
-    key = lambda r: (r["meta"]["backend"], r["meta"]["world"], r["meta"]["tp"] < r["meta"]["ep"])
-    for r in sorted(runs, key=key):
+    for r in sorted(runs, key=lambda r: (r["meta"]["backend"], r["meta"]["world"], r["meta"]["tp"] < r["meta"]["ep"])):
         m = r["meta"]
         base = next((b for b in runs if b["dir"] == r["dir"] and b["meta"]["backend"] == m["backend"]
                      and b["meta"]["world"] == 1), None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_devices import DEVICES, IGNORE_EXP_OVERFLOW  # sets TRITON_INTERPRET first
 from quantkit.kernels import fused_ops
+
 from quantkit.runtime import model as M
 
 
