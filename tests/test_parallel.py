@@ -211,6 +211,18 @@ def test_invalid_degrees_one_line(tiny_fp8, degrees, needle):
     assert_one_line_error(proc, needle)
 
 
+def test_local_ranks_share_the_cores(monkeypatch):
+    from quantkit.runtime.parallel import rank_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert [rank_threads(w) for w in (1, 2, 4, 8, 128)] == [64, 32, 16, 8, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert rank_threads(4) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: the share
+    assert rank_threads(4) == 16
+
+
 def test_world_size_must_match_the_degrees(tiny_bf16, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(QuantkitError, match="runs as 2 processes"):

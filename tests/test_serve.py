@@ -175,3 +175,30 @@ def test_cuda_graph_decode_equals_eager(tiny_fp8):
     eager = serve(gpu, reqs, slots=4, cuda_graphs=False)
     graphs = serve(gpu, reqs, slots=4, cuda_graphs=True)
     assert [c.tokens for c in graphs] == [c.tokens for c in eager]
+
+
+def test_scaling_table_from_bench_results(tmp_path):
+    """scripts/scaling_table.py: speed-up and efficiency against the same machine's one-GPU run of the backend."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_table", os.path.join(os.path.dirname(__file__), "..",
+                                                                                "scripts", "scaling_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def result(name: str, backend: str, tp: int, ep: int, toks: list[float]) -> None:
+        meta = {"backend": backend, "world": max(tp, ep), "tp": tp, "ep": ep, "setup": f"TP{tp}/EP{ep}",
+                "commit": "abc"}
+        rows = [{"concurrency": c, "output_tok_s": t} for c, t in zip((1, 32), toks)]
+        (tmp_path / f"bench_{name}.json").write_text(json.dumps({"meta": meta, "serving": rows,
+                                                                 "per_layer": [{"concurrency": 1, "layer_ms": 0.5}]}))
+
+    result("tp1", "fp8", 1, 1, [100.0, 1000.0])
+    result("tp4", "fp8", 4, 1, [150.0, 3200.0])
+    result("ep4", "fp8", 1, 4, [90.0, 4000.0])
+    lines = mod.table(mod.load([str(tmp_path)])).splitlines()
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == ["TP1/EP1", "TP4/EP1", "TP1/EP4"]
+    assert "| 150 (1.50x, 38%) | 3,200 (3.20x, 80%) | 0.500 | abc |" in lines[3]
+    assert "| 90 (0.90x, 22%) | 4,000 (4.00x, 100%) |" in lines[4]
+    with pytest.raises(SystemExit, match="no bench"):
+        mod.load([str(tmp_path / "empty")])
