@@ -240,6 +240,19 @@ def per_layer_sweep(model, concurrency: list[int], context: int, bandwidth: floa
     return [per_layer_run(model, c, context, bw, seed, graphs) for c in concurrency], bw
 
 
+def decode_step(model, concurrency: int, context: int, seed: int = 0):
+    """One decode step of `concurrency` slots after `context` cached tokens: (cache, tokens, positions, the whole
+    step, the step with no decoder layer). What the per-layer figures time (here and in scripts/profile_decode.py)."""
+    c = concurrency
+    cache = SlotCache.allocate(model, c, context + 1)
+    cache.lengths.fill_(context)  # attention reads `context` + 1 columns per slot; their content does not matter
+    g = torch.Generator().manual_seed(seed + c)
+    tokens = torch.randint(0, model.cfg.vocab_size, (c, 1), generator=g).to(model.device)
+    pos = cache.lengths[:, None].clone()
+    return (cache, tokens, pos, lambda: forward_slots(model, tokens, cache, slice(0, c), pos),
+            lambda: forward_slots(model, tokens, cache, slice(0, c), pos, layers=slice(0, 0)))
+
+
 def per_layer_run(model, concurrency: int, context: int, bandwidth: float, seed: int = 0,
                   graphs: bool = True) -> dict:
     device, c, L = model.device, concurrency, len(model.layers)
@@ -250,15 +263,9 @@ def per_layer_run(model, concurrency: int, context: int, bandwidth: float, seed:
     fixed = _bytes(block.self_attn) + 4 * (block.moe.gate.numel() + block.moe.bias.numel())  # router: fp32
     fixed += norms * block.input_layernorm.element_size()
     head_bytes = _bytes(model.lm_head) + model.norm.numel() * model.norm.element_size()
-    cache = SlotCache.allocate(model, c, context + 1)
-    cache.lengths.fill_(context)  # attention reads `context` + 1 columns per slot; their content does not matter
-    g = torch.Generator().manual_seed(seed + c)
-    tokens = torch.randint(0, model.cfg.vocab_size, (c, 1), generator=g).to(device)
-    pos = cache.lengths[:, None].clone()
+    cache, tokens, pos, full, head = decode_step(model, c, context, seed)
     hits = _experts_hit(model, tokens, cache, pos)
-    full = time_call(lambda: forward_slots(model, tokens, cache, slice(0, c), pos), device, graphs=graphs)
-    head = time_call(lambda: forward_slots(model, tokens, cache, slice(0, c), pos, layers=slice(0, 0)), device,
-                     graphs=graphs)
+    full, head = time_call(full, device, graphs=graphs), time_call(head, device, graphs=graphs)
     per_layer = max(full - head, 0.0) / L
     k = cache.k[0]
     kv = 2 * c * (context + 1) * k.shape[1] * k.shape[3] * k.element_size()  # keys and values of this rank's heads

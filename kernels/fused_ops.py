@@ -13,9 +13,9 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
     kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache (checked on the
                                                   # interpreter; the runtime uses it once its GPU test has run)
 
-Each `foo` has a `foo_ref` computing the same steps in PyTorch, in the same order and dtypes as quantkit.runtime.model;
-results agree to fp32 rounding (reductions sum in another order), not bit for bit. CUDA tensors run compiled, CPU
-tensors under Triton's interpreter (see kernels/fp8_gemm.py).
+Each `foo` has a `foo_ref` computing the same steps in PyTorch: the model runs the references wherever the kernels
+do not (CPU tensors, autograd). Kernels and references agree to fp32 rounding (reductions sum in another order), not
+bit for bit. CUDA tensors run compiled, CPU tensors under Triton's interpreter (see kernels/fp8_gemm.py).
 """
 
 from __future__ import annotations

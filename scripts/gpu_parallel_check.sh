@@ -31,7 +31,7 @@ SERVE_TESTS=${SERVE_TESTS:-1}
 TINY=${TINY:-1}
 AWQ=${AWQ:-0}
 OUTLEN=${OUTLEN:-64}
-CHECK_STAGE=${CHECK:-1}
+CHECK_STAGE=${CHECK:-1}  # CHECK=0 skips the logits check
 CHECK_LIMIT=${CHECK_LIMIT:-300}
 BENCHES=${BENCHES:-fp8:tp1 fp8:tpN fp8:epN awq:tp1 awq:tpN awq:epN}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -44,25 +44,25 @@ source scripts/gpu_stages.sh
 TINY16="$WORK/tiny-bf16" TINY8="$WORK/tiny-fp8" SLICE=${SLICE:-$WORK/m2-2layers-fp8} LAYERS4=${LAYERS4:-2}
 SLICE4=${SLICE4:-$WORK/m2-${LAYERS4}layers-int4}
 rm -f "$WORK/check.md"
-CHECK=()
+CASES=()
 if [ "$TINY" = 1 ]; then
   [ -f "$TINY16/config.json" ] || stage "make tiny bf16" 60 $PY -m quantkit.cli make-checkpoint --preset tiny -o "$TINY16" --force
   [ -f "$TINY8/config.json" ] || stage "make tiny fp8" 60 $PY -m quantkit.cli make-checkpoint --preset tiny --dtype fp8 --seed 1 -o "$TINY8" --force
-  CHECK+=("$TINY16" "$TINY8")
+  CASES+=("$TINY16" "$TINY8")
 fi
 [ -f "$SLICE/model.safetensors.index.json" ] ||
   stage "make real-width 2-layer FP8 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 --layers 2 \
     --dtype fp8 -o "$SLICE" --force
-CHECK+=("$SLICE@fp8")
+CASES+=("$SLICE@fp8")
 if [ "$AWQ" = 1 ]; then
   [ -f "$SLICE4/model.safetensors.index.json" ] ||
     stage "make real-width $LAYERS4-layer INT4 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 \
       --layers "$LAYERS4" \
       --dtype awq -o "$SLICE4" --force
-  CHECK+=("$SLICE4")
+  CASES+=("$SLICE4")
 fi
 
-if [ "$CHECK_STAGE" = 1 ] && stage "NCCL logits vs one process ($DEGREES)" "$CHECK_LIMIT" $PY scripts/check_parallel.py "${CHECK[@]}" \
+if [ "$CHECK_STAGE" = 1 ] && stage "NCCL logits vs one process ($DEGREES)" "$CHECK_LIMIT" $PY scripts/check_parallel.py "${CASES[@]}" \
     --device "$DEVICE" --degrees "$DEGREES" --json "$OUT/check_parallel.json" --md "$WORK/check.md"; then :; fi
 [ -f "$WORK/check.md" ] && { echo; echo "## NCCL logits vs one process"; echo; cat "$WORK/check.md"; } >>"$SUMMARY"
 

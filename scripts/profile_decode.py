@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from quantkit.evals.bench import time_call
+from quantkit.evals.bench import decode_step, time_call
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from quantkit.runtime import load_model
-from quantkit.runtime.serve import SlotCache, forward_slots
 from quantkit.synth import make_checkpoint
 
 
@@ -44,12 +43,7 @@ def kernels(fn) -> collections.Counter:
 def profile_step(model, c: int, context: int, top: int) -> dict:
     dev = model.device
     L = len(model.layers)
-    cache = SlotCache.allocate(model, c, context + 1)
-    cache.lengths.fill_(context)
-    tokens = torch.randint(0, model.cfg.vocab_size, (c, 1), generator=torch.Generator().manual_seed(c)).to(dev)
-    pos = cache.lengths[:, None].clone()
-    full = lambda: forward_slots(model, tokens, cache, slice(0, c), pos)  # noqa: E731
-    head = lambda: forward_slots(model, tokens, cache, slice(0, c), pos, layers=slice(0, 0))  # noqa: E731
+    *_, full, head = decode_step(model, c, context)
     kf, kh = kernels(full), kernels(head)
     per_layer = {}
     for name, (n, us) in kf.items():

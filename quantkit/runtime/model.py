@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 def _fused(*ts: torch.Tensor) -> bool:
     """Whether the fused Triton kernels (kernels/fused_ops.py) run this step: CUDA tensors of one dtype. Elsewhere
-    the PyTorch code below, which computes the same roundings (the kernels' tests hold them to it). The kernels have
-    no backward: where autograd records (training), the PyTorch code runs."""
+    their PyTorch references run, which compute the same roundings. The kernels have no backward: where autograd
+    records (training), the references run."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
     return ts[0].is_cuda and all(t.dtype == ts[0].dtype for t in ts) and ts[0].dtype in (
@@ -39,24 +39,19 @@ def _fused(*ts: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _fused(x, weight):
-        from quantkit.kernels import fused_ops
+    """weight * (x / rms(x)) with the cast to x's dtype before the gain, as transformers does."""
+    from quantkit.kernels import fused_ops
 
-        return fused_ops.rms_norm(x, weight, eps)
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)  # cast before the gain, as transformers does
+    return (fused_ops.rms_norm if _fused(x, weight) else fused_ops.rms_norm_ref)(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, rms_norm(x + r)): the residual add and the next norm, one kernel on a GPU."""
-    if _fused(x, r, weight) and x.shape == r.shape:
-        from quantkit.kernels import fused_ops
+    from quantkit.kernels import fused_ops
 
-        return fused_ops.add_rms_norm(x, r, weight, eps)
-    s = x + r
-    return s, rms_norm(s, weight, eps)
+    fused = _fused(x, r, weight) and x.shape == r.shape
+    return (fused_ops.add_rms_norm if fused else fused_ops.add_rms_norm_ref)(x, r, weight, eps)
 
 
 def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
@@ -64,16 +59,10 @@ def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     """The QK-norm and rotary embedding of one projection: y [B, T, heads*D] -> [B, heads, T, D]. The norm spans
     the whole width (all heads at once); rstd [B, T, 1] (fp32) replaces the width's own 1/rms where the width is
     split over tensor-parallel ranks."""
-    B, T, W = y.shape
-    if _fused(y, weight):
-        from quantkit.kernels import fused_ops
+    from quantkit.kernels import fused_ops
 
-        return fused_ops.qk_norm_rope(y, weight, cos, sin, heads, eps, rstd).transpose(1, 2)
-    if rstd is None:
-        n = rms_norm(y, weight, eps)
-    else:
-        n = weight * (y.float() * rstd).to(y.dtype)
-    return apply_rope(n.view(B, T, heads, W // heads).transpose(1, 2), cos, sin)
+    run = fused_ops.qk_norm_rope if _fused(y, weight) else fused_ops.qk_norm_rope_ref
+    return run(y, weight, cos, sin, heads, eps, rstd).transpose(1, 2)
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +161,7 @@ def fuse_qkv(model: nn.Module) -> int:
     done = 0
     for block in model.layers:
         att = block.self_attn
-        if getattr(att, "qkv_proj", None) is not None:
+        if att.qkv_proj is not None:
             continue
         parts = [att.q_proj, att.k_proj, att.v_proj]
         fused = fuse_linears(parts)
@@ -220,15 +209,12 @@ class MoE(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, H] -> (expert ids [N, K], weights [N, K] fp32)."""
-        logits = h.float() @ self.gate.float().t()  # [N, E], fp32 as vLLM and SGLang compute it
-        if _fused(logits):  # sigmoid, bias, top-k and the renormalisation in one kernel
-            from quantkit.kernels import fused_ops
+        from quantkit.kernels import fused_ops
 
-            return fused_ops.route_topk(logits, self.bias, self.cfg.num_experts_per_tok)
-        scores = torch.sigmoid(logits)
-        idx = torch.topk(scores + self.bias.float(), self.cfg.num_experts_per_tok, dim=-1).indices
-        w = scores.gather(-1, idx)
-        return idx, w / w.sum(-1, keepdim=True)
+        logits = h.float() @ self.gate.float().t()  # [N, E], fp32 as vLLM and SGLang compute it
+        # sigmoid, bias, top-k and the renormalisation: one kernel on a GPU
+        run = fused_ops.route_topk if _fused(logits) else fused_ops.route_topk_ref
+        return run(logits, self.bias, self.cfg.num_experts_per_tok)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
