@@ -110,8 +110,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, rms_norm(x + r)) in one pass."""
-    s, y = _launch_norm(x, r, w, eps)
-    return s, y
+    return _launch_norm(x, r, w, eps)
 
 
 # --------------------------------------------------------------------------------------------------------------------
