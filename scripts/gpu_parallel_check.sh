@@ -26,7 +26,10 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu SLICE=a-tiny-fp8-checkpoint CONC=1,2 OUTLEN=4: a dry run of this script on a CPU
 CONC=${CONC:-1,4,32,128}
 NGPU=${NGPU:-$($PY -c 'import torch; print(max(2, torch.cuda.device_count()))' 2>/dev/null || echo 2)}
-DEGREES=${DEGREES:-$([ "$NGPU" = 2 ] && echo 2x1,1x2,2x2 || echo "${NGPU}x1,1x${NGPU}")}
+# Experts split by intermediate size need (1536 / N) % 128 == 0: true up to 4 GPUs; on 8 the TP run splits attention
+# 8 ways and the experts by expert (TP8 x EP8, TPN_EP=8), and pure TP8 is run once to show its refusal
+TPN_EP=${TPN_EP:-$([ "$NGPU" -ge 8 ] && echo "$NGPU" || echo 1)}
+DEGREES=${DEGREES:-$([ "$NGPU" = 2 ] && echo 2x1,1x2,2x2 || echo "${NGPU}x${TPN_EP},1x${NGPU}")}
 SERVE_TESTS=${SERVE_TESTS:-1}
 TINY=${TINY:-1}
 AWQ=${AWQ:-0}
@@ -67,14 +70,23 @@ if [ "$CHECK_STAGE" = 1 ] && stage "NCCL logits vs one process ($DEGREES)" "$CHE
 [ -f "$WORK/check.md" ] && { echo; echo "## NCCL logits vs one process"; echo; cat "$WORK/check.md"; } >>"$SUMMARY"
 
 BENCH=(--concurrency "$CONC" --input-len 128 --output-len "$OUTLEN" --per-layer --dtype bf16 --device "$DEVICE")
-SETUPS=("fp8 tp1" "fp8 tpN --tp $NGPU" "fp8 epN --ep $NGPU")
-[ "$AWQ" = 1 ] && SETUPS+=("awq tp1" "awq tpN --tp $NGPU" "awq epN --ep $NGPU")
+TPN=(--tp "$NGPU")
+[ "$TPN_EP" = 1 ] || TPN+=(--ep "$TPN_EP")
+SETUPS=("fp8 tp1" "fp8 tpN ${TPN[*]}" "fp8 epN --ep $NGPU")
+[ "$AWQ" = 1 ] && SETUPS+=("awq tp1" "awq tpN ${TPN[*]}" "awq epN --ep $NGPU")
+if [ "$TPN_EP" != 1 ]; then  # the degrees quantkit must refuse, with its one line
+  { echo "== quantkit bench --tp $NGPU alone (expected: refused)"
+    timeout 120 $PY -m quantkit.cli bench "$SLICE" --tp "$NGPU" --backend fp8 --device "$DEVICE" -o "$WORK/refused" \
+      --concurrency 1 --output-len 4 2>&1 | tail -3
+    echo "== exit ${PIPESTATUS[0]}"; } | tee -a "$LOG" >>"$SUMMARY"
+fi
 for setup in "${SETUPS[@]}"; do
   set -- $setup
   backend=$1 name=$2
   shift 2
   [[ " $BENCHES " == *" $backend:$name "* ]] || continue
   name=${name/N/$NGPU}
+  [ "$name" = "tp$NGPU" ] && [ "$TPN_EP" != 1 ] && name=tp${NGPU}ep$TPN_EP
   [ "$backend" = fp8 ] && { ckpt=$SLICE; tag=$name; } || { ckpt=$SLICE4; tag=awq_$name; }
   dir="$WORK/bench_$tag"
   if ! stage "bench $backend $name" 200 $PY -m quantkit.cli bench "$ckpt" -o "$dir" "${BENCH[@]}" --backend "$backend" "$@"; then
