@@ -43,7 +43,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # True when triton.language was imported with TRITON_INTERPRET=1: its standard-library functions are then
@@ -81,7 +81,25 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+def _quant_group(x, eps, UPCAST: tl.constexpr):
+    """Rows of one activation group [BLOCK_M, GROUP] fp32 -> (FP8 operand, fp32 scales [BLOCK_M]), the same operations
+    as _per_token_group_quant_kernel (so the same bits). Interpreted (UPCAST), the operand stays fp32 on the e4m3
+    grid."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), eps), 448.0)  # [BLOCK_M]
+    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
+    if UPCAST:
+        mag = tl.abs(y)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+        big = ((e + 20) << 23).to(tl.float32, bitcast=True)
+        mag = (mag + big) - big
+        q = tl.where(y < 0, -mag, mag)
+    else:
+        q = y.to(tl.float8e4nv)
+    return q, scale
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
+quant_group = triton_kernel(_quant_group)
 grouped_pid = triton_kernel(_grouped_pid)
 
 
@@ -506,14 +524,161 @@ def w8a8_channel_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# few rows (decode): the activations quantized inside the GEMM, K split over programs, one launch
+
+
+def _fp8_block_linear_small_kernel(
+    x_ptr, b_ptr, bs_ptr, c_ptr,  # X [M, K] bf16/fp16/fp32, B [N, K] fp8, B scales, C [M, N]
+    part_ptr, count_ptr,  # fp32 [SPLIT_K, M, N] partial sums; int32 [tiles] arrival counters, zero between launches
+    M, N,
+    K: tl.constexpr,
+    stride_xm, stride_bn, stride_cm, stride_bsn, stride_bsk,
+    eps,
+    GROUP_N: tl.constexpr,  # the weight's scale block along N (along K it is BLOCK_K, the activations' group)
+    SPLIT_K: tl.constexpr,  # programs per output tile, each over K / SPLIT_K (whole groups)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    PER: tl.constexpr = K // BLOCK_K // SPLIT_K  # groups per program
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    k0 = pid_s * PER * BLOCK_K
+    x_ptrs = x_ptr + offs_m64[:, None] * stride_xm + (k0 + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_N]
+    bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn + (pid_s * PER) * stride_bsk  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(PER):
+        # the group's activations quantized here as per_token_group_quant_fp8 does (same operations, same bits):
+        # a few rows, re-read from L2 by every column tile, cost less than a launch and a round trip through memory
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
+        a, a_s = quant_group(x, eps, UPCAST)
+        b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        if UPCAST:  # fp32 products in the interpreter
+            b = b.to(tl.float32)
+        b_s = tl.load(bs_ptrs, mask=n_mask, other=0.0)  # [BLOCK_N]
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        x_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        bs_ptrs += stride_bsk
+
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        # each program leaves its partial sum; the last of the tile's SPLIT_K to arrive adds them up in split order
+        # (the same sum whichever arrives last) and resets the counter for the next launch
+        p_ptrs = part_ptr + offs_m64[:, None] * N + offs_n64[None, :]  # [BLOCK_M, BLOCK_N] in split 0
+        tl.store(p_ptrs + pid_s * M * N, acc, mask=mn_mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
+        tile = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(p_ptrs + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            if OUT_MANT:
+                acc = round_to_out_grid(acc, OUT_MANT)
+            c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
+            tl.atomic_xchg(tile, 0)
+    else:
+        if OUT_MANT:
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
+
+
+_fp8_block_linear_small = triton_kernel(_fp8_block_linear_small_kernel)
+
+SMALL_M = 16  # fp8_block_linear takes the one-launch path up to this many rows
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least n, kept per device: the kernels that use them leave them zero again."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
+
+
+def _small_default_config(device: torch.device, n: int, k: int, bk: int) -> dict:
+    if INTERPRETED:
+        return dict(BLOCK_N=64, SPLIT_K=2 if (k // bk) % 2 == 0 else 1, num_warps=4, num_stages=1)
+    # H100/H200: 64-column tiles and enough K splits for about two programs per multiprocessor (MiniMax-M2's qkv,
+    # 8192 x 3072: 128 tiles x 4 splits of 6 groups; o_proj, 3072 x 6144: 48 tiles x 8 splits)
+    num_sms = _cuda_device_info(_cuda_index(device))[2]
+    tiles, groups = triton.cdiv(n, 64), k // bk
+    split = max([s for s in range(1, groups + 1) if groups % s == 0 and tiles * s <= 4 * num_sms] or [1])
+    return dict(BLOCK_N=64, SPLIT_K=split, num_warps=4, num_stages=4)
+
+
+def small_linear_config(device: torch.device, n: int, k: int, bk: int, m: int) -> dict:
+    """The one-launch path's config: configs/fp8_gemm.json under "N=..,K=..,block-small" by M bucket, else the
+    defaults; SPLIT_K must divide the K groups."""
+    cfg = select_config(load_config_table("fp8_gemm.json"), device_key(device), f"N={n},K={k},block-small", m,
+                        _small_default_config(device, n, k, bk))
+    if (k // bk) % cfg["SPLIT_K"]:
+        raise ValueError(f"SPLIT_K={cfg['SPLIT_K']} does not divide the {k // bk} groups of K={k}")
+    return cfg
+
+
+def fp8_block_linear_small(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                           block_size: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
+    """fp8_block_linear in one launch for a few rows: x [M, K] -> [M, N] x.dtype, the activations quantized per
+    token and group inside the GEMM (bit for bit as per_token_group_quant_fp8), K split over SPLIT_K programs per
+    output tile whose partial sums the last to finish adds up in a fixed order (deterministic). Capturable in a
+    CUDA graph. config overrides BLOCK_N, SPLIT_K, num_warps, num_stages."""
+    bn, bk = block_size
+    _check_activation(x)
+    m, k = x.shape
+    n = w.shape[0]
+    if w.dim() != 2 or w.dtype != FP8_DTYPE or w.shape[1] != k or (k > 1 and w.stride(1) != 1):
+        raise ValueError(f"w must be {FP8_DTYPE} [N, K={k}] contiguous along K, got {tuple(w.shape)} {w.dtype}")
+    if k % bk or bk < 16 or bk & (bk - 1):
+        raise ValueError(f"K={k} must be a multiple of the block size {bk}, a power of two >= 16")
+    _check_scale(ws, (triton.cdiv(n, bn), k // bk), "ws")
+    device = check_device(x, w, ws)
+    out = torch.empty((m, n), dtype=x.dtype, device=device)  # [M, N]
+    if m == 0 or n == 0:
+        return out
+    cfg = {**small_linear_config(device, n, k, bk, m), **(config or {})}
+    split = cfg["SPLIT_K"]
+    if (k // bk) % split:
+        raise ValueError(f"SPLIT_K={split} does not divide the {k // bk} groups of K={k}")
+    block_m = 16
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, block_m))
+    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
+    counters = _arrival_counters(device, grid[0] * grid[2])
+    _fp8_block_linear_small[grid](
+        x, w, ws, out, part, counters, m, n, k,
+        x.stride(0), w.stride(0), out.stride(0), ws.stride(0), ws.stride(1), SCALE_EPS,
+        GROUP_N=bn, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(x.dtype), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # linear layers: quantize activations, then GEMM
 
 
 def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                      block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
+    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype.
+    Up to SMALL_M rows in one launch (fp8_block_linear_small), else quantization then GEMM."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    if 0 < x2.shape[0] <= SMALL_M and x2.shape[1] % block_size[1] == 0:
+        return fp8_block_linear_small(x2, w, ws, block_size).view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
     y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
     return y.view(*lead, w.shape[0])

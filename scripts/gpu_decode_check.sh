@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Decode-size kernels and a decode step on one GPU, in one command: the GPU tests of the FP8 kernels, the one-launch
+# FP8 linear tuned and compared (scripts/tune_small_m.py, winners merged into kernels/configs/fp8_gemm.json and
+# copied to OUT), the kernels of a decode step (scripts/profile_decode.py) and `quantkit bench --per-layer` on a
+# generated 2-layer real-width FP8 slice, the last two with the configs just tuned.
+# Usage: scripts/gpu_decode_check.sh OUT     (BACKENDS=fp8,awq for the profile and the bench; TUNE=0 skips tuning)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/gpu_decode_check.sh OUT}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+BUDGET=${BUDGET:-560}
+BACKENDS=${BACKENDS:-fp8}
+TUNE=${TUNE:-1}
+WORK=${WORK:-/tmp/quantkit-profile}
+export PYTHONWARNINGS=ignore
+source scripts/gpu_stages.sh
+
+stage "GPU tests: FP8 kernels" 150 $PY -m pytest -q -m gpu tests/test_kernels_fp8.py -x
+if [ "$TUNE" = 1 ]; then
+  stage "one-launch FP8 linear and in-GEMM quantization" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
+    --write-configs kernels/configs
+  cp kernels/configs/fp8_gemm.json "$OUT/fp8_gemm.json"
+fi
+stage "decode step, kernel by kernel" 150 $PY scripts/profile_decode.py --backends "$BACKENDS" --concurrency 1,32 \
+  --layers 2 --work "$WORK" --json "$OUT/profile.json"
+for b in ${BACKENDS//,/ }; do
+  stage "bench $b per layer" 150 $PY -m quantkit.cli bench "$WORK/m2-2layers-$b" -o "$WORK/bench_$b" --backend "$b" \
+    --concurrency 1,4,32,128 --input-len 128 --output-len 64 --per-layer --dtype bf16 --device cuda &&
+    cp "$WORK/bench_$b/bench.json" "$OUT/bench_$b.json" &&
+    { echo; echo "## bench $b"; echo; cat "$WORK/bench_$b/bench.md"; } >>"$SUMMARY"
+done
+echo "exit $status" | tee -a "$LOG"
+exit $status
