@@ -16,7 +16,8 @@ WORK=${WORK:-/tmp/quantkit-profile}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
-stage "GPU tests: FP8 kernels" 150 $PY -m pytest -q -m gpu tests/test_kernels_fp8.py -x
+stage "GPU tests: FP8 kernels, fused decoder-layer ops" 150 $PY -m pytest -q -m gpu tests/test_kernels_fp8.py \
+  tests/test_kernels_fused_ops.py
 if [ "$TUNE" = 1 ]; then
   stage "one-launch FP8 linear and in-GEMM quantization" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
     --write-configs kernels/configs
