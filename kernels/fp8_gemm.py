@@ -81,25 +81,7 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-def _quant_group(x, eps, UPCAST: tl.constexpr):
-    """Rows of one activation group [BLOCK_M, GROUP] fp32 -> (FP8 operand, fp32 scales [BLOCK_M]), the same operations
-    as _per_token_group_quant_kernel (so the same bits). Interpreted (UPCAST), the operand stays fp32 on the e4m3
-    grid."""
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), eps), 448.0)  # [BLOCK_M]
-    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
-    if UPCAST:
-        mag = tl.abs(y)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-        big = ((e + 20) << 23).to(tl.float32, bitcast=True)
-        mag = (mag + big) - big
-        q = tl.where(y < 0, -mag, mag)
-    else:
-        q = y.to(tl.float8e4nv)
-    return q, scale
-
-
 round_to_out_grid = triton_kernel(_round_to_out_grid)
-quant_group = triton_kernel(_quant_group)
 grouped_pid = triton_kernel(_grouped_pid)
 
 
@@ -178,7 +160,8 @@ def select_config(table: dict, device: str, shape: str, m: int, default: dict) -
 def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
     if INTERPRETED:
         # the interpreter pays per program instance and per operation, not per element: few, large tiles
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SPLIT_K=2 if m <= 16 else 1, num_warps=4,
+                    num_stages=1)
     # H100/H200. BLOCK_K = 128 matches the scale block, so each tl.dot gets one scale pair. Up to M = 512 the
     # weights' bandwidth bounds the time, so the tile is narrowed until every multiprocessor has a program (a sweep of
     # MiniMax-M2's qkv (8192 x 3072) and o_proj (3072 x 6144) shapes on an H200 put this within ~10 % of the best
@@ -188,7 +171,11 @@ def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
     block_m = 16 if m <= 16 else 32 if m <= 64 else 64
     num_sms = _cuda_device_info(_cuda_index(device))[2]
     block_n = next((bn for bn in (128, 64) if triton.cdiv(m, block_m) * triton.cdiv(n, bn) >= num_sms), 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    # up to 16 rows, K split until about two programs per multiprocessor: MiniMax-M2's o_proj (3072 x 6144) has 96
+    # column tiles of 32 for 132 multiprocessors, each reading all 6144 columns of K otherwise
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(8, 2 * num_sms // tiles)) if m <= 16 else 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, SPLIT_K=split, num_warps=4, num_stages=4)
 
 
 def _gemm_config(device: torch.device, n: int, k: int, m: int, scheme: str, block_k: int) -> dict:
@@ -352,6 +339,7 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _w8a8_fp8_matmul_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,  # A [M, K] fp8, A scales, B [N, K] fp8, B scales, C [M, N]
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 [SPLIT_K, M, N] partial sums, int32 [tiles] counters (zero between)
     M, N,
     K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -361,9 +349,12 @@ def _w8a8_fp8_matmul_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over cdiv(K, BLOCK_K) / SPLIT_K K blocks
 ):
     # GROUP_M row tiles share each column sweep, so the B tiles they read stay in L2
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # this program's share of K
+    KB_PER: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K  # the launcher makes SPLIT_K divide the blocks
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -375,8 +366,9 @@ def _w8a8_fp8_matmul_kernel(
     n_mask = offs_n < N
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N]
+    k_first = pid_s * KB_PER * BLOCK_K
+    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + (k_first + offs_k)[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + (k_first + offs_k)[:, None] * stride_bk  # [BLOCK_K, BLOCK_N]
     as_ptrs = as_ptr + offs_m64 * stride_asm  # [BLOCK_M]
     if BLOCK_SCALED:
         bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
@@ -384,7 +376,8 @@ def _w8a8_fp8_matmul_kernel(
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for i in range(0, KB_PER):
+        kb = pid_s * KB_PER + i
         if EVEN_K:
             a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
@@ -409,10 +402,25 @@ def _w8a8_fp8_matmul_kernel(
         a_s = tl.load(as_ptrs, mask=m_mask, other=0.0)
         b_s = tl.load(bs_ptrs, mask=n_mask, other=0.0)
         acc = acc * a_s[:, None] * b_s[None, :]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    last = True
+    if SPLIT_K > 1:
+        # each program leaves its partial sum; the last of the tile's SPLIT_K to arrive adds them up in split order
+        # (the same sum whichever arrives last) and resets the counter for the next launch
+        p_ptrs = part_ptr + offs_m64[:, None] * N + offs_n64[None, :]  # [BLOCK_M, BLOCK_N] of split 0
+        tl.store(p_ptrs + pid_s * M * N, acc, mask=mn_mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
+        last = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(p_ptrs + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0)
+    if last:
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
 
 
 _w8a8_fp8_matmul = triton_kernel(_w8a8_fp8_matmul_kernel)
@@ -439,13 +447,39 @@ def _check_scale(s: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name} has shape {tuple(s.shape)}, expected {shape}")
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least n, kept per device: the split-K kernels that count arrivals in them leave them zero."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
+
+
+def _split_k_grid(cfg: dict, m: int, n: int, k: int,
+                  device: torch.device) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor]:
+    """(grid, fp32 partials [SPLIT_K, M, N], arrival counters) for a config; SPLIT_K falls back to the largest
+    divisor of the K blocks not above the asked one."""
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    blocks = triton.cdiv(k, cfg["BLOCK_K"])
+    split = max(s for s in range(1, min(cfg.get("SPLIT_K", 1), blocks) + 1) if blocks % s == 0)
+    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
+    counters = _arrival_counters(device, tiles) if split > 1 else part
+    return (tiles, split), part, counters
+
+
 def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                           block_size: tuple[int, int] = (128, 128),
-                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                          out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """out[m, n] = sum over K blocks kb of (xq[m, kb] . w[n, kb]) * xs[m, kb] * ws[n // bn, kb], fp32 accumulation.
 
     xq fp8 [M, K], xs fp32 [M, K/bk], w fp8 [N, K], ws fp32 [ceil(N/bn), K/bk] -> [M, N] out_dtype.
-    K must be a multiple of bk (the activations' group size); M and N are arbitrary.
+    K must be a multiple of bk (the activations' group size); M and N are arbitrary. config overrides the block
+    configuration's keys. With SPLIT_K > 1 (decode sizes), SPLIT_K programs share each output tile's K blocks and
+    the last to finish adds their fp32 partial sums in split order: deterministic, one launch, capturable.
     """
     bn, bk = block_size
     m, n, k = _check_fp8_operands(xq, w)
@@ -460,24 +494,28 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
     out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
         return out
-    cfg = _gemm_config(device, n, k, m, "block", bk)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    cfg = {**_gemm_config(device, n, k, m, "block", bk), **(config or {})}
+    if bk % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
+    grid, part, counters = _split_k_grid(cfg, m, n, k, device)
     _w8a8_fp8_matmul[grid](
-        xq, xs, w, ws, out, m, n, k,
+        xq, xs, w, ws, out, part, counters, m, n, k,
         xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
         BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
 
 def w8a8_channel_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """out[m, n] = (xq[m] . w[n]) * xs[m] * ws[n]: per-token x per-channel scales applied after fp32 accumulation.
 
-    xq fp8 [M, K], xs fp32 [M, 1], w fp8 [N, K], ws fp32 [N, 1] -> [M, N] out_dtype. Any M, N, K.
+    xq fp8 [M, K], xs fp32 [M, 1], w fp8 [N, K], ws fp32 [N, 1] -> [M, N] out_dtype. Any M, N, K. config and
+    SPLIT_K: as w8a8_block_fp8_matmul (each split's partial sum is scaled before the sum).
     """
     m, n, k = _check_fp8_operands(xq, w)
     _check_scale(xs, (m, 1), "xs")
@@ -487,15 +525,16 @@ def w8a8_channel_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor,
     out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
         return out
-    cfg = _gemm_config(device, n, k, m, "channel", 128)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    cfg = {**_gemm_config(device, n, k, m, "channel", 128), **(config or {})}
+    grid, part, counters = _split_k_grid(cfg, m, n, k, device)
     _w8a8_fp8_matmul[grid](
-        xq, xs, w, ws, out, m, n, k,
+        xq, xs, w, ws, out, part, counters, m, n, k,
         xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         xs.stride(0), 0, ws.stride(0), 0,
         BLOCK_SCALED=False, GROUP_N=1, GROUP_K=1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        UPCAST=INTERPRETED, OUT_MANT=out_mant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -524,161 +563,14 @@ def w8a8_channel_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# few rows (decode): the activations quantized inside the GEMM, K split over programs, one launch
-
-
-def _fp8_block_linear_small_kernel(
-    x_ptr, b_ptr, bs_ptr, c_ptr,  # X [M, K] bf16/fp16/fp32, B [N, K] fp8, B scales, C [M, N]
-    part_ptr, count_ptr,  # fp32 [SPLIT_K, M, N] partial sums; int32 [tiles] arrival counters, zero between launches
-    M, N,
-    K: tl.constexpr,
-    stride_xm, stride_bn, stride_cm, stride_bsn, stride_bsk,
-    eps,
-    GROUP_N: tl.constexpr,  # the weight's scale block along N (along K it is BLOCK_K, the activations' group)
-    SPLIT_K: tl.constexpr,  # programs per output tile, each over K / SPLIT_K (whole groups)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    PER: tl.constexpr = K // BLOCK_K // SPLIT_K  # groups per program
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-    k0 = pid_s * PER * BLOCK_K
-    x_ptrs = x_ptr + offs_m64[:, None] * stride_xm + (k0 + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_N]
-    bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn + (pid_s * PER) * stride_bsk  # [BLOCK_N]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(PER):
-        # the group's activations quantized here as per_token_group_quant_fp8 does (same operations, same bits):
-        # a few rows, re-read from L2 by every column tile, cost less than a launch and a round trip through memory
-        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        a, a_s = quant_group(x, eps, UPCAST)
-        b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-        if UPCAST:  # fp32 products in the interpreter
-            b = b.to(tl.float32)
-        b_s = tl.load(bs_ptrs, mask=n_mask, other=0.0)  # [BLOCK_N]
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        x_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        bs_ptrs += stride_bsk
-
-    mn_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
-        # each program leaves its partial sum; the last of the tile's SPLIT_K to arrive adds them up in split order
-        # (the same sum whichever arrives last) and resets the counter for the next launch
-        p_ptrs = part_ptr + offs_m64[:, None] * N + offs_n64[None, :]  # [BLOCK_M, BLOCK_N] in split 0
-        tl.store(p_ptrs + pid_s * M * N, acc, mask=mn_mask)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
-        tile = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(p_ptrs + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
-            if OUT_MANT:
-                acc = round_to_out_grid(acc, OUT_MANT)
-            c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
-            tl.atomic_xchg(tile, 0)
-    else:
-        if OUT_MANT:
-            acc = round_to_out_grid(acc, OUT_MANT)
-        c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
-
-
-_fp8_block_linear_small = triton_kernel(_fp8_block_linear_small_kernel)
-
-SMALL_M = 16  # fp8_block_linear takes the one-launch path up to this many rows
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros, at least n, kept per device: the kernels that use them leave them zero again."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
-    return have
-
-
-def _small_default_config(device: torch.device, n: int, k: int, bk: int) -> dict:
-    if INTERPRETED:
-        return dict(BLOCK_N=64, SPLIT_K=2 if (k // bk) % 2 == 0 else 1, num_warps=4, num_stages=1)
-    # H100/H200: 64-column tiles and enough K splits for about two programs per multiprocessor (MiniMax-M2's qkv,
-    # 8192 x 3072: 128 tiles x 4 splits of 6 groups; o_proj, 3072 x 6144: 48 tiles x 8 splits)
-    num_sms = _cuda_device_info(_cuda_index(device))[2]
-    tiles, groups = triton.cdiv(n, 64), k // bk
-    split = max([s for s in range(1, groups + 1) if groups % s == 0 and tiles * s <= 4 * num_sms] or [1])
-    return dict(BLOCK_N=64, SPLIT_K=split, num_warps=4, num_stages=4)
-
-
-def small_linear_config(device: torch.device, n: int, k: int, bk: int, m: int) -> dict:
-    """The one-launch path's config: configs/fp8_gemm.json under "N=..,K=..,block-small" by M bucket, else the
-    defaults; SPLIT_K must divide the K groups."""
-    cfg = select_config(load_config_table("fp8_gemm.json"), device_key(device), f"N={n},K={k},block-small", m,
-                        _small_default_config(device, n, k, bk))
-    if (k // bk) % cfg["SPLIT_K"]:
-        raise ValueError(f"SPLIT_K={cfg['SPLIT_K']} does not divide the {k // bk} groups of K={k}")
-    return cfg
-
-
-def fp8_block_linear_small(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-                           block_size: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
-    """fp8_block_linear in one launch for a few rows: x [M, K] -> [M, N] x.dtype, the activations quantized per
-    token and group inside the GEMM (bit for bit as per_token_group_quant_fp8), K split over SPLIT_K programs per
-    output tile whose partial sums the last to finish adds up in a fixed order (deterministic). Capturable in a
-    CUDA graph. config overrides BLOCK_N, SPLIT_K, num_warps, num_stages."""
-    bn, bk = block_size
-    _check_activation(x)
-    m, k = x.shape
-    n = w.shape[0]
-    if w.dim() != 2 or w.dtype != FP8_DTYPE or w.shape[1] != k or (k > 1 and w.stride(1) != 1):
-        raise ValueError(f"w must be {FP8_DTYPE} [N, K={k}] contiguous along K, got {tuple(w.shape)} {w.dtype}")
-    if k % bk or bk < 16 or bk & (bk - 1):
-        raise ValueError(f"K={k} must be a multiple of the block size {bk}, a power of two >= 16")
-    _check_scale(ws, (triton.cdiv(n, bn), k // bk), "ws")
-    device = check_device(x, w, ws)
-    out = torch.empty((m, n), dtype=x.dtype, device=device)  # [M, N]
-    if m == 0 or n == 0:
-        return out
-    cfg = {**small_linear_config(device, n, k, bk, m), **(config or {})}
-    split = cfg["SPLIT_K"]
-    if (k // bk) % split:
-        raise ValueError(f"SPLIT_K={split} does not divide the {k // bk} groups of K={k}")
-    block_m = 16
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, block_m))
-    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
-    counters = _arrival_counters(device, grid[0] * grid[2])
-    _fp8_block_linear_small[grid](
-        x, w, ws, out, part, counters, m, n, k,
-        x.stride(0), w.stride(0), out.stride(0), ws.stride(0), ws.stride(1), SCALE_EPS,
-        GROUP_N=bn, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(x.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # linear layers: quantize activations, then GEMM
 
 
 def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                      block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype.
-    Up to SMALL_M rows in one launch (fp8_block_linear_small), else quantization then GEMM."""
+    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    if 0 < x2.shape[0] <= SMALL_M and x2.shape[1] % block_size[1] == 0:
-        return fp8_block_linear_small(x2, w, ws, block_size).view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
     y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
     return y.view(*lead, w.shape[0])

@@ -38,7 +38,6 @@ from .fp8_gemm import (
     ACT_DTYPES,
     FP8_DTYPE,
     INTERPRETED,
-    SCALE_EPS,
     check_device,
     device_key,
     grouped_pid,
@@ -48,7 +47,6 @@ from .fp8_gemm import (
     per_token_group_quant_fp8_ref,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
-    quant_group,
     round_to_out_grid,
     select_config,
     triton_kernel,
@@ -58,9 +56,6 @@ from .fp8_gemm import (
 
 SCHEMES = ("block", "channel")
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
-# up to this many tokens the block scheme's GEMMs quantize their activations themselves: a few rows re-read and
-# re-quantized by every column tile cost less than the two quantization launches they replace
-QUANT_IN_GEMM_MAX_M = 16
 
 # Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
 # ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 256 tokens. One program sorts all pairs in registers
@@ -216,8 +211,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
 
 
 def _fused_moe_fp8_kernel(
-    a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel); QUANT_A: A in
-    # 16/32-bit, quantized here per row and GROUP_K group (as_ptr unused)
+    a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
     c_ptr,  # C [M*topk, N]
     topk_weights_ptr,  # fp32 [M*topk]
@@ -234,8 +228,6 @@ def _fused_moe_fp8_kernel(
     BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
-    QUANT_A: tl.constexpr = False,  # block scheme with BLOCK_K == GROUP_K only
-    eps=1e-10,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -280,18 +272,14 @@ def _fused_moe_fp8_kernel(
             k_left = K - kb * BLOCK_K
             a_mask = tok_mask[:, None] & (offs_k[None, :] < k_left)
             b_mask = (offs_k[:, None] < k_left) & n_mask[None, :]
-        if QUANT_A:  # the group quantized as per_token_group_quant_fp8 would (same bits)
-            a, a_s = quant_group(tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32), eps, UPCAST)
-        else:
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            if not QUANT_A:
-                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -385,11 +373,8 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
-                     mul_routed_weight: bool, block_scaled: bool, cfg: dict, quant_a: bool = False) -> None:
-    """quant_a: a is the unquantized activations (a_s is not read), quantized per group inside the GEMM."""
+                     mul_routed_weight: bool, block_scaled: bool, cfg: dict) -> None:
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
-    if quant_a and (not block_scaled or cfg["BLOCK_K"] != SCALE_BLOCK):
-        raise ValueError(f"quantizing inside the GEMM needs the block scheme and BLOCK_K={SCALE_BLOCK}")
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
     _fused_moe_fp8[grid](
         a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
@@ -401,7 +386,7 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         BLOCK_SCALED=block_scaled, GROUP_N=SCALE_BLOCK if block_scaled else 1,
         GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype), QUANT_A=quant_a, eps=SCALE_EPS,
+        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -446,25 +431,16 @@ def _check_moe_args(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  scheme: str = "block", quant_in_gemm: bool | None = None) -> torch.Tensor:
-    """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring.
-
-    quant_in_gemm (block scheme): each GEMM quantizes its activation groups itself instead of a quantization launch
-    before it (the same bits); None: up to QUANT_IN_GEMM_MAX_M tokens."""
+                  scheme: str = "block") -> torch.Tensor:
+    """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring."""
     m, h, e, i, topk = _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme)
     device = check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     if m == 0:
         return torch.empty_like(x)
     block = scheme == "block"
     cfg = moe_config(device, m, topk, e, i, h, scheme)
-    if quant_in_gemm is None:
-        quant_in_gemm = m <= QUANT_IN_GEMM_MAX_M
-    quant_in_gemm = quant_in_gemm and block and cfg["BLOCK_K"] == SCALE_BLOCK
 
-    if quant_in_gemm:
-        xq, xs = x, x  # quantized inside GEMM 1
-    else:
-        xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
+    xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
 
@@ -473,16 +449,11 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     alloc = torch.zeros if INTERPRETED else torch.empty
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg,
-                     quant_a=quant_in_gemm)
-    if quant_in_gemm:
-        hq, hs = inter, inter  # quantized inside GEMM 2
-    else:
-        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)
+    hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg,
-                     quant_a=quant_in_gemm)
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     return moe_sum(y, topk_ids, x, e)

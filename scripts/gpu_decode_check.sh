@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Decode-size kernels and a decode step on one GPU, in one command: the GPU tests of the FP8 kernels, the one-launch
-# FP8 linear tuned and compared (scripts/tune_small_m.py, winners merged into kernels/configs/fp8_gemm.json and
-# copied to OUT), the kernels of a decode step (scripts/profile_decode.py) and `quantkit bench --per-layer` on a
+# Decode-size kernels and a decode step on one GPU, in one command: the GPU tests of the FP8 GEMMs and the fused
+# decoder-layer ops, the FP8 projections' split-K configs tuned and compared (scripts/tune_small_m.py, winners merged
+# into kernels/configs/fp8_gemm.json and copied to OUT), the kernels of a decode step (scripts/profile_decode.py) and `quantkit bench --per-layer` on a
 # generated 2-layer real-width FP8 slice, the last two with the configs just tuned.
 # Usage: scripts/gpu_decode_check.sh OUT     (BACKENDS=fp8,awq for the profile and the bench; TUNE=0 skips tuning)
 set -uo pipefail
@@ -16,10 +16,10 @@ WORK=${WORK:-/tmp/quantkit-profile}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
-stage "GPU tests: FP8 kernels, fused decoder-layer ops" 150 $PY -m pytest -q -m gpu tests/test_kernels_fp8.py \
-  tests/test_kernels_fused_ops.py
+stage "GPU tests: FP8 GEMMs, fused decoder-layer ops" 200 bash -c "$PY -m pytest -q -m gpu -k 'split or linear or matmul' \
+  tests/test_kernels_fp8.py && $PY -m pytest -q -m gpu tests/test_kernels_fused_ops.py"
 if [ "$TUNE" = 1 ]; then
-  stage "one-launch FP8 linear and in-GEMM quantization" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
+  stage "split-K FP8 projections" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
     --write-configs kernels/configs
   cp kernels/configs/fp8_gemm.json "$OUT/fp8_gemm.json"
 fi

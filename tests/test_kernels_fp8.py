@@ -235,60 +235,57 @@ def test_linear_matches_ref_and_dequantized_math(device, scheme):
     assert rel_err(ref, exact) < REL_FP8["linear"]
 
 
-SMALL_CASES = [  # m, n, k, dtype, SPLIT_K (None: the launcher's default)
-    (1, 256, 512, torch.bfloat16, None),
-    (3, 200, 384, torch.bfloat16, 3),  # N not a multiple of the tile, three splits of one group
+SPLIT_CASES = [  # m, n, k, out dtype, SPLIT_K
+    (1, 256, 512, torch.bfloat16, 4),
+    (3, 200, 384, torch.bfloat16, 3),  # N not a multiple of the tile, three splits of one K block
     (16, 384, 256, torch.float16, 2),
-    (5, 256, 512, torch.float32, 4),
-    (2, 130, 256, torch.bfloat16, 1),  # no split: the plain epilogue
+    (5, 256, 512, torch.float32, 2),
+    (20, 130, 640, torch.bfloat16, 4),  # 4 does not divide 5 K blocks: the launcher takes 1
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,n,k,dtype,split", SMALL_CASES)
-def test_small_linear_matches_ref(device, m, n, k, dtype, split):
-    """The one-launch path (activations quantized inside the GEMM, K split over programs) against the two-launch
-    reference; its arrival counters are left at zero, and a second run gives the same bits."""
-    gen = gen_for("small_linear", m, n, k, dtype)
-    x = activations(m, k, dtype, gen).to(device)
-    w, ws = (t.to(device) for t in quantize_block(weights(n, k, gen)))
-    cfg = None if split is None else dict(SPLIT_K=split)
-    out = fp8_gemm.fp8_block_linear_small(x, w, ws, config=cfg)
-    assert_close(out, fp8_block_linear_ref(x, w, ws), *TOL[dtype])
-    assert torch.equal(fp8_gemm.fp8_block_linear_small(x, w, ws, config=cfg), out)
-    assert not fp8_gemm._COUNTERS[torch.device(device)].any()
+@pytest.mark.parametrize("m,n,k,out_dtype,split", SPLIT_CASES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_split_k_matches_ref(device, scheme, m, n, k, out_dtype, split):
+    """K split over programs, the partial sums added by the last to finish: the reference's result, the same bits
+    on a second run, and the arrival counters left at zero for the next launch."""
+    gen = gen_for("split_k", scheme, m, n, k, out_dtype)
+    x = activations(m, k, torch.float32, gen)
+    if scheme == "block":
+        (xq, xs), (w, ws) = per_token_group_quant_fp8_ref(x), quantize_block(weights(n, k, gen))
+        matmul, ref = w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_ref
+    else:
+        (xq, xs), (w, ws) = per_token_quant_fp8_ref(x), quantize_channel(weights(n, k, gen))
+        matmul, ref = w8a8_channel_fp8_matmul, w8a8_channel_fp8_matmul_ref
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split)
+    out = matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg)
+    assert_close(out, ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+    assert torch.equal(matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg), out)
+    counters = fp8_gemm._COUNTERS.get(xq.device)
+    assert counters is None or not counters.any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_block_linear_takes_the_small_path_for_few_rows(device, monkeypatch):
-    calls = []
-    small = fp8_gemm.fp8_block_linear_small
-    monkeypatch.setattr(fp8_gemm, "fp8_block_linear_small", lambda *a, **kw: calls.append(1) or small(*a, **kw))
-    gen = gen_for("small_dispatch")
-    w, ws = (t.to(device) for t in quantize_block(weights(128, 256, gen)))
-    for m in (1, fp8_gemm.SMALL_M, fp8_gemm.SMALL_M + 1):
-        x = activations(m, 256, torch.bfloat16, gen).to(device)
-        assert_close(fp8_block_linear(x, w, ws), fp8_block_linear_ref(x, w, ws), *TOL[torch.bfloat16])
-    assert len(calls) == 2
-
-
-def test_small_linear_refuses_a_split_that_does_not_divide_k():
-    x = torch.zeros(1, 384, dtype=torch.bfloat16)
-    w, ws = quantize_block(torch.ones(128, 384))
-    with pytest.raises(ValueError, match="SPLIT_K=2 does not divide the 3 groups"):
-        fp8_gemm.fp8_block_linear_small(x, w, ws, config=dict(SPLIT_K=2))
+def test_default_config_splits_k_for_few_rows(device):
+    dev = torch.device(device)
+    assert fp8_gemm._gemm_config(dev, 3072, 6144, 1, "block", 128)["SPLIT_K"] > 1
+    assert fp8_gemm._gemm_config(dev, 3072, 6144, 512, "block", 128).get("SPLIT_K", 1) == 1
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
-def test_small_linear_captures_in_a_cuda_graph(device):
-    """Replays read the counters the kernel reset: every replay gives the eager result."""
-    gen = gen_for("small_graph")
+def test_split_k_captures_in_a_cuda_graph(device):
+    """Replays find the counters the kernel reset: every replay gives the eager result."""
+    gen = gen_for("split_graph")
     x = activations(4, 3072, torch.bfloat16, gen).to(device)
     w, ws = (t.to(device) for t in quantize_block(weights(1024, 3072, gen)))
-    eager = fp8_gemm.fp8_block_linear_small(x, w, ws, config=dict(SPLIT_K=8))
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=8)
+    xq, xs = per_token_group_quant_fp8(x)
+    eager = w8a8_block_fp8_matmul(xq, xs, w, ws, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fp8_gemm.fp8_block_linear_small(x, w, ws, config=dict(SPLIT_K=8))
+        out = w8a8_block_fp8_matmul(xq, xs, w, ws, config=cfg)
     for _ in range(3):
         out.zero_()
         graph.replay()
@@ -526,22 +523,6 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
     assert_close(small, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,e,topk,dtype,drop", [
-    (1, 16, 8, torch.bfloat16, 0.0),
-    (5, 8, 8, torch.bfloat16, 0.3),
-    (20, 6, 4, torch.float16, 0.0),
-])
-def test_fused_moe_quantizing_inside_the_gemms_is_bit_identical(device, m, e, topk, dtype, drop):
-    """Block scheme: the GEMMs quantizing their activation groups themselves give the bits of the quantization
-    launches they replace; the default takes that path up to QUANT_IN_GEMM_MAX_M tokens."""
-    args = moe_case(m, e, topk, 256, 128, "block", dtype, gen_for("moe_qin", m, e, topk, dtype), device, drop=drop)
-    inside = fused_moe_fp8(*args, quant_in_gemm=True)
-    assert torch.equal(inside, fused_moe_fp8(*args, quant_in_gemm=False))
-    assert torch.equal(fused_moe_fp8(*args), inside)
-    assert_close(inside, fused_moe_fp8_ref(*args), *TOL_MOE)
-
-
 def test_fused_moe_refuses_bad_inputs():
     args = list(moe_case(4, 4, 2, 256, 128, "block", torch.bfloat16, gen_for("moe_bad"), "cpu"))
     with pytest.raises(ValueError, match="scheme must be one of"):
@@ -609,7 +590,7 @@ def test_tuned_configs_are_read_and_run(device, cfg, monkeypatch):
     monkeypatch.setattr(fp8_gemm, "load_config_table", table(["N=200,K=384,block", "N=200,K=384,channel"]))
     monkeypatch.setattr(fp8_moe, "load_config_table", table(["E=6,I=128,H=256,block", "E=6,I=128,H=256,channel"]))
     chosen = fp8_gemm._gemm_config(torch.device(device), 200, 384, 37, "block", 128)
-    assert chosen == cfg
+    assert {key: chosen[key] for key in cfg} == cfg
     gen = gen_for("tuned", tuple(cfg.values()))
     x = activations(37, 384, torch.bfloat16, gen).to(device)
     wf = weights(200, 384, gen)
