@@ -178,9 +178,16 @@ def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, SPLIT_K=split, num_warps=4, num_stages=4)
 
 
+BUCKET_REACH = 4  # a tuned M bucket speaks for M within this factor of it; farther, the defaults apply
+
+
 def _gemm_config(device: torch.device, n: int, k: int, m: int, scheme: str, block_k: int) -> dict:
-    cfg = select_config(load_config_table("fp8_gemm.json"), device_key(device), f"N={n},K={k},{scheme}", m,
-                        _gemm_default_config(device, m, n))
+    table = load_config_table("fp8_gemm.json")
+    shape = f"N={n},K={k},{scheme}"
+    buckets = table.get(device_key(device), {}).get(shape, {})
+    if buckets and not any(int(b) / BUCKET_REACH <= m <= int(b) * BUCKET_REACH for b in buckets):
+        table = {}  # e.g. a shape tuned for decode (buckets 1 to 16) at M = 128: 16-row split-K tiles would not do
+    cfg = select_config(table, device_key(device), shape, m, _gemm_default_config(device, m, n))
     if scheme == "block":
         # one scale per 128 columns of K: a K tile may not straddle two scale blocks
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block_k)

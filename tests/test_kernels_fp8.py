@@ -274,6 +274,17 @@ def test_default_config_splits_k_for_few_rows(device):
     assert fp8_gemm._gemm_config(dev, 3072, 6144, 512, "block", 128).get("SPLIT_K", 1) == 1
 
 
+def test_tuned_buckets_reach_only_nearby_m(monkeypatch):
+    """A shape tuned at decode sizes only keeps the defaults for M far above its buckets."""
+    dev = torch.device("cpu")
+    tuned = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_K=3, num_warps=4, num_stages=4)
+    table = {fp8_gemm.device_key(dev): {"N=8192,K=3072,block": {"1": tuned, "16": tuned}}}
+    monkeypatch.setattr(fp8_gemm, "load_config_table", lambda name: table)
+    assert fp8_gemm._gemm_config(dev, 8192, 3072, 64, "block", 128) == tuned  # within 4x of 16
+    far = fp8_gemm._gemm_config(dev, 8192, 3072, 128, "block", 128)
+    assert far == {**fp8_gemm._gemm_default_config(dev, 128, 8192), "BLOCK_K": 128}
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
 def test_split_k_captures_in_a_cuda_graph(device):
     """Replays find the counters the kernel reset: every replay gives the eager result."""

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli
 
 from quantkit.convert import convert
@@ -110,3 +111,19 @@ def test_generate_cli_on_fp8_checkpoint(tiny_fp8):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("--- ") == 2
     assert "tokens/s" in proc.stderr
+
+
+def test_attn_bias_is_the_mask_sdpa_would_make():
+    """The additive mask made once per step gives what the boolean mask gives, causal and padded rows alike."""
+    from quantkit.runtime.model import attn_bias
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 3, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    k, v = (torch.randn(2, 4, 6, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    cols = torch.arange(6)
+    pos = torch.tensor([[3, 4, 5], [0, 1, 2]])
+    mask = (cols[None, None, :] <= pos[:, :, None])[:, None]  # [2, 1, 3, 6]
+    bias = attn_bias(mask, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bool((bias == 0).eq(mask).all()) and bool(bias[~mask].isinf().all())
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), want)

@@ -65,6 +65,12 @@ def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     return run(y, weight, cos, sin, heads, eps, rstd).transpose(1, 2)
 
 
+def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive one scaled_dot_product_attention makes of it on every
+    call (0 and -inf in dtype), made once per step instead of once per layer: three kernels fewer per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B, T, rotary_dim/2] for integer positions [B, T]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device)
@@ -284,8 +290,8 @@ class MiniMaxM2(nn.Module):
         causal = cols[None, :] <= (s0 + torch.arange(T, device=tokens.device))[:, None]  # [T, S]
         mask = causal[None] & cache.valid[:, None, :s0 + T]
         mask |= cols[None, None, :] == (s0 + torch.arange(T, device=tokens.device))[None, :, None]  # pads see self
-        mask = mask[:, None]  # [B, 1, T, S]
         x = self.embed_tokens(tokens)
+        mask = attn_bias(mask[:, None], x.dtype)  # [B, 1, T, S]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
             if hidden is not None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.runtime.generate import Sampling, sample
-from quantkit.runtime.model import DenseExperts, MiniMaxM2, rms_norm, rope_tables
+from quantkit.runtime.model import DenseExperts, MiniMaxM2, _fused, attn_bias, rms_norm, rope_tables
 
 
 @dataclass
@@ -67,10 +67,16 @@ class SlotCache:
                 idx = torch.arange(rows.start, rows.start + B, device=k.device)[:, None].expand(B, T)
             else:
                 idx = rows[:, None].expand(B, T)
-            self.write_at = (idx, self.positions.clamp(max=self.capacity - 1))  # throw-away rows may sit at the end
+            # throw-away rows may sit at the end; contiguous once here, not copied again by every layer's write
+            self.write_at = (idx.contiguous(), self.positions.clamp(max=self.capacity - 1).contiguous())
+        from quantkit.kernels import fused_ops
+
         idx, pos = self.write_at
-        self.k[layer][idx, :, pos] = k.transpose(1, 2)  # [B, T, NKV, D]
-        self.v[layer][idx, :, pos] = v.transpose(1, 2)
+        kc, vc = self.k[layer], self.v[layer]
+        if _fused(k, v, kc) and kc.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+            fused_ops.kv_write(kc, vc, k, v, idx, pos)  # one launch for keys and values
+        else:
+            fused_ops.kv_write_ref(kc, vc, k, v, idx, pos)
         return self.k[layer][rows], self.v[layer][rows]  # a view for a slice of slots, a gather for an index
 
 
@@ -86,6 +92,7 @@ def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows
     mask = (cols[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, C] causal within the slot
     cache.rows, cache.positions, cache.write_at = rows, positions, None
     x = model.embed_tokens(tokens)  # [B, T, H]
+    mask = attn_bias(mask, x.dtype)
     for i in range(len(model.layers))[layers]:
         x = model.layers[i](x, cos, sin, cache, i, mask)
     if last is None:
