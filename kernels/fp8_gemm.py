@@ -81,7 +81,25 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+def _split_k_sum(acc, part_ptr, count_ptr, pid_s, offs_m64, offs_n64, mn_mask, M, N, SPLIT_K: tl.constexpr):
+    """Split-K's one-launch reduction: each of a tile's SPLIT_K programs leaves its fp32 partial sum acc in
+    part [SPLIT_K, M, N] and counts its arrival at count_ptr (the tile's counter, zero between launches); the last to
+    arrive adds the partials up in split order (the same sum whichever arrives last), resets the counter for the
+    next launch and gets (sum, True); the others get (acc, False) and store nothing."""
+    p_ptrs = part_ptr + offs_m64[:, None] * N + offs_n64[None, :]  # [BLOCK_M, BLOCK_N] of split 0
+    tl.store(p_ptrs + pid_s * M * N, acc, mask=mn_mask)
+    tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        acc = tl.zeros(acc.shape, dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(p_ptrs + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr, 0)
+    return acc, last
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
+split_k_sum = triton_kernel(_split_k_sum)
 grouped_pid = triton_kernel(_grouped_pid)
 
 
@@ -412,17 +430,7 @@ def _w8a8_fp8_matmul_kernel(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     last = True
     if SPLIT_K > 1:
-        # each program leaves its partial sum; the last of the tile's SPLIT_K to arrive adds them up in split order
-        # (the same sum whichever arrives last) and resets the counter for the next launch
-        p_ptrs = part_ptr + offs_m64[:, None] * N + offs_n64[None, :]  # [BLOCK_M, BLOCK_N] of split 0
-        tl.store(p_ptrs + pid_s * M * N, acc, mask=mn_mask)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
-        last = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
-        if last:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(p_ptrs + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + pid, 0)
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_m64, offs_n64, mn_mask, M, N, SPLIT_K)
     if last:
         if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
             acc = round_to_out_grid(acc, OUT_MANT)
@@ -457,7 +465,7 @@ def _check_scale(s: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, at least n, kept per device: the split-K kernels that count arrivals in them leave them zero."""
     have = _COUNTERS.get(device)
     if have is None or have.numel() < n:
@@ -474,7 +482,7 @@ def _split_k_grid(cfg: dict, m: int, n: int, k: int,
     blocks = triton.cdiv(k, cfg["BLOCK_K"])
     split = max(s for s in range(1, min(cfg.get("SPLIT_K", 1), blocks) + 1) if blocks % s == 0)
     part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
-    counters = _arrival_counters(device, tiles) if split > 1 else part
+    counters = arrival_counters(device, tiles) if split > 1 else part
     return (tiles, split), part, counters
 
 

@@ -19,7 +19,8 @@ In the kernel each program loads a [BLOCK_K, BLOCK_N/8] tile of words, spreads e
 q - z (in [-15, 15], exact in bf16/fp16) go to the tensor cores against the activations, and the group's scale
 multiplies the fp32 partial product of that K block, once per output element rather than once per weight. BLOCK_K
 divides G, so one K block never straddles two groups. At small M the weights' bandwidth bounds the time; SPLIT_K > 1
-splits the K loop over programs (fp32 partials summed by torch) so that narrow outputs still fill the GPU.
+splits the K loop over programs so that narrow outputs still fill the GPU, in the same launch: the tile's last program
+to finish adds the fp32 partial sums in split order (kernels/fp8_gemm.py's split_k_sum).
 
 The fused MoE (kernels/w4a16_moe.py) reads another layout, K-major, which this module also defines (the one-time
 repack at load and its reference dequantization, torch only):
@@ -47,11 +48,13 @@ from .fp8_gemm import (
     INTERPRETED,
     _cuda_device_info,
     _cuda_index,
+    arrival_counters,
     device_key,
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
     round_to_out_grid,
+    split_k_sum,
     triton_kernel,
 )
 from .fp8_gemm import (
@@ -203,10 +206,11 @@ def _w4a16_gemm_kernel(
     b_ptr,  # qweight int32 [K, N/8]
     z_ptr,  # qzeros int32 [K/G, N/8]
     s_ptr,  # scales [K/G, N]
-    c_ptr,  # [M, N] output, or fp32 [SPLIT_K, M, N] partials
+    c_ptr,  # [M, N] output
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 [SPLIT_K, M, N] partial sums and arrival counters (fp8_gemm.split_k_sum)
     M, N,
     stride_am, stride_ak, stride_bk, stride_bn, stride_zk, stride_zn, stride_sk, stride_sn,
-    stride_cs, stride_cm, stride_cn,
+    stride_cm, stride_cn,
     K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
     GROUP: tl.constexpr,  # quantization group along K; BLOCK_K divides it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -261,10 +265,16 @@ def _w4a16_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    last = True
+    if SPLIT_K > 1:  # one launch: the tile's last program adds the partial sums in split order
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_k, offs_m64, offs_n.to(tl.int64), mn_mask, M, N,
+                                SPLIT_K)
+    if last:
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
 
 
 _w4a16_gemm = triton_kernel(_w4a16_gemm_kernel)
@@ -326,21 +336,20 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         return torch.empty((0, n), dtype=out_dtype, device=device)
     cfg = gemm_config(device, m, n, k, g, config)
     split = cfg["SPLIT_K"]
-    if split > 1:
-        c = torch.empty((split, m, n), dtype=torch.float32, device=device)  # [SPLIT_K, M, N] fp32 partials
-    else:
-        c = torch.empty((1, m, n), dtype=out_dtype, device=device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _w4a16_gemm[grid](
-        x, qweight, qzeros, scales, c, m, n,
+    c = torch.empty((m, n), dtype=out_dtype, device=device)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
+    counters = arrival_counters(device, tiles) if split > 1 else part
+    _w4a16_gemm[(tiles, split)](
+        x, qweight, qzeros, scales, c, part, counters, m, n,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1),
-        scales.stride(0), scales.stride(1), c.stride(0), c.stride(1), c.stride(2),
+        scales.stride(0), scales.stride(1), c.stride(0), c.stride(1),
         K=k, GROUP=g, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        SPLIT_K=split, UPCAST=INTERPRETED, OUT_MANT=0 if split > 1 else out_mantissa_bits(out_dtype),
+        SPLIT_K=split, UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(out_dtype),
         F32_DOT=x.dtype == torch.float32 and not INTERPRETED,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return c.sum(0).to(out_dtype) if split > 1 else c[0]
+    return c
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
