@@ -98,7 +98,24 @@ def _split_k_sum(acc, part_ptr, count_ptr, pid_s, offs_m64, offs_n64, mn_mask, M
     return acc, last
 
 
+def _quant_groups(x, eps, UPCAST: tl.constexpr):
+    """fp32 groups [R, G] -> (values [R, G] that a cast to e4m3 stores exactly, fp32 scales [R]): scale =
+    max(amax, eps) / 448 and x / scale clamped to +-448, with IEEE divisions (div_rn) as torch divides, so the
+    references agree bit for bit. Interpreted (UPCAST), rounded to the e4m3 grid here: the interpreter's fp32 -> fp8
+    cast rounds half up and drops the carry into the exponent (the GPU's cvt.rn.satfinite rounds ties to even)."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), eps), 448.0)  # [R]
+    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
+    if UPCAST:
+        mag = tl.abs(y)
+        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # biased exponent; e4m3 normals >= 2^-6
+        big = ((e + 20) << 23).to(tl.float32, bitcast=True)  # ulp(big) = e4m3 spacing at mag
+        mag = (mag + big) - big
+        y = tl.where(y < 0, -mag, mag)
+    return y, scale
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
+quant_groups = triton_kernel(_quant_groups)
 split_k_sum = triton_kernel(_split_k_sum)
 grouped_pid = triton_kernel(_grouped_pid)
 
@@ -231,19 +248,7 @@ def _per_token_group_quant_kernel(
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
-    x = x.to(tl.float32)  # [BLOCK_M, GROUP]
-    amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_M]
-    # IEEE divisions (div_rn), as torch divides: the reference then agrees bit for bit
-    scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)  # [BLOCK_M]
-    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
-    if UPCAST:
-        # the interpreter's fp32 -> fp8 cast rounds half up and drops the carry into the exponent; round to the
-        # e4m3 grid here, ties to even as the GPU's cvt.rn.satfinite does, so that the cast below is exact
-        mag = tl.abs(y)
-        e = tl.maximum((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # biased exponent; e4m3 normals >= 2^-6
-        big = ((e + 20) << 23).to(tl.float32, bitcast=True)  # ulp(big) = e4m3 spacing at mag
-        mag = (mag + big) - big
-        y = tl.where(y < 0, -mag, mag)
+    y, scale = quant_groups(x.to(tl.float32), eps, UPCAST)  # [BLOCK_M, GROUP], [BLOCK_M]
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(s_ptr + rows64 * stride_sm + g, scale, mask=rmask)
 

@@ -431,8 +431,11 @@ def _check_moe_args(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  scheme: str = "block") -> torch.Tensor:
-    """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring."""
+                  scheme: str = "block", x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring.
+
+    x_quant: x already quantized as per_token_group_quant_fp8(x, 128) would (block scheme; e.g. by the RMSNorm that
+    made x), which saves that launch."""
     m, h, e, i, topk = _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme)
     device = check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     if m == 0:
@@ -440,7 +443,13 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     block = scheme == "block"
     cfg = moe_config(device, m, topk, e, i, h, scheme)
 
-    xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
+    if x_quant is not None:
+        xq, xs = x_quant
+        if not block or xq.dtype != FP8_DTYPE or xq.shape != x.shape or tuple(xs.shape) != (m, h // SCALE_BLOCK):
+            raise ValueError(f"x_quant must be (fp8 {tuple(x.shape)}, fp32 [{m}, {h // SCALE_BLOCK}]) for the block "
+                             f"scheme, got {tuple(xq.shape)} {xq.dtype}, {tuple(xs.shape)} ({scheme} scheme)")
+    else:
+        xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
 

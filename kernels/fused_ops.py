@@ -6,12 +6,13 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
 
     y = rms_norm(x, w, eps)                       # w * bf16(x * rsqrt(mean(x^2) + eps)), as the model computes it
     s, y = add_rms_norm(x, r, w, eps)             # s = x + r (the residual stream), y = rms_norm(s)
+    y, yq, ys = rms_norm_fp8(x, w, eps, 128)      # and y quantized for a block-FP8 GEMM, bit for bit as
+    s, y, yq, ys = add_rms_norm_fp8(x, r, w, eps, 128)  # per_token_group_quant_fp8(y, 128) (one launch fewer)
     q = qk_norm_rope(y, w, cos, sin, heads, eps)  # y [B, T, heads*D] -> [B, T, heads, D]: RMSNorm over the whole
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
-    kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache (checked on the
-                                                  # interpreter; the runtime uses it once its GPU test has run)
+    kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch: the model runs the references wherever the kernels
 do not (CPU tensors, autograd). Kernels and references agree to fp32 rounding (reductions sum in another order), not
@@ -23,7 +24,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from quantkit.kernels.fp8_gemm import check_device, out_mantissa_bits, round_to_out_grid, triton_kernel
+from quantkit.kernels.fp8_gemm import (
+    FP8_DTYPE,
+    INTERPRETED,
+    SCALE_EPS,
+    check_device,
+    out_mantissa_bits,
+    per_token_group_quant_fp8_ref,
+    quant_groups,
+    round_to_out_grid,
+    triton_kernel,
+)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -54,10 +65,25 @@ def add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: flo
     return s, rms_norm_ref(s, w, eps)
 
 
+def rms_norm_fp8_ref(x: torch.Tensor, w: torch.Tensor, eps: float, group: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = rms_norm_ref(x, w, eps)
+    yq, ys = per_token_group_quant_fp8_ref(y.reshape(-1, y.shape[-1]), group)
+    return y, yq, ys
+
+
+def add_rms_norm_fp8_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, group: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = x + r
+    return (s, *rms_norm_fp8_ref(s, w, eps, group))
+
+
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,  # x, r, sum, out [rows, N]; w [N]
-    N, stride_x, stride_r, stride_o, stride_s, eps,
+    q_ptr, qs_ptr,  # QUANT: out quantized, fp8 [rows, N] and fp32 scales [rows, N / GROUP]
+    N, stride_x, stride_r, stride_o, stride_s, stride_q, stride_qs, eps,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, OUT_MANT: tl.constexpr,
+    QUANT: tl.constexpr = False, GROUP: tl.constexpr = 128, UPCAST: tl.constexpr = False, q_eps=1e-10,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -71,6 +97,13 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
     tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
+    if QUANT:  # the stored values, per GROUP columns, as per_token_group_quant_fp8 quantizes them
+        NG: tl.constexpr = BLOCK // GROUP
+        yq, ys = quant_groups(tl.reshape(y, (NG, GROUP)), q_eps, UPCAST)  # [NG, GROUP], [NG]
+        gcols = tl.reshape(cols, (NG, GROUP))
+        tl.store(q_ptr + row * stride_q + gcols, yq.to(q_ptr.dtype.element_ty), mask=gcols < N)
+        g = tl.arange(0, NG)
+        tl.store(qs_ptr + row * stride_qs + g, ys, mask=g < N // GROUP)
 
 
 _rms_norm = triton_kernel(_rms_norm_kernel)
@@ -81,25 +114,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float, group: int = 0
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     if x.dtype not in DTYPES or w.dtype != x.dtype or (r is not None and (r.dtype != x.dtype or r.shape != x.shape)):
         raise ValueError(f"rms_norm: x {x.dtype}, weight {w.dtype}{'' if r is None else f', residual {r.dtype}'}: "
                          f"one of {DTYPES}, the same for all")
     n = x.shape[-1]
     if w.shape != (n,):
         raise ValueError(f"rms_norm: weight {tuple(w.shape)} for rows of {n}")
+    block = triton.next_power_of_2(n)
+    if group and (group < 16 or group & (group - 1) or n % group):
+        raise ValueError(f"rms_norm: FP8 groups of {group} for rows of {n} (a power of two >= 16 dividing the rows)")
     check_device(x, w, *(() if r is None else (r,)), min_capability=None)
     x2 = _rows(x)
     r2 = _rows(r) if r is not None else x2
     out = torch.empty_like(x2)
     s = torch.empty_like(x2) if r is not None else out
+    q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device) if group else out  # [rows, N]
+    qs = torch.empty((x2.shape[0], n // group), dtype=torch.float32, device=x.device) if group else out
     if x2.shape[0]:
-        _rms_norm[(x2.shape[0],)](x2, r2, w.contiguous(), out, s, n, x2.stride(0), r2.stride(0), out.stride(0),
-                                  s.stride(0), float(eps), HAS_RES=r is not None, BLOCK=triton.next_power_of_2(n),
+        _rms_norm[(x2.shape[0],)](x2, r2, w.contiguous(), out, s, q, qs, n, x2.stride(0), r2.stride(0),
+                                  out.stride(0), s.stride(0), q.stride(0), qs.stride(0), float(eps),
+                                  HAS_RES=r is not None, BLOCK=block,
                                   OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
+                                  QUANT=bool(group), GROUP=max(group, 16), UPCAST=INTERPRETED, q_eps=SCALE_EPS,
                                   num_warps=8 if n >= 2048 else 4)
-    return (s.view(x.shape) if r is not None else None), out.view(x.shape)
+    return (s.view(x.shape) if r is not None else None), out.view(x.shape), (q if group else None), \
+        (qs if group else None)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,7 +151,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, rms_norm(x + r)) in one pass."""
-    return _launch_norm(x, r, w, eps)
+    return _launch_norm(x, r, w, eps)[:2]
+
+
+def rms_norm_fp8(x: torch.Tensor, w: torch.Tensor, eps: float, group: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y = rms_norm(x), y quantized per token and `group` columns: fp8 [rows, N], fp32 scales [rows, N/group]),
+    the quantization bit for bit per_token_group_quant_fp8's of y."""
+    _, y, q, qs = _launch_norm(x, None, w, eps, group)
+    return y, q, qs
+
+
+def add_rms_norm_fp8(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, group: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + r, y = rms_norm(x + r), y quantized as rms_norm_fp8 does) in one pass."""
+    return _launch_norm(x, r, w, eps, group)
 
 
 # --------------------------------------------------------------------------------------------------------------------

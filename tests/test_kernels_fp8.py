@@ -534,6 +534,18 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
     assert_close(small, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_takes_x_already_quantized(device):
+    """x_quant (the block scheme's quantization of x, made elsewhere) gives the bits of quantizing x here; a pair of
+    the wrong shape is refused in one line."""
+    args = moe_case(5, 8, 4, 256, 128, "block", torch.bfloat16, gen_for("moe_xq"), device)
+    x = args[0]
+    xq, xs = per_token_group_quant_fp8(x, 128)
+    assert torch.equal(fused_moe_fp8(*args, x_quant=(xq, xs)), fused_moe_fp8(*args))
+    with pytest.raises(ValueError, match="x_quant must be"):
+        fused_moe_fp8(*args, x_quant=(xq[:3], xs[:3]))
+
+
 def test_fused_moe_refuses_bad_inputs():
     args = list(moe_case(4, 4, 2, 256, 128, "block", torch.bfloat16, gen_for("moe_bad"), "cpu"))
     with pytest.raises(ValueError, match="scheme must be one of"):

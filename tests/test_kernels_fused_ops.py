@@ -43,6 +43,42 @@ def test_rms_norm(device, dtype, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,group", [(384, 128), (3072, 128), (96, 32)])
+def test_rms_norm_fp8(device, dtype, n, group):
+    """The norm's output quantized in the same launch: the bits per_token_group_quant_fp8 gives for that output,
+    rows of very different sizes, and a zero row (scale at its floor, codes zero)."""
+    from quantkit.kernels.fp8_gemm import per_token_group_quant_fp8_ref
+
+    g = torch.Generator().manual_seed(n + group)
+    x = (torch.randn(4, 3, n, generator=g) * torch.exp(torch.randn(4, 3, 1, generator=g) * 2)).to(dtype)
+    x[1, 2] = 0.0
+    r = torch.randn(4, 3, n, generator=g).to(dtype)
+    r[1, 2] = 0.0
+    w = (1 + torch.randn(n, generator=g) / 4).to(dtype)
+    x, r, w = x.to(device), r.to(device), w.to(device)
+    y, yq, ys = fused_ops.rms_norm_fp8(x, w, 1e-6, group)
+    assert torch.equal(y, fused_ops.rms_norm(x, w, 1e-6))
+    want_q, want_s = per_token_group_quant_fp8_ref(y.reshape(-1, n).cpu(), group)
+    assert yq.shape == (12, n) and ys.shape == (12, n // group)
+    assert torch.equal(yq.cpu().view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(ys.cpu(), want_s)
+    assert not yq.view(torch.uint8)[5].any()  # the zero row
+    s, y2, yq2, ys2 = fused_ops.add_rms_norm_fp8(x, r, w, 1e-6, group)
+    s_ref, y_ref = fused_ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, s_ref) and torch.equal(y2, y_ref)
+    want_q, want_s = per_token_group_quant_fp8_ref(y2.reshape(-1, n).cpu(), group)
+    assert torch.equal(yq2.cpu().view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(ys2.cpu(), want_s)
+    ref = fused_ops.add_rms_norm_fp8_ref(x.cpu(), r.cpu(), w.cpu(), 1e-6, group)
+    within_one_ulp(y2, ref[1])
+
+
+def test_rms_norm_fp8_refuses_groups_that_do_not_divide():
+    x = torch.zeros(2, 96)
+    with pytest.raises(ValueError, match="FP8 groups of 64 for rows of 96"):
+        fused_ops.rms_norm_fp8(x, torch.ones(96), 1e-6, 64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,dim,rotary", [(4, 64, 32), (6, 128, 64), (3, 48, 48), (2, 32, 8)])
 @pytest.mark.parametrize("given_rstd", [False, True])

@@ -63,3 +63,39 @@ def test_fp8_backend_on_gpu_matches_cpu_reference(ckpt, request):
     # the tensor cores accumulate FP8 products in reduced precision, and each layer re-quantizes its activations,
     # so roundings that flip compound over the layers: measured 1.2% on an H200 for the channel model
     assert ((gpu - cpu).norm() / cpu.norm()).item() < 3e-2
+
+
+def test_a_norm_quantized_input_gives_the_same_bits(tiny_fp8):
+    """An Fp8Linear fed a tensor carrying its quantization (model.FP8_INPUT, as the fused norm makes it on a GPU)
+    computes what it computes from the tensor alone; a quantization of other rows is not taken."""
+    from quantkit.kernels.fp8_gemm import per_token_group_quant_fp8_ref
+
+    from quantkit.runtime.model import FP8_INPUT, fp8_input
+
+    model = load_model(tiny_fp8, dtype=torch.bfloat16, backend="fp8")
+    lin = model.layers[0].self_attn.q_proj
+    assert lin.act_group == 128 and model.layers[0].moe.experts.act_group == 128
+    x = torch.randn(2, 3, lin.in_features, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    plain = lin(x)
+    carried = x.clone()
+    setattr(carried, FP8_INPUT, per_token_group_quant_fp8_ref(x.reshape(6, -1), 128))
+    assert fp8_input(carried, 128) is not None
+    assert torch.equal(lin(carried), plain)
+    other = x.clone()
+    setattr(other, FP8_INPUT, per_token_group_quant_fp8_ref(x.reshape(6, -1)[:3], 128))  # 3 rows, not 6
+    assert fp8_input(other, 128) is None and torch.equal(lin(other), plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_norms_quantizing_for_the_fp8_gemms_change_no_bit_on_gpu(tiny_fp8, monkeypatch):
+    """On a GPU the RMSNorms before the q/k/v projection and the experts quantize their outputs in their own launch;
+    the logits are those of quantizing in the consumers."""
+    from quantkit.runtime import model as M
+
+    ids = torch.randint(0, 2000, (2, 20), generator=torch.Generator().manual_seed(6))
+    model = load_model(tiny_fp8, dtype=torch.bfloat16, backend="fp8", device="cuda")
+    assert M.act_group(model.layers[0].self_attn.qkv_proj) == 128
+    fused = logits(model, ids)
+    monkeypatch.setattr(M, "act_group", lambda consumer: 0)
+    assert torch.equal(logits(model, ids), fused)

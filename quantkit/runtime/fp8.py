@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantkit.kernels import fp8_gemm, fp8_moe
+from quantkit.runtime.model import fp8_input
 
 
 class Fp8Linear(nn.Module):
@@ -40,14 +41,23 @@ class Fp8Linear(nn.Module):
         fused.weight_scale = nn.Parameter(torch.cat([m.weight_scale.detach() for m in mods]), requires_grad=False)
         return fused
 
+    @property
+    def act_group(self) -> int:
+        """Activations are quantized per token and 128 columns (block scheme): a norm may do it (model.FP8_INPUT)."""
+        return 128 if self.scheme == "block" else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, K]
         if self.scheme == "block":
+            act = fp8_input(x, 128)  # quantized by the norm that made x, or None
             if x2.is_cuda:
-                y = fp8_gemm.fp8_block_linear(x2, self.weight, self.weight_scale)
+                if act is not None:
+                    y = fp8_gemm.w8a8_block_fp8_matmul(*act, self.weight, self.weight_scale, out_dtype=x.dtype)
+                else:
+                    y = fp8_gemm.fp8_block_linear(x2, self.weight, self.weight_scale)
             else:
-                xq, xs = fp8_gemm.per_token_group_quant_fp8_ref(x2, 128)
+                xq, xs = act if act is not None else fp8_gemm.per_token_group_quant_fp8_ref(x2, 128)
                 y = fp8_gemm.w8a8_block_fp8_matmul_ref(xq, xs, self.weight, self.weight_scale, (128, 128), x.dtype)
         else:
             if x2.is_cuda:
@@ -74,6 +84,14 @@ class Fp8Experts(nn.Module):
         self.w13_scale = nn.Parameter(torch.empty(s13, dtype=torch.float32), requires_grad=False)
         self.w2_scale = nn.Parameter(torch.empty(s2, dtype=torch.float32), requires_grad=False)
 
+    @property
+    def act_group(self) -> int:
+        return 128 if self.scheme == "block" else 0
+
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        fn = fp8_moe.fused_moe_fp8 if h.is_cuda else fp8_moe.fused_moe_fp8_ref
-        return fn(h, self.w13, self.w13_scale, self.w2, self.w2_scale, w, idx, scheme=self.scheme)
+        if h.is_cuda:
+            act = fp8_input(h, 128) if self.scheme == "block" else None  # quantized by the norm that made h
+            return fp8_moe.fused_moe_fp8(h, self.w13, self.w13_scale, self.w2, self.w2_scale, w, idx,
+                                         scheme=self.scheme, x_quant=act)
+        return fp8_moe.fused_moe_fp8_ref(h, self.w13, self.w13_scale, self.w2, self.w2_scale, w, idx,
+                                         scheme=self.scheme)

@@ -54,6 +54,30 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: fl
     return (fused_ops.add_rms_norm if fused else fused_ops.add_rms_norm_ref)(x, r, weight, eps)
 
 
+# The attribute under which a norm's output carries its own block-FP8 quantization ((fp8 [M, K], fp32 scales
+# [M, K/group]) of its rows), made in the norm's launch when the tensor's consumer is a block-FP8 GEMM on a GPU
+# (Fp8Linear, Fp8Experts): one quantization launch fewer per consumer. A tensor without it (another path, or a
+# sublayer fed another input, as parallel.sublayer_io does) is quantized by its consumer as before.
+FP8_INPUT = "quantkit_fp8_input"
+
+
+def fp8_input(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The quantization x carries (see FP8_INPUT) if it is one of x's rows in `group`-column groups, else None."""
+    act = getattr(x, FP8_INPUT, None)
+    if act is None or x.dim() == 0:
+        return None
+    q, s = act
+    k = x.shape[-1]
+    if q.dim() != 2 or q.shape[1] != k or q.shape[0] * k != x.numel() or tuple(s.shape) != (q.shape[0], k // group):
+        return None
+    return act
+
+
+def act_group(consumer: nn.Module | None) -> int:
+    """The activation group of a block-FP8 consumer (0 for any other): what a norm may quantize its output for."""
+    return int(getattr(consumer, "act_group", 0) or 0)
+
+
 def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
               rstd: torch.Tensor | None = None) -> torch.Tensor:
     """The QK-norm and rotary embedding of one projection: y [B, T, heads*D] -> [B, heads, T, D]. The norm spans
@@ -224,7 +248,10 @@ class MoE(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
+        act = getattr(h, FP8_INPUT, None)
         h = h.reshape(-1, shape[-1])
+        if act is not None:
+            setattr(h, FP8_INPUT, act)  # the same rows
         idx, w = self.route(h)
         return self.experts(h, idx, w).view(shape)
 
@@ -239,8 +266,21 @@ class Block(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x, cos, sin, cache, layer, mask):
-        a = self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, layer, mask)
-        x, h = add_rms_norm(x, a, self.post_attention_layernorm, self.eps)
+        from quantkit.kernels import fused_ops
+
+        group = act_group(getattr(self.self_attn, "qkv_proj", None))
+        if group and _fused(x, self.input_layernorm) and x.shape[-1] % group == 0:
+            y, yq, ys = fused_ops.rms_norm_fp8(x, self.input_layernorm, self.eps, group)
+            setattr(y, FP8_INPUT, (yq, ys))
+        else:
+            y = rms_norm(x, self.input_layernorm, self.eps)
+        a = self.self_attn(y, cos, sin, cache, layer, mask)
+        group = act_group(self.moe.experts)
+        if group and _fused(x, a, self.post_attention_layernorm) and x.shape == a.shape and x.shape[-1] % group == 0:
+            x, h, hq, hs = fused_ops.add_rms_norm_fp8(x, a, self.post_attention_layernorm, self.eps, group)
+            setattr(h, FP8_INPUT, (hq, hs))
+        else:
+            x, h = add_rms_norm(x, a, self.post_attention_layernorm, self.eps)
         return x + self.moe(h)
 
 

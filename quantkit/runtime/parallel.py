@@ -431,6 +431,10 @@ class ExpertShard(nn.Module):
         super().__init__()
         self.inner, self.lo, self.n, self.spec = inner, lo, n, spec
 
+    @property
+    def act_group(self) -> int:  # the inner experts' (model.act_group): h reaches them as it came
+        return getattr(self.inner, "act_group", 0)
+
     def forward(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.ep > 1:  # other ranks' experts route nowhere here (-1)
             local = idx - self.lo
