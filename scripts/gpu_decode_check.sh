@@ -16,8 +16,9 @@ WORK=${WORK:-/tmp/quantkit-profile}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
-stage "GPU tests: FP8 GEMMs, fused decoder-layer ops, serving" 240 bash -c "$PY -m pytest -q -m gpu -k 'split or linear or matmul' \
-  tests/test_kernels_fp8.py && $PY -m pytest -q -m gpu tests/test_kernels_fused_ops.py tests/test_serve.py"
+stage "GPU tests: GEMMs, fused decoder-layer ops, FP8 runtime, serving" 240 bash -c "$PY -m pytest -q -m gpu \
+  -k 'split or linear or matmul or quantized or gemm' tests/test_kernels_fp8.py tests/test_kernels_w4a16.py &&
+  $PY -m pytest -q -m gpu tests/test_kernels_fused_ops.py tests/test_runtime_fp8.py tests/test_serve.py"
 if [ "$TUNE" = 1 ]; then
   stage "split-K FP8 projections" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
     --write-configs kernels/configs
