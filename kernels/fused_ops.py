@@ -85,6 +85,9 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, OUT_MANT: tl.constexpr,
     QUANT: tl.constexpr = False, GROUP: tl.constexpr = 128, UPCAST: tl.constexpr = False, q_eps=1e-10,
 ):
+    # a program per row; with QUANT a program per row and GROUP columns (program_id 1): each computes the row's
+    # 1/rms itself (the same reduction, so the same value) and normalizes and quantizes its group, so that the
+    # divisions of one row spread over the GPU instead of one program
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -92,18 +95,27 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:  # the residual stream, rounded to the model's dtype as x + r is
         x = narrow(x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), OUT_MANT, dtype)
-        tl.store(sum_ptr + row * stride_s + cols, x.to(dtype), mask=mask)
+        if not QUANT:
+            tl.store(sum_ptr + row * stride_s + cols, x.to(dtype), mask=mask)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
-    tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
-    if QUANT:  # the stored values, per GROUP columns, as per_token_group_quant_fp8 quantizes them
-        NG: tl.constexpr = BLOCK // GROUP
-        yq, ys = quant_groups(tl.reshape(y, (NG, GROUP)), q_eps, UPCAST)  # [NG, GROUP], [NG]
-        gcols = tl.reshape(cols, (NG, GROUP))
-        tl.store(q_ptr + row * stride_q + gcols, yq.to(q_ptr.dtype.element_ty), mask=gcols < N)
-        g = tl.arange(0, NG)
-        tl.store(qs_ptr + row * stride_qs + g, ys, mask=g < N // GROUP)
+    if QUANT:
+        g = tl.program_id(1)
+        cols = g * GROUP + tl.arange(0, GROUP)  # [GROUP], inside the row (the launcher checks GROUP | N)
+        x = tl.load(x_ptr + row * stride_x + cols).to(tl.float32)
+        if HAS_RES:
+            x = narrow(x + tl.load(r_ptr + row * stride_r + cols).to(tl.float32), OUT_MANT, dtype)
+            tl.store(sum_ptr + row * stride_s + cols, x.to(dtype))
+        w = tl.load(w_ptr + cols).to(tl.float32)
+        y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
+        tl.store(out_ptr + row * stride_o + cols, y.to(dtype))
+        # the stored values quantized as per_token_group_quant_fp8 quantizes them
+        yq, ys = quant_groups(tl.reshape(y, (1, GROUP)), q_eps, UPCAST)  # [1, GROUP], [1]
+        tl.store(q_ptr + row * stride_q + tl.reshape(cols, (1, GROUP)), yq.to(q_ptr.dtype.element_ty))
+        tl.store(qs_ptr + row * stride_qs + g + tl.arange(0, 1), ys)
+    else:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
+        tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
 
 
 _rms_norm = triton_kernel(_rms_norm_kernel)
@@ -133,7 +145,7 @@ def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
     q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device) if group else out  # [rows, N]
     qs = torch.empty((x2.shape[0], n // group), dtype=torch.float32, device=x.device) if group else out
     if x2.shape[0]:
-        _rms_norm[(x2.shape[0],)](x2, r2, w.contiguous(), out, s, q, qs, n, x2.stride(0), r2.stride(0),
+        _rms_norm[(x2.shape[0], n // group if group else 1)](x2, r2, w.contiguous(), out, s, q, qs, n, x2.stride(0), r2.stride(0),
                                   out.stride(0), s.stride(0), q.stride(0), qs.stride(0), float(eps),
                                   HAS_RES=r is not None, BLOCK=block,
                                   OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
