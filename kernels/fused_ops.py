@@ -145,12 +145,12 @@ def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
     q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device) if group else out  # [rows, N]
     qs = torch.empty((x2.shape[0], n // group), dtype=torch.float32, device=x.device) if group else out
     if x2.shape[0]:
-        _rms_norm[(x2.shape[0], n // group if group else 1)](x2, r2, w.contiguous(), out, s, q, qs, n, x2.stride(0), r2.stride(0),
-                                  out.stride(0), s.stride(0), q.stride(0), qs.stride(0), float(eps),
-                                  HAS_RES=r is not None, BLOCK=block,
-                                  OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
-                                  QUANT=bool(group), GROUP=max(group, 16), UPCAST=INTERPRETED, q_eps=SCALE_EPS,
-                                  num_warps=8 if n >= 2048 else 4)
+        grid = (x2.shape[0], n // group if group else 1)
+        _rms_norm[grid](x2, r2, w.contiguous(), out, s, q, qs, n, x2.stride(0), r2.stride(0), out.stride(0),
+                        s.stride(0), q.stride(0), qs.stride(0), float(eps), HAS_RES=r is not None, BLOCK=block,
+                        OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
+                        QUANT=bool(group), GROUP=max(group, 16), UPCAST=INTERPRETED, q_eps=SCALE_EPS,
+                        num_warps=8 if n >= 2048 else 4)
     return (s.view(x.shape) if r is not None else None), out.view(x.shape), (q if group else None), \
         (qs if group else None)
 
