@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,70 @@ class GGUFModelFile:
         return out.to(dtype)
 
 
+    def block_values(self, name: str) -> int:
+        """Values per block along a row of the tensor's type: 1 for F32/F16/BF16, 32 for Q8_0, 256 for k-quants."""
+        from gguf.constants import GGML_QUANT_SIZES
+
+        return int(GGML_QUANT_SIZES[self.tensor(name).tensor_type][0])
+
+    def part(self, name: str, dtype: torch.dtype, lead: tuple[int, int] | None = None,
+             rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None, dense: bool = False
+             ) -> tuple[str | None, torch.Tensor]:
+        """A slice [lead][rows, cols] of a 2-D tensor (or a stacked 3-D one, `lead` ranging over its first dimension),
+        read from the mapped file without the rest: (kernel qtype, its GGUF bytes uint8 [.., rows, bytes]) where the
+        kernels read the type and not `dense`, else (None, its values in dtype). A column range must start and end
+        on the type's blocks."""
+        t = self.tensor(name)
+        kind = int(t.tensor_type)
+        shape = self.torch_shape(name)
+        qk = self.block_values(name)
+        if cols is not None and (cols[0] % qk or cols[1] % qk):
+            raise QuantkitError(f"{self.path}: tensor {name!r} ({t.tensor_type.name}) cannot be cut at columns "
+                                f"[{cols[0]}, {cols[1]}): its blocks hold {qk} values; choose degrees whose shards "
+                                f"are multiples of {qk}")
+        with warnings.catch_warnings():  # the map is read-only; only the slice is ever copied out
+            warnings.simplefilter("ignore", UserWarning)
+            data = np.asarray(t.data)
+        if len(shape) == 3:
+            data = data[slice(*lead) if lead else slice(None)]
+        elif lead is not None:
+            raise QuantkitError(f"{self.path}: tensor {name!r} is not stacked")
+        if len(shape) == 1:  # a vector (norms, biases): `rows` ranges over its values
+            cols, rows = rows, None
+        else:
+            data = data[..., slice(*rows) if rows else slice(None), :]
+        if cols is not None:  # a column range as bytes of its blocks (or as values for float types)
+            per = data.shape[-1] // (shape[-1] // qk)  # bytes (or values) per block
+            data = data[..., cols[0] // qk * per:cols[1] // qk * per]
+        data = np.ascontiguousarray(data)
+        n_cols = (cols[1] - cols[0]) if cols else shape[-1]
+        if kind in KERNEL_QTYPES and not dense:
+            return KERNEL_QTYPES[kind], torch.from_numpy(data)
+        if kind in DENSE_TYPES:
+            out = torch.from_numpy(data.astype(DENSE_TYPES[kind], copy=False))
+        elif kind == BF16:
+            out = torch.from_numpy(data.view(np.uint8)).view(torch.bfloat16)
+        elif kind in KERNEL_QTYPES:
+            from quantkit.kernels.gguf_gemm import dequantize_ref
+
+            out = dequantize_ref(torch.from_numpy(data), KERNEL_QTYPES[kind])
+        else:
+            from gguf import quants
+
+            try:
+                out = torch.from_numpy(quants.dequantize(data, t.tensor_type))
+            except NotImplementedError:
+                raise QuantkitError(f"{self.path}: tensor {name!r} has ggml type {t.tensor_type.name}, which "
+                                    f"gguf-py cannot dequantize") from None
+        return None, out.reshape(*data.shape[:-1], n_cols).to(dtype)
+
+    def shard_format(self) -> str:
+        """The key of arch.SHARD_MULTIPLE whose block the slices of this file's projections must respect."""
+        names = [n for n in self.tensors if any(f".{p}." in n for p in PROJECTIONS)]
+        qk = max((self.block_values(n) for n in names), default=1)
+        return "gguf-kquant" if qk > 32 else "gguf-q8_0" if qk > 1 else "bf16"
+
+
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -304,6 +369,25 @@ def config_from_gguf(f: GGUFModelFile) -> MiniMaxM2Config:
     return MiniMaxM2Config.from_dict(raw, gen, source=str(f.path))
 
 
+def check_shapes(f: GGUFModelFile, cfg: MiniMaxM2Config) -> None:
+    """Every tensor's shape against the file's own metadata: a contradiction fails before anything is allocated."""
+    h, q, kv, e, i = cfg.hidden_size, cfg.q_width, cfg.kv_width, cfg.num_local_experts, cfg.intermediate_size
+    attn = {"q_proj": ("attn_q", h, q), "k_proj": ("attn_k", h, kv), "v_proj": ("attn_v", h, kv),
+            "o_proj": ("attn_output", q, h)}
+    head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+    f.check_shape("token_embd.weight", (cfg.vocab_size, h))
+    f.check_shape(head, (cfg.vocab_size, h))
+    for n in range(cfg.num_hidden_layers):
+        b = f"blk.{n}."
+        for name, k_in, n_out in attn.values():
+            f.check_shape(b + name + ".weight", (n_out, k_in))
+        for name, want in (("ffn_gate_exps", (e, i, h)), ("ffn_up_exps", (e, i, h)), ("ffn_down_exps", (e, h, i)),
+                           ("ffn_gate_inp", (e, h)), ("attn_q_norm", (q,)), ("attn_k_norm", (kv,)),
+                           ("attn_norm", (h,)), ("ffn_norm", (h,))):
+            f.check_shape(b + name + ".weight", want)
+        f.check_shape(b + "exp_probs_b.bias", (e,))
+
+
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     dense: bool = False) -> nn.Module:
     """Build quantkit's MiniMaxM2 from a GGUF file: quantized projections and experts as GGUF bytes (kernel types),
@@ -319,18 +403,7 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     exps = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
     head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
 
-    # shapes first: a file that contradicts its own metadata fails before anything is allocated
-    f.check_shape("token_embd.weight", (cfg.vocab_size, h))
-    f.check_shape(head, (cfg.vocab_size, h))
-    for n in range(cfg.num_hidden_layers):
-        b = f"blk.{n}."
-        for name, k_in, n_out in attn.values():
-            f.check_shape(b + name + ".weight", (n_out, k_in))
-        for name, want in (("ffn_gate_exps", (e, i, h)), ("ffn_up_exps", (e, i, h)), ("ffn_down_exps", (e, h, i)),
-                           ("ffn_gate_inp", (e, h)), ("attn_q_norm", (q,)), ("attn_k_norm", (kv,)),
-                           ("attn_norm", (h,)), ("ffn_norm", (h,))):
-            f.check_shape(b + name + ".weight", want)
-        f.check_shape(b + "exp_probs_b.bias", (e,))
+    check_shapes(f, cfg)
 
     with torch.device("meta"):
         model = MiniMaxM2(cfg)
@@ -386,4 +459,90 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, devic
                 assert isinstance(ex, DenseExperts)
                 for w, name in zip((ex.w1, ex.w3, ex.w2), exps):
                     put(w, b + name + ".weight")
+    return model.eval().requires_grad_(False)
+
+
+def load_gguf_sharded(path: str | Path, dtype: torch.dtype, device: str | torch.device, spec, dense: bool = False
+                      ) -> nn.Module:
+    """This rank's part of a GGUF model under tensor/expert parallelism (spec: runtime.parallel.ParallelSpec), as
+    runtime.parallel.load_sharded builds it from safetensors: q/k/v rows and o_proj columns of the rank's heads, the
+    experts of its group on its slice of the intermediate size, the head's rows of its part of the vocabulary; norms,
+    router and embeddings whole. Only those slices are read from the mapped file. Quantized slices keep their
+    blocks as stored, so a column cut must fall on a block edge (arch.SHARD_MULTIPLE, "gguf-q8_0"/"gguf-kquant")."""
+    from quantkit.arch import check_parallel
+    from quantkit.runtime.model import DenseExperts
+    from quantkit.runtime.parallel import ExpertShard, ShardedAttention, ShardedMiniMaxM2, VocabShardHead
+
+    f = GGUFModelFile(path)
+    cfg = config_from_gguf(f)
+    check_parallel(cfg, f.shard_format(), spec.tp, spec.ep)
+    check_shapes(f, cfg)
+    D = cfg.head_dim
+    (q0, q1), (k0, k1) = spec.heads(cfg.num_attention_heads), spec.heads(cfg.num_key_value_heads)
+    qrows, kvrows = (q0 * D, q1 * D), (k0 * D, k1 * D)
+    experts, inter = spec.experts(cfg.num_local_experts), spec.inter(cfg.intermediate_size)
+    n_exp, n_inter = experts[1] - experts[0], inter[1] - inter[0]
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device), requires_grad=False)
+
+    def values(name: str, dt: torch.dtype = dtype, rows: tuple[int, int] | None = None) -> nn.Parameter:
+        return param(f.part(name, dt, rows=rows, dense=True)[1])
+
+    def linear(name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> nn.Module:
+        qt, t = f.part(name, dtype, rows=rows, cols=cols, dense=dense)
+        n_out, k_in = t.shape[0], (cols[1] - cols[0]) if cols else f.torch_shape(name)[1]
+        if qt is not None:
+            with torch.device("meta"):
+                mod = GGUFLinear(k_in, n_out, qt)
+            mod.qweight = t.to(device)
+            return mod
+        with torch.device("meta"):
+            mod = nn.Linear(k_in, n_out, bias=False)
+        mod.weight = param(t)
+        return mod
+
+    def expert_part(b: str) -> nn.Module:
+        names = [b + "ffn_gate_exps.weight", b + "ffn_up_exps.weight", b + "ffn_down_exps.weight"]
+        cuts = [{"rows": inter}, {"rows": inter}, {"cols": inter}]  # gate, up [E, I, H]; down [E, H, I]
+        parts = [f.part(nm, dtype, lead=experts, dense=dense, **cut) for nm, cut in zip(names, cuts)]
+        if all(qt is not None for qt, _ in parts):
+            with torch.device("meta"):
+                ex = GGUFExperts(n_exp, cfg.hidden_size, n_inter, tuple(qt for qt, _ in parts))
+            ex.gate, ex.up, ex.down = (t.to(device) for _, t in parts)
+            return ex
+        # as the one-process loader: experts of mixed types run dense
+        got = [t if qt is None else f.part(nm, dtype, lead=experts, dense=True, **cut)[1]
+               for (qt, t), nm, cut in zip(parts, names, cuts)]
+        with torch.device("meta"):
+            ex = DenseExperts(replace(cfg, num_local_experts=n_exp, intermediate_size=n_inter))
+        ex.w1, ex.w3, ex.w2 = (param(t) for t in got)
+        return ex
+
+    with torch.device("meta"):
+        model = ShardedMiniMaxM2(cfg, spec)
+    head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+    model.embed_tokens.weight = values("token_embd.weight")
+    model.norm = values("output_norm.weight")
+    if cfg.vocab_size % spec.world == 0:
+        per = cfg.vocab_size // spec.world
+        model.lm_head = VocabShardHead(None, cfg.vocab_size, spec,
+                                       proj=linear(head, (spec.rank * per, (spec.rank + 1) * per), None))
+    else:  # a vocabulary the world does not divide: every rank holds the whole head
+        model.lm_head = linear(head, None, None)
+    for n, block in enumerate(model.layers):
+        b = f"blk.{n}."
+        block.input_layernorm = values(b + "attn_norm.weight")
+        block.post_attention_layernorm = values(b + "ffn_norm.weight")
+        att = ShardedAttention(cfg, spec)
+        att.q_proj = linear(b + "attn_q.weight", qrows, None)
+        att.k_proj = linear(b + "attn_k.weight", kvrows, None)
+        att.v_proj = linear(b + "attn_v.weight", kvrows, None)
+        att.o_proj = linear(b + "attn_output.weight", None, qrows)
+        att.q_norm = values(b + "attn_q_norm.weight", rows=qrows)
+        att.k_norm = values(b + "attn_k_norm.weight", rows=kvrows)
+        block.self_attn = att
+        block.moe.gate = values(b + "ffn_gate_inp.weight", torch.float32)  # the router stays fp32, replicated
+        block.moe.bias = values(b + "exp_probs_b.bias", torch.float32)
+        block.moe.experts = ExpertShard(expert_part(b), experts[0], n_exp, spec)
     return model.eval().requires_grad_(False)

@@ -372,7 +372,9 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: 
 
         spec = parallel or par.active_spec()
         if spec is not None and spec.world > 1:
-            raise QuantkitError(f"{gguf_path}: GGUF files run on one device (no --tp/--ep for them yet)")
+            from quantkit.runtime.gguf import load_gguf_sharded
+
+            return load_gguf_sharded(gguf_path, dtype, device, spec, dense=backend == "dense")
         return load_gguf_model(gguf_path, dtype=dtype, device=device, dense=backend == "dense")
     from quantkit.formats.awq import open_awq_reader  # INT4 checkpoints store packed tensors where others hold .weight
 

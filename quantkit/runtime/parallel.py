@@ -446,12 +446,13 @@ class VocabShardHead(nn.Module):
     """lm_head rows [r*V/world, (r+1)*V/world) on rank r; the logits all-gathered over the world. Each rank then
     reads 1/world of the head's weights per step instead of all of them."""
 
-    def __init__(self, weight: nn.Parameter, vocab: int, spec: ParallelSpec):
+    def __init__(self, weight: nn.Parameter | None, vocab: int, spec: ParallelSpec, proj: nn.Module | None = None):
         super().__init__()
         self.weight, self.vocab, self.spec = weight, vocab, spec
+        self.proj = proj  # the rows as a module of another format (a GGUF head), in place of weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight).contiguous()  # [..., V/world]
+        local = (self.proj(x) if self.proj is not None else F.linear(x, self.weight)).contiguous()  # [..., V/world]
         parts = [torch.empty_like(local) for _ in range(self.spec.world)]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)  # [..., V]
@@ -575,10 +576,13 @@ def load_sharded(reader: CheckpointReader, dtype: torch.dtype, device: str | tor
 def check_degrees(ckpt: str, backend: str, tp: int, ep: int) -> None:
     """The up-front check of --tp/--ep against the checkpoint and backend: one QuantkitError line, before any
     process starts."""
-    from quantkit.runtime.gguf import find_gguf
+    from quantkit.runtime.gguf import GGUFModelFile, config_from_gguf, find_gguf
 
-    if find_gguf(ckpt) is not None:
-        raise QuantkitError(f"{ckpt}: GGUF models cannot be split over ranks yet (run without --tp/--ep)")
+    path = find_gguf(ckpt)
+    if path is not None:
+        f = GGUFModelFile(path)
+        check_parallel(config_from_gguf(f), f.shard_format(), tp, ep)
+        return
     from quantkit.formats.awq import open_awq_reader
 
     reader = open_awq_reader(ckpt) or CheckpointReader(ckpt)  # as load_model opens it
