@@ -16,7 +16,8 @@ router are replicated. At world size 1 nothing here runs: load_model builds the 
 
 Backends slice through a ShardBackend (SHARD_BACKENDS): how to build one linear from a row/column range of a
 checkpoint tensor, and one layer's experts from an expert range and an intermediate range. dense and fp8 are
-here, and awq (INT4 groups); other formats register theirs with `register_shard_backend`.
+here, and awq (INT4 groups); other formats register theirs with `register_shard_backend`. GGUF files, which hold
+their own names and layouts, are cut by runtime.gguf.load_gguf_sharded to the same plan.
 
 `quantkit generate/eval/bench --tp N --ep M` re-run themselves as world processes on this machine with the
 environment torchrun gives (`launch`), or join the run an external `torchrun` started (WORLD_SIZE is set).
