@@ -4,12 +4,11 @@
     python scripts/check_parallel.py CKPT [CKPT@fp8 ...] --device cuda --degrees 2x1,1x2,2x2 --json out.json
 
 For each checkpoint and backend (dense; fp8 as well for FP8 checkpoints; --backends to choose; INT4 checkpoints run
-on the awq backend), the logits of a left-padded prefill (2 x 24 tokens) and of one decode step after it, computed
-by one process on the first device,
-are compared with those of world = max(tp, ep) processes for each TPxEP degree (rank 0's copy; every rank holds the
-same). Reported: relative L2 error and top-1 agreement of the logits per degree, and the largest relative L2 error of
-any attention or MoE sublayer run teacher-forced (fed the one process's input for that call: runtime.parallel.
-sublayer_io).
+on the awq backend, GGUF files on the gguf backend), the logits of a left-padded prefill (2 x 24 tokens) and of one
+decode step after it, computed by one process on the first device, are compared with those of world = max(tp, ep)
+processes for each TPxEP degree (rank 0's copy; every rank holds the same). Reported: relative L2 error and top-1
+agreement of the logits per degree, and the largest relative L2 error of any attention or MoE sublayer run teacher-
+forced (fed the one process's input for that call: runtime.parallel. sublayer_io).
 
 Pass/fail: the dense backend must match to fp32 rounding both ways. The fp8 backend is judged on the sublayers only:
 its activations are re-quantized to FP8 in every layer and experts are chosen by top-k, so the fp32 rounding of a
@@ -35,14 +34,16 @@ import torch
 from quantkit.checkpoint import CheckpointReader
 from quantkit.formats.awq import open_awq_reader
 from quantkit.runtime import load_model
+from quantkit.runtime.gguf import find_gguf
 from quantkit.runtime.model import checkpoint_fp8_scheme
 from quantkit.runtime.parallel import init_parallel, spawn, sublayer_io
 
 # relative L2: of the logits (None: reported, not judged) and of every teacher-forced sublayer (see the docstring)
 # awq: weight-only INT4 with fp32 activations, so no re-quantization amplifies the rounding: judged as dense is, with
 # room for the W4A16 kernel's different split of the K reduction per rank
-TOLERANCE = {"dense": 1e-5, "fp8": None, "awq": 1e-4}
-SUBLAYER_TOLERANCE = {"dense": 1e-5, "fp8": 5e-3, "awq": 1e-4}  # fp8: one flipped rounding in a 2-token decode ~6e-4
+# (gguf: weight-only too); fp8 sublayers: one flipped rounding in a 2-token decode is ~6e-4
+TOLERANCE = {"dense": 1e-5, "fp8": None, "awq": 1e-4, "gguf": 1e-4}
+SUBLAYER_TOLERANCE = {"dense": 1e-5, "fp8": 5e-3, "awq": 1e-4, "gguf": 1e-4}
 
 
 def logits(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +110,9 @@ def main() -> int:
     cases = []
     for arg in args.ckpts:  # PATH, or PATH@fp8 to choose that checkpoint's backends
         ckpt, _, only = arg.partition("@")
+        if find_gguf(ckpt) is not None:  # a GGUF file (or a folder holding one): its blocks as stored
+            cases.append((ckpt, "gguf"))
+            continue
         if open_awq_reader(ckpt) is not None:  # INT4: the awq backend only
             cases.append((ckpt, "awq"))
             continue

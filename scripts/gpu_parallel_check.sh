@@ -4,8 +4,9 @@
 #
 #   1. the GPU tests of the serving loop (CUDA-graph decode = eager decode); SERVE_TESTS=0 skips them
 #   2. TP=N, EP=N (and TP=2 x EP=2 on 2 GPUs) over NCCL against one process: tiny BF16 and FP8 checkpoints (dense
-#      and fp8 backends; TINY=0 skips them), a generated 2-layer real-width MiniMax-M2 FP8 slice (fp8 backend) and,
-#      with AWQ=1, a real-width INT4 slice of LAYERS4 layers (default 2; make-checkpoint --dtype awq; awq backend).
+#      and fp8 backends) and a tiny Q8_0 GGUF (gguf backend; TINY=0 skips the three), a generated 2-layer
+#      real-width MiniMax-M2 FP8 slice (fp8 backend) and, with AWQ=1, a real-width INT4 slice of LAYERS4 layers
+#      (default 2; make-checkpoint --dtype awq; awq backend).
 #      Slices already in WORK are reused: a second call on a machine still warm skips making them
 #   3. `quantkit bench` on those slices, serving sweep and per-layer roofline: 1 GPU, TP=N and EP=N, in FP8 and
 #      (AWQ=1) INT4
@@ -51,7 +52,9 @@ CASES=()
 if [ "$TINY" = 1 ]; then
   [ -f "$TINY16/config.json" ] || stage "make tiny bf16" 60 $PY -m quantkit.cli make-checkpoint --preset tiny -o "$TINY16" --force
   [ -f "$TINY8/config.json" ] || stage "make tiny fp8" 60 $PY -m quantkit.cli make-checkpoint --preset tiny --dtype fp8 --seed 1 -o "$TINY8" --force
-  CASES+=("$TINY16" "$TINY8")
+  [ -n "$(ls "$WORK"/tiny-gguf/*.gguf 2>/dev/null)" ] ||
+    stage "make tiny Q8_0 GGUF" 120 $PY -m quantkit.cli convert "$TINY16" --to gguf --type q8_0 -o "$WORK/tiny-gguf" --force
+  CASES+=("$TINY16" "$TINY8" "$WORK/tiny-gguf")
 fi
 [ -f "$SLICE/model.safetensors.index.json" ] ||
   stage "make real-width 2-layer FP8 slice" 240 $PY -m quantkit.cli make-checkpoint --preset minimax-m2 --layers 2 \
