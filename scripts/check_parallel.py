@@ -7,8 +7,8 @@ For each checkpoint and backend (dense; fp8 as well for FP8 checkpoints; --backe
 on the awq backend, GGUF files on the gguf backend), the logits of a left-padded prefill (2 x 24 tokens) and of one
 decode step after it, computed by one process on the first device, are compared with those of world = max(tp, ep)
 processes for each TPxEP degree (rank 0's copy; every rank holds the same). Reported: relative L2 error and top-1
-agreement of the logits per degree, and the largest relative L2 error of any attention or MoE sublayer run teacher-
-forced (fed the one process's input for that call: runtime.parallel. sublayer_io).
+agreement of the logits per degree, and the largest relative L2 error of any attention or MoE sublayer run
+teacher-forced (fed the one process's input for that call: runtime.parallel.sublayer_io).
 
 Pass/fail: the dense backend must match to fp32 rounding both ways. The fp8 backend is judged on the sublayers only:
 its activations are re-quantized to FP8 in every layer and experts are chosen by top-k, so the fp32 rounding of a
