@@ -467,15 +467,18 @@ def _check_scale(s: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name} has shape {tuple(s.shape)}, expected {shape}")
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros, at least n, kept per device: the split-K kernels that count arrivals in them leave them zero."""
-    have = _COUNTERS.get(device)
+    """int32 zeros, at least n, kept per device and CUDA stream: the split-K kernels that count arrivals in them
+    leave them zero. Kernels of one stream run one after another, so they can share them; two streams at once must
+    not (each gets its own), or one kernel's arrivals would count for another's tiles."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    have = _COUNTERS.get((device, stream))
     if have is None or have.numel() < n:
         have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
+        _COUNTERS[device, stream] = have
     return have
 
 
