@@ -12,6 +12,8 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
+    idx, w = router(h, gate, bias, k)             # logits = h @ gate^T in fp32 and route_topk, one launch (not yet
+                                                  # in the runtime: its GPU test and timing have yet to run)
     kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch: the model runs the references wherever the kernels
@@ -314,6 +316,112 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.
     if N:
         _route[(N,)](lg, bias.float().contiguous(), ids, w, E, lg.stride(0), ids.stride(0), w.stride(0), TOP_K=k,
                      BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+    return ids, w
+
+
+def router_ref(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole router: h [N, H] (any float dtype), gate [E, H] fp32, bias [E] -> (ids [N, k] int64, weights
+    [N, k] fp32): logits = h @ gate^T in fp32, then route_topk_ref."""
+    return route_topk_ref(h.float() @ gate.float().t(), bias, k)
+
+
+def _route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, rows, E, stride_l, stride_i, stride_w,
+                TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CG: tl.constexpr):
+    """_route_kernel's top-k for each row of `rows` (a vector of row indices; -1 skips a row)."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < E
+    slots = tl.arange(0, BLOCK_K)
+    kmask = slots < TOP_K
+    bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    for r in range(rows.shape[0]):
+        row = tl.sum(tl.where(tl.arange(0, rows.shape[0]) == r, rows, 0), axis=0).to(tl.int64)
+        if row >= 0:
+            if CG:  # written by other programs of this launch: past L1
+                lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0, cache_modifier=".cg")
+            else:
+                lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0)
+            scores = tl.sigmoid(lg.to(tl.float32))
+            choice = tl.where(emask, scores + bias, float("-inf"))
+            ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+            ws = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for s in range(TOP_K):  # the largest remaining, the lowest id among equals, as in _route_kernel
+                best = tl.max(choice, axis=0)
+                pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+                ids = tl.where(slots == s, pick.to(tl.int64), ids)
+                ws = tl.where(slots == s, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), ws)
+                choice = tl.where(e == pick, float("-inf"), choice)
+            ws = ws / tl.sum(ws, axis=0)
+            tl.store(idx_ptr + row * stride_i + slots, ids, mask=kmask)
+            tl.store(w_ptr + row * stride_w + slots, ws, mask=kmask)
+
+
+route_rows = triton_kernel(_route_rows)
+
+
+def _router_kernel(
+    h_ptr, gate_ptr, bias_ptr, logits_ptr, idx_ptr, w_ptr, count_ptr,  # h [N, H]; gate [E, H] fp32; bias [E];
+    # logits [N, E] fp32 (workspace); idx, w [N, TOP_K]; count [row blocks] int32, zero between launches
+    N, E, stride_h, stride_g, stride_l, stride_i, stride_w,
+    H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # program (experts block eb, rows block nb): logits of BLOCK_N rows x BLOCK_EG experts in fp32; the last program
+    # of the row block to finish (an arrival counter, as fp8_gemm.split_k_sum) takes the top-k of its rows
+    eb = tl.program_id(0)
+    nb = tl.program_id(1)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    ex = eb * BLOCK_EG + tl.arange(0, BLOCK_EG)
+    xmask = ex < E
+    cols = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_N, BLOCK_EG), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        hv = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + cols)[None, :],
+                     mask=rmask[:, None] & (k0 + cols < H)[None, :], other=0.0).to(tl.float32)
+        gv = tl.load(gate_ptr + ex.to(tl.int64)[None, :] * stride_g + (k0 + cols)[:, None],
+                     mask=xmask[None, :] & (k0 + cols < H)[:, None], other=0.0).to(tl.float32)
+        if IEEE:
+            acc = tl.dot(hv, gv, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hv, gv, acc)
+    tl.store(logits_ptr + rows64[:, None] * stride_l + ex[None, :], acc, mask=rmask[:, None] & xmask[None, :])
+    tl.debug_barrier()  # every thread's logits written before the arrival is counted (release, gpu scope)
+    if tl.atomic_add(count_ptr + nb, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, tl.where(rmask, rows, -1), E, stride_l, stride_i, stride_w,
+                   TOP_K, BLOCK_E, BLOCK_K, True)
+        tl.atomic_xchg(count_ptr + nb, 0)
+
+
+_router = triton_kernel(_router_kernel)
+
+
+def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_ref in one launch: the fp32 logits over blocks of experts by many programs (fp32 products, IEEE on
+    a GPU), the top-k of each row block by the last of its programs to finish. The logits' fp32 sums run in another
+    order than a cuBLAS GEMM's, so a near-tie between two experts may resolve the other way."""
+    from quantkit.kernels.fp8_gemm import arrival_counters
+
+    N, H = h.shape
+    E = gate.shape[0]
+    if gate.shape != (E, H) or gate.dtype != torch.float32 or bias.shape != (E,) or not 0 < k <= E or \
+            h.dtype not in DTYPES:
+        raise ValueError(f"router: h {tuple(h.shape)} {h.dtype}, gate {tuple(gate.shape)} {gate.dtype} (fp32), bias "
+                         f"{tuple(bias.shape)}, k {k}")
+    check_device(h, gate, bias, min_capability=None)
+    h2 = h if h.stride(-1) == 1 else h.contiguous()
+    g2 = gate if gate.stride(-1) == 1 else gate.contiguous()
+    ids = torch.empty((N, k), dtype=torch.int64, device=h.device)
+    w = torch.empty((N, k), dtype=torch.float32, device=h.device)
+    if N:
+        block_n, block_eg = 16, (32 if INTERPRETED else 16)
+        logits = torch.empty((N, E), dtype=torch.float32, device=h.device)
+        grid = (triton.cdiv(E, block_eg), triton.cdiv(N, block_n))
+        counters = arrival_counters(h.device, grid[1])
+        _router[grid](h2, g2, bias.float().contiguous(), logits, ids, w, counters, N, E, h2.stride(0), g2.stride(0),
+                      logits.stride(0), ids.stride(0), w.stride(0), H=H, TOP_K=k, BLOCK_N=block_n,
+                      BLOCK_EG=block_eg, BLOCK_H=128, BLOCK_E=triton.next_power_of_2(E),
+                      BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, num_warps=4)
     return ids, w
 
 

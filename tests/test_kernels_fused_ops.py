@@ -114,6 +114,31 @@ def test_route_topk(device, experts, k, rows):
     torch.testing.assert_close(w.sum(-1).cpu(), torch.ones(rows), rtol=1e-6, atol=0)
 
 
+@IGNORE_EXP_OVERFLOW
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,hidden,experts,k,dtype", [
+    (1, 3072, 256, 8, torch.bfloat16),  # MiniMax-M2's router at decode
+    (37, 384, 40, 8, torch.bfloat16),  # three row blocks, experts not a multiple of the block
+    (5, 256, 16, 4, torch.float32),
+])
+def test_router(device, rows, hidden, experts, k, dtype):
+    """The router in one launch (fp32 logits by blocks of experts, the top-k by the row block's last program): the
+    reference's experts in its order and its weights; the arrival counters left at zero for the next launch."""
+    from quantkit.kernels import fp8_gemm
+
+    g = torch.Generator().manual_seed(rows + hidden + experts)
+    h = torch.randn(rows, hidden, generator=g).to(dtype).to(device)
+    gate = (torch.randn(experts, hidden, generator=g) / hidden ** 0.5).to(device)
+    bias = (torch.randn(experts, generator=g) / 10).to(device)
+    ids, w = fused_ops.router(h, gate, bias, k)
+    ids_ref, w_ref = fused_ops.router_ref(h, gate, bias, k)
+    assert ids.dtype == torch.int64 and torch.equal(ids.cpu(), ids_ref.cpu())
+    torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-5, atol=1e-6)
+    assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+    with pytest.raises(ValueError, match="router: h"):
+        fused_ops.router(h, gate.to(torch.bfloat16), bias, k)  # the gate stays fp32
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_shapes_one_line(device):
     x = torch.randn(2, 8, dtype=torch.bfloat16, device=device)
