@@ -489,9 +489,17 @@ def _split_k_grid(cfg: dict, m: int, n: int, k: int,
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     blocks = triton.cdiv(k, cfg["BLOCK_K"])
     split = max(s for s in range(1, min(cfg.get("SPLIT_K", 1), blocks) + 1) if blocks % s == 0)
-    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
-    counters = arrival_counters(device, tiles) if split > 1 else part
-    return (tiles, split), part, counters
+    return (tiles, split), *split_k_workspace(split, m, n, tiles, device)
+
+
+def split_k_workspace(split: int, m: int, n: int, tiles: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials [split, M, N], arrival counters for `tiles` tiles) of a split-K launch (split_k_sum); at
+    split 1 a placeholder for both, which the kernel does not touch."""
+    if split == 1:
+        part = torch.empty((1,), dtype=torch.float32, device=device)
+        return part, part
+    return torch.empty((split, m, n), dtype=torch.float32, device=device), arrival_counters(device, tiles)
 
 
 def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,

@@ -275,15 +275,17 @@ def route_topk_ref(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[to
     return idx, w / w.sum(-1, keepdim=True)
 
 
-def _route_kernel(
-    logits_ptr, bias_ptr, idx_ptr, w_ptr,  # logits [N, E]; bias [E]; idx, w [N, TOP_K]
-    E, stride_l, stride_i, stride_w,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _route_row(logits_ptr, bias_ptr, idx_ptr, w_ptr, row, E, stride_l, stride_i, stride_w,
+               TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CG: tl.constexpr):
+    """One row's routing: sigmoid scores of its logits, top-k of scores + bias, the chosen scores renormalised.
+    CG: the logits were written by other programs of this launch, so they are read past L1."""
     e = tl.arange(0, BLOCK_E)
     emask = e < E
-    scores = tl.sigmoid(tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0).to(tl.float32))
+    if CG:
+        lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0, cache_modifier=".cg")
+    else:
+        lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0)
+    scores = tl.sigmoid(lg.to(tl.float32))
     choice = tl.where(emask, scores + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32), float("-inf"))
     slots = tl.arange(0, BLOCK_K)
     ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
@@ -298,6 +300,18 @@ def _route_kernel(
     kmask = slots < TOP_K
     tl.store(idx_ptr + row * stride_i + slots, ids, mask=kmask)
     tl.store(w_ptr + row * stride_w + slots, ws, mask=kmask)
+
+
+route_row = triton_kernel(_route_row)
+
+
+def _route_kernel(
+    logits_ptr, bias_ptr, idx_ptr, w_ptr,  # logits [N, E]; bias [E]; idx, w [N, TOP_K]
+    E, stride_l, stride_i, stride_w,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    route_row(logits_ptr, bias_ptr, idx_ptr, w_ptr, tl.program_id(0).to(tl.int64), E, stride_l, stride_i, stride_w,
+              TOP_K, BLOCK_E, BLOCK_K, False)
 
 
 _route = triton_kernel(_route_kernel)
@@ -323,39 +337,6 @@ def router_ref(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) 
     """The whole router: h [N, H] (any float dtype), gate [E, H] fp32, bias [E] -> (ids [N, k] int64, weights
     [N, k] fp32): logits = h @ gate^T in fp32, then route_topk_ref."""
     return route_topk_ref(h.float() @ gate.float().t(), bias, k)
-
-
-def _route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, rows, E, stride_l, stride_i, stride_w,
-                TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CG: tl.constexpr):
-    """_route_kernel's top-k for each row of `rows` (a vector of row indices; -1 skips a row)."""
-    e = tl.arange(0, BLOCK_E)
-    emask = e < E
-    slots = tl.arange(0, BLOCK_K)
-    kmask = slots < TOP_K
-    bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    for r in range(rows.shape[0]):
-        row = tl.sum(tl.where(tl.arange(0, rows.shape[0]) == r, rows, 0), axis=0).to(tl.int64)
-        if row >= 0:
-            if CG:  # written by other programs of this launch: past L1
-                lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0, cache_modifier=".cg")
-            else:
-                lg = tl.load(logits_ptr + row * stride_l + e, mask=emask, other=0.0)
-            scores = tl.sigmoid(lg.to(tl.float32))
-            choice = tl.where(emask, scores + bias, float("-inf"))
-            ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
-            ws = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for s in range(TOP_K):  # the largest remaining, the lowest id among equals, as in _route_kernel
-                best = tl.max(choice, axis=0)
-                pick = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
-                ids = tl.where(slots == s, pick.to(tl.int64), ids)
-                ws = tl.where(slots == s, tl.sum(tl.where(e == pick, scores, 0.0), axis=0), ws)
-                choice = tl.where(e == pick, float("-inf"), choice)
-            ws = ws / tl.sum(ws, axis=0)
-            tl.store(idx_ptr + row * stride_i + slots, ids, mask=kmask)
-            tl.store(w_ptr + row * stride_w + slots, ws, mask=kmask)
-
-
-route_rows = triton_kernel(_route_rows)
 
 
 def _router_kernel(
@@ -388,8 +369,11 @@ def _router_kernel(
     tl.store(logits_ptr + rows64[:, None] * stride_l + ex[None, :], acc, mask=rmask[:, None] & xmask[None, :])
     tl.debug_barrier()  # every thread's logits written before the arrival is counted (release, gpu scope)
     if tl.atomic_add(count_ptr + nb, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, tl.where(rmask, rows, -1), E, stride_l, stride_i, stride_w,
-                   TOP_K, BLOCK_E, BLOCK_K, True)
+        for r in range(BLOCK_N):
+            row = nb.to(tl.int64) * BLOCK_N + r
+            if row < N:
+                route_row(logits_ptr, bias_ptr, idx_ptr, w_ptr, row, E, stride_l, stride_i, stride_w, TOP_K, BLOCK_E,
+                          BLOCK_K, True)
         tl.atomic_xchg(count_ptr + nb, 0)
 
 

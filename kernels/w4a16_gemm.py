@@ -48,13 +48,13 @@ from .fp8_gemm import (
     INTERPRETED,
     _cuda_device_info,
     _cuda_index,
-    arrival_counters,
     device_key,
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
     round_to_out_grid,
     split_k_sum,
+    split_k_workspace,
     triton_kernel,
 )
 from .fp8_gemm import (
@@ -338,8 +338,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     split = cfg["SPLIT_K"]
     c = torch.empty((m, n), dtype=out_dtype, device=device)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    part = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=device)
-    counters = arrival_counters(device, tiles) if split > 1 else part
+    part, counters = split_k_workspace(split, m, n, tiles, device)
     _w4a16_gemm[(tiles, split)](
         x, qweight, qzeros, scales, c, part, counters, m, n,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1),

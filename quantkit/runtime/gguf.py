@@ -477,10 +477,7 @@ def load_gguf_sharded(path: str | Path, dtype: torch.dtype, device: str | torch.
     cfg = config_from_gguf(f)
     check_parallel(cfg, f.shard_format(), spec.tp, spec.ep)
     check_shapes(f, cfg)
-    D = cfg.head_dim
-    (q0, q1), (k0, k1) = spec.heads(cfg.num_attention_heads), spec.heads(cfg.num_key_value_heads)
-    qrows, kvrows = (q0 * D, q1 * D), (k0 * D, k1 * D)
-    experts, inter = spec.experts(cfg.num_local_experts), spec.inter(cfg.intermediate_size)
+    qrows, kvrows, experts, inter = spec.slices(cfg)
     n_exp, n_inter = experts[1] - experts[0], inter[1] - inter[0]
 
     def param(t: torch.Tensor) -> nn.Parameter:

@@ -95,6 +95,13 @@ class ParallelSpec:
         per, j = n // self.inter_split, self.rank % self.inter_split
         return j * per, (j + 1) * per
 
+    def slices(self, cfg: MiniMaxM2Config) -> tuple[Range, Range, Range, Range]:
+        """This rank's (q rows, k/v rows, experts, intermediate range) of the model: what every loader cuts."""
+        D = cfg.head_dim
+        (q0, q1), (k0, k1) = self.heads(cfg.num_attention_heads), self.heads(cfg.num_key_value_heads)
+        return (q0 * D, q1 * D), (k0 * D, k1 * D), self.experts(cfg.num_local_experts), \
+            self.inter(cfg.intermediate_size)
+
 
 _ACTIVE: ParallelSpec | None = None
 
@@ -538,10 +545,7 @@ def load_sharded(reader: CheckpointReader, dtype: torch.dtype, device: str | tor
     def get(name: str, dt: torch.dtype = dtype, rows: Range | None = None) -> nn.Parameter:
         return _param(src.weight(name, dt, rows), device)
 
-    D = cfg.head_dim
-    (q0, q1), (k0, k1) = spec.heads(cfg.num_attention_heads), spec.heads(cfg.num_key_value_heads)
-    qrows, kvrows = (q0 * D, q1 * D), (k0 * D, k1 * D)
-    experts, inter = spec.experts(cfg.num_local_experts), spec.inter(cfg.intermediate_size)
+    qrows, kvrows, experts, inter = spec.slices(cfg)
     model.embed_tokens.weight = get("model.embed_tokens.weight")
     model.norm = get("model.norm.weight")
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
