@@ -85,7 +85,7 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages")
-PATHS = ("gemv", "dot")
+PATHS = ("gemv", "dot", "mma")
 
 
 def _moe_gemv_kernel(
@@ -285,8 +285,114 @@ def _moe_dot_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
 
 
+def _moe_mma_kernel(
+    a_ptr,  # A [rows, K] activations, contiguous along K
+    b_ptr, z_ptr, s_ptr,  # qweight int32 [E, Nb, K/8], zeros uint8 [E, Nb, K/G], scales [E, Nb, K/G]
+    c_ptr,  # C [M*topk, N]
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    N, num_valid_tokens, num_pid_m,
+    stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
+    K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
+    GROUP: tl.constexpr,  # quantization group along K: one loop iteration, four tl.dot of GROUP/4 along K
+    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
+    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
+    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAGIC: tl.constexpr,  # 16-bit pattern of the operand type's 2^m (m its mantissa bits): 0x4300 bf16 (also
+    # the interpreter's, widened to fp32), 0x6400 fp16
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    """Weights as the tensor cores' A operand (out^T [BLOCK_N, BLOCK_M] = W x^T), dequantized in the registers that
+    operand lives in. The word's halves (nibble places j and j + 4) masked and OR-ed with MAGIC twice over are two
+    16-bit floats 2^m + q in one instruction, already packed as the operand's pairs; the 2^m + z the group's codes
+    are offset by comes off once per row and group as (2^m + z) * sum(x). Interpreted (UPCAST), the same bits are
+    widened to fp32 (a bf16 bit pattern shifted up 16 places is the same number in fp32)."""
+    pid = tl.program_id(0)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+
+    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    tok_mask = offs_tok < num_valid_tokens
+    offs_tok64 = offs_tok.to(tl.int64)
+    a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    GW: tl.constexpr = GROUP // 8  # words per row and group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_mask = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    offs_c = tl.arange(0, GW)
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + offs_c[None, :]  # [BLOCK_N, GW]
+    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn  # [BLOCK_N]
+    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn  # [BLOCK_N]
+    # operand position p of nibble pair (j, j + 4): word p // 2, nibble j + 4 (p % 2), code (j + 4 (p % 2)) GW + p // 2
+    offs_p = tl.arange(0, 2 * GW)
+    x_off = (offs_p % 2) * (4 * GW) + offs_p // 2  # [2GW] (plus j GW for pair j)
+    a_ptrs = a_ptr + a_rows[None, :] * stride_am + x_off[:, None]  # [2GW, BLOCK_M]: x^T
+    HALVES: tl.constexpr = 2 if GATED else 1
+    PAIR_MASK: tl.constexpr = 0x000F000F
+    PAIR_MAGIC: tl.constexpr = MAGIC * 65537
+    BIAS: tl.constexpr = 128.0 if MAGIC == 0x4300 else 1024.0  # 2^m
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(0, K // GROUP):
+        xm = tok_mask[None, :]
+        x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
+        x1 = tl.load(a_ptrs + GW, mask=xm, other=0.0)  # places 1 and 5
+        x2 = tl.load(a_ptrs + 2 * GW, mask=xm, other=0.0)
+        x3 = tl.load(a_ptrs + 3 * GW, mask=xm, other=0.0)
+        if UPCAST:
+            x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+        xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
+        for hf in tl.static_range(HALVES):
+            words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
+            z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
+            s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for j in tl.static_range(4):
+                if j == 0:
+                    xj = x0
+                elif j == 1:
+                    xj = x1
+                elif j == 2:
+                    xj = x2
+                else:
+                    xj = x3
+                v = ((words >> (4 * j)) & PAIR_MASK) | PAIR_MAGIC  # [BLOCK_N, GW] two floats 2^m + q per word
+                if UPCAST:
+                    w = tl.reshape(tl.join((v << 16).to(tl.float32, bitcast=True),
+                                           (v & -65536).to(tl.float32, bitcast=True)), (BLOCK_N, 2 * GW))
+                    part = tl.dot(w, xj, part)
+                else:
+                    w = tl.reshape(tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)), (BLOCK_N, 2 * GW))
+                    part = tl.dot(w.to(xj.dtype, bitcast=True), xj, part)
+            corr = (part - (z + BIAS)[:, None] * xsum[None, :]) * s[:, None]  # [BLOCK_N, BLOCK_M]
+            if hf == 0:
+                acc += corr
+            else:
+                acc_up += corr
+        a_ptrs += GROUP
+        b_ptrs += GW
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if MUL_ROUTED_WEIGHT:
+        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+        acc = acc * rw[None, :]
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
+    c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[None, :] & n_mask[:, None])
+
+
 _moe_gemv = _jit(_moe_gemv_kernel)
 _moe_dot = _jit(_moe_dot_kernel)
+_moe_mma = _jit(_moe_mma_kernel)
 
 
 def _moe_default_config(m: int, topk: int, num_experts: int, g: int) -> dict:
@@ -338,7 +444,7 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
     if cfg.setdefault("PREFETCH", 1) not in (1, 2):
         raise ValueError(f"block config {cfg}: PREFETCH must be 1 or 2")
-    if cfg["PATH"] == "dot" and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
+    if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
         raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
 
@@ -383,7 +489,7 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     # the GEMV tile holds the same number of weight rows in both GEMMs (GEMM 1 takes BLOCK_N gate and BLOCK_N up
     # rows): the per-thread layout, and so the compiled loop's cost per weight, is the same (half the rows would
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
-    block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] == "dot" else 2 * cfg["BLOCK_N"]
+    block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] != "gemv" else 2 * cfg["BLOCK_N"]
     grid = (num_pid_m * triton.cdiv(n, block_n),)
     args = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total,
             n, c.shape[0], num_pid_m,
@@ -394,6 +500,9 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["PATH"] == "gemv":
         _moe_gemv[grid](*args, PREFETCH=cfg["PREFETCH"], **common)
+    elif cfg["PATH"] == "mma":
+        _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
+                 UPCAST=INTERPRETED, **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
                        F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
@@ -409,6 +518,8 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     if m == 0:
         return torch.empty_like(x)
     cfg = moe_config(device, m, topk, e, i, h, g, config)
+    if cfg["PATH"] == "mma" and x.dtype == torch.float32 and not INTERPRETED:
+        cfg = _other_path_default("dot", g)  # 16-bit operands only: fp32 activations take the dot path
     sorted_token_ids, expert_ids, total = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
 

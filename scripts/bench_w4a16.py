@@ -123,11 +123,16 @@ def moe_candidates(m: int) -> list[dict]:
             continue  # the accumulators (two in GEMM 1) and the spread tile live in registers
         out.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if per_expert > 16 else 1, num_warps=nw,
                         num_stages=ns))
-    if per_expert <= 8:  # both paths: alternate, so that each gets its best few tried
-        gemv = [c for c in out if c["PATH"] == "gemv"]
-        dot = [c for c in out if c["PATH"] == "dot"]
-        out = [c for pair in itertools.zip_longest(gemv, dot) for c in pair if c is not None]
-    return out
+    # weights as the A operand (out^T = W x^T): BLOCK_N is the MMA's M (64 rows per warp group), BLOCK_M its N
+    mma = []
+    bms = [16] if per_expert <= 4 else [16, 32] if per_expert <= 16 else [32, 64] if per_expert <= 64 else [64, 128]
+    for bn, nw, bm, ns in itertools.product([64, 128, 256], [4, 8], bms, [3, 4, 2]):
+        if bn // 64 < nw // 4 or bn * bm > 128 * 128:
+            continue  # a warp group per 64 rows at most; the accumulators (two in GEMM 1) live in registers
+        mma.append(dict(PATH="mma", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=ns))
+    # every path gets its best few tried: alternate
+    lists = [mma] + [[c for c in out if c["PATH"] == p] for p in ("gemv", "dot")]
+    return [c for row in itertools.zip_longest(*lists) for c in row if c is not None]
 
 
 def tune_moe(w13, w2, budget_s: float, g: torch.Generator) -> dict:
@@ -170,7 +175,7 @@ def check_all(w13, w2, g: torch.Generator) -> list[dict]:
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
         tw, ids = routing(m, g)
         ref = w4a16_moe.fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
-        for path in (None, "gemv", "dot"):
+        for path in (None, "gemv", "dot", "mma"):
             if path == "gemv" and m > 256:
                 continue
             out = w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": path} if path else None)

@@ -222,6 +222,9 @@ def test_fused_moe_matches_reference(device, m, dtype):
     (6, torch.bfloat16, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 4, "BLOCK_N": 128}),
     # the tensor-core path on the same layout (group 128: K steps of 16); 384 = 1.5 tiles of 256 in both GEMMs
     (6, torch.float16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 256}),
+    # weights as the A operand: bf16 and fp16 operand bits; 384 = 1.5 tiles of 256, and 3 tiles of 128 rows
+    (5, torch.bfloat16, 384, 384, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 256}),
+    (7, torch.float16, 384, 256, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 128}),
 ])
 def test_fused_moe_paths_and_masked_edges(device, m, dtype, h, i, group, config):
     e, topk = 4, 2
@@ -276,7 +279,7 @@ def test_moe_config_path_is_data():
     assert pick(table, "dev", "E=8,I=64,H=64,G=64", 40, default)["PATH"] == "dot"
     assert pick(table, "other", "E=8,I=64,H=64,G=64", 2, default) == default
     with pytest.raises(ValueError, match="PATH must be one of"):
-        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "mma"})
+        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "wgmma"})
     with pytest.raises(ValueError, match="PREFETCH must be 1 or 2"):
         w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv", "PREFETCH": 3})
 
@@ -310,7 +313,7 @@ def test_gemm_minimax_shapes_gpu(m, n, k, mark):
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 256])
-@pytest.mark.parametrize("path", [None, "gemv", "dot"])
+@pytest.mark.parametrize("path", [None, "gemv", "dot", "mma"])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
 def test_fused_moe_minimax_shapes_gpu(m, path, mark):
     e, h, i, topk = 256, 3072, 1536, 8
