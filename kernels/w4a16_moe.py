@@ -32,8 +32,8 @@ Steps, as in kernels/fp8_moe.py (whose routing and slot-sum kernels this module 
 pairs by expert, each expert's run padded to a multiple of BLOCK_M, with no host sync; GEMM 1 over that list, one
 launch for all experts, each program computing gate rows and the matching up rows and writing silu(gate) * up
 [M*topk, I] in x.dtype; GEMM 2 [M*topk, I] x W2^T with the router weight multiplied in the epilogue [M*topk, H]; the
-sum over the topk slots in fp32. The whole layer can be captured in a CUDA graph. Two kernels, one layout; the block
-configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key:
+sum over the topk slots in fp32. The whole layer can be captured in a CUDA graph. One layout; the block
+configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key (three kernels):
 
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
       up rows in GEMM 1, 2 x BLOCK_N output rows in GEMM 2) of one expert for the BLOCK_M pairs of one block and
@@ -55,6 +55,17 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       x.dtype, exact since |q - z| <= 15) against the [BLOCK_M, G/8] slice of x it multiplies, eight tl.dot with
       K = G/8 (16 at G = 128, the tensor cores' K step; the path needs G >= 128 on a GPU) summed into the group's
       partial product, which the group scale multiplies.
+
+  "mma" (a few tokens to a few hundred per expert): tensor cores with the roles swapped, out^T = W x^T, the
+      dequantized weights as the A operand held in registers (no shared-memory round trip). Masking a word with
+      0x000F000F after shifting it 4j places leaves nibbles j and j + 4 in its two 16-bit halves; OR-ing in the
+      pattern of 2^m (0x4300 for bf16, m = 7; 0x6400 for fp16, m = 10) makes each half the float 2^m + q exactly,
+      so one LOP3 dequantizes two weights into the packed pair the MMA reads. The operand's K positions follow the
+      words (position 2c + h is nibble j + 4h of word c), and the activations are loaded in that order. The
+      2^m + z offset comes off once per row and group as (2^m + z) * sum(x), and the scale multiplies the group's
+      product. Summing 2^m + q and subtracting 2^m sum(x) afterwards costs a few bits of the fp32 accumulator
+      (relative error 4-8e-4 against the reference on MiniMax-M2 shapes, where the other paths reach 1-3e-4; a
+      bf16 output's rounding is 4e-3).
 
 `fused_moe_w4a16_ref` loops over experts in PyTorch on the dequantized weights with the same roundings (the
 intermediate and each slot's output in x.dtype), so kernels and reference agree to fp32 summation order. Running on
