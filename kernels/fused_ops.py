@@ -12,8 +12,8 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
-    idx, w = router(h, gate, bias, k)             # logits = h @ gate^T in fp32 and route_topk, one launch (not yet
-                                                  # in the runtime: its GPU test and timing have yet to run)
+    idx, w = router(h, gate, bias, k)             # logits = h @ gate^T in fp32 and route_topk, one launch (passes
+                                                  # its GPU test; not yet in the runtime, nor timed)
     kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch: the model runs the references wherever the kernels
@@ -30,6 +30,7 @@ from quantkit.kernels.fp8_gemm import (
     FP8_DTYPE,
     INTERPRETED,
     SCALE_EPS,
+    arrival_counters,
     check_device,
     out_mantissa_bits,
     per_token_group_quant_fp8_ref,
@@ -384,8 +385,6 @@ def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> t
     """router_ref in one launch: the fp32 logits over blocks of experts by many programs (fp32 products, IEEE on
     a GPU), the top-k of each row block by the last of its programs to finish. The logits' fp32 sums run in another
     order than a cuBLAS GEMM's, so a near-tie between two experts may resolve the other way."""
-    from quantkit.kernels.fp8_gemm import arrival_counters
-
     N, H = h.shape
     E = gate.shape[0]
     if gate.shape != (E, H) or gate.dtype != torch.float32 or bias.shape != (E,) or not 0 < k <= E or \

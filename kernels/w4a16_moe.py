@@ -351,8 +351,8 @@ def _moe_mma_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    xm = tok_mask[None, :]
     for kb in range(0, K // GROUP):
-        xm = tok_mask[None, :]
         x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
         x1 = tl.load(a_ptrs + GW, mask=xm, other=0.0)  # places 1 and 5
         x2 = tl.load(a_ptrs + 2 * GW, mask=xm, other=0.0)
