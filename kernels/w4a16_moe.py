@@ -89,6 +89,8 @@ from .fp8_gemm import (
     load_config_table,
     out_mantissa_bits,
     round_to_out_grid,
+    split_k_sum,
+    split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
 from .fp8_moe import _route, moe_sum
@@ -106,6 +108,7 @@ def _moe_gemv_kernel(
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
     stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
     K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
@@ -114,6 +117,8 @@ def _moe_gemv_kernel(
     GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, OUT_MANT: tl.constexpr,
+    DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
@@ -121,13 +126,23 @@ def _moe_gemv_kernel(
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
     # the grid covers the worst case; row blocks past the padded list's end have nothing to do
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return
+    if not DENSE:
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+    pid_s = tl.program_id(1)  # this program's share of K
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
+    k0 = pid_s * KB_PER  # its first group
 
-    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    if DENSE:
+        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
+    else:
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
     tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
     offs_tok64 = offs_tok.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if DENSE:
+        expert = 0
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     HALVES: tl.constexpr = 2 if GATED else 1
     ROWS: tl.constexpr = HALVES * BLOCK_N
@@ -138,8 +153,9 @@ def _moe_gemv_kernel(
     rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)  # [ROWS] gate rows, then (GATED) the up rows N further
     offs_c = tl.arange(0, GW)  # [GW]
     w_ptrs = b_ptr + expert * stride_be + rows[:, None] * stride_bn + offs_c[None, :]  # [ROWS, GW]
-    z_ptrs = z_ptr + expert * stride_ze + rows * stride_zn  # [ROWS]
-    s_ptrs = s_ptr + expert * stride_se + rows * stride_sn  # [ROWS]
+    z_ptrs = z_ptr + expert * stride_ze + rows * stride_zn + k0  # [ROWS]
+    s_ptrs = s_ptr + expert * stride_se + rows * stride_sn + k0  # [ROWS]
+    w_ptrs += k0 * GW
     tcol = tl.arange(0, BLOCK_M)  # [BLOCK_M]
 
     # BLOCK_M == 1 accumulates [ROWS] in the layout the row sums come out in (no layout change in the loop); more
@@ -147,19 +163,23 @@ def _moe_gemv_kernel(
     acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
     words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
     if PREFETCH == 2:
-        nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < K // 8)[None, :], other=0)  # group 1
-    for kb in range(0, K // GROUP):
-        # the next PREFETCH groups' words in flight while this one is computed (loads past K are masked off):
-        # registers, not shared memory, so it happens whatever num_stages says (Triton pipelines loads into dots)
-        ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < K // 8)[None, :]
+        nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < KB_PER * GW)[None, :], other=0)  # group 1
+    for kb in range(0, KB_PER):
+        # the next PREFETCH groups' words in flight while this one is computed (loads past the program's share of
+        # K are masked off): registers, not shared memory, so it happens whatever num_stages says (Triton pipelines
+        # loads into dots)
+        ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < KB_PER * GW)[None, :]
         ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
         z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
         s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
         hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
         for t in tl.static_range(BLOCK_M):
             # token t of the block: the dequantized words are the same expressions for every t (computed once)
-            tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
-            x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + kb * GROUP + offs_c[None, :]  # [1, GW]
+            if DENSE:
+                tok = pid_m * BLOCK_M + t  # scalar row of A
+            else:
+                tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
+            x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + (k0 + kb) * GROUP + offs_c[None, :]
             x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
             part = tl.zeros((ROWS, GW), dtype=tl.float32)
             xs = tl.zeros((1, GW), dtype=tl.float32)
@@ -201,14 +221,20 @@ def _moe_gemv_kernel(
         out = gate * tl.sigmoid(gate) * up  # silu(gate) * up, in fp32
     else:
         out = acc
-    if MUL_ROUTED_WEIGHT:
-        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-        out = out * rw[:, None]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        out = round_to_out_grid(out, OUT_MANT)
     offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & (offs_out < N)[None, :])
+    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
+    last = True
+    if SPLIT_K > 1:  # partials [SPLIT_K, rows, N]
+        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
+                                num_valid_tokens, N, SPLIT_K)
+    if last:
+        if MUL_ROUTED_WEIGHT:
+            rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            out = out * rw[:, None]
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            out = round_to_out_grid(out, OUT_MANT)
+        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _moe_dot_kernel(
@@ -218,6 +244,7 @@ def _moe_dot_kernel(
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
     stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
     K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
@@ -227,33 +254,45 @@ def _moe_dot_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr, F32_DOT: tl.constexpr,
+    DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return
+    if not DENSE:
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+    pid_s = tl.program_id(1)  # this program's share of K
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
+    k0 = pid_s * KB_PER  # its first group
 
-    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    if DENSE:
+        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
+    else:
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
     tok_mask = offs_tok < num_valid_tokens
     offs_tok64 = offs_tok.to(tl.int64)
     a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if DENSE:
+        expert = 0
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     GW: tl.constexpr = GROUP // 8  # words per row and group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_mask = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
     offs_c = tl.arange(0, GW)  # [GW]
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_c[None, :]  # [BLOCK_M, GW] nibble 0's codes of group 0
-    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + offs_c[None, :]  # [BLOCK_N, GW]
-    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn  # [BLOCK_N]
-    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn  # [BLOCK_N]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + k0 * GROUP + offs_c[None, :]  # [BLOCK_M, GW] nibble 0, group k0
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + k0 * GW + offs_c[None, :]  # [BLOCK_N, GW]
+    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn + k0  # [BLOCK_N]
+    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn + k0  # [BLOCK_N]
     HALVES: tl.constexpr = 2 if GATED else 1  # GATED: the up projection's rows, N further along
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // GROUP):
+    for kb in range(0, KB_PER):
         for hf in tl.static_range(HALVES):
             words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
             z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
@@ -287,13 +326,19 @@ def _moe_dot_kernel(
 
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-    if MUL_ROUTED_WEIGHT:
-        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-        acc = acc * rw[:, None]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+    c_mask = tok_mask[:, None] & n_mask[None, :]
+    last = True
+    if SPLIT_K > 1:  # partials [SPLIT_K, rows, N]
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_n64, c_mask, num_valid_tokens,
+                                N, SPLIT_K)
+    if last:
+        if MUL_ROUTED_WEIGHT:
+            rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            acc = acc * rw[:, None]
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _moe_mma_kernel(
@@ -303,6 +348,7 @@ def _moe_mma_kernel(
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
     stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
     K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
@@ -314,6 +360,8 @@ def _moe_mma_kernel(
     MAGIC: tl.constexpr,  # 16-bit pattern of the operand type's 2^m (m its mantissa bits): 0x4300 bf16 (also
     # the interpreter's, widened to fp32), 0x6400 fp16
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
 ):
     """Weights as the tensor cores' A operand (out^T [BLOCK_N, BLOCK_M] = W x^T), dequantized in the registers that
     operand lives in. The word's halves (nibble places j and j + 4) masked and OR-ed with MAGIC twice over are two
@@ -323,27 +371,37 @@ def _moe_mma_kernel(
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return
+    if not DENSE:
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+    pid_s = tl.program_id(1)  # this program's share of K
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
+    k0 = pid_s * KB_PER  # its first group
 
-    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+    if DENSE:
+        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
+    else:
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
     tok_mask = offs_tok < num_valid_tokens
     offs_tok64 = offs_tok.to(tl.int64)
     a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if DENSE:
+        expert = 0
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     GW: tl.constexpr = GROUP // 8  # words per row and group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_mask = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
     offs_c = tl.arange(0, GW)
-    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + offs_c[None, :]  # [BLOCK_N, GW]
-    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn  # [BLOCK_N]
-    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn  # [BLOCK_N]
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + k0 * GW + offs_c[None, :]  # [BLOCK_N, GW]
+    z_ptrs = z_ptr + expert * stride_ze + offs_n64 * stride_zn + k0  # [BLOCK_N]
+    s_ptrs = s_ptr + expert * stride_se + offs_n64 * stride_sn + k0  # [BLOCK_N]
     # operand position p of nibble pair (j, j + 4): word p // 2, nibble j + 4 (p % 2), code (j + 4 (p % 2)) GW + p // 2
     offs_p = tl.arange(0, 2 * GW)
     x_off = (offs_p % 2) * (4 * GW) + offs_p // 2  # [2GW] (plus j GW for pair j)
-    a_ptrs = a_ptr + a_rows[None, :] * stride_am + x_off[:, None]  # [2GW, BLOCK_M]: x^T
+    a_ptrs = a_ptr + a_rows[None, :] * stride_am + k0 * GROUP + x_off[:, None]  # [2GW, BLOCK_M]: x^T
     HALVES: tl.constexpr = 2 if GATED else 1
     PAIR_MASK: tl.constexpr = 0x000F000F
     PAIR_MAGIC: tl.constexpr = MAGIC * 65537
@@ -352,7 +410,7 @@ def _moe_mma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     xm = tok_mask[None, :]
-    for kb in range(0, K // GROUP):
+    for kb in range(0, KB_PER):
         x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
         x1 = tl.load(a_ptrs + GW, mask=xm, other=0.0)  # places 1 and 5
         x2 = tl.load(a_ptrs + 2 * GW, mask=xm, other=0.0)
@@ -392,13 +450,19 @@ def _moe_mma_kernel(
 
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-    if MUL_ROUTED_WEIGHT:
-        rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-        acc = acc * rw[None, :]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[None, :] & n_mask[:, None])
+    c_mask = tok_mask[None, :] & n_mask[:, None]
+    last = True
+    if SPLIT_K > 1:  # partials [SPLIT_K, N, rows]: the tile as it is held
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_n64, offs_tok64, c_mask, N,
+                                num_valid_tokens, SPLIT_K)
+    if last:
+        if MUL_ROUTED_WEIGHT:
+            rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            acc = acc * rw[None, :]
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 _moe_gemv = _jit(_moe_gemv_kernel)
@@ -494,26 +558,30 @@ def _check_moe_args(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[to
 
 def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_weights: torch.Tensor,
             sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, total: torch.Tensor, n: int, k: int, g: int,
-            a_row_div: int, gated: bool, mul_routed_weight: bool, cfg: dict) -> None:
+            a_row_div: int, gated: bool, mul_routed_weight: bool, cfg: dict, dense: bool = False) -> None:
+    """One GEMM of the layer (or, dense, a plain linear: the routing arguments are then placeholders)."""
     qweight, zeros, scales = w
-    num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
+    num_pid_m = triton.cdiv(c.shape[0], cfg["BLOCK_M"]) if dense else sorted_token_ids.numel() // cfg["BLOCK_M"]
     # the GEMV tile holds the same number of weight rows in both GEMMs (GEMM 1 takes BLOCK_N gate and BLOCK_N up
     # rows): the per-thread layout, and so the compiled loop's cost per weight, is the same (half the rows would
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
     block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] != "gemv" else 2 * cfg["BLOCK_N"]
-    grid = (num_pid_m * triton.cdiv(n, block_n),)
-    args = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total,
+    tiles = num_pid_m * triton.cdiv(n, block_n)
+    split = cfg.get("SPLIT_K", 1)
+    part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
+    args = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total, part, counters,
             n, c.shape[0], num_pid_m,
             a.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
             scales.stride(0), scales.stride(1), c.stride(0))
     common = dict(K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype), DENSE=dense,
+                  SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (tiles, split)
     if cfg["PATH"] == "gemv":
         _moe_gemv[grid](*args, PREFETCH=cfg["PREFETCH"], **common)
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
-                 UPCAST=INTERPRETED, **common)
+                       UPCAST=INTERPRETED, **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
                        F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
@@ -565,3 +633,102 @@ def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: t
         y = (inter.float() @ kmajor_dequantize_ref(*(t[ex] for t in w2)).t()) * topk_weights[tok, slot][:, None]
         slots[tok, slot] = y.to(x.dtype).float()  # [n, H]
     return slots.sum(dim=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a plain linear on the same kernels
+
+LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS + ("SPLIT_K",)
+
+
+def _linear_default_config(device: torch.device, m: int, n: int, k: int, g: int) -> dict:
+    if INTERPRETED:
+        if m <= 4:
+            return dict(PATH="gemv", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1, PREFETCH=1,
+                        num_warps=4, num_stages=1, SPLIT_K=1)
+        return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
+    # H100/H200: decode reads the weight once, so the GEMV path while the rows are few, the weights-as-A tensor-core
+    # path up to a few hundred rows, the dot path above; at decode sizes K is split until every multiprocessor has
+    # a couple of programs (the projections' 3072-8192 outputs make only 96-256 GEMV tiles)
+    if m <= 4 or g < 128:
+        cfg = dict(PATH="gemv", BLOCK_M=triton.next_power_of_2(min(m, 4)), BLOCK_N=16, GROUP_M=1, PREFETCH=2,
+                   num_warps=2, num_stages=1)
+        rows = 2 * cfg["BLOCK_N"]
+    elif m <= 256:
+        cfg = dict(PATH="mma", BLOCK_M=16 if m <= 16 else 32 if m <= 64 else 64, BLOCK_N=64, GROUP_M=1,
+                   num_warps=4, num_stages=3)
+        rows = cfg["BLOCK_N"]
+    else:
+        return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1)
+    from .fp8_gemm import _cuda_device_info, _cuda_index
+
+    num_sms = _cuda_device_info(_cuda_index(device))[2]
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, rows)
+    split, groups = 1, k // g
+    while tiles * split < 2 * num_sms and groups % (2 * split) == 0 and groups // (2 * split) >= 4:
+        split *= 2
+    return {**cfg, "SPLIT_K": split}
+
+
+def linear_config(device: torch.device, m: int, n: int, k: int, g: int, override: dict | None = None) -> dict:
+    """Block configuration of w4a16_kmajor_linear: configs/w4a16_linear.json ({device: {"N=..,K=..,G=..": {M bucket:
+    config}}}), else the defaults, then `override`; validated."""
+    cfg = _linear_default_config(device, m, n, k, g)
+    buckets = load_config_table("w4a16_linear.json").get(device_key(device), {}).get(f"N={n},K={k},G={g}")
+    if buckets:  # the M bucket nearest to m, the smaller on a tie
+        bucket = min(buckets, key=lambda b: (abs(int(b) - m), int(b)))
+        cfg.update({k_: v for k_, v in buckets[bucket].items() if k_ in LINEAR_CONFIG_KEYS})
+    over = dict(override or {})
+    if "PATH" in over and over["PATH"] != cfg.get("PATH"):
+        cfg = {**_other_path_default(over["PATH"], g), "SPLIT_K": 1}
+    cfg = {k_: v for k_, v in {"SPLIT_K": 1, **cfg, **over}.items() if k_ in LINEAR_CONFIG_KEYS}
+    if cfg["PATH"] not in PATHS:
+        raise ValueError(f"block config {cfg}: PATH must be one of {PATHS}")
+    if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
+            or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
+        raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
+    if cfg.setdefault("PREFETCH", 1) not in (1, 2):
+        raise ValueError(f"block config {cfg}: PREFETCH must be 1 or 2")
+    if cfg["SPLIT_K"] < 1 or (k // g) % cfg["SPLIT_K"]:
+        raise ValueError(f"block config {cfg}: SPLIT_K must divide the {k // g} groups of K={k}")
+    if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
+        raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
+    return cfg
+
+
+def w4a16_kmajor_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                        config: dict | None = None) -> torch.Tensor:
+    """y = x W^T, W [N, K] in the K-major layout (qweight int32 [N, K/8], zeros uint8 [N, K/G], scales [N, K/G]):
+    x [..., K] -> [..., N] in x.dtype, fp32 accumulation. The MoE GEMMs' kernels with one expert and the rows of x
+    taken in order (no routing); SPLIT_K > 1 splits the groups of K over programs, the last of a tile's programs to
+    finish adding the fp32 partials in split order (deterministic, one launch, capturable in a CUDA graph)."""
+    if x.dim() < 1 or x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be [..., K] in one of {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be K-major [N, K/8], got {tuple(qweight.shape)}")
+    n, k, g = check_kmajor_weight(qweight, zeros, scales)
+    if x.shape[-1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} [N, K/8 = {k // 8}]")
+    device = check_device(x, qweight, zeros, scales)
+    lead = x.shape[:-1]
+    a = x.reshape(-1, k)
+    if k > 1 and a.stride(1) != 1:
+        a = a.contiguous()
+    m = a.shape[0]
+    c = torch.empty((m, n), dtype=x.dtype, device=device)
+    if m == 0 or n == 0:
+        return c.view(*lead, n)
+    cfg = linear_config(device, m, n, k, g, config)
+    if cfg["PATH"] == "mma" and x.dtype == torch.float32 and not INTERPRETED:
+        cfg = {**_other_path_default("dot", g), "SPLIT_K": cfg["SPLIT_K"]}  # 16-bit operands only
+    w = (qweight[None], zeros[None], scales[None])  # one expert
+    _launch(a, w, c, c, c, c, c, n=n, k=k, g=g, a_row_div=1, gated=False, mul_routed_weight=False, cfg=cfg,
+            dense=True)
+    return c.view(*lead, n)
+
+
+def w4a16_kmajor_linear_ref(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """Reference of w4a16_kmajor_linear: x @ W^T on the dequantized fp32 weight, rounded to x.dtype."""
+    w = kmajor_dequantize_ref(qweight, zeros, scales)  # [N, K]
+    return (x.float() @ w.t()).to(x.dtype)

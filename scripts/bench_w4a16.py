@@ -15,7 +15,9 @@ One run, in order:
   4. the benchmark: the whole MoE layer (routing, both GEMMs, SiLU*mul, router weights, top-k sum) with the tuned
      configs, beside a bf16 loop over the touched experts (torch, what a user gets without fused kernels) and the
      bf16 bandwidth floor (the best any bf16 kernel could do: weight bytes / measured HBM bandwidth); and the
-     attention projections through w4a16_linear (AutoAWQ layout) beside cuBLAS bf16;
+     attention projections (q/k/v fused, o) through w4a16_kmajor_linear (the runtime's layout; configs tuned with
+     --tune-linear-seconds S into kernels/configs/w4a16_linear.json) beside the AutoAWQ-layout kernel and cuBLAS
+     bf16;
   5. the one-time repack at load of one MoE layer's experts to the K-major layout, from AutoAWQ tensors and from
      compressed-tensors codes, expert by expert as quantkit/runtime/awq.py does it.
 Timings: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph); plain do_bench for the bf16 loop,
@@ -46,7 +48,10 @@ H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
 MS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 TUNE_ORDER = [1, 16, 4, 64, 256, 1024, 4096, 2, 8]  # decode first: the targets are at M <= 16
 DECODE = 16  # M buckets up to this get twice the tuning share
-PROJ = {"q_proj": (6144, 3072), "kv_proj": (1024, 3072), "o_proj": (3072, 6144)}
+# the runtime's attention projections (q, k, v fused into one) as [N, K]; the AutoAWQ-layout kernel is timed beside
+PROJ = {"qkv_proj": (8192, 3072), "o_proj": (3072, 6144)}
+PROJ_MS = [1, 4, 16, 32, 64, 256, 1024, 4096]
+PROJ_TUNE = [1, 16, 32, 4, 64, 256, 1024, 4096]
 SHAPE_KEY = f"E={E},I={I},H={H},G={G}"
 
 
@@ -169,6 +174,66 @@ def tune_moe(w13, w2, budget_s: float, g: torch.Generator) -> dict:
     return table
 
 
+def linear_candidates(m: int, k: int) -> list[dict]:
+    """Configurations of w4a16_kmajor_linear to try at M, the three paths alternating, each with K split 1-8 ways
+    (the projections make only 48-256 output tiles: too few for 132 SMs without a split)."""
+    groups = k // G
+    splits = [s for s in (1, 2, 4, 8, 3, 6) if groups % s == 0]
+    gemv, mma, dot = [], [], []
+    if m <= 8:
+        bms = [triton.next_power_of_2(m)] + ([triton.next_power_of_2(m) // 2] if m > 1 else [])
+        for sp, (bn, nw), bm, pf in itertools.product(splits[:4], [(16, 2), (8, 1), (32, 4), (16, 1), (32, 2)], bms,
+                                                      [2, 1]):
+            gemv.append(dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=1,
+                             SPLIT_K=sp))
+    if m >= 2:
+        bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+        for sp, bn, nw, bm, ns in itertools.product(splits[:4], [64, 128], [4, 8], bms, [3, 2, 4]):
+            if bn // 64 < nw // 4 or bn * bm > 128 * 128:
+                continue
+            mma.append(dict(PATH="mma", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=ns, SPLIT_K=sp))
+    if m >= 64:
+        for bm, bn, ns, sp in itertools.product([64, 128], [128, 256, 64], [3, 4], splits[:2]):
+            if bm * bn > 128 * 128:
+                continue
+            dot.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=8, num_stages=ns, SPLIT_K=sp))
+    return [c for row in itertools.zip_longest(gemv, mma, dot) for c in row if c is not None]
+
+
+def tune_linear(budget_s: float, g: torch.Generator) -> dict:
+    """{"N=..,K=..,G=..": {M bucket: config}} for the projections, within about budget_s seconds."""
+    out = {}
+    t_end = time.monotonic() + budget_s
+    jobs = [(name, m) for m in PROJ_TUNE for name in PROJ]
+    for n_left, (name, m) in enumerate(jobs):
+        t_stop = time.monotonic() + (t_end - time.monotonic()) / (len(jobs) - n_left)
+        n, k = PROJ[name]
+        w = [t[0] for t in kmajor_weights(1, n, k, g)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        ref = w4a16_moe.w4a16_kmajor_linear_ref(x, *w)
+        default_ms = bench(lambda: w4a16_moe.w4a16_kmajor_linear(x, *w), rep=40)
+        best, tried = (default_ms, w4a16_moe.linear_config(x.device, m, n, k, G)), 0
+        for cfg in linear_candidates(m, k):
+            if time.monotonic() > t_stop:
+                break
+            tried += 1
+            try:
+                if rel_err(w4a16_moe.w4a16_kmajor_linear(x, *w, config=cfg), ref) > 1e-2:
+                    print(f"  wrong result, dropped: {cfg}", flush=True)
+                    continue
+                ms = bench(lambda: w4a16_moe.w4a16_kmajor_linear(x, *w, config=cfg), rep=40)
+            except Exception as e:
+                print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
+                      flush=True)
+                continue
+            if ms < best[0]:
+                best = (ms, cfg)
+        print(f"tune {name} M={m}: default {default_ms:.4f} ms, best {best[0]:.4f} ms {best[1]} ({tried} tried)",
+              flush=True)
+        out.setdefault(f"N={n},K={k},G={G}", {})[str(m)] = best[1]
+    return out
+
+
 def check_all(w13, w2, g: torch.Generator) -> list[dict]:
     rows = []
     for m in MS:
@@ -183,11 +248,19 @@ def check_all(w13, w2, g: torch.Generator) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
     for name, (n, k) in PROJ.items():
         wq = [t[0] for t in awq_weights(1, k, n, g)]
+        wk = [t[0] for t in kmajor_weights(1, n, k, g)]
         for m in (1, 7, 64, 300):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             err = rel_err(w4a16_gemm.w4a16_linear(x, *wq), w4a16_gemm.w4a16_linear_ref(x, *wq))
-            rows.append({"op": name, "M": m, "rel_err": err})
+            rows.append({"op": name, "layout": "autoawq", "M": m, "rel_err": err})
             print(json.dumps(rows[-1]), flush=True)
+            ref = w4a16_moe.w4a16_kmajor_linear_ref(x, *wk)
+            for path, split in ((None, None), ("gemv", 4), ("mma", 2), ("dot", 2), ("mma", 1)):
+                cfg = {"PATH": path, "SPLIT_K": split} if path else None
+                err = rel_err(w4a16_moe.w4a16_kmajor_linear(x, *wk, config=cfg), ref)
+                rows.append({"op": name, "layout": "kmajor", "path": path or "launcher", "split_k": split, "M": m,
+                             "rel_err": err})
+                print(json.dumps(rows[-1]), flush=True)
     bad = [r for r in rows if not r["rel_err"] < 1e-2]
     if bad:
         raise SystemExit(f"check failed: {bad}")
@@ -224,17 +297,23 @@ def bench_moe(w13, w2, tuned: dict, bw: float, peak: float, g: torch.Generator) 
 
 
 def bench_proj(bw: float, g: torch.Generator) -> list[dict]:
+    """The projections in the K-major layout (the runtime's, tuned configs) beside the AutoAWQ-layout kernel (the
+    on-disk layout read as it is) and cuBLAS bf16."""
     rows = []
     for name, (n, k) in PROJ.items():
         wq = [t[0] for t in awq_weights(1, k, n, g)]
+        wk = [t[0] for t in kmajor_weights(1, n, k, g)]
         w_bf = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-        for m in (1, 16, 256, 4096):
+        for m in PROJ_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-            t_w4 = bench(lambda: w4a16_gemm.w4a16_linear(x, *wq))
+            t_k = bench(lambda: w4a16_moe.w4a16_kmajor_linear(x, *wk))
+            t_awq = bench(lambda: w4a16_gemm.w4a16_linear(x, *wq))
             t_bf16 = bench(lambda: x @ w_bf.t())
-            nbytes = n * k * (0.5 + 2.5 / G) + 2 * m * (n + k)
-            rows.append({"op": name, "M": m, "N": n, "K": k, "w4a16_ms": t_w4, "bf16_ms": t_bf16,
-                         "w4a16_frac_bw": nbytes / t_w4 / 1e9 / bw, "w4a16_tflops": 2 * m * n * k / t_w4 / 1e9})
+            nbytes = n * k * (0.5 + 3 / G) + 2 * m * (n + k)  # codes, fp16 scales, 8-bit zeros, x and y
+            cfg = w4a16_moe.linear_config(x.device, m, n, k, G)
+            rows.append({"op": name, "M": m, "N": n, "K": k, "path": cfg["PATH"], "split_k": cfg["SPLIT_K"],
+                         "kmajor_ms": t_k, "autoawq_ms": t_awq, "bf16_ms": t_bf16, "floor_ms": nbytes / bw / 1e9,
+                         "kmajor_frac_bw": nbytes / t_k / 1e9 / bw, "kmajor_tflops": 2 * m * n * k / t_k / 1e9})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -278,6 +357,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results")
     ap.add_argument("--check", action="store_true", help="check every kernel against its reference first")
     ap.add_argument("--tune-seconds", type=float, default=0.0, help="tuning budget (0: use the stored configs)")
+    ap.add_argument("--tune-linear-seconds", type=float, default=0.0,
+                    help="the projections' tuning budget (the new table replaces kernels/configs/w4a16_linear.json)")
+    ap.add_argument("--skip-moe", action="store_true", help="projections only: no MoE benchmark")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
@@ -296,18 +378,28 @@ def main() -> None:
         table.setdefault(device, {})[SHAPE_KEY] = tuned
         (args.out / "w4a16_moe.json").write_text(json.dumps(table, indent=1) + "\n")
         print(f"tuned configs written to {args.out / 'w4a16_moe.json'} (copy to kernels/configs/)", flush=True)
-    moe = bench_moe(w13, w2, tuned, bw, peak, g)
+    tuned_linear: dict = {}
+    if args.tune_linear_seconds > 0:
+        tuned_linear = tune_linear(args.tune_linear_seconds, g)
+        src = ROOT / "kernels" / "configs" / "w4a16_linear.json"
+        table = json.loads(src.read_text()) if src.exists() else {}
+        table.setdefault(device, {}).update(tuned_linear)
+        (args.out / "w4a16_linear.json").write_text(json.dumps(table, indent=1) + "\n")
+        # the launcher reads the new table for the benchmark below
+        w4a16_moe.load_config_table.cache_clear()
+        (ROOT / "kernels" / "configs" / "w4a16_linear.json").write_text(json.dumps(table, indent=1) + "\n")
+    moe = bench_moe(w13, w2, tuned, bw, peak, g) if not args.skip_moe else []
     proj = bench_proj(bw, g)
     repack = repack_ms_per_layer()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
     result = {
-        "benchmark": "W4A16 kernels (MoE: K-major layout; projections: AutoAWQ layout; group 128) on MiniMax-M2 "
-                     "shapes",
+        "benchmark": "W4A16 kernels (K-major layout; projections also in the AutoAWQ layout; group 128) on "
+                     "MiniMax-M2 shapes",
         "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
         "torch": torch.__version__, "triton": triton.__version__, "hbm_read_tbps": bw, "bf16_matmul_tflops": peak,
-        "checks": checks, "tuned": tuned, "moe": moe, "projections": proj,
+        "checks": checks, "tuned": tuned, "tuned_linear": tuned_linear, "moe": moe, "projections": proj,
         "repack_gpu_ms_per_layer": repack,
     }
     dest = args.out / f"bench_w4a16-{result['date']}-{device.replace(' ', '_')}-{commit}.json"
@@ -323,12 +415,13 @@ def main() -> None:
               f"| {100 * r['w4a16_frac_bw']:.0f} | {r['w4a16_tflops']:.1f} | {100 * r['w4a16_frac_bf16_peak']:.0f} "
               f"| {r['bf16_loop_ms']:.3f} | {r['speedup_vs_bf16_loop']:.1f} "
               f"| {r['bf16_floor_ms']:.4f} | {r['speedup_vs_bf16_floor']:.2f} |")
-    print("\nAttention projections\n")
-    print("| op | M | W4A16 ms | bf16 ms | % BW | TFLOP/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\nAttention projections (q/k/v fused), W4A16 group 128\n")
+    print("| op | M | path | split K | K-major ms | % BW | TFLOP/s | AutoAWQ-layout ms | bf16 ms | floor ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in proj:
-        print(f"| {r['op']} | {r['M']} | {r['w4a16_ms']:.4f} | {r['bf16_ms']:.4f} | {100 * r['w4a16_frac_bw']:.0f} "
-              f"| {r['w4a16_tflops']:.0f} |")
+        print(f"| {r['op']} | {r['M']} | {r['path']} | {r['split_k']} | {r['kmajor_ms']:.4f} "
+              f"| {100 * r['kmajor_frac_bw']:.0f} | {r['kmajor_tflops']:.0f} | {r['autoawq_ms']:.4f} "
+              f"| {r['bf16_ms']:.4f} | {r['floor_ms']:.4f} |")
     print(f"\nrepack to the K-major layout at load (GPU, expert by expert): {repack['autoawq']:.0f} ms per MoE layer "
           f"from AutoAWQ, {repack['compressed-tensors']:.0f} ms from compressed-tensors")
     print(f"written to {dest}")

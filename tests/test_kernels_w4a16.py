@@ -34,7 +34,12 @@ from quantkit.kernels.w4a16_gemm import (
     w4a16_linear,
     w4a16_linear_ref,
 )
-from quantkit.kernels.w4a16_moe import fused_moe_w4a16, fused_moe_w4a16_ref
+from quantkit.kernels.w4a16_moe import (
+    fused_moe_w4a16,
+    fused_moe_w4a16_ref,
+    w4a16_kmajor_linear,
+    w4a16_kmajor_linear_ref,
+)
 
 from quantkit.formats.awq import dequantize_groups, pack_autoawq, quantize_groups
 
@@ -298,6 +303,47 @@ def test_fused_moe_refuses_mismatched_experts():
         fused_moe_w4a16(x, *w13[:1], w13[1].to(torch.int32), *w13[2:], *stacked(2, 128, 128, 64, gen), tw, ids)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,group,dtype,config", [
+    (1, 96, 256, 32, torch.float32, None),  # the launcher's choice; N = 96: half of the second 64-row tile
+    # K split over 4 programs per tile (8 groups of 32): the last to arrive sums the partials
+    (3, 160, 256, 32, torch.bfloat16, {"PATH": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "PREFETCH": 2, "SPLIT_K": 4}),
+    (2, 64, 512, 128, torch.float16, {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "SPLIT_K": 2}),
+    (19, 384, 512, 128, torch.bfloat16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 256, "SPLIT_K": 2}),
+    (21, 128, 256, 128, torch.float16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64}),
+    (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4}),
+    (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64}),
+])
+def test_kmajor_linear_matches_reference(device, m, n, k, group, dtype, config):
+    """Attention projections on the MoE kernels (one expert, rows in order), every path, with and without split K;
+    the leading dimensions of x kept; twice the same call gives the same bits (the split sum's fixed order)."""
+    gen = gen_for("kmajor-linear", m, n, k, dtype)
+    w = [t.to(device) for t in awq_to_kmajor(*awq_weight(n, k, group, gen))]
+    x = (torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))).to(dtype).to(device)
+    out = w4a16_kmajor_linear(x, *w, config=config)
+    ref = w4a16_kmajor_linear_ref(x, *w)
+    assert_close(out, ref, dtype)
+    if dtype == torch.float32:  # the reference is the linear: the AutoAWQ weight dequantized, in fp32
+        awq = awq_weight(n, k, group, gen_for("kmajor-linear", m, n, k, dtype))
+        torch.testing.assert_close(ref.cpu(), x.cpu() @ awq_dequantize_ref(*awq), rtol=1e-4, atol=1e-5)
+    assert torch.equal(w4a16_kmajor_linear(x.view(1, m, k), *w, config=config), out.view(1, m, n))
+
+
+def test_kmajor_linear_config_and_refusals():
+    dev = torch.device("cpu")
+    cfg = w4a16_moe_mod.linear_config(dev, 1, 256, 1024, 128, {"SPLIT_K": 4})
+    assert cfg["PATH"] == "gemv" and cfg["SPLIT_K"] == 4
+    with pytest.raises(ValueError, match="SPLIT_K must divide the 8 groups"):
+        w4a16_moe_mod.linear_config(dev, 1, 256, 1024, 128, {"SPLIT_K": 3})
+    gen = gen_for("kmajor-bad")
+    w = awq_to_kmajor(*awq_weight(64, 256, 128, gen))
+    with pytest.raises(ValueError, match="does not fit qweight"):
+        w4a16_kmajor_linear(torch.randn(2, 128).bfloat16(), *w)
+    with pytest.raises(ValueError, match=r"qweight must be K-major \[N, K/8\]"):
+        w4a16_kmajor_linear(torch.randn(2, 256).bfloat16(), w[0][None], *w[1:])
+    assert w4a16_kmajor_linear(torch.randn(0, 256).bfloat16(), *w).shape == (0, 64)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # MiniMax-M2 shapes on the GPU
 
@@ -310,6 +356,21 @@ def test_gemm_minimax_shapes_gpu(m, n, k, mark):
     qweight, qzeros, scales = (t.cuda() for t in awq_weight(n, k, 128, gen))
     x = torch.randn(m, k, generator=gen).bfloat16().cuda()
     assert_close(w4a16_gemm(x, qweight, qzeros, scales), w4a16_gemm_ref(x, qweight, qzeros, scales), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
+@pytest.mark.parametrize("n,k", [(8192, 3072), (3072, 6144)])
+@pytest.mark.parametrize("path", [None, "gemv", "mma"])
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
+def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
+    """q/k/v fused (8192 x 3072) and o_proj (3072 x 6144) on random codes, the launcher's split K included."""
+    gen = torch.Generator(device="cuda").manual_seed(m + n)
+    w = [torch.randint(-2**31, 2**31 - 1, (n, k // 8), generator=gen, device="cuda", dtype=torch.int32),
+         torch.randint(0, 16, (n, k // 128), generator=gen, device="cuda", dtype=torch.uint8),
+         (torch.rand(n, k // 128, generator=gen, device="cuda") * 2e-3).half()]
+    x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+    cfg = {"PATH": path, "SPLIT_K": 2} if path else None
+    assert_close(w4a16_kmajor_linear(x, *w, config=cfg), w4a16_kmajor_linear_ref(x, *w), torch.bfloat16)
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 256])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,7 +235,13 @@ def test_cli_eval_tp2_matches_one_process(tiny_fp8, tiny_bf16, tmp_path):
     args = ["eval", tiny_fp8, "--reference", tiny_bf16, "--window", "32", "--max-windows", "2", "--device", "cpu"]
     one = run_cli(*args, "-o", tmp_path / "one", check=True)
     two = run_cli(*args, "-o", tmp_path / "two", "--tp", "2", check=True)
-    assert one.stdout.splitlines()[0] == two.stdout.splitlines()[0]  # KLD, top-1, perplexities: same digits
+    # KLD, top-1, perplexities: the same to the last printed digit, give or take one (two ranks sum the logits'
+    # contributions in another order)
+    nums = [re.findall(r"\d+\.?\d*", out.stdout.splitlines()[0]) for out in (one, two)]
+    assert len(nums[0]) == len(nums[1]) >= 5
+    for a, b in zip(*nums):
+        decimals = len(a.partition(".")[2])
+        assert abs(float(a) - float(b)) <= 1.01 * 10.0**-decimals, (one.stdout.splitlines()[0], two.stdout)
     assert (tmp_path / "two" / "results.json").is_file()
 
 

@@ -2,13 +2,13 @@
 
     model = load_model("ckpt-awq", backend="awq")       # AutoAWQ GEMM or compressed-tensors pack-quantized
 
-Attention projections are held in the AutoAWQ GEMM layout that kernels/w4a16_gemm.py reads (qweight int32
-[in, out/8], qzeros int32 [in/g, out/8], scales [in/g, out]); a compressed-tensors checkpoint's are unpacked and
-repacked to it once at load. Experts are repacked once at load, from either on-disk layout, to the K-major layout
-kernels/w4a16_moe.py reads (qweight int32 [E, out, in/8] with eight consecutive input codes per word, zeros uint8 and
-scales [E, out, in/g]; see that module for why it streams several times faster at decode sizes), stacked per layer
-with w1 and w3 one above the other: w13 [E, 2I, H/8], w2 [E, H, I/8]. The repack is torch ops on the load device
-(scripts/bench_w4a16.py measures it on a GPU: a few milliseconds per MoE layer); scales keep their stored dtype.
+Every packed linear is repacked once at load, from either on-disk layout (AutoAWQ GEMM or compressed-tensors), to
+the K-major layout kernels/w4a16_moe.py reads (qweight int32 [out, in/8] with eight input codes per word, zeros uint8
+and scales [out, in/g]; see that module for why it streams several times faster at decode sizes than AutoAWQ's
+[in, out/8]). Attention projections run through its w4a16_kmajor_linear (q/k/v fused into one), experts through its
+fused MoE, stacked per layer with w1 and w3 one above the other: w13 [E, 2I, H/8], w2 [E, H, I/8]. The repack is
+torch ops on the load device (scripts/bench_w4a16.py measures it on a GPU: a few milliseconds per MoE layer); scales
+keep their stored dtype.
 
 On a GPU the Triton kernels run. On the CPU each forward dequantizes the weights it needs and computes exactly as
 the dense model does (same ops, same layouts), so a checkpoint run here equals, bit for bit, the dense model built
@@ -27,47 +27,44 @@ from quantkit.formats.awq import PACK, AwqCheckpointReader
 from quantkit.kernels import w4a16_gemm, w4a16_moe
 
 
-def _buffers(module: nn.Module, prefix: str, k: int, n: int, group: int, scale_dtype: torch.dtype,
-             lead: tuple[int, ...] = ()) -> None:
-    module.register_buffer(prefix + "qweight", torch.empty(*lead, k, n // PACK, dtype=torch.int32))
-    module.register_buffer(prefix + "qzeros", torch.empty(*lead, k // group, n // PACK, dtype=torch.int32))
-    module.register_buffer(prefix + "scales", torch.empty(*lead, k // group, n, dtype=scale_dtype))
-
-
 class AwqLinear(nn.Module):
-    """y = x W^T with W [out, in] held as AutoAWQ qweight [in, out/8], qzeros [in/g, out/8], scales [in/g, out]."""
+    """y = x W^T with W [out, in] held K-major: qweight int32 [out, in/8], zeros uint8 [out, in/g], scales [out, in/g]
+    (kernels/w4a16_gemm.py, `pack_kmajor`), repacked at load from either on-disk layout."""
 
     def __init__(self, in_features: int, out_features: int, group: int = 128,
                  scale_dtype: torch.dtype = torch.float16):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        _buffers(self, "", in_features, out_features, group, scale_dtype)  # buffers: the dtype cast leaves them be
+        # buffers: the model's dtype cast leaves them be
+        self.register_buffer("qweight", torch.empty(out_features, in_features // PACK, dtype=torch.int32))
+        self.register_buffer("zeros", torch.empty(out_features, in_features // group, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group, dtype=scale_dtype))
 
     @classmethod
     def cat(cls, mods: list[AwqLinear]) -> AwqLinear | None:
-        """One AwqLinear of mods' output columns side by side (runtime.model.fuse_linears): AutoAWQ packs eight
-        outputs per int32 along the last dimension, so the packed tensors concatenate there as they are."""
+        """One AwqLinear of mods' outputs side by side (runtime.model.fuse_linears): K-major rows are outputs, so the
+        tensors stack along their first dimension as they are."""
         first = mods[0]
         if any(m.in_features != first.in_features or m.group != first.group or m.scales.dtype != first.scales.dtype
                for m in mods):
             return None
         with torch.device("meta"):
             fused = cls(first.in_features, sum(m.out_features for m in mods), first.group, first.scales.dtype)
-        for name in ("qweight", "qzeros", "scales"):
-            setattr(fused, name, torch.cat([getattr(m, name) for m in mods], dim=-1))
+        for name in ("qweight", "zeros", "scales"):
+            setattr(fused, name, torch.cat([getattr(m, name) for m in mods]))
         return fused
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in dtype, contiguous as nn.Linear holds it."""
-        return w4a16_gemm.awq_dequantize_ref(self.qweight, self.qzeros, self.scales).t().contiguous().to(dtype)
+        return w4a16_gemm.kmajor_dequantize_ref(self.qweight, self.zeros, self.scales).to(dtype)
 
     def load(self, reader: AwqCheckpointReader, name: str) -> None:
-        for buf, t in zip((self.qweight, self.qzeros, self.scales), reader.awq_tensors(name, self.qweight.device)):
+        for buf, t in zip((self.qweight, self.zeros, self.scales), _kmajor_tensors(reader, name, self.qweight.device)):
             buf.copy_(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return w4a16_gemm.w4a16_linear(x, self.qweight, self.qzeros, self.scales)
+            return w4a16_moe.w4a16_kmajor_linear(x, self.qweight, self.zeros, self.scales)
         return F.linear(x, self.dense_weight(x.dtype))
 
 

@@ -342,17 +342,15 @@ class AwqShards(DenseShards):
         return q, scales.to(stored), zeros  # scales exact in their stored 16-bit dtype
 
     def linear(self, name: str, rows: Range | None, cols: Range | None) -> nn.Module:
-        from quantkit.formats.awq import pack_autoawq
+        from quantkit.kernels.w4a16_gemm import pack_kmajor
         from quantkit.runtime.awq import AwqLinear
 
         if not self.src.reader.is_packed(name):  # a recipe may keep attention dense
             return super().linear(name, rows, cols)
         q, scales, zeros = self._codes(name, rows, cols)
-        qweight, qzeros, _ = pack_autoawq(q, scales, zeros)
         with torch.device("meta"):
             lin = AwqLinear(q.shape[1], q.shape[0], self.src.reader.awq[1], scales.dtype)
-        lin.qweight, lin.qzeros = qweight.to(self.device), qzeros.to(self.device)  # buffers
-        lin.scales = scales.t().contiguous().to(self.device)  # [in/g, out]
+        lin.qweight, lin.zeros, lin.scales = (t.to(self.device) for t in pack_kmajor(q, scales, zeros))  # buffers
         return lin
 
     def experts(self, prefix: str, experts: Range, inter: Range) -> nn.Module:
