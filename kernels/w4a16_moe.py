@@ -84,6 +84,8 @@ import triton.language as tl
 from .fp8_gemm import (
     ACT_DTYPES,
     INTERPRETED,
+    _cuda_device_info,
+    _cuda_index,
     device_key,
     grouped_pid,
     load_config_table,
@@ -360,6 +362,7 @@ def _moe_mma_kernel(
     MAGIC: tl.constexpr,  # 16-bit pattern of the operand type's 2^m (m its mantissa bits): 0x4300 bf16 (also
     # the interpreter's, widened to fp32), 0x6400 fp16
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    PREFETCH: tl.constexpr = 1,  # 2 (not GATED): the next group's words loaded while this one is computed
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
 ):
@@ -410,6 +413,9 @@ def _moe_mma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     xm = tok_mask[None, :]
+    tl.static_assert(PREFETCH == 1 or not GATED)
+    if PREFETCH == 2:
+        nxt = tl.load(b_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW] group 0
     for kb in range(0, KB_PER):
         x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
         x1 = tl.load(a_ptrs + GW, mask=xm, other=0.0)  # places 1 and 5
@@ -419,7 +425,11 @@ def _moe_mma_kernel(
             x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
         xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
         for hf in tl.static_range(HALVES):
-            words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
+            if PREFETCH == 2:  # registers: in flight during this group's dots, whatever the pipeliner does
+                words = nxt
+                nxt = tl.load(b_ptrs + GW, mask=n_mask[:, None] & (kb + 1 < KB_PER), other=0)
+            else:
+                words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
             z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
             s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -581,7 +591,7 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
         _moe_gemv[grid](*args, PREFETCH=cfg["PREFETCH"], **common)
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
-                       UPCAST=INTERPRETED, **common)
+                       UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
                        F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
@@ -639,6 +649,55 @@ def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: t
 # a plain linear on the same kernels
 
 LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS + ("SPLIT_K",)
+# "dequant" (prefill): the weight dequantized to x.dtype [N, K] by one kernel, then cuBLAS: at a few hundred rows
+# and more the matmul is compute-bound and cuBLAS's bf16 GEMM beats any kernel that unpacks in its inner loop, while
+# the dequantization costs one read of the 4-bit weight and one write (and read) of the 16-bit one
+LINEAR_PATHS = PATHS + ("dequant",)
+
+
+def _kmajor_dequant_kernel(
+    b_ptr, z_ptr, s_ptr, out_ptr,  # qweight int32 [N, K/8], zeros uint8 [N, K/G], scales [N, K/G] -> out [N, K]
+    N, stride_bn, stride_zn, stride_sn, stride_on,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr,
+):
+    """Program (row block, group): the group's codes of BLOCK_N rows, (q - z) * s in fp32, stored in out's dtype
+    at their K positions (nibble j of word c: code j * G/8 + c)."""
+    pid_n = tl.program_id(0)
+    kb = tl.program_id(1)
+    GW: tl.constexpr = GROUP // 8
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    offs_c = tl.arange(0, GW)
+    words = tl.load(b_ptr + rows[:, None] * stride_bn + kb * GW + offs_c[None, :], mask=rmask[:, None], other=0)
+    z = tl.load(z_ptr + rows * stride_zn + kb, mask=rmask, other=0).to(tl.float32)
+    sc = tl.load(s_ptr + rows * stride_sn + kb, mask=rmask, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + rows[:, None] * stride_on + kb * GROUP + offs_c[None, :]
+    for j in tl.static_range(8):
+        q = ((words >> (4 * j)) & 0xF).to(tl.float32)
+        w = (q - z[:, None]) * sc[:, None]
+        if OUT_MANT:
+            w = round_to_out_grid(w, OUT_MANT)
+        tl.store(o_ptrs + j * GW, w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+_kmajor_dequant = _jit(_kmajor_dequant_kernel)
+
+
+def kmajor_dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W [N, K] in dtype from the K-major tensors of one linear, one launch: (q - z) * s in fp32 rounded once to
+    dtype (kmajor_dequantize_ref's values, rounded)."""
+    n, k, g = check_kmajor_weight(qweight, zeros, scales)
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be K-major [N, K/8], got {tuple(qweight.shape)}")
+    device = check_device(qweight, zeros, scales)
+    out = torch.empty((n, k), dtype=dtype, device=device)
+    if n:
+        block_n = 64 if INTERPRETED else 32
+        _kmajor_dequant[(triton.cdiv(n, block_n), k // g)](
+            qweight, zeros, scales, out, n, qweight.stride(0), zeros.stride(0), scales.stride(0), out.stride(0),
+            GROUP=g, BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(dtype), num_warps=4)
+    return out
 
 
 def _linear_default_config(device: torch.device, m: int, n: int, k: int, g: int) -> dict:
@@ -648,20 +707,18 @@ def _linear_default_config(device: torch.device, m: int, n: int, k: int, g: int)
                         num_warps=4, num_stages=1, SPLIT_K=1)
         return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
     # H100/H200: decode reads the weight once, so the GEMV path while the rows are few, the weights-as-A tensor-core
-    # path up to a few hundred rows, the dot path above; at decode sizes K is split until every multiprocessor has
-    # a couple of programs (the projections' 3072-8192 outputs make only 96-256 GEMV tiles)
+    # path up to about a hundred, dequantization and cuBLAS above (on an H200 at 256 rows: 38 us for q/k/v where the
+    # in-loop kernels take 72-109); at decode sizes K is split until every multiprocessor has a couple of programs
+    # (the projections' 3072-8192 outputs make only 96-256 GEMV tiles)
     if m <= 4 or g < 128:
         cfg = dict(PATH="gemv", BLOCK_M=triton.next_power_of_2(min(m, 4)), BLOCK_N=16, GROUP_M=1, PREFETCH=2,
                    num_warps=2, num_stages=1)
         rows = 2 * cfg["BLOCK_N"]
-    elif m <= 256:
-        cfg = dict(PATH="mma", BLOCK_M=16 if m <= 16 else 32 if m <= 64 else 64, BLOCK_N=64, GROUP_M=1,
-                   num_warps=4, num_stages=3)
+    elif m <= 96:
+        cfg = dict(PATH="mma", BLOCK_M=16 if m <= 16 else 32, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
         rows = cfg["BLOCK_N"]
     else:
-        return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1)
-    from .fp8_gemm import _cuda_device_info, _cuda_index
-
+        return dict(PATH="dequant", BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
     num_sms = _cuda_device_info(_cuda_index(device))[2]
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, rows)
     split, groups = 1, k // g
@@ -682,8 +739,8 @@ def linear_config(device: torch.device, m: int, n: int, k: int, g: int, override
     if "PATH" in over and over["PATH"] != cfg.get("PATH"):
         cfg = {**_other_path_default(over["PATH"], g), "SPLIT_K": 1}
     cfg = {k_: v for k_, v in {"SPLIT_K": 1, **cfg, **over}.items() if k_ in LINEAR_CONFIG_KEYS}
-    if cfg["PATH"] not in PATHS:
-        raise ValueError(f"block config {cfg}: PATH must be one of {PATHS}")
+    if cfg["PATH"] not in LINEAR_PATHS:
+        raise ValueError(f"block config {cfg}: PATH must be one of {LINEAR_PATHS}")
     if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
             or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
@@ -701,7 +758,9 @@ def w4a16_kmajor_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Ten
     """y = x W^T, W [N, K] in the K-major layout (qweight int32 [N, K/8], zeros uint8 [N, K/G], scales [N, K/G]):
     x [..., K] -> [..., N] in x.dtype, fp32 accumulation. The MoE GEMMs' kernels with one expert and the rows of x
     taken in order (no routing); SPLIT_K > 1 splits the groups of K over programs, the last of a tile's programs to
-    finish adding the fp32 partials in split order (deterministic, one launch, capturable in a CUDA graph)."""
+    finish adding the fp32 partials in split order (deterministic, one launch, capturable in a CUDA graph).
+    PATH "dequant" (large M) writes W in x.dtype and multiplies with torch (cuBLAS on a GPU): the weight is then
+    rounded to x.dtype before the products, as a bf16 model's would be."""
     if x.dim() < 1 or x.dtype not in ACT_DTYPES:
         raise ValueError(f"x must be [..., K] in one of {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
     if qweight.dim() != 2:
@@ -719,6 +778,8 @@ def w4a16_kmajor_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Ten
     if m == 0 or n == 0:
         return c.view(*lead, n)
     cfg = linear_config(device, m, n, k, g, config)
+    if cfg["PATH"] == "dequant":  # the matmul in x.dtype on the weight rounded to it (fp32: exact)
+        return torch.matmul(a, kmajor_dequantize(qweight, zeros, scales, x.dtype).t(), out=c).view(*lead, n)
     if cfg["PATH"] == "mma" and x.dtype == torch.float32 and not INTERPRETED:
         cfg = {**_other_path_default("dot", g), "SPLIT_K": cfg["SPLIT_K"]}  # 16-bit operands only
     w = (qweight[None], zeros[None], scales[None])  # one expert

@@ -51,7 +51,7 @@ DECODE = 16  # M buckets up to this get twice the tuning share
 # the runtime's attention projections (q, k, v fused into one) as [N, K]; the AutoAWQ-layout kernel is timed beside
 PROJ = {"qkv_proj": (8192, 3072), "o_proj": (3072, 6144)}
 PROJ_MS = [1, 4, 16, 32, 64, 256, 1024, 4096]
-PROJ_TUNE = [1, 16, 32, 4, 64, 256, 1024, 4096]
+PROJ_TUNE = [1, 16, 32, 4, 64, 8, 128, 256, 1024, 4096]
 SHAPE_KEY = f"E={E},I={I},H={H},G={G}"
 
 
@@ -178,26 +178,28 @@ def linear_candidates(m: int, k: int) -> list[dict]:
     """Configurations of w4a16_kmajor_linear to try at M, the three paths alternating, each with K split 1-8 ways
     (the projections make only 48-256 output tiles: too few for 132 SMs without a split)."""
     groups = k // G
-    splits = [s for s in (1, 2, 4, 8, 3, 6) if groups % s == 0]
-    gemv, mma, dot = [], [], []
+    splits = [s for s in (4, 8, 2, 6, 12, 1, 3) if groups % s == 0]
+    gemv, mma, other = [], [], []
+    if m >= 16:  # dequantize, then cuBLAS: one candidate
+        other.append(dict(PATH="dequant", BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1))
     if m <= 8:
         bms = [triton.next_power_of_2(m)] + ([triton.next_power_of_2(m) // 2] if m > 1 else [])
-        for sp, (bn, nw), bm, pf in itertools.product(splits[:4], [(16, 2), (8, 1), (32, 4), (16, 1), (32, 2)], bms,
-                                                      [2, 1]):
+        for (bn, nw), sp, pf, bm in itertools.product([(16, 2), (8, 1), (32, 4), (16, 1)], splits[:5], [2, 1], bms):
             gemv.append(dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=1,
                              SPLIT_K=sp))
-    if m >= 2:
-        bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
-        for sp, bn, nw, bm, ns in itertools.product(splits[:4], [64, 128], [4, 8], bms, [3, 2, 4]):
+    if 2 <= m <= 256:
+        bms = [16] if m <= 16 else [32, 16] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+        for sp, pf, bn, nw, bm, ns in itertools.product(splits[:5], [2, 1], [64, 128], [4, 8], bms, [3, 2]):
             if bn // 64 < nw // 4 or bn * bm > 128 * 128:
                 continue
-            mma.append(dict(PATH="mma", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=ns, SPLIT_K=sp))
-    if m >= 64:
-        for bm, bn, ns, sp in itertools.product([64, 128], [128, 256, 64], [3, 4], splits[:2]):
-            if bm * bn > 128 * 128:
-                continue
-            dot.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=8, num_stages=ns, SPLIT_K=sp))
-    return [c for row in itertools.zip_longest(gemv, mma, dot) for c in row if c is not None]
+            mma.append(dict(PATH="mma", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=ns,
+                            SPLIT_K=sp))
+    if m >= 256:
+        for bm, bn, ns in itertools.product([64, 128], [128, 256], [3, 4]):
+            if bm * bn <= 128 * 128:
+                other.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=8, num_stages=ns,
+                                  SPLIT_K=1))
+    return [c for row in itertools.zip_longest(other, gemv, mma) for c in row if c is not None]
 
 
 def tune_linear(budget_s: float, g: torch.Generator) -> dict:
@@ -255,8 +257,8 @@ def check_all(w13, w2, g: torch.Generator) -> list[dict]:
             rows.append({"op": name, "layout": "autoawq", "M": m, "rel_err": err})
             print(json.dumps(rows[-1]), flush=True)
             ref = w4a16_moe.w4a16_kmajor_linear_ref(x, *wk)
-            for path, split in ((None, None), ("gemv", 4), ("mma", 2), ("dot", 2), ("mma", 1)):
-                cfg = {"PATH": path, "SPLIT_K": split} if path else None
+            for path, split in ((None, None), ("gemv", 4), ("mma", 2), ("dot", 2), ("mma", 1), ("dequant", 1)):
+                cfg = {"PATH": path, "SPLIT_K": split, "PREFETCH": 2 if path == "mma" else 1} if path else None
                 err = rel_err(w4a16_moe.w4a16_kmajor_linear(x, *wk, config=cfg), ref)
                 rows.append({"op": name, "layout": "kmajor", "path": path or "launcher", "split_k": split, "M": m,
                              "rel_err": err})

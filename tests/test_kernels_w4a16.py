@@ -310,7 +310,11 @@ def test_fused_moe_refuses_mismatched_experts():
     (3, 160, 256, 32, torch.bfloat16, {"PATH": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "PREFETCH": 2, "SPLIT_K": 4}),
     (2, 64, 512, 128, torch.float16, {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "SPLIT_K": 2}),
     (19, 384, 512, 128, torch.bfloat16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 256, "SPLIT_K": 2}),
-    (21, 128, 256, 128, torch.float16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64}),
+    (21, 128, 256, 128, torch.float16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64, "PREFETCH": 2}),
+    (9, 128, 512, 128, torch.bfloat16, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64, "PREFETCH": 2, "SPLIT_K": 2}),
+    # dequantized to x.dtype by a kernel, then torch.matmul
+    (40, 96, 512, 128, torch.bfloat16, {"PATH": "dequant"}),
+    (12, 64, 256, 32, torch.float32, {"PATH": "dequant"}),
     (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4}),
     (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64}),
 ])
@@ -322,11 +326,21 @@ def test_kmajor_linear_matches_reference(device, m, n, k, group, dtype, config):
     x = (torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))).to(dtype).to(device)
     out = w4a16_kmajor_linear(x, *w, config=config)
     ref = w4a16_kmajor_linear_ref(x, *w)
+    if config and config["PATH"] == "dequant":  # the products of x with the weight rounded to x.dtype
+        ref = (x.float() @ kmajor_dequantize_ref(*w).to(dtype).float().t()).to(dtype)
     assert_close(out, ref, dtype)
     if dtype == torch.float32:  # the reference is the linear: the AutoAWQ weight dequantized, in fp32
         awq = awq_weight(n, k, group, gen_for("kmajor-linear", m, n, k, dtype))
         torch.testing.assert_close(ref.cpu(), x.cpu() @ awq_dequantize_ref(*awq), rtol=1e-4, atol=1e-5)
     assert torch.equal(w4a16_kmajor_linear(x.view(1, m, k), *w, config=config), out.view(1, m, n))
+
+
+def test_kmajor_dequantize_rounds_the_reference_once():
+    gen = gen_for("kmajor-dequant")
+    w = awq_to_kmajor(*awq_weight(96, 384, 128, gen))
+    ref = kmajor_dequantize_ref(*w)
+    assert torch.equal(w4a16_moe_mod.kmajor_dequantize(*w, torch.float32), ref)
+    assert torch.equal(w4a16_moe_mod.kmajor_dequantize(*w, torch.bfloat16), ref.bfloat16())
 
 
 def test_kmajor_linear_config_and_refusals():
@@ -360,7 +374,7 @@ def test_gemm_minimax_shapes_gpu(m, n, k, mark):
 
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize("n,k", [(8192, 3072), (3072, 6144)])
-@pytest.mark.parametrize("path", [None, "gemv", "mma"])
+@pytest.mark.parametrize("path", [None, "gemv", "mma", "dequant"])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
 def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
     """q/k/v fused (8192 x 3072) and o_proj (3072 x 6144) on random codes, the launcher's split K included."""
@@ -369,8 +383,13 @@ def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
          torch.randint(0, 16, (n, k // 128), generator=gen, device="cuda", dtype=torch.uint8),
          (torch.rand(n, k // 128, generator=gen, device="cuda") * 2e-3).half()]
     x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
-    cfg = {"PATH": path, "SPLIT_K": 2} if path else None
-    assert_close(w4a16_kmajor_linear(x, *w, config=cfg), w4a16_kmajor_linear_ref(x, *w), torch.bfloat16)
+    cfg = {"PATH": path, "SPLIT_K": 2, "PREFETCH": 2} if path in ("gemv", "mma") else {"PATH": path} if path else None
+    out = w4a16_kmajor_linear(x, *w, config=cfg)
+    if w4a16_moe_mod.linear_config(x.device, m, n, k, 128, cfg)["PATH"] == "dequant":
+        ref = (x.float() @ kmajor_dequantize_ref(*w).bfloat16().float().t()).bfloat16()
+    else:
+        ref = w4a16_kmajor_linear_ref(x, *w)
+    assert_close(out, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 256])
