@@ -346,6 +346,7 @@ def _router_kernel(
     N, E, stride_h, stride_g, stride_l, stride_i, stride_w,
     H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    GEMV: tl.constexpr = False,  # a few rows (decode): products and row sums on the CUDA cores, no tl.dot
 ):
     # program (experts block eb, rows block nb): logits of BLOCK_N rows x BLOCK_EG experts in fp32; the last program
     # of the row block to finish (an arrival counter, as fp8_gemm.split_k_sum) takes the top-k of its rows
@@ -358,7 +359,17 @@ def _router_kernel(
     xmask = ex < E
     cols = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_N, BLOCK_EG), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_H):
+    if GEMV:  # BLOCK_EG gate rows over all of H at once (BLOCK_H >= H: one load in flight per program), each row of
+        # h against them
+        hmask = cols < H
+        gv = tl.load(gate_ptr + ex.to(tl.int64)[:, None] * stride_g + cols[None, :],
+                     mask=xmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_EG, BLOCK_H]
+        sel = tl.arange(0, BLOCK_N)[:, None]
+        for r in tl.static_range(BLOCK_N):
+            row = nb.to(tl.int64) * BLOCK_N + r
+            hv = tl.load(h_ptr + row * stride_h + cols, mask=hmask & (cols * 0 + row < N), other=0.0).to(tl.float32)
+            acc += tl.where(sel == r, tl.sum(gv * hv[None, :], axis=1)[None, :], 0.0)
+    for k0 in range(0, H if not GEMV else 0, BLOCK_H):
         hv = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + cols)[None, :],
                      mask=rmask[:, None] & (k0 + cols < H)[None, :], other=0.0).to(tl.float32)
         gv = tl.load(gate_ptr + ex.to(tl.int64)[None, :] * stride_g + (k0 + cols)[:, None],
@@ -381,6 +392,9 @@ def _router_kernel(
 _router = triton_kernel(_router_kernel)
 
 
+GEMV_ROWS = 4  # rows up to which the router computes its logits on the CUDA cores
+
+
 def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_ref in one launch: the fp32 logits over blocks of experts by many programs (fp32 products, IEEE on
     a GPU), the top-k of each row block by the last of its programs to finish. The logits' fp32 sums run in another
@@ -397,14 +411,18 @@ def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> t
     ids = torch.empty((N, k), dtype=torch.int64, device=h.device)
     w = torch.empty((N, k), dtype=torch.float32, device=h.device)
     if N:
-        block_n, block_eg = 16, (32 if INTERPRETED else 16)
+        gemv = N <= GEMV_ROWS and H <= 8192
+        if gemv:  # all rows in one block; two experts per program: 128 programs for MiniMax-M2's 256
+            block_n, block_eg, block_h = triton.next_power_of_2(N), 2, triton.next_power_of_2(H)
+        else:
+            block_n, block_eg, block_h = 16, (32 if INTERPRETED else 16), 128
         logits = torch.empty((N, E), dtype=torch.float32, device=h.device)
         grid = (triton.cdiv(E, block_eg), triton.cdiv(N, block_n))
         counters = arrival_counters(h.device, grid[1])
         _router[grid](h2, g2, bias.float().contiguous(), logits, ids, w, counters, N, E, h2.stride(0), g2.stride(0),
                       logits.stride(0), ids.stride(0), w.stride(0), H=H, TOP_K=k, BLOCK_N=block_n,
-                      BLOCK_EG=block_eg, BLOCK_H=128, BLOCK_E=triton.next_power_of_2(E),
-                      BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, num_warps=4)
+                      BLOCK_EG=block_eg, BLOCK_H=block_h, BLOCK_E=triton.next_power_of_2(E),
+                      BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, GEMV=gemv, num_warps=4)
     return ids, w
 
 

@@ -117,7 +117,8 @@ def test_route_topk(device, experts, k, rows):
 @IGNORE_EXP_OVERFLOW
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows,hidden,experts,k,dtype", [
-    (1, 3072, 256, 8, torch.bfloat16),  # MiniMax-M2's router at decode
+    (1, 3072, 256, 8, torch.bfloat16),  # MiniMax-M2's router at decode (the GEMV variant, rows <= 4)
+    (3, 320, 40, 8, torch.float16),  # GEMV: H and E not powers of two, a padding row
     (37, 384, 40, 8, torch.bfloat16),  # three row blocks, experts not a multiple of the block
     (5, 256, 16, 4, torch.float32),
 ])

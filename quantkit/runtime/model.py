@@ -226,6 +226,9 @@ class DenseExperts(nn.Module):
         return out
 
 
+ROUTER_ONE_LAUNCH_ROWS = 64  # tokens up to which a GPU routes with fused_ops.router
+
+
 class MoE(nn.Module):
     """Sigmoid routing in fp32, then the experts (dense reference, or a quantized backend)."""
 
@@ -241,10 +244,15 @@ class MoE(nn.Module):
         """h [N, H] -> (expert ids [N, K], weights [N, K] fp32)."""
         from quantkit.kernels import fused_ops
 
+        k = self.cfg.num_experts_per_tok
+        if h.shape[0] <= ROUTER_ONE_LAUNCH_ROWS and _fused(h) and _fused(self.gate, self.bias) \
+                and self.gate.dtype == torch.float32:
+            # decode: the fp32 logits and the top-k in one launch instead of a cast, a GEMV and the top-k
+            return fused_ops.router(h, self.gate, self.bias, k)
         logits = h.float() @ self.gate.float().t()  # [N, E], fp32 as vLLM and SGLang compute it
         # sigmoid, bias, top-k and the renormalisation: one kernel on a GPU
         run = fused_ops.route_topk if _fused(logits) else fused_ops.route_topk_ref
-        return run(logits, self.bias, self.cfg.num_experts_per_tok)
+        return run(logits, self.bias, k)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
