@@ -22,8 +22,9 @@ divides G, so one K block never straddles two groups. At small M the weights' ba
 splits the K loop over programs so that narrow outputs still fill the GPU, in the same launch: the tile's last program
 to finish adds the fp32 partial sums in split order (kernels/fp8_gemm.py's split_k_sum).
 
-The fused MoE (kernels/w4a16_moe.py) reads another layout, K-major, which this module also defines (the one-time
-repack at load and its reference dequantization, torch only):
+The fused MoE and the runtime's projections (kernels/w4a16_moe.py) read another layout, K-major, faster at decode
+sizes, which this module also defines (the one-time repack at load and its reference dequantization, torch only);
+the kernel here is for the AutoAWQ tensors as stored, and the benchmark's baseline:
   qweight  int32 [.., N, K/8]  each row's codes contiguous along K; within a group of G codes (G/8 words) nibble j
                                of word c holds code j * G/8 + c
   zeros    uint8 [.., N, K/G]

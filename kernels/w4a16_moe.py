@@ -4,11 +4,12 @@
 
 Usage:
     from quantkit.kernels.w4a16_gemm import awq_to_kmajor
-    from quantkit.kernels.w4a16_moe import fused_moe_w4a16
+    from quantkit.kernels.w4a16_moe import fused_moe_w4a16, w4a16_kmajor_linear
 
     w13 = awq_to_kmajor(w13_qweight, w13_qzeros, w13_scales)  # once, at load: AutoAWQ [E, H, 2I/8] -> K-major
     w2 = awq_to_kmajor(w2_qweight, w2_qzeros, w2_scales)
     out = fused_moe_w4a16(x, *w13, *w2, topk_weights, topk_ids)
+    y = w4a16_kmajor_linear(x, *awq_to_kmajor(qweight, qzeros, scales))  # a plain linear on the same kernels
     # x [M, H] bf16/fp16/fp32; experts stacked in the K-major layout (kernels/w4a16_gemm.py, `pack_kmajor`):
     #   w13_qweight int32 [E, 2I, H/8], w13_zeros uint8 [E, 2I, H/G], w13_scales [E, 2I, H/G]
     #     (rows [0, I) gate = w1, [I, 2I) up = w3)
@@ -66,6 +67,13 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       product. Summing 2^m + q and subtracting 2^m sum(x) afterwards costs a few bits of the fp32 accumulator
       (relative error 4-8e-4 against the reference on MiniMax-M2 shapes, where the other paths reach 1-3e-4; a
       bf16 output's rounding is 4e-3).
+
+The same kernels run a plain linear (`w4a16_kmajor_linear`, the attention projections of quantkit/runtime/awq.py):
+DENSE takes the rows of x in order against one weight, and SPLIT_K > 1 splits the groups of K over programs, the
+last of a tile's programs to finish adding the fp32 partials in split order (fp8_gemm.split_k_sum), since the
+projections' 3072-8192 outputs make too few tiles at decode sizes to fill the GPU. Its fourth path, "dequant",
+writes W in x.dtype with one kernel and hands the product to torch (cuBLAS): from about a hundred rows on that beats
+every in-loop path. Configurations: `configs/w4a16_linear.json` under "N=..,K=..,G=..", with SPLIT_K among the keys.
 
 `fused_moe_w4a16_ref` loops over experts in PyTorch on the dequantized weights with the same roundings (the
 intermediate and each slot's output in x.dtype), so kernels and reference agree to fp32 summation order. Running on
