@@ -365,11 +365,11 @@ def _router_kernel(
         g_all = tl.load(gate_ptr + ex.to(tl.int64)[:, None] * stride_g + cols[None, :],
                         mask=xmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_EG, BLOCK_H]
         sel = tl.arange(0, BLOCK_N)[:, None]
-        for r in tl.static_range(BLOCK_N):
-            row = nb.to(tl.int64) * BLOCK_N + r
-            h_row = tl.load(h_ptr + row * stride_h + cols, mask=hmask & (cols * 0 + row < N),
+        for i_row in tl.static_range(BLOCK_N):
+            n_row = nb.to(tl.int64) * BLOCK_N + i_row
+            h_row = tl.load(h_ptr + n_row * stride_h + cols, mask=hmask & (cols * 0 + n_row < N),
                             other=0.0).to(tl.float32)  # [BLOCK_H]
-            acc += tl.where(sel == r, tl.sum(g_all * h_row[None, :], axis=1)[None, :], 0.0)
+            acc += tl.where(sel == i_row, tl.sum(g_all * h_row[None, :], axis=1)[None, :], 0.0)
     for k0 in range(0, H if not GEMV else 0, BLOCK_H):
         hv = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + cols)[None, :],
                      mask=rmask[:, None] & (k0 + cols < H)[None, :], other=0.0).to(tl.float32)
