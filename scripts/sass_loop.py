@@ -1,7 +1,7 @@
 """Compile a Triton kernel for a GPU architecture without a GPU and count the instructions of its loops.
 
 Usage:
-    python scripts/sass_loop.py quantkit.kernels.w4a16_moe _moe_mma \\
+    python scripts/sass_loop.py quantkit.kernels.w4a16_moe _moe_mma --divisible stride_am,stride_be,stride_bn \\
         --constexprs '{"K": 3072, "GROUP": 128, "A_ROW_DIV": 8, "GATED": true, "MUL_ROUTED_WEIGHT": false,
                        "BLOCK_M": 16, "BLOCK_N": 64, "MAGIC": 17152, "UPCAST": false, "OUT_MANT": 0}' \\
         --types '{"a_ptr": "*bf16", "b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*bf16", "c_ptr": "*bf16",
@@ -57,13 +57,18 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=3)
     ap.add_argument("--dump", help="path prefix for the .ttgir, .ptx and .sass files")
+    ap.add_argument("--divisible", default="", help="comma-separated integer arguments the launch will see as "
+                    "multiples of 16 (strides, sizes): the JIT specializes them so, and vectorizes loads on it; "
+                    "pointers are taken as 16-byte aligned, as torch allocates them")
     args = ap.parse_args()
     fn = getattr(importlib.import_module(args.module), args.kernel)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise SystemExit(f"{args.module}.{args.kernel} is not a compiled-mode Triton kernel (is TRITON_INTERPRET set?)")
     consts, types = json.loads(args.constexprs), json.loads(args.types)
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    divisible = {n for n in args.divisible.split(",") if n} | {n for n, t in signature.items() if t.startswith("*")}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
                               options=dict(num_warps=args.num_warps, num_stages=args.num_stages))
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
