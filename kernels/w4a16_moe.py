@@ -714,11 +714,11 @@ def _linear_default_config(device: torch.device, m: int, n: int, k: int, g: int)
             return dict(PATH="gemv", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1, PREFETCH=1,
                         num_warps=4, num_stages=1, SPLIT_K=1)
         return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
-    # H100/H200: decode reads the weight once, so the GEMV path for one row (an H200 measured 11 us for q/k/v), the
-    # weights-as-A tensor-core path from two rows to about a hundred (14 us at 16 rows, where the GEMV path's loop
-    # repeated per row took 21 us at 4), dequantization and cuBLAS above (on an H200 at 256 rows: 38 us for q/k/v where the
-    # in-loop kernels take 72-109); at decode sizes K is split until every multiprocessor has a couple of programs
-    # (the projections' 3072-8192 outputs make only 96-256 GEMV tiles)
+    # H100/H200 (BENCHMARKS.md): the GEMV path for one row (12 us for q/k/v on an H200), the weights-as-A tensor-core
+    # path from two rows to about a hundred (12.6 us at 4 rows, where the GEMV path, repeating its multiply-adds per
+    # row, took 32), dequantization and cuBLAS above (43 us for q/k/v at 256 rows, where the in-loop kernels take
+    # 72-135); at decode sizes K is split until every multiprocessor has a couple of programs (the projections'
+    # 3072-8192 outputs make only 48-256 tiles)
     if m == 1 or g < 128:
         cfg = dict(PATH="gemv", BLOCK_M=triton.next_power_of_2(min(m, 4)), BLOCK_N=16, GROUP_M=1, PREFETCH=2,
                    num_warps=2, num_stages=1)
