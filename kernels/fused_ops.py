@@ -401,8 +401,8 @@ def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> t
     a GPU), the top-k of each row block by the last of its programs to finish. Up to GEMV_ROWS rows on the CUDA
     cores, two experts a program; more with tl.dot over blocks of 16 x 16. On an H200 it beats the cast, GEMM and
     route_topk it replaces at one row only (6.9 against 9.9 us; BENCHMARKS.md), which is where MoE.route uses it.
-    The logits' fp32 sums run in another
-    order than a cuBLAS GEMM's, so a near-tie between two experts may resolve the other way."""
+    The logits' fp32 sums run in another order than a cuBLAS GEMM's, so a near-tie between two experts may resolve
+    the other way."""
     N, H = h.shape
     E = gate.shape[0]
     if gate.shape != (E, H) or gate.dtype != torch.float32 or bias.shape != (E,) or not 0 < k <= E or \
