@@ -111,6 +111,23 @@ MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_war
 PATHS = ("gemv", "dot", "mma")
 
 
+
+def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, BLOCK_M: tl.constexpr,
+                DENSE: tl.constexpr):
+    """Row block pid_m's rows (pair indices of the sorted list, whose padding holds the sentinel num_valid_tokens;
+    DENSE: rows of A in order), their mask, the rows as int64, and the block's expert (DENSE: 0)."""
+    if DENSE:
+        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        expert = (pid_m * 0).to(tl.int64)
+    else:
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    return offs_tok, offs_tok < num_valid_tokens, offs_tok.to(tl.int64), expert
+
+
+block_rows = _jit(_block_rows)
+
+
 def _moe_gemv_kernel(
     a_ptr,  # A [rows, K] activations, contiguous along K
     b_ptr, z_ptr, s_ptr,  # qweight int32 [E, Nb, K/8], zeros uint8 [E, Nb, K/G], scales [E, Nb, K/G]
@@ -143,16 +160,8 @@ def _moe_gemv_kernel(
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
     k0 = pid_s * KB_PER  # its first group
 
-    if DENSE:
-        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
-    else:
-        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
-    tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
-    offs_tok64 = offs_tok.to(tl.int64)
-    if DENSE:
-        expert = 0
-    else:
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
+                                                        BLOCK_M, DENSE)
 
     HALVES: tl.constexpr = 2 if GATED else 1
     ROWS: tl.constexpr = HALVES * BLOCK_N
@@ -277,17 +286,9 @@ def _moe_dot_kernel(
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
     k0 = pid_s * KB_PER  # its first group
 
-    if DENSE:
-        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
-    else:
-        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
-    tok_mask = offs_tok < num_valid_tokens
-    offs_tok64 = offs_tok.to(tl.int64)
+    offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
+                                                        BLOCK_M, DENSE)
     a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
-    if DENSE:
-        expert = 0
-    else:
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     GW: tl.constexpr = GROUP // 8  # words per row and group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -389,17 +390,9 @@ def _moe_mma_kernel(
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
     k0 = pid_s * KB_PER  # its first group
 
-    if DENSE:
-        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of A
-    else:
-        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
-    tok_mask = offs_tok < num_valid_tokens
-    offs_tok64 = offs_tok.to(tl.int64)
+    offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
+                                                        BLOCK_M, DENSE)
     a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
-    if DENSE:
-        expert = 0
-    else:
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     GW: tl.constexpr = GROUP // 8  # words per row and group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -421,8 +414,9 @@ def _moe_mma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     xm = tok_mask[None, :]
-    tl.static_assert(PREFETCH == 1 or not GATED)
-    if PREFETCH == 2:
+    # words loaded a group ahead: ungated only (the launcher passes PREFETCH = 1 with GATED)
+    AHEAD: tl.constexpr = (PREFETCH == 2) & (HALVES == 1)
+    if AHEAD:
         nxt = tl.load(b_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW] group 0
     for kb in range(0, KB_PER):
         x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
@@ -433,7 +427,7 @@ def _moe_mma_kernel(
             x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
         xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
         for hf in tl.static_range(HALVES):
-            if PREFETCH == 2:  # registers: in flight during this group's dots, whatever the pipeliner does
+            if AHEAD:  # registers: in flight during this group's dots, whatever the pipeliner does
                 words = nxt
                 nxt = tl.load(b_ptrs + GW, mask=n_mask[:, None] & (kb + 1 < KB_PER), other=0)
             else:
