@@ -39,18 +39,22 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
       up rows in GEMM 1, 2 x BLOCK_N output rows in GEMM 2) of one expert for the BLOCK_M pairs of one block and
       walks K one group at a time, with the words of the next PREFETCH groups in flight (registers). CUDA cores, no
-      tensor cores, fp32 throughout. Per weight: one LOP3, one
-      FADD with an immediate and one FFMA. The nibble is not shifted down: nibble j (e = j for j < 5; for j >= 5
-      e = j - 3, read from the word shifted right by 12, one shift per word) sits at bits 4e .. 4e+3, which are
-      mantissa bits of a float with exponent 2^(23-4e) whose ulp is 16^-e, so OR-ing the exponent in gives
-      2^(23-4e) + q and subtracting 2^(23-4e) gives q exactly. The zero point enters once per row and group as
-      z * sum(x), the scale multiplies each group's sum: not per weight. Integer-to-float conversions (a quarter of
-      the FMA rate on Hopper) are avoided entirely; the dequantized words of a group are shared by the BLOCK_M
-      tokens of the block. The compiled loop (sm_90, triton 3.9, read from the SASS) issues about 6.5 instructions
-      per weight at BLOCK_N = 16 on 2 warps and 5 at BLOCK_N = 64 (3 of them the LOP3 / FADD / FFMA). An SM issues
-      at most 4 warp instructions per cycle, 128 thread instructions: at 5 per weight that is 25 weights (13 bytes)
-      per cycle, about 3 TB/s over 132 SMs at 1.75 GHz, so instruction issue, not DRAM, bounds this path (to some
-      55-75% of an H200's 4.2 TB/s); the tuner picks the tile that does best.
+      tensor cores, fp32 throughout. Per weight: a shift (none for nibble 4), one LOP3 and one FFMA. Nibble j is
+      moved to bits 16-19, the mantissa bits of a float with exponent 2^7 whose ulp is 1, so masking it and OR-ing
+      the exponent in gives 128 + q exactly, with the same two constants for every nibble place (the mask comes in
+      as a launch argument: an immediate would be rematerialized into a register before every LOP3). The 128 + z
+      offset enters once per row and group as (128 + z) * sum(x), the scale multiplies each group's sum: not per
+      weight. The fp32 sums of (128 + q) x carry the 128 until it comes off, some 5-7 bits of the accumulator:
+      nothing beside a 16-bit output's rounding, but fp32 activations (EXACT) keep the earlier form, nibbles in
+      place at bits 4e, 2^(23-4e) + q with that offset subtracted per weight, q exact before the product.
+      Integer-to-float conversions (a quarter of the FMA rate on Hopper) are avoided entirely; the dequantized words
+      of a group are shared by the BLOCK_M tokens of the block. The compiled loop (sm_90, triton 3.9, counted by
+      scripts/sass_loop.py with the launch's specializations) issues about 5.9 instructions per weight with 64
+      weights a thread (BLOCK_N = 16 on 2 warps in GEMM 1) and 4.7 with 128, against 7.0 and 5.8 for the earlier
+      form (nibbles in place, a per-place exponent subtracted per weight). An SM issues at most 4 warp instructions
+      per cycle, 128 thread instructions: at 5 per weight that is 25 weights (13 bytes) per cycle, about 3 TB/s over
+      132 SMs at 1.75 GHz, so instruction issue, not DRAM, bounds this path; the tuner picks the tile that does
+      best.
   "dot" (prefill): tensor cores, one group per iteration: for each nibble place j the [BLOCK_N, G/8] words give
       a [G/8, BLOCK_N] operand (q - z exactly as above, with the zero point folded into the subtracted bias; cast to
       x.dtype, exact since |q - z| <= 15) against the [BLOCK_M, G/8] slice of x it multiplies, eight tl.dot with
@@ -137,6 +141,7 @@ def _moe_gemv_kernel(
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
     part_ptr, count_ptr,  # SPLIT_K > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
+    nibble_mask,  # 0x000F0000, as a launch argument: a constant the compiler cannot rematerialize before each use
     stride_am, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
     K: tl.constexpr,  # a loop bound: see kernels/fp8_gemm.py
     GROUP: tl.constexpr,  # quantization group along K: one loop iteration
@@ -144,6 +149,7 @@ def _moe_gemv_kernel(
     GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
     MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, OUT_MANT: tl.constexpr,
+    EXACT: tl.constexpr = False,  # fp32 activations: the nibbles in place, q exact before the product
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
 ):
@@ -191,7 +197,8 @@ def _moe_gemv_kernel(
         ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
         z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
         s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
-        hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+        if EXACT:
+            hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
         for t in tl.static_range(BLOCK_M):
             # token t of the block: the dequantized words are the same expressions for every t (computed once)
             if DENSE:
@@ -203,21 +210,30 @@ def _moe_gemv_kernel(
             part = tl.zeros((ROWS, GW), dtype=tl.float32)
             xs = tl.zeros((1, GW), dtype=tl.float32)
             for j in tl.static_range(8):
-                if j < 5:
-                    src = words
-                    e = j
-                else:
-                    src = hi
-                    e = j - 3
-                # q exactly: the nibble in the mantissa of 2^(23-4e), which an immediate subtraction removes
-                q = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True) \
-                    - (1 << (23 - 4 * e))  # [ROWS, GW]
+                if EXACT:  # nibble j in place at bits 4e: 2^(23-4e) + q, the offset subtracted per weight
+                    if j < 5:
+                        src = words
+                        e = j
+                    else:
+                        src = hi
+                        e = j - 3
+                    f = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True) \
+                        - (1 << (23 - 4 * e))  # [ROWS, GW] q
+                else:  # nibble j moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1): 128 + q
+                    if j < 4:
+                        v = words << (16 - 4 * j)
+                    elif j == 4:
+                        v = words
+                    else:
+                        v = words >> (4 * j - 16)
+                    f = ((v & nibble_mask) | 0x43000000).to(tl.float32, bitcast=True)  # [ROWS, GW]
                 # nibble j of the group's words: codes j * GW .. j * GW + GW - 1, one contiguous vector load
                 xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [1, GW]
                 xs += xj
-                part += q * xj  # [ROWS, GW]
-            # the zero point once per row and group: sum (q - z) x = sum q x - z sum x
-            rs = (tl.sum(part, axis=1) - z * tl.sum(tl.sum(xs, axis=1), axis=0)) * s  # [ROWS]
+                part += f * xj  # [ROWS, GW]
+            # the zero point (and 128 + z's 128) once per row and group: sum (q - z) x = sum f x - (off + z) sum x
+            off = 0.0 if EXACT else 128.0
+            rs = (tl.sum(part, axis=1) - (z + off) * tl.sum(tl.sum(xs, axis=1), axis=0)) * s  # [ROWS]
             if BLOCK_M == 1:
                 acc += rs
             else:
@@ -581,16 +597,18 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     tiles = num_pid_m * triton.cdiv(n, block_n)
     split = cfg.get("SPLIT_K", 1)
     part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
-    args = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total, part, counters,
-            n, c.shape[0], num_pid_m,
-            a.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
-            scales.stride(0), scales.stride(1), c.stride(0))
+    head = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total, part, counters,
+            n, c.shape[0], num_pid_m)
+    strides = (a.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
+               scales.stride(0), scales.stride(1), c.stride(0))
+    args = head + strides
     common = dict(K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype), DENSE=dense,
                   SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (tiles, split)
     if cfg["PATH"] == "gemv":
-        _moe_gemv[grid](*args, PREFETCH=cfg["PREFETCH"], **common)
+        _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=a.dtype == torch.float32,
+                        **common)  # nibble_mask
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
                        UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)
