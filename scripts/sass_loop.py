@@ -8,7 +8,8 @@ Usage:
                   "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
                   "num_tokens_post_padded_ptr": "*i32"}' --num-warps 4 --num-stages 3 --dump /tmp/k
 
-Arguments not named in --constexprs or --types are taken as i32. Prints, for each loop of the SASS (a backward
+Arguments not named in --constexprs or --types are taken as i32; name every constexpr the launcher passes (a
+signature's defaults are not applied here). Prints, for each loop of the SASS (a backward
 branch and its target), the number of instructions and the opcodes by count: divide by the weights a thread
 handles per iteration for instructions per weight. --dump PREFIX writes PREFIX.ttgir, .ptx and .sass. The kernel
 module must be imported for a GPU (TRITON_INTERPRET unset); ptxas and nvdisasm come with the triton wheel.
@@ -47,6 +48,20 @@ def loops(sass: str) -> list[tuple[int, collections.Counter]]:
     return out
 
 
+def compile_for(fn, consts: dict, types: dict, divisible: set[str] = frozenset(), arch: int = 90, num_warps: int = 4,
+                num_stages: int = 3):
+    """triton.compile of a JIT function for cuda sm_<arch> with the given constexprs and argument types (others
+    i32), the named integers and every pointer specialized as divisible by 16; no GPU needed."""
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise SystemExit(f"{fn} is not a compiled-mode Triton kernel (is TRITON_INTERPRET set?)")
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    divisible = set(divisible) | {n for n, t in signature.items() if t.startswith("*")}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
+                                                                                 num_stages=num_stages))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module")
@@ -62,15 +77,8 @@ def main() -> None:
                     "pointers are taken as 16-byte aligned, as torch allocates them")
     args = ap.parse_args()
     fn = getattr(importlib.import_module(args.module), args.kernel)
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise SystemExit(f"{args.module}.{args.kernel} is not a compiled-mode Triton kernel (is TRITON_INTERPRET set?)")
-    consts, types = json.loads(args.constexprs), json.loads(args.types)
-    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    divisible = {n for n in args.divisible.split(",") if n} | {n for n, t in signature.items() if t.startswith("*")}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
-                              options=dict(num_warps=args.num_warps, num_stages=args.num_stages))
+    compiled = compile_for(fn, json.loads(args.constexprs), json.loads(args.types),
+                           {n for n in args.divisible.split(",") if n}, args.arch, args.num_warps, args.num_stages)
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     cubin = Path(args.dump + ".cubin" if args.dump else "/tmp/sass_loop.cubin")
     cubin.write_bytes(compiled.asm["cubin"])

@@ -1,0 +1,72 @@
+"""Every variant of the W4A16 and router kernels the launchers can pick compiles for an H100/H200 (sm_90), on any
+machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the triton wheel). The CPU tests run the
+same kernels under Triton's interpreter, which accepts code the compiler refuses (a static_assert on a value that is
+not a compile-time constant, a name one branch defines and a loop re-types), so this is the check that such code
+fails here rather than on the first GPU it meets. One subprocess without TRITON_INTERPRET compiles them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+W4 = {"a_ptr": "*bf16", "b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "c_ptr": "*bf16",
+      "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+      "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
+ROUTER = {"h_ptr": "*bf16", "gate_ptr": "*fp32", "bias_ptr": "*fp32", "logits_ptr": "*fp32", "idx_ptr": "*i64",
+          "w_ptr": "*fp32", "count_ptr": "*i32"}
+
+
+def w4_variants() -> list[tuple]:
+    out = []
+    for gated, dense, split in ((True, False, 1), (False, False, 1), (False, True, 1), (False, True, 4)):
+        base = dict(K=3072, GROUP=128, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not (gated or dense),
+                    OUT_MANT=0, DENSE=dense, SPLIT_K=split)
+        for pf in (1, 2):
+            for exact in (False, True):
+                out.append(("_moe_gemv", {**base, "BLOCK_M": 2, "BLOCK_N": 16, "PREFETCH": pf, "EXACT": exact}, 2))
+            out.append(("_moe_mma", {**base, "BLOCK_M": 16, "BLOCK_N": 64, "MAGIC": 0x4300, "UPCAST": False,
+                                     "PREFETCH": 1 if gated else pf}, 4))
+        out.append(("_moe_dot", {**base, "BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8, "UPCAST": False,
+                                 "F32_DOT": False}, 4))
+    return out
+
+
+SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from sass_loop import compile_for
+from quantkit.kernels import fused_ops, w4a16_moe
+jobs = json.loads(sys.argv[2])
+for module, kernel, consts, types, warps in jobs:
+    fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops}[module], kernel)
+    try:
+        compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm"} & set(fn.arg_names),
+                    num_warps=warps)
+        print("ok", kernel, json.dumps(consts), flush=True)
+    except Exception as e:
+        print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
+"""
+
+
+@pytest.mark.slow  # a few seconds per variant
+def test_w4a16_and_router_kernels_compile_for_sm90():
+    jobs = [("w4a16_moe", k, c, W4, w) for k, c, w in w4_variants()]
+    jobs.append(("w4a16_moe", "_kmajor_dequant", dict(GROUP=128, BLOCK_N=32, OUT_MANT=0),
+                 {"b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*bf16"}, 4))
+    for gemv in (True, False):
+        blocks = dict(BLOCK_N=1, BLOCK_EG=2, BLOCK_H=4096) if gemv else dict(BLOCK_N=16, BLOCK_EG=16, BLOCK_H=128)
+        jobs.append(("fused_ops", "_router", dict(H=3072, TOP_K=8, BLOCK_E=256, BLOCK_K=8, IEEE=True, GEMV=gemv,
+                                                  **blocks), ROUTER, 4))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    lines = proc.stdout.splitlines()
+    failed = [line for line in lines if line.startswith("FAILED")]
+    assert proc.returncode == 0 and not failed and len(lines) == len(jobs), (failed, proc.stderr[-3000:])
