@@ -521,27 +521,25 @@ def _moe_default_config(m: int, topk: int, num_experts: int, g: int) -> dict:
     return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def select_moe_config(table: dict, device: str, shape: str, m: int, default: dict) -> dict:
+def select_moe_config(table: dict, device: str, shape: str, m: int, default: dict,
+                      keys: tuple[str, ...] = MOE_CONFIG_KEYS) -> dict:
     """The tuned config for (device, shape) at the M bucket nearest to m (the smaller on a tie), over `default`."""
     buckets = table.get(device, {}).get(shape)
     if not buckets:
         return dict(default)
     bucket = min(buckets, key=lambda b: (abs(int(b) - m), int(b)))
-    return {**default, **{k: v for k, v in buckets[bucket].items() if k in MOE_CONFIG_KEYS}}
+    return {**default, **{k: v for k, v in buckets[bucket].items() if k in keys}}
 
 
-def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int, g: int,
-               override: dict | None = None) -> dict:
-    """Block configuration for both GEMMs: configs/w4a16_moe.json, else the defaults, then `override`; validated."""
-    default = _moe_default_config(m, topk, num_experts, g)
-    cfg = select_moe_config(load_config_table("w4a16_moe.json"), device_key(device),
-                            f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
+def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...], paths: tuple[str, ...]) -> dict:
+    """cfg with `override`'s keys over it (an override naming another PATH starts from that path's defaults),
+    reduced to `keys` and validated."""
     over = dict(override or {})
     if "PATH" in over and over["PATH"] != cfg.get("PATH"):
         cfg = _other_path_default(over["PATH"], g)  # a config of the other path starts from its own defaults
-    cfg = {k: v for k, v in {**cfg, **over}.items() if k in MOE_CONFIG_KEYS}
-    if cfg["PATH"] not in PATHS:
-        raise ValueError(f"block config {cfg}: PATH must be one of {PATHS}")
+    cfg = {k: v for k, v in {**cfg, **over}.items() if k in keys}
+    if cfg["PATH"] not in paths:
+        raise ValueError(f"block config {cfg}: PATH must be one of {paths}")
     if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
             or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
@@ -550,6 +548,15 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
     if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
         raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
+
+
+def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int, g: int,
+               override: dict | None = None) -> dict:
+    """Block configuration for both GEMMs: configs/w4a16_moe.json, else the defaults, then `override`; validated."""
+    default = _moe_default_config(m, topk, num_experts, g)
+    cfg = select_moe_config(load_config_table("w4a16_moe.json"), device_key(device),
+                            f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
+    return _overridden(cfg, override, g, MOE_CONFIG_KEYS, PATHS)
 
 
 def _other_path_default(path: str, g: int) -> dict:
@@ -751,26 +758,11 @@ def _linear_default_config(device: torch.device, m: int, n: int, k: int, g: int)
 def linear_config(device: torch.device, m: int, n: int, k: int, g: int, override: dict | None = None) -> dict:
     """Block configuration of w4a16_kmajor_linear: configs/w4a16_linear.json ({device: {"N=..,K=..,G=..": {M bucket:
     config}}}), else the defaults, then `override`; validated."""
-    cfg = _linear_default_config(device, m, n, k, g)
-    buckets = load_config_table("w4a16_linear.json").get(device_key(device), {}).get(f"N={n},K={k},G={g}")
-    if buckets:  # the M bucket nearest to m, the smaller on a tie
-        bucket = min(buckets, key=lambda b: (abs(int(b) - m), int(b)))
-        cfg.update({k_: v for k_, v in buckets[bucket].items() if k_ in LINEAR_CONFIG_KEYS})
-    over = dict(override or {})
-    if "PATH" in over and over["PATH"] != cfg.get("PATH"):
-        cfg = {**_other_path_default(over["PATH"], g), "SPLIT_K": 1}
-    cfg = {k_: v for k_, v in {"SPLIT_K": 1, **cfg, **over}.items() if k_ in LINEAR_CONFIG_KEYS}
-    if cfg["PATH"] not in LINEAR_PATHS:
-        raise ValueError(f"block config {cfg}: PATH must be one of {LINEAR_PATHS}")
-    if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
-            or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
-        raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
-    if cfg.setdefault("PREFETCH", 1) not in (1, 2):
-        raise ValueError(f"block config {cfg}: PREFETCH must be 1 or 2")
-    if cfg["SPLIT_K"] < 1 or (k // g) % cfg["SPLIT_K"]:
+    cfg = select_moe_config(load_config_table("w4a16_linear.json"), device_key(device), f"N={n},K={k},G={g}", m,
+                            _linear_default_config(device, m, n, k, g), LINEAR_CONFIG_KEYS)
+    cfg = _overridden(cfg, override, g, LINEAR_CONFIG_KEYS, LINEAR_PATHS)
+    if cfg.setdefault("SPLIT_K", 1) < 1 or (k // g) % cfg["SPLIT_K"]:
         raise ValueError(f"block config {cfg}: SPLIT_K must divide the {k // g} groups of K={k}")
-    if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
-        raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
 
 

@@ -140,6 +140,30 @@ def moe_candidates(m: int) -> list[dict]:
     return [c for row in itertools.zip_longest(*lists) for c in row if c is not None]
 
 
+def pick_best(run, ref: torch.Tensor, default: dict, candidates: list[dict],
+              t_stop: float) -> tuple[float, dict, int, float]:
+    """(ms, config, candidates tried, the launcher's ms): the fastest correct one of the launcher's choice (config
+    None, filed as `default`: an M left out of a table would take its nearest neighbour's config instead) and the
+    candidates, tried in order until time.monotonic() passes t_stop. run(config) computes the op."""
+    default_ms = bench(lambda: run(None), rep=40)
+    best, tried = (default_ms, default), 0
+    for cfg in candidates:
+        if time.monotonic() > t_stop:
+            break
+        tried += 1
+        try:
+            if rel_err(run(cfg), ref) > 1e-2:
+                print(f"  wrong result, dropped: {cfg}", flush=True)
+                continue
+            ms = bench(lambda: run(cfg), rep=40)
+        except Exception as e:  # out of shared memory and the like: not a candidate on this GPU
+            print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+            continue
+        if ms < best[0]:
+            best = (ms, cfg)
+    return best[0], best[1], tried, default_ms
+
+
 def tune_moe(w13, w2, budget_s: float, g: torch.Generator) -> dict:
     """{M bucket: config}: the fastest correct candidate per M, within about budget_s seconds."""
     t_end = time.monotonic() + budget_s
@@ -150,27 +174,11 @@ def tune_moe(w13, w2, budget_s: float, g: torch.Generator) -> dict:
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
         tw, ids = routing(m, g)
         ref = w4a16_moe.fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)
-        default_ms = bench(lambda: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids), rep=40)
-        # the launcher's own choice competes too, and is filed when it wins: an M left out of the table would
-        # take its nearest neighbour's config instead
-        best, tried = (default_ms, w4a16_moe.moe_config(x.device, m, TOPK, E, I, H, G)), 0
-        for cfg in moe_candidates(m):
-            if time.monotonic() > t_stop:
-                break
-            tried += 1
-            try:
-                if rel_err(w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), ref) > 1e-2:
-                    print(f"  wrong result, dropped: {cfg}", flush=True)
-                    continue
-                ms = bench(lambda: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), rep=40)
-            except Exception as e:  # out of shared memory and the like: not a candidate on this GPU
-                print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
-                      flush=True)
-                continue
-            if ms < best[0]:
-                best = (ms, cfg)
-        print(f"tune M={m}: default {default_ms:.4f} ms, best {best[0]:.4f} ms {best[1]} ({tried} tried)", flush=True)
-        table[str(m)] = best[1]
+        ms, cfg, tried, default_ms = pick_best(
+            lambda c: w4a16_moe.fused_moe_w4a16(x, *w13, *w2, tw, ids, config=c), ref,
+            w4a16_moe.moe_config(x.device, m, TOPK, E, I, H, G), moe_candidates(m), t_stop)
+        print(f"tune M={m}: default {default_ms:.4f} ms, best {ms:.4f} ms {cfg} ({tried} tried)", flush=True)
+        table[str(m)] = cfg
     return table
 
 
@@ -213,26 +221,11 @@ def tune_linear(budget_s: float, g: torch.Generator) -> dict:
         w = [t[0] for t in kmajor_weights(1, n, k, g)]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
         ref = w4a16_moe.w4a16_kmajor_linear_ref(x, *w)
-        default_ms = bench(lambda: w4a16_moe.w4a16_kmajor_linear(x, *w), rep=40)
-        best, tried = (default_ms, w4a16_moe.linear_config(x.device, m, n, k, G)), 0
-        for cfg in linear_candidates(m, k):
-            if time.monotonic() > t_stop:
-                break
-            tried += 1
-            try:
-                if rel_err(w4a16_moe.w4a16_kmajor_linear(x, *w, config=cfg), ref) > 1e-2:
-                    print(f"  wrong result, dropped: {cfg}", flush=True)
-                    continue
-                ms = bench(lambda: w4a16_moe.w4a16_kmajor_linear(x, *w, config=cfg), rep=40)
-            except Exception as e:
-                print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
-                      flush=True)
-                continue
-            if ms < best[0]:
-                best = (ms, cfg)
-        print(f"tune {name} M={m}: default {default_ms:.4f} ms, best {best[0]:.4f} ms {best[1]} ({tried} tried)",
-              flush=True)
-        out.setdefault(f"N={n},K={k},G={G}", {})[str(m)] = best[1]
+        ms, cfg, tried, default_ms = pick_best(
+            lambda c: w4a16_moe.w4a16_kmajor_linear(x, *w, config=c), ref,
+            w4a16_moe.linear_config(x.device, m, n, k, G), linear_candidates(m, k), t_stop)
+        print(f"tune {name} M={m}: default {default_ms:.4f} ms, best {ms:.4f} ms {cfg} ({tried} tried)", flush=True)
+        out.setdefault(f"N={n},K={k},G={G}", {})[str(m)] = cfg
     return out
 
 
