@@ -113,6 +113,10 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages")
 PATHS = ("gemv", "dot", "mma")
+# at most this many (token, slot) pairs, a GEMV config of one pair a program runs the pairs unsorted (PAIRS): the
+# sort and the slot sum are two launches of a few microseconds each, while pairs of one expert (rare among so few)
+# are what the sort would have placed side by side for L2
+PAIRS_MAX = 64
 
 
 
@@ -152,6 +156,11 @@ def _moe_gemv_kernel(
     EXACT: tl.constexpr = False,  # fp32 activations: the nibbles in place, q exact before the product
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
+    PAIRS: tl.constexpr = False,  # decode (BLOCK_M = 1): no sorted list, row p of C is pair p (GEMM 1) or token p
+    # (GEMM 2, SLOT_SUM), its expert read from topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS): zeros
+    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (this many), rows of C are tokens, and the slots'
+    # weighted outputs are added in fp32 in slot order by split_k_sum: the slot sum is this launch's epilogue
+    NUM_EXPERTS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
@@ -159,15 +168,12 @@ def _moe_gemv_kernel(
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
     # the grid covers the worst case; row blocks past the padded list's end have nothing to do
-    if not DENSE:
+    if not (DENSE or PAIRS):
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
-    pid_s = tl.program_id(1)  # this program's share of K
+    pid_s = tl.program_id(1)  # this program's share of K (SLOT_SUM: its slot)
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
-    k0 = pid_s * KB_PER  # its first group
-
-    offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
-                                                        BLOCK_M, DENSE)
+    k0 = 0 if SLOT_SUM else pid_s * KB_PER  # its first group
 
     HALVES: tl.constexpr = 2 if GATED else 1
     ROWS: tl.constexpr = HALVES * BLOCK_N
@@ -175,6 +181,20 @@ def _moe_gemv_kernel(
     r = tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS] output column of each weight row
     row_mask = offs_n < N
+    if PAIRS:
+        tl.static_assert(BLOCK_M == 1, "PAIRS: one pair per program")
+        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m  # the (token, slot) pair: the row of A is
+        # pair // A_ROW_DIV (GEMM 1: the token; GEMM 2: the pair's intermediate row)
+        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+        ex_rows = expert + 0 * r  # [ROWS] (the interpreter cannot mask with a scalar condition and'ed in)
+        row_mask = row_mask & (ex_rows >= 0) & (ex_rows < NUM_EXPERTS)  # a slot routed nowhere reads no weight
+        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)  # and adds zeros
+        offs_tok = pid_m + tl.arange(0, 1)  # [1] the row of C
+        tok_mask = offs_tok < num_valid_tokens
+        offs_tok64 = offs_tok.to(tl.int64)
+    else:
+        offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m,
+                                                            num_valid_tokens, BLOCK_M, DENSE)
     rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)  # [ROWS] gate rows, then (GATED) the up rows N further
     offs_c = tl.arange(0, GW)  # [GW]
     w_ptrs = b_ptr + expert * stride_be + rows[:, None] * stride_bn + offs_c[None, :]  # [ROWS, GW]
@@ -201,12 +221,17 @@ def _moe_gemv_kernel(
             hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
         for t in tl.static_range(BLOCK_M):
             # token t of the block: the dequantized words are the same expressions for every t (computed once)
-            if DENSE:
+            if PAIRS:
+                tok = pair
+            elif DENSE:
                 tok = pid_m * BLOCK_M + t  # scalar row of A
             else:
                 tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
             x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + (k0 + kb) * GROUP + offs_c[None, :]
-            x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
+            if PAIRS:
+                x_mask = offs_c[None, :] >= 0  # [1, GW] (the grid holds real pairs only)
+            else:
+                x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
             part = tl.zeros((ROWS, GW), dtype=tl.float32)
             xs = tl.zeros((1, GW), dtype=tl.float32)
             for j in tl.static_range(8):
@@ -259,11 +284,16 @@ def _moe_gemv_kernel(
     offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
     last = True
-    if SPLIT_K > 1:  # partials [SPLIT_K, rows, N]
+    if SLOT_SUM:  # this slot's weighted output, then the sum over the token's slots: partials [SLOT_SUM, M, N]
+        out = out * tl.load(topk_weights_ptr + pair)
+        if SLOT_SUM > 1:
+            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
+                                    c_mask, num_valid_tokens, N, SLOT_SUM)
+    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N]
         out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
                                 num_valid_tokens, N, SPLIT_K)
     if last:
-        if MUL_ROUTED_WEIGHT:
+        if MUL_ROUTED_WEIGHT and not SLOT_SUM:
             rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
             out = out * rw[:, None]
         if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
@@ -593,16 +623,19 @@ def _check_moe_args(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[to
 
 def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_weights: torch.Tensor,
             sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, total: torch.Tensor, n: int, k: int, g: int,
-            a_row_div: int, gated: bool, mul_routed_weight: bool, cfg: dict, dense: bool = False) -> None:
-    """One GEMM of the layer (or, dense, a plain linear: the routing arguments are then placeholders)."""
+            a_row_div: int, gated: bool, mul_routed_weight: bool, cfg: dict, dense: bool = False,
+            pairs: int = 0, slot_sum: int = 0) -> None:
+    """One GEMM of the layer (or, dense, a plain linear: the routing arguments are then placeholders; pairs = E:
+    the GEMV path on unsorted pairs, expert_ids being topk_ids, GEMM 2 adding its slot_sum slots itself)."""
     qweight, zeros, scales = w
-    num_pid_m = triton.cdiv(c.shape[0], cfg["BLOCK_M"]) if dense else sorted_token_ids.numel() // cfg["BLOCK_M"]
+    num_pid_m = triton.cdiv(c.shape[0], cfg["BLOCK_M"]) if dense or pairs else \
+        sorted_token_ids.numel() // cfg["BLOCK_M"]
     # the GEMV tile holds the same number of weight rows in both GEMMs (GEMM 1 takes BLOCK_N gate and BLOCK_N up
     # rows): the per-thread layout, and so the compiled loop's cost per weight, is the same (half the rows would
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
     block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] != "gemv" else 2 * cfg["BLOCK_N"]
     tiles = num_pid_m * triton.cdiv(n, block_n)
-    split = cfg.get("SPLIT_K", 1)
+    split = slot_sum or cfg.get("SPLIT_K", 1)
     part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
     head = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total, part, counters,
             n, c.shape[0], num_pid_m)
@@ -611,8 +644,12 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     args = head + strides
     common = dict(K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype), DENSE=dense,
-                  SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  SPLIT_K=1 if slot_sum else split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (tiles, split)
+    if pairs:
+        if cfg["PATH"] != "gemv" or cfg["BLOCK_M"] != 1:
+            raise ValueError(f"unsorted pairs take the GEMV path one pair a program, not {cfg}")
+        common.update(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs)
     if cfg["PATH"] == "gemv":
         _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=a.dtype == torch.float32,
                         **common)  # nibble_mask
@@ -636,12 +673,22 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     cfg = moe_config(device, m, topk, e, i, h, g, config)
     if cfg["PATH"] == "mma" and x.dtype == torch.float32 and not INTERPRETED:
         cfg = _other_path_default("dot", g)  # 16-bit operands only: fp32 activations take the dot path
-    sorted_token_ids, expert_ids, total = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
+    alloc = torch.zeros if INTERPRETED else torch.empty
+    if cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX:
+        # decode: two launches, no sort and no separate slot sum
+        ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+        _launch(x, w13, inter, weights, ids, ids, ids, n=i, k=h, g=g, a_row_div=topk, gated=True,
+                mul_routed_weight=False, cfg=cfg, pairs=e)
+        out = torch.empty_like(x)  # [M, H]
+        _launch(inter, w2, out, weights, ids, ids, ids, n=h, k=i, g=g, a_row_div=1, gated=False,
+                mul_routed_weight=True, cfg=cfg, pairs=e, slot_sum=topk)
+        return out
+    sorted_token_ids, expert_ids, total = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
     # only, where garbage would make numpy warn
-    alloc = torch.zeros if INTERPRETED else torch.empty
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch(x, w13, inter, weights, sorted_token_ids, expert_ids, total, n=i, k=h, g=g, a_row_div=topk,
             gated=True, mul_routed_weight=False, cfg=cfg)

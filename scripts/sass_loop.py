@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import inspect
 import json
 import re
 import subprocess
@@ -54,6 +55,10 @@ def compile_for(fn, consts: dict, types: dict, divisible: set[str] = frozenset()
     i32), the named integers and every pointer specialized as divisible by 16; no GPU needed."""
     if not isinstance(fn, triton.runtime.JITFunction):
         raise SystemExit(f"{fn} is not a compiled-mode Triton kernel (is TRITON_INTERPRET set?)")
+    # constexprs left out take their signature defaults, as a launch would (left out of the signature, they would
+    # be compiled as i32 arguments)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+              **consts}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     divisible = set(divisible) | {n for n, t in signature.items() if t.startswith("*")}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}

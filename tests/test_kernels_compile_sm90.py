@@ -35,6 +35,10 @@ def w4_variants() -> list[tuple]:
                                      "PREFETCH": 1 if gated else pf}, 4))
         out.append(("_moe_dot", {**base, "BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8, "UPCAST": False,
                                  "F32_DOT": False}, 4))
+    for gated in (True, False):  # decode's unsorted pairs, GEMM 2 adding the slots
+        base = dict(K=3072, GROUP=128, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
+                    OUT_MANT=0, PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
+        out.append(("_moe_gemv", {**base, "BLOCK_M": 1, "BLOCK_N": 16, "PREFETCH": 2, "EXACT": False}, 2))
     return out
 
 

@@ -184,7 +184,7 @@ def moe_loop_fp32(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     for t in range(x.shape[0]):
         for s in range(topk_ids.shape[1]):
             e = int(topk_ids[t, s])
-            if e < 0:
+            if not 0 <= e < w13[0].shape[0]:
                 continue
             gu = x[t].float().cpu() @ kmajor_dequantize_ref(*(w[e].cpu() for w in w13)).t()
             h = torch.nn.functional.silu(gu[:i]) * gu[i:]
@@ -240,6 +240,30 @@ def test_fused_moe_paths_and_masked_edges(device, m, dtype, h, i, group, config)
     tw, ids = (t.to(device) for t in routing(m, e, topk, gen))
     out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=config)
     assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monkeypatch):
+    """Decode's two launches (GEMV on unsorted pairs, GEMM 2 adding the slots itself) against the sorted-list path
+    with its separate slot sum, and the reference: ids outside [0, E) (-1 and E) add nothing."""
+    e, h, i, topk, group, m = 6, 192, 96, 4, 32, 3
+    gen = gen_for("moe-pairs", str(ids_dtype))
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(m, h, generator=gen).float().to(device)
+    tw, ids = routing(m, e, topk, gen)
+    ids[2, 1] = e  # out of range above as well
+    tw, ids = tw.to(device), ids.to(ids_dtype).to(device)
+    cfg = {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "PREFETCH": 2}
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    torch.testing.assert_close(out.cpu(), moe_loop_fp32(x, w13, w2, tw, ids), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(w4a16_moe_mod, "PAIRS_MAX", 0)  # the sorted list, the same config
+    sorted_out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    torch.testing.assert_close(out, sorted_out, rtol=1e-5, atol=1e-6 * float(sorted_out.abs().max()))
+    xb = x.bfloat16()
+    assert_close(fused_moe_w4a16(xb, *w13, *w2, tw, ids, config=cfg), fused_moe_w4a16_ref(xb, *w13, *w2, tw, ids),
+                 torch.bfloat16)
 
 
 def test_gemv_nibbles_are_exact():
