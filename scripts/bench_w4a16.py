@@ -355,7 +355,13 @@ def main() -> None:
     ap.add_argument("--tune-linear-seconds", type=float, default=0.0,
                     help="the projections' tuning budget (the new table replaces kernels/configs/w4a16_linear.json)")
     ap.add_argument("--skip-moe", action="store_true", help="projections only: no MoE benchmark")
+    ap.add_argument("--skip-proj", action="store_true", help="the MoE only: no projections, no repack timing")
+    ap.add_argument("--ms", default=",".join(map(str, MS)),
+                    help="the MoE's M values to check, tune and time (tuned buckets replace those of the table)")
     args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",") if v]
+    MS[:] = [m for m in MS if m in ms] + [m for m in ms if m not in MS]
+    TUNE_ORDER[:] = [m for m in TUNE_ORDER if m in MS] + [m for m in MS if m not in TUNE_ORDER]
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -370,7 +376,8 @@ def main() -> None:
         tuned = tune_moe(w13, w2, args.tune_seconds, g)
         src = ROOT / "kernels" / "configs" / "w4a16_moe.json"
         table = json.loads(src.read_text()) if src.exists() else {}
-        table.setdefault(device, {})[SHAPE_KEY] = tuned
+        table.setdefault(device, {}).setdefault(SHAPE_KEY, {}).update(tuned)
+        tuned = table[device][SHAPE_KEY]
         (args.out / "w4a16_moe.json").write_text(json.dumps(table, indent=1) + "\n")
         print(f"tuned configs written to {args.out / 'w4a16_moe.json'} (copy to kernels/configs/)", flush=True)
     tuned_linear: dict = {}
@@ -384,8 +391,8 @@ def main() -> None:
         w4a16_moe.load_config_table.cache_clear()
         (ROOT / "kernels" / "configs" / "w4a16_linear.json").write_text(json.dumps(table, indent=1) + "\n")
     moe = bench_moe(w13, w2, tuned, bw, peak, g) if not args.skip_moe else []
-    proj = bench_proj(bw, g)
-    repack = repack_ms_per_layer()
+    proj = bench_proj(bw, g) if not args.skip_proj else []
+    repack = repack_ms_per_layer() if not args.skip_proj else None
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
@@ -417,8 +424,9 @@ def main() -> None:
         print(f"| {r['op']} | {r['M']} | {r['path']} | {r['split_k']} | {r['kmajor_ms']:.4f} "
               f"| {100 * r['kmajor_frac_bw']:.0f} | {r['kmajor_tflops']:.0f} | {r['autoawq_ms']:.4f} "
               f"| {r['bf16_ms']:.4f} | {r['floor_ms']:.4f} |")
-    print(f"\nrepack to the K-major layout at load (GPU, expert by expert): {repack['autoawq']:.0f} ms per MoE layer "
-          f"from AutoAWQ, {repack['compressed-tensors']:.0f} ms from compressed-tensors")
+    if repack:
+        print(f"\nrepack to the K-major layout at load (GPU, expert by expert): {repack['autoawq']:.0f} ms per MoE "
+              f"layer from AutoAWQ, {repack['compressed-tensors']:.0f} ms from compressed-tensors")
     print(f"written to {dest}")
 
 
