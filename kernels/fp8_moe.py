@@ -49,12 +49,18 @@ from .fp8_gemm import (
     per_token_quant_fp8_ref,
     round_to_out_grid,
     select_config,
+    split_k_sum,
+    split_k_workspace,
     triton_kernel,
     w8a8_block_fp8_matmul_ref,
     w8a8_channel_fp8_matmul_ref,
 )
 
 SCHEMES = ("block", "channel")
+# up to this many (token, slot) pairs the GEMMs take them unsorted, one a row block (PAIRS), and GEMM 2 adds each
+# token's slots: the sort and the slot sum (two launches of a few microseconds) go, and a row block holds one pair
+# where the sorted list would have padded each expert's run of about one pair to BLOCK_M anyway
+PAIRS_MAX = 32
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
 
 # Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
@@ -217,6 +223,7 @@ def _fused_moe_fp8_kernel(
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
@@ -228,24 +235,41 @@ def _fused_moe_fp8_kernel(
     BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    PAIRS: tl.constexpr = False,  # decode: no sorted list; program row block pid_m holds one pair (GEMM 1: pair
+    # pid_m, C row pid_m) or one token's slot (GEMM 2, SLOT_SUM: pair pid_m * SLOT_SUM + slot, C row = token pid_m),
+    # its expert read from topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS) read nothing, add zeros
+    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot; the slots' weighted outputs are added in fp32 in
+    # slot order by split_k_sum, so the slot sum is this launch's epilogue
+    NUM_EXPERTS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
-    # the grid covers the worst case; row blocks past the padded list's end have nothing to do
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return
-
-    offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
-    tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
-    offs_tok64 = offs_tok.to(tl.int64)
-    a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
-    # int64: E * 2I * H elements of w13 pass 2^31 at MiniMax-M2's size
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
+    if PAIRS:
+        pid_s = tl.program_id(1)
+        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
+        r = tl.arange(0, BLOCK_M)
+        offs_tok = pid_m + 0 * r  # [BLOCK_M] the C row, in the block's first row only
+        tok_mask = (r == 0) & (offs_tok < num_valid_tokens)
+        offs_tok64 = offs_tok.to(tl.int64)
+        a_rows = (pair // A_ROW_DIV + 0 * r).to(tl.int64)  # [BLOCK_M]
+        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+        ex_n = expert + 0 * offs_n  # [BLOCK_N] (the interpreter cannot mask with a scalar condition and'ed in)
+        n_mask = n_mask & (ex_n >= 0) & (ex_n < NUM_EXPERTS)
+        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)
+    else:
+        # the grid covers the worst case; row blocks past the padded list's end have nothing to do
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+        tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
+        offs_tok64 = offs_tok.to(tl.int64)
+        a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
+        # int64: E * 2I * H elements of w13 pass 2^31 at MiniMax-M2's size
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
@@ -305,12 +329,21 @@ def _fused_moe_fp8_kernel(
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if MUL_ROUTED_WEIGHT:
-        w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-        acc = acc * w[:, None]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+        if PAIRS:
+            acc = acc * tl.load(topk_weights_ptr + pair)
+        else:
+            w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            acc = acc * w[:, None]
+    c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
+    last = True
+    if SLOT_SUM > 1:  # partials [SLOT_SUM, M, N]
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_n64, c_mask,
+                                num_valid_tokens, N, SLOT_SUM)
+    if last:
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 _fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
@@ -373,11 +406,17 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
-                     mul_routed_weight: bool, block_scaled: bool, cfg: dict) -> None:
-    num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
-    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+                     mul_routed_weight: bool, block_scaled: bool, cfg: dict, pairs: int = 0,
+                     slot_sum: int = 0) -> None:
+    """One GEMM of the layer; pairs = E: the pairs unsorted, one a row block (expert_ids being topk_ids), GEMM 2
+    adding its slot_sum slots itself (rows of c: tokens)."""
+    num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    grid = (tiles, max(slot_sum, 1))
+    part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     _fused_moe_fp8[grid](
-        a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
         n, c.shape[0], num_pid_m,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
@@ -387,7 +426,7 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
 
 
@@ -450,12 +489,22 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                              f"scheme, got {tuple(xq.shape)} {xq.dtype}, {tuple(xs.shape)} ({scheme} scheme)")
     else:
         xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
-    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
-
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
     # only, where garbage would make numpy warn in the quantization
     alloc = torch.zeros if INTERPRETED else torch.empty
+    if m * topk <= PAIRS_MAX:  # decode: no sort, no separate slot sum
+        ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+        _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, ids, ids, ids, n=i, k=h, a_row_div=topk,
+                         gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg, pairs=e)
+        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+        out = torch.empty_like(x)  # [M, H]
+        _launch_moe_gemm(hq, hs, w2, w2_scale, out, weights, ids, ids, ids, n=h, k=i, a_row_div=1, gated=False,
+                         mul_routed_weight=True, block_scaled=block, cfg=cfg, pairs=e, slot_sum=topk)
+        return out
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
                      n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)

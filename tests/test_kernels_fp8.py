@@ -491,6 +491,33 @@ def test_fused_moe_pairs_routed_nowhere(device, scheme):
     assert none.eq(0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("m,e,topk,dtype,drop", [
+    (1, 16, 8, torch.bfloat16, 0.0),
+    (4, 8, 8, torch.float16, 0.3),
+    (3, 6, 2, torch.bfloat16, 0.0),
+])
+def test_fused_moe_unsorted_pairs(device, scheme, m, e, topk, dtype, drop, monkeypatch):
+    """Decode's path (pairs unsorted, GEMM 2 adding the slots) against the sorted list with its separate slot sum:
+    the same products, the slot sum without each slot's rounding to x.dtype; ids -1 and E add nothing."""
+    args = list(moe_case(m, e, topk, 256, 128, scheme, dtype, gen_for("moe_pairs", scheme, m, e, topk, dtype),
+                         device, drop=drop))
+    args[6][0, 0] = e  # out of range above too
+    calls = []
+    route = fp8_moe._route
+    monkeypatch.setattr(fp8_moe, "_route", lambda *a: calls.append(1) or route(*a))
+    pairs = fused_moe_fp8(*args, scheme=scheme)
+    assert calls == []  # no sort
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 0)
+    sorted_out = fused_moe_fp8(*args, scheme=scheme)
+    assert calls == [1]
+    assert_close(pairs, sorted_out, *TOL_MOE)
+    assert_close(pairs, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 32)
+    assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
+
+
 @pytest.mark.parametrize("scheme", ["block", "channel"])
 def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
     """The looser comparison: the reference (hence the kernel) against fp32 math on the dequantized weights, with x and
@@ -521,6 +548,7 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
     """For few pairs fused_moe_fp8 aligns in one Triton program; its output is the torch alignment's, bit for bit."""
     args = moe_case(m, e, topk, 256, 128, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
                     drop=drop)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 0)  # the sorted list at any M
     seen = []
     align_small = fp8_moe._align_small
     monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: seen.append(1) or align_small(*a))
