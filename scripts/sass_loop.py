@@ -9,7 +9,7 @@ Usage:
                   "num_tokens_post_padded_ptr": "*i32"}' --num-warps 4 --num-stages 3 --dump /tmp/k
 
 Arguments not named in --constexprs or --types are taken as i32; name every constexpr the launcher passes (a
-signature's defaults are not applied here). Prints, for each loop of the SASS (a backward
+signature's defaults are filled in for those left out). Prints, for each loop of the SASS (a backward
 branch and its target), the number of instructions and the opcodes by count: divide by the weights a thread
 handles per iteration for instructions per weight. --dump PREFIX writes PREFIX.ttgir, .ptx and .sass. The kernel
 module must be imported for a GPU (TRITON_INTERPRET unset); ptxas and nvdisasm come with the triton wheel.
