@@ -20,7 +20,10 @@ GEMM 2 [M*topk, I] x w2^T with the router weight multiplied in the epilogue [M*t
 (a Triton reduction, no atomics). No host sync anywhere: the padded list lives in a worst-case-sized buffer and its
 length stays on the device, so the layer can be captured in a CUDA graph. For few pairs (decode) the sort is one
 Triton program instead of ~15 torch kernels (`_align_small`, up to ALIGN_KERNEL_MAX_PAIRS pairs), with the same
-result element for element.
+result element for element. Up to PAIRS_MAX pairs there is no sort at all: each row block of the GEMMs holds one
+pair as it comes (its expert read from topk_ids), and GEMM 2 puts a token's slots on the grid's second axis and adds
+their weighted outputs in fp32, in slot order, in the last program of each tile (fp8_gemm.split_k_sum), so the slot
+sum is its epilogue: three launches (GEMM 1, the intermediate's quantization, GEMM 2) instead of five.
 
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the

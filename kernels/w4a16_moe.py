@@ -33,7 +33,11 @@ Steps, as in kernels/fp8_moe.py (whose routing and slot-sum kernels this module 
 pairs by expert, each expert's run padded to a multiple of BLOCK_M, with no host sync; GEMM 1 over that list, one
 launch for all experts, each program computing gate rows and the matching up rows and writing silu(gate) * up
 [M*topk, I] in x.dtype; GEMM 2 [M*topk, I] x W2^T with the router weight multiplied in the epilogue [M*topk, H]; the
-sum over the topk slots in fp32. The whole layer can be captured in a CUDA graph. One layout; the block
+sum over the topk slots in fp32. Decode (up to PAIRS_MAX pairs, a GEMV config of one pair a program) skips the
+sort and the slot sum: GEMM 1 runs on the pairs as they come, each program reading its expert from topk_ids, and
+GEMM 2 puts a token's slots on the grid's second axis and adds their weighted outputs in fp32, in slot order, in the
+last program of each tile (fp8_gemm.split_k_sum): two launches instead of four, and the slot sum without the
+rounding of each slot to x.dtype. The whole layer can be captured in a CUDA graph. One layout; the block
 configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key (three kernels):
 
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
