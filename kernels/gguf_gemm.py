@@ -45,6 +45,8 @@ from .fp8_gemm import (
     out_mantissa_bits,
     round_to_out_grid,
     select_config,
+    split_k_sum,
+    split_k_workspace,
     triton_kernel,
 )
 from .fp8_gemm import check_device as _check_device
@@ -281,6 +283,7 @@ def _gguf_matmul_kernel(
     c_ptr,  # [M_out, N]
     topk_weights_ptr,  # fp32 [M*topk] (ROUTED)
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,  # int32 (ROUTED): see kernels/fp8_moe.py
+    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     M, N, num_pid_m,
     stride_xm, stride_we, stride_wn, stride_ue, stride_un, stride_cm,
     K: tl.constexpr,  # a loop bound (see kernels/fp8_gemm.py)
@@ -295,12 +298,30 @@ def _gguf_matmul_kernel(
     DOT_F32: tl.constexpr,  # tl.dot in fp32 (IEEE products): fp32 x, or the interpreter
     X_F32: tl.constexpr,  # activations converted to fp32 on load (DOT_F32 or FMA)
     OUT_MANT: tl.constexpr,
+    PAIRS: tl.constexpr = False,  # ROUTED decode: no sorted list, row block pid_m holds one pair in its first row
+    # (GEMM 1: pair pid_m; GEMM 2, SLOT_SUM: pair pid_m * SLOT_SUM + slot, C row = token pid_m), its expert read from
+    # topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS) read nothing and add zeros
+    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot; split_k_sum adds the slots in slot order
+    NUM_EXPERTS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_mask = offs_n < N
 
-    if ROUTED:
+    if PAIRS:
+        pid_s = tl.program_id(1)
+        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
+        r = tl.arange(0, BLOCK_M)
+        rows = (pid_m + 0 * r).to(tl.int64)  # [BLOCK_M] the C row, in the block's first row only
+        tok_mask = (r == 0) & (rows < M)
+        a_rows = (pair // A_ROW_DIV + 0 * r).to(tl.int64)
+        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+        ex_n = expert + 0 * offs_n  # [BLOCK_N] (the interpreter cannot mask with a scalar condition and'ed in)
+        n_mask = n_mask & (ex_n >= 0) & (ex_n < NUM_EXPERTS)
+        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)
+    elif ROUTED:
         # the grid covers the worst case; row blocks past the padded list's end have nothing to do
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
@@ -315,8 +336,6 @@ def _gguf_matmul_kernel(
         a_rows = rows
         expert = 0
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    n_mask = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
     offs_l = tl.arange(0, 32)
     w_row = expert * stride_we + offs_n64 * stride_wn  # [BLOCK_N] byte offsets of each row
@@ -359,11 +378,19 @@ def _gguf_matmul_kernel(
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if MUL_ROUTED_WEIGHT:
-        acc = acc * tl.load(topk_weights_ptr + rows, mask=tok_mask, other=0.0)[:, None]
-    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-        acc = round_to_out_grid(acc, OUT_MANT)
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n64[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+        if PAIRS:
+            acc = acc * tl.load(topk_weights_ptr + pair)
+        else:
+            acc = acc * tl.load(topk_weights_ptr + rows, mask=tok_mask, other=0.0)[:, None]
+    c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
+    last = True
+    if SLOT_SUM > 1:  # partials [SLOT_SUM, M, N]
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, rows, offs_n64, c_mask, M, N, SLOT_SUM)
+    if last:
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            acc = round_to_out_grid(acc, OUT_MANT)
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n64[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 _gguf_matmul = triton_kernel(_gguf_matmul_kernel)
@@ -372,11 +399,14 @@ _gguf_matmul = triton_kernel(_gguf_matmul_kernel)
 def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tensor, n: int, k: int, cfg: dict,
                        u: torch.Tensor | None = None, qtype_up: str | None = None,
                        routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                       a_row_div: int = 1, mul_routed_weight: bool = False) -> None:
+                       a_row_div: int = 1, mul_routed_weight: bool = False, pairs: int = 0,
+                       slot_sum: int = 0) -> None:
     """One launch of the kernel. w (and u) uint8 [E, N, row bytes] or [N, row bytes], contiguous along the last dim.
 
     routing = (topk_weights fp32 [M*topk], sorted_token_ids, expert_ids, num_tokens_post_padded) for the MoE GEMMs;
-    None for a plain GEMM over the rows of x into c.
+    None for a plain GEMM over the rows of x into c. pairs = E: the pairs unsorted, one a row block, expert_ids
+    being topk_ids [M*topk] (the other two routing tensors unused); slot_sum = topk with it: GEMM 2 adds each
+    token's slots itself (rows of c: tokens).
     """
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     u3 = (u if u.dim() == 3 else u.unsqueeze(0)) if u is not None else w3
@@ -388,19 +418,22 @@ def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Te
         m_rows = x.shape[0]
     else:
         weights, sorted_ids, expert_ids, total = routing
-        num_pid_m = sorted_ids.numel() // cfg["BLOCK_M"]
+        num_pid_m = c.shape[0] if pairs else sorted_ids.numel() // cfg["BLOCK_M"]
         m_rows = c.shape[0]
-    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    grid = (tiles, max(slot_sum, 1))
+    part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     dot_f32 = INTERPRETED or x.dtype == torch.float32
     _gguf_matmul[grid](
-        x, w3, u3, c, weights, sorted_ids, expert_ids, total,
+        x, w3, u3, c, weights, sorted_ids, expert_ids, total, part, counters,
         m_rows, n, num_pid_m,
         x.stride(0), w3.stride(0), w3.stride(1), u3.stride(0), u3.stride(1), c.stride(0),
         K=k, QTYPE=QTYPE_IDS[qtype], QTYPE_UP=QTYPE_IDS[qtype_up or qtype], ROUTED=routing is not None,
         A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=k % SUPER == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"], FMA=cfg["BLOCK_M"] < 16,
         DOT_F32=dot_f32, X_F32=dot_f32 or cfg["BLOCK_M"] < 16, OUT_MANT=out_mantissa_bits(c.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
 
 

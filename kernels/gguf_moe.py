@@ -16,7 +16,8 @@ The structure is kernels/fp8_moe.py's, with the activations kept in x's dtype in
 pairs sorted by expert and padded to BLOCK_M without a host sync (`_route`); GEMM 1, one launch for all experts,
 each program dequantizing a gate tile and the matching up tile of its expert and writing silu(gate) * up
 [M*topk, I] in x.dtype; GEMM 2 against down with the router weight in the epilogue [M*topk, H]; the atomic-free sum
-over slots. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
+over slots. Decode (up to PAIRS_MAX pairs, CUDA-core configs) skips the sort and the separate sum as
+kernels/fp8_moe.py does. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
@@ -30,6 +31,10 @@ import torch
 from .fp8_gemm import INTERPRETED, device_key, load_config_table, select_config
 from .fp8_moe import _route, moe_sum
 from .gguf_gemm import ACT_DTYPES, check_device, check_weight_bytes, dequantize_ref, launch_gguf_matmul
+
+# up to this many (token, slot) pairs, with a CUDA-core config (BLOCK_M < 16), the GEMMs take the pairs unsorted,
+# one a row block, and GEMM 2 adds each token's slots (kernels/fp8_moe.py): two launches instead of four
+PAIRS_MAX = 32
 
 
 def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -100,13 +105,24 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     if m == 0:
         return torch.empty_like(x)
     cfg = config or moe_config(device, m, topk, e, i, h, qtypes)
-    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
-    routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
-
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
     # only, where garbage could make numpy warn
     alloc = torch.zeros if INTERPRETED else torch.empty
+    if m * topk <= PAIRS_MAX and cfg["BLOCK_M"] < 16:  # decode: no sort, no separate slot sum
+        ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        routing = (weights, ids, ids, ids)
+        one = {**cfg, "BLOCK_M": 1}  # a pair a row block: the CUDA-core path computes no padding rows
+        inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+        launch_gguf_matmul(x, gate, qtypes[0], inter, i, h, one, u=up, qtype_up=qtypes[1], routing=routing,
+                           a_row_div=topk, pairs=e)
+        out = torch.empty_like(x)  # [M, H]
+        launch_gguf_matmul(inter, down, qtypes[2], out, h, i, one, routing=routing, a_row_div=1,
+                           mul_routed_weight=True, pairs=e, slot_sum=topk)
+        return out
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
+
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     launch_gguf_matmul(x, gate, qtypes[0], inter, i, h, cfg, u=up, qtype_up=qtypes[1], routing=routing,
                        a_row_div=topk)

@@ -1,8 +1,9 @@
-"""Every variant of the W4A16, FP8 MoE and router kernels the launchers can pick compiles for an H100/H200 (sm_90), on
-any machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the triton wheel). The CPU tests run
-the same kernels under Triton's interpreter, which accepts code the compiler refuses (a static_assert on a value
-that is not a compile-time constant, a name one branch defines and a loop re-types), so this is the check that such
-code fails here rather than on the first GPU it meets. One subprocess without TRITON_INTERPRET compiles them all."""
+"""Every variant of the W4A16, FP8 and GGUF MoE and router kernels the launchers can pick compiles for an H100/H200
+(sm_90), on any machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the triton wheel). The
+CPU tests run the same kernels under Triton's interpreter, which accepts code the compiler refuses (a static_assert
+on a value that is not a compile-time constant, a name one branch defines and a loop re-types), so this is the check
+that such code fails here rather than on the first GPU it meets. One subprocess without TRITON_INTERPRET compiles
+them all."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ W4 = {"a_ptr": "*bf16", "b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "c_pt
 FP8 = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
        "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
        "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
+GGUF = {"x_ptr": "*bf16", "w_ptr": "*u8", "u_ptr": "*u8", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32",
+        "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32",
+        "part_ptr": "*fp32", "count_ptr": "*i32"}
 ROUTER = {"h_ptr": "*bf16", "gate_ptr": "*fp32", "bias_ptr": "*fp32", "logits_ptr": "*fp32", "idx_ptr": "*i64",
           "w_ptr": "*fp32", "count_ptr": "*i32"}
 
@@ -49,10 +53,11 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from sass_loop import compile_for
-from quantkit.kernels import fp8_moe, fused_ops, w4a16_moe
+from quantkit.kernels import fp8_moe, fused_ops, gguf_gemm, w4a16_moe
 jobs = json.loads(sys.argv[2])
 for module, kernel, consts, types, warps in jobs:
-    fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe}[module], kernel)
+    fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm}[module],
+                 kernel)
     try:
         compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm"} & set(fn.arg_names),
                     num_warps=warps)
@@ -78,6 +83,14 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         if pairs:
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, FP8, 4))
+    for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
+        consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
+                      A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,
+                      BLOCK_M=1 if pairs else 2, BLOCK_N=32, GROUP_M=1, FMA=True, DOT_F32=False, X_F32=True,
+                      OUT_MANT=0)  # Q4_K gate and up, Q6_K down
+        if pairs:
+            consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
+        jobs.append(("gguf_gemm", "_gguf_matmul", consts, GGUF, 4))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
                           capture_output=True, text=True, env=env, timeout=1200)

@@ -254,11 +254,18 @@ def test_fused_moe_matches_ref(device, e, h, i, m, topk, qtypes, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_m", [1, 2])
-def test_fused_moe_fma_path_matches_ref(device, block_m):
+@pytest.mark.parametrize("pairs_max", [0, 32])  # the sorted list; decode's unsorted pairs, the slots summed in GEMM 2
+def test_fused_moe_fma_path_matches_ref(device, block_m, pairs_max, monkeypatch):
+    monkeypatch.setattr(gguf_moe, "PAIRS_MAX", pairs_max)
+    route = gguf_moe._route
+    calls = []
+    monkeypatch.setattr(gguf_moe, "_route", lambda *a: calls.append(1) or route(*a))
     qtypes = ("q4_k", "q5_k", "q6_k")
     x, gate, up, down, w, ids = moe_case(8, 256, 256, 5, 3, qtypes, torch.bfloat16, device, drop=True)
+    ids[1, 2] = 8  # out of range above: routed nowhere too
     cfg = dict(BLOCK_M=block_m, BLOCK_N=64 if x.is_cuda else 128, GROUP_M=1, num_warps=4, num_stages=2)
     out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    assert calls == ([] if pairs_max else [1])
     ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
     assert_close(out, ref, TOL_MOE[torch.bfloat16])
     assert rel_err(out, ref) < 2 * REL["cpu"][torch.bfloat16]
