@@ -172,7 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results")
     ap.add_argument("--skip-proj", action="store_true")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="the M values to run (tokens)")
     args = ap.parse_args()
+    MS[:] = [int(v) for v in args.ms.split(",") if v]
     torch.manual_seed(0)
     ceil = ceilings()
     print(json.dumps(ceil), flush=True)
