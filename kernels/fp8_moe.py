@@ -23,7 +23,8 @@ Triton program instead of ~15 torch kernels (`_align_small`, up to ALIGN_KERNEL_
 result element for element. Up to PAIRS_MAX pairs there is no sort at all: each row block of the GEMMs holds one
 pair as it comes (its expert read from topk_ids), and GEMM 2 puts a token's slots on the grid's second axis and adds
 their weighted outputs in fp32, in slot order, in the last program of each tile (fp8_gemm.split_k_sum), so the slot
-sum is its epilogue: three launches (GEMM 1, the intermediate's quantization, GEMM 2) instead of five.
+sum is its epilogue; with block scales GEMM 2 also quantizes the intermediate itself (each program its pair's row,
+one group per K step, bit for bit per_token_group_quant_fp8's result): two launches instead of five.
 
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
@@ -41,6 +42,7 @@ from .fp8_gemm import (
     ACT_DTYPES,
     FP8_DTYPE,
     INTERPRETED,
+    SCALE_EPS,
     check_device,
     device_key,
     grouped_pid,
@@ -50,6 +52,7 @@ from .fp8_gemm import (
     per_token_group_quant_fp8_ref,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
+    quant_groups,
     round_to_out_grid,
     select_config,
     split_k_sum,
@@ -64,6 +67,9 @@ SCHEMES = ("block", "channel")
 # token's slots: the sort and the slot sum (two launches of a few microseconds) go, and a row block holds one pair
 # where the sorted list would have padded each expert's run of about one pair to BLOCK_M anyway
 PAIRS_MAX = 32
+# there, with block scales, GEMM 2 quantizes the intermediate itself (each program its pair's row, a group per K
+# step: the same bits per_token_group_quant_fp8 makes, one launch fewer)
+QUANT_IN_GEMM = True
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
 
 # Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
@@ -228,6 +234,7 @@ def _fused_moe_fp8_kernel(
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
     part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
+    q_eps,  # QUANT_A: the smallest amax a scale is made from (fp8_gemm.SCALE_EPS)
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
@@ -244,6 +251,8 @@ def _fused_moe_fp8_kernel(
     SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot; the slots' weighted outputs are added in fp32 in
     # slot order by split_k_sum, so the slot sum is this launch's epilogue
     NUM_EXPERTS: tl.constexpr = 0,
+    QUANT_A: tl.constexpr = False,  # PAIRS, block scales: A is the 16-bit intermediate, each K block of the pair's
+    # row quantized here as per_token_group_quant_fp8 would (bit for bit), the separate launch saved
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -299,14 +308,26 @@ def _fused_moe_fp8_kernel(
             k_left = K - kb * BLOCK_K
             a_mask = tok_mask[:, None] & (offs_k[None, :] < k_left)
             b_mask = (offs_k[:, None] < k_left) & n_mask[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if QUANT_A:  # the pair's row, one group: quantized once, placed in the block's first row
+            tl.static_assert(PAIRS and BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
+            xr = tl.load(a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + (kb * BLOCK_K + offs_k) * stride_ak)
+            yq, ys = quant_groups(tl.reshape(xr.to(tl.float32), (1, BLOCK_K)), q_eps, UPCAST)  # [1, BLOCK_K], [1]
+            first = tl.arange(0, BLOCK_M) == 0
+            a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]
+            if not UPCAST:
+                a = a.to(b_ptr.dtype.element_ty)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
+            if QUANT_A:
+                a_s = tl.where(first, tl.sum(ys, axis=0), 0.0)  # [BLOCK_M]
+            else:
+                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -410,17 +431,17 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
                      mul_routed_weight: bool, block_scaled: bool, cfg: dict, pairs: int = 0,
-                     slot_sum: int = 0) -> None:
+                     slot_sum: int = 0, quant_a: bool = False) -> None:
     """One GEMM of the layer; pairs = E: the pairs unsorted, one a row block (expert_ids being topk_ids), GEMM 2
     adding its slot_sum slots itself (rows of c: tokens)."""
     num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
-    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a) if pairs else {}
     _fused_moe_fp8[grid](
         a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
-        n, c.shape[0], num_pid_m,
+        n, c.shape[0], num_pid_m, SCALE_EPS,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
         c.stride(0), c.stride(1),
@@ -501,10 +522,15 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, ids, ids, ids, n=i, k=h, a_row_div=topk,
                          gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg, pairs=e)
-        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+        quant_a = block and QUANT_IN_GEMM and cfg["BLOCK_K"] == SCALE_BLOCK
+        if quant_a:  # GEMM 2 quantizes its pair's row itself
+            hq, hs = inter, weights.view(-1, 1)  # (the scales' pointer and strides go unused)
+        else:
+            hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
         out = torch.empty_like(x)  # [M, H]
         _launch_moe_gemm(hq, hs, w2, w2_scale, out, weights, ids, ids, ids, n=h, k=i, a_row_div=1, gated=False,
-                         mul_routed_weight=True, block_scaled=block, cfg=cfg, pairs=e, slot_sum=topk)
+                         mul_routed_weight=True, block_scaled=block, cfg=cfg, pairs=e, slot_sum=topk,
+                         quant_a=quant_a)
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 

@@ -81,8 +81,9 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                       BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
                       GROUP_M=1, UPCAST=False, OUT_MANT=0)
         if pairs:
-            consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
-        jobs.append(("fp8_moe", "_fused_moe_fp8", consts, FP8, 4))
+            consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, QUANT_A=not gated)
+        a_type = "*bf16" if pairs and not gated else "*fp8e4nv"  # QUANT_A: the 16-bit intermediate
+        jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
         consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
                       A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,

@@ -516,6 +516,8 @@ def test_fused_moe_unsorted_pairs(device, scheme, m, e, topk, dtype, drop, monke
     assert_close(pairs, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
     monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 32)
     assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
+    monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", False)  # block: GEMM 2 quantizes its A itself, bit for bit
+    assert torch.equal(fused_moe_fp8(*args, scheme=scheme), pairs)
 
 
 @pytest.mark.parametrize("scheme", ["block", "channel"])
