@@ -41,6 +41,9 @@ import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# fp8_block_linear on one token: the GEMM quantizes the row itself (bit for bit per_token_group_quant_fp8's), one
+# launch instead of two
+QUANT_IN_GEMM = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
@@ -380,6 +383,9 @@ def _w8a8_fp8_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over cdiv(K, BLOCK_K) / SPLIT_K K blocks
+    QUANT_A: tl.constexpr = False,  # M = 1, block scales: A is the 16-bit row, each K block quantized here as
+    # per_token_group_quant_fp8 would (bit for bit; as_ptr unused), the separate launch saved
+    Q_EPS: tl.constexpr = 0.0,  # QUANT_A: SCALE_EPS
 ):
     # GROUP_M row tiles share each column sweep, so the B tiles they read stay in L2
     pid = tl.program_id(0)
@@ -408,7 +414,16 @@ def _w8a8_fp8_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, KB_PER):
         kb = pid_s * KB_PER + i
-        if EVEN_K:
+        if QUANT_A:  # the only row, one group: quantized once, placed in the tile's first row
+            tl.static_assert(BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
+            xr = tl.load(a_ptr + (kb * BLOCK_K + offs_k) * stride_ak).to(tl.float32)  # [BLOCK_K]
+            yq, ys = quant_groups(tl.reshape(xr, (1, BLOCK_K)), Q_EPS, UPCAST)  # [1, BLOCK_K], [1]
+            first = offs_m == 0
+            a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]
+            if not UPCAST:
+                a = a.to(b_ptr.dtype.element_ty)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
         else:
@@ -420,7 +435,10 @@ def _w8a8_fp8_matmul_kernel(
             b = b.to(tl.float32)
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
-            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
+            if QUANT_A:
+                a_s = tl.where(first, tl.sum(ys, axis=0), 0.0)  # [BLOCK_M]
+            else:
+                a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             # scales applied per K block, in fp32: the FP8 dot only ever sums BLOCK_K products
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
@@ -521,6 +539,15 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
     _check_scale(xs, (m, k // bk), "xs")
     _check_scale(ws, (triton.cdiv(n, bn), k // bk), "ws")
     device = check_device(xq, xs, w, ws)
+    return _block_matmul(xq, xs, w, ws, bn, bk, out_dtype, config, device)
+
+
+def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bn: int, bk: int,
+                  out_dtype: torch.dtype, config: dict | None, device: torch.device, quant_a: bool = False
+                  ) -> torch.Tensor:
+    """The block-scaled launch for checked operands; quant_a: a is one 16-bit row the kernel quantizes itself."""
+    xq = a
+    m, n, k = a.shape[0], w.shape[0], a.shape[1]
     out_mant = out_mantissa_bits(out_dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
@@ -528,6 +555,8 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
     cfg = {**_gemm_config(device, n, k, m, "block", bk), **(config or {})}
     if bk % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
+    if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
+        raise ValueError(f"quantizing in the GEMM takes one row and BLOCK_K = {bk}, got {m} rows and {cfg}")
     grid, part, counters = _split_k_grid(cfg, m, n, k, device)
     _w8a8_fp8_matmul[grid](
         xq, xs, w, ws, out, part, counters, m, n, k,
@@ -536,7 +565,7 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
         BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}),
     )
     return out
 
@@ -602,6 +631,14 @@ def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
     """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    bn, bk = block_size
+    if x2.shape[0] == 1 and QUANT_IN_GEMM and x2.shape[1] == w.shape[1] and x2.shape[1] % bk == 0:
+        cfg = _gemm_config(check_device(x2, w, ws), w.shape[0], x2.shape[1], 1, "block", bk)
+        if cfg["BLOCK_K"] == bk and w.dtype == FP8_DTYPE and x2.stride(1) == 1 and w.stride(1) == 1:
+            # one token (decode): the GEMM quantizes x itself
+            _check_scale(ws, (triton.cdiv(w.shape[0], bn), x2.shape[1] // bk), "ws")
+            y = _block_matmul(x2, ws, w, ws, bn, bk, x.dtype, None, x2.device, quant_a=True)
+            return y.view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
     y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
     return y.view(*lead, w.shape[0])

@@ -53,11 +53,11 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from sass_loop import compile_for
-from quantkit.kernels import fp8_moe, fused_ops, gguf_gemm, w4a16_moe
+from quantkit.kernels import fp8_gemm, fp8_moe, fused_ops, gguf_gemm, w4a16_moe
 jobs = json.loads(sys.argv[2])
 for module, kernel, consts, types, warps in jobs:
-    fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm}[module],
-                 kernel)
+    fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm,
+                  "fp8_gemm": fp8_gemm}[module], kernel)
     try:
         compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm"} & set(fn.arg_names),
                     num_warps=warps)
@@ -84,6 +84,13 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, QUANT_A=not gated)
         a_type = "*bf16" if pairs and not gated else "*fp8e4nv"  # QUANT_A: the 16-bit intermediate
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
+    for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
+        consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
+                      BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,
+                      Q_EPS=1e-10 if quant_a else 0.0)
+        types = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
+                 "bs_ptr": "*fp32", "c_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+        jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", consts, types, 4))
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
         consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
                       A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,

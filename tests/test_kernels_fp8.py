@@ -235,6 +235,25 @@ def test_linear_matches_ref_and_dequantized_math(device, scheme):
     assert rel_err(ref, exact) < REL_FP8["linear"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_linear_one_token_quantizes_in_the_gemm(device, dtype, monkeypatch):
+    """One token: the GEMM quantizes x itself, with the bits per_token_group_quant_fp8 gives (a zero group too)."""
+    gen = gen_for("linear-one", dtype)
+    x = torch.randn(1, 1, 512, generator=gen).to(dtype)
+    x[..., 128:256] = 0.0  # an all-zero group: scale from SCALE_EPS, zeros
+    x = x.to(device)
+    w, ws = (t.to(device) for t in quantize_block(weights(200, 512, gen)))  # N = 200: a partial tile
+    calls = []
+    quant = fp8_gemm.per_token_group_quant_fp8
+    monkeypatch.setattr(fp8_gemm, "per_token_group_quant_fp8", lambda *a: calls.append(1) or quant(*a))
+    fused = fp8_block_linear(x, w, ws)
+    assert calls == [] and fused.shape == (1, 1, 200)
+    monkeypatch.setattr(fp8_gemm, "QUANT_IN_GEMM", False)
+    assert torch.equal(fused, fp8_block_linear(x, w, ws)) and calls == [1]
+    assert_close(fused, fp8_block_linear_ref(x, w, ws), *TOL[dtype])
+
+
 SPLIT_CASES = [  # m, n, k, out dtype, SPLIT_K
     (1, 256, 512, torch.bfloat16, 4),
     (3, 200, 384, torch.bfloat16, 3),  # N not a multiple of the tile, three splits of one K block
