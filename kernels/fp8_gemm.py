@@ -412,11 +412,16 @@ def _w8a8_fp8_matmul_kernel(
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANT_A:  # the row, a group ahead: its load in flight while the previous group is computed
+        row_ptr = a_ptr + (k_first + offs_k) * stride_ak  # [BLOCK_K]
+        xr_next = tl.load(row_ptr)
     for i in range(0, KB_PER):
         kb = pid_s * KB_PER + i
         if QUANT_A:  # the only row, one group: quantized once, placed in the tile's first row
             tl.static_assert(BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
-            xr = tl.load(a_ptr + (kb * BLOCK_K + offs_k) * stride_ak).to(tl.float32)  # [BLOCK_K]
+            xr = xr_next.to(tl.float32)  # [BLOCK_K]
+            ahead = (i + 1) * BLOCK_K + offs_k < KB_PER * BLOCK_K  # this program's share of K only
+            xr_next = tl.load(row_ptr + (i + 1) * BLOCK_K * stride_ak, mask=ahead, other=0.0)
             yq, ys = quant_groups(tl.reshape(xr, (1, BLOCK_K)), Q_EPS, UPCAST)  # [1, BLOCK_K], [1]
             first = offs_m == 0
             a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]

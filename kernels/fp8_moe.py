@@ -300,6 +300,9 @@ def _fused_moe_fp8_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANT_A:  # the pair's row, a group ahead: its load in flight while the previous group is computed
+        row_ptr = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + offs_k * stride_ak  # [BLOCK_K]
+        xr_next = tl.load(row_ptr)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a_mask = tok_mask[:, None]
@@ -311,7 +314,8 @@ def _fused_moe_fp8_kernel(
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if QUANT_A:  # the pair's row, one group: quantized once, placed in the block's first row
             tl.static_assert(PAIRS and BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
-            xr = tl.load(a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + (kb * BLOCK_K + offs_k) * stride_ak)
+            xr = xr_next
+            xr_next = tl.load(row_ptr + (kb + 1) * BLOCK_K * stride_ak, mask=(kb + 1) * BLOCK_K + offs_k < K, other=0.0)
             yq, ys = quant_groups(tl.reshape(xr.to(tl.float32), (1, BLOCK_K)), q_eps, UPCAST)  # [1, BLOCK_K], [1]
             first = tl.arange(0, BLOCK_M) == 0
             a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]
