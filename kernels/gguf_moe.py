@@ -16,7 +16,7 @@ The structure is kernels/fp8_moe.py's, with the activations kept in x's dtype in
 pairs sorted by expert and padded to BLOCK_M without a host sync (`_route`); GEMM 1, one launch for all experts,
 each program dequantizing a gate tile and the matching up tile of its expert and writing silu(gate) * up
 [M*topk, I] in x.dtype; GEMM 2 against down with the router weight in the epilogue [M*topk, H]; the atomic-free sum
-over slots. Decode (up to PAIRS_MAX pairs, CUDA-core configs) skips the sort and the separate sum as
+over slots. Single-token steps (CUDA-core configs) skips the sort and the separate sum as
 kernels/fp8_moe.py does. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
@@ -32,9 +32,9 @@ from .fp8_gemm import INTERPRETED, device_key, load_config_table, select_config
 from .fp8_moe import _route, moe_sum
 from .gguf_gemm import ACT_DTYPES, check_device, check_weight_bytes, dequantize_ref, launch_gguf_matmul
 
-# up to this many (token, slot) pairs, with a CUDA-core config (BLOCK_M < 16), the GEMMs take the pairs unsorted,
-# one a row block, and GEMM 2 adds each token's slots (kernels/fp8_moe.py): two launches instead of four
-PAIRS_MAX = 32
+# single-token steps (up to this many tokens) with a CUDA-core config (BLOCK_M < 16) take the pairs unsorted, one a
+# row block, and GEMM 2 adds each token's slots: two launches instead of four (kernels/fp8_moe.py says why one token)
+PAIRS_MAX_TOKENS = 1
 
 
 def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -109,7 +109,7 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
     # only, where garbage could make numpy warn
     alloc = torch.zeros if INTERPRETED else torch.empty
-    if m * topk <= PAIRS_MAX and cfg["BLOCK_M"] < 16:  # decode: no sort, no separate slot sum
+    if m <= PAIRS_MAX_TOKENS and cfg["BLOCK_M"] < 16:  # decode: no sort, no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         routing = (weights, ids, ids, ids)
         one = {**cfg, "BLOCK_M": 1}  # a pair a row block: the CUDA-core path computes no padding rows

@@ -526,14 +526,15 @@ def test_fused_moe_unsorted_pairs(device, scheme, m, e, topk, dtype, drop, monke
     calls = []
     route = fp8_moe._route
     monkeypatch.setattr(fp8_moe, "_route", lambda *a: calls.append(1) or route(*a))
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 8)  # the launcher's choice at one token only
     pairs = fused_moe_fp8(*args, scheme=scheme)
     assert calls == []  # no sort
-    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 0)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
     sorted_out = fused_moe_fp8(*args, scheme=scheme)
     assert calls == [1]
     assert_close(pairs, sorted_out, *TOL_MOE)
     assert_close(pairs, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
-    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 32)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 8)
     assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
     monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", False)  # block: GEMM 2 quantizes its A itself, bit for bit
     assert torch.equal(fused_moe_fp8(*args, scheme=scheme), pairs)
@@ -569,7 +570,7 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
     """For few pairs fused_moe_fp8 aligns in one Triton program; its output is the torch alignment's, bit for bit."""
     args = moe_case(m, e, topk, 256, 128, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
                     drop=drop)
-    monkeypatch.setattr(fp8_moe, "PAIRS_MAX", 0)  # the sorted list at any M
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)  # the sorted list at any M
     seen = []
     align_small = fp8_moe._align_small
     monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: seen.append(1) or align_small(*a))
