@@ -77,6 +77,18 @@ def test_incremental_decode_equals_full_forward(tiny_bf16):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_add_in_the_next_norm_changes_no_bit(tiny_bf16, dtype):
+    """Each layer's last residual add is left to the next layer's input norm (and the last to the final norm);
+    asking for every layer's output makes them plain adds again: the same logits bit for bit."""
+    model = load_model(tiny_bf16, dtype=dtype)
+    ids = random_ids(2, 9, model.cfg.vocab_size, seed=5)
+    deferred = model(ids, model.new_cache(2, 9))
+    hidden = []
+    plain = model(ids, model.new_cache(2, 9), hidden=hidden)
+    assert len(hidden) == model.cfg.num_hidden_layers and torch.equal(deferred, plain)
+
+
 def test_left_padded_batch_equals_single_runs(tiny_bf16):
     model = load_model(tiny_bf16, dtype=torch.float32)
     prompts = [random_ids(1, n, model.cfg.vocab_size, seed=n)[0].tolist() for n in (5, 17, 11)]

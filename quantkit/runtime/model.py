@@ -276,15 +276,24 @@ class Block(nn.Module):
         self.moe = MoE(cfg)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, x, cos, sin, cache, layer, mask):
+    def forward(self, x, cos, sin, cache, layer, mask, residual=None, defer=False):
+        """x -> x + attention + MoE. residual: the previous layer's MoE output not yet added to x (its add is done by
+        this layer's input norm, in the same launch); defer: return (x + attention, MoE output) and leave that add
+        to the next norm. The same bits either way: the add rounds to x's dtype before the norm reads it."""
         from quantkit.kernels import fused_ops
 
         group = act_group(getattr(self.self_attn, "qkv_proj", None))
-        if group and _fused(x, self.input_layernorm) and x.shape[-1] % group == 0:
-            y, yq, ys = fused_ops.rms_norm_fp8(x, self.input_layernorm, self.eps, group)
+        fuse = group and x.shape[-1] % group == 0 and (residual is None or x.shape == residual.shape)
+        if fuse and _fused(x, self.input_layernorm, *(() if residual is None else (residual,))):
+            if residual is None:
+                y, yq, ys = fused_ops.rms_norm_fp8(x, self.input_layernorm, self.eps, group)
+            else:
+                x, y, yq, ys = fused_ops.add_rms_norm_fp8(x, residual, self.input_layernorm, self.eps, group)
             setattr(y, FP8_INPUT, (yq, ys))
-        else:
+        elif residual is None:
             y = rms_norm(x, self.input_layernorm, self.eps)
+        else:
+            x, y = add_rms_norm(x, residual, self.input_layernorm, self.eps)
         a = self.self_attn(y, cos, sin, cache, layer, mask)
         group = act_group(self.moe.experts)
         if group and _fused(x, a, self.post_attention_layernorm) and x.shape == a.shape and x.shape[-1] % group == 0:
@@ -292,7 +301,26 @@ class Block(nn.Module):
             setattr(h, FP8_INPUT, (hq, hs))
         else:
             x, h = add_rms_norm(x, a, self.post_attention_layernorm, self.eps)
-        return x + self.moe(h)
+        out = self.moe(h)
+        return (x, out) if defer else x + out
+
+
+def run_layers(layers, x, cos, sin, cache, mask, indices, hidden: list | None = None) -> torch.Tensor:
+    """The decoder layers `indices` over x; the last one's residual add is left to the caller's final norm
+    (returns (x, pending MoE output or None)). hidden, when given, receives each layer's output (adds not deferred)."""
+    res = None
+    for i in indices:
+        if hidden is not None:
+            x = layers[i](x, cos, sin, cache, i, mask)
+            hidden.append(x)
+        else:
+            x, res = layers[i](x, cos, sin, cache, i, mask, residual=res, defer=True)
+    return x, res
+
+
+def final_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x + res) (res None: of x), the pending residual add in the norm's launch."""
+    return rms_norm(x, weight, eps) if res is None else add_rms_norm(x, res, weight, eps)[1]
 
 
 class MiniMaxM2(nn.Module):
@@ -343,12 +371,9 @@ class MiniMaxM2(nn.Module):
         mask |= cols[None, None, :] == (s0 + torch.arange(T, device=tokens.device))[None, :, None]  # pads see self
         x = self.embed_tokens(tokens)
         mask = attn_bias(mask[:, None], x.dtype)  # [B, 1, T, S]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, mask)
-            if hidden is not None:
-                hidden.append(x)
+        x, res = run_layers(self.layers, x, cos, sin, cache, mask, range(len(self.layers)), hidden)
         cache.length = s0 + T
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
+        return self.lm_head(final_norm(x, res, self.norm, self.cfg.rms_norm_eps))
 
 
 def checkpoint_fp8_scheme(reader: CheckpointReader) -> str | None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.runtime.generate import Sampling, sample
-from quantkit.runtime.model import DenseExperts, MiniMaxM2, _fused, attn_bias, rms_norm, rope_tables
+from quantkit.runtime.model import DenseExperts, MiniMaxM2, _fused, attn_bias, final_norm, rope_tables, run_layers
 
 
 @dataclass
@@ -93,13 +93,13 @@ def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows
     cache.rows, cache.positions, cache.write_at = rows, positions, None
     x = model.embed_tokens(tokens)  # [B, T, H]
     mask = attn_bias(mask, x.dtype)
-    for i in range(len(model.layers))[layers]:
-        x = model.layers[i](x, cos, sin, cache, i, mask)
+    x, res = run_layers(model.layers, x, cos, sin, cache, mask, range(len(model.layers))[layers])
     if last is None:
-        x = x[:, -1]
+        x, res = x[:, -1], (None if res is None else res[:, -1])
     else:
-        x = x[torch.arange(B, device=x.device), last]  # [B, H]
-    return model.lm_head(rms_norm(x, model.norm, cfg.rms_norm_eps))  # [B, V]
+        pick = torch.arange(B, device=x.device), last
+        x, res = x[pick], (None if res is None else res[pick])  # [B, H]
+    return model.lm_head(final_norm(x, res, model.norm, cfg.rms_norm_eps))  # [B, V]
 
 
 @dataclass
