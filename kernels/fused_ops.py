@@ -205,9 +205,15 @@ def qk_norm_rope_ref(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: t
 def _qk_norm_rope_kernel(
     y_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, out_ptr,  # y, out [rows, W]; cos, sin [rows, HALF]; rstd [rows]
     W, HEADS, D, HALF, stride_y, stride_o, stride_c, stride_s, eps,
+    y2_ptr, w2_ptr, out2_ptr, W2, HEADS2, stride_y2, stride_o2,  # PAIR: the second projection (k), same rows
     HAS_RSTD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OUT_MANT: tl.constexpr,
+    PAIR: tl.constexpr = False,  # program axis 1 picks the projection: q and k in one launch
 ):
     row = tl.program_id(0).to(tl.int64)
+    if PAIR:
+        if tl.program_id(1) == 1:
+            y_ptr, w_ptr, out_ptr, W, HEADS, stride_y, stride_o = y2_ptr, w2_ptr, out2_ptr, W2, HEADS2, stride_y2, \
+                stride_o2
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < HEADS) & (d < D)
@@ -255,13 +261,45 @@ def qk_norm_rope(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch
     c2, s2 = _rows(cos.float()), _rows(sin.float())
     r = rstd.reshape(-1).float().contiguous() if rstd is not None else y2
     out = torch.empty((B * T, W), dtype=y.dtype, device=y.device)
+    w = w.contiguous()
     if B * T:
-        _qk_norm_rope[(B * T,)](y2, w.contiguous(), c2, s2, r, out, W, heads, D, half, y2.stride(0), out.stride(0),
-                                c2.stride(0), s2.stride(0), float(eps), HAS_RSTD=rstd is not None,
+        _qk_norm_rope[(B * T,)](y2, w, c2, s2, r, out, W, heads, D, half, y2.stride(0), out.stride(0),
+                                c2.stride(0), s2.stride(0), float(eps), y2, w, out, W, heads, y2.stride(0),
+                                out.stride(0), HAS_RSTD=rstd is not None,
                                 BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(D),
                                 OUT_MANT=out_mantissa_bits(y.dtype) if y.dtype != torch.float32 else 0,
                                 num_warps=8 if W >= 2048 else 4)
     return out.view(B, T, heads, D)
+
+
+def qk_norm_rope_pair(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, q_heads: int, k_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm_rope of q and of k (same rows, same head dim) in one launch: (q [B, T, q_heads, D],
+    k [B, T, k_heads, D]), the bits of two qk_norm_rope calls."""
+    B, T, Wq = q.shape
+    Wk = k.shape[-1]
+    if k.shape[:2] != (B, T) or k.dtype != q.dtype or wq.dtype != q.dtype or wk.dtype != q.dtype or \
+            q.dtype not in DTYPES or Wq % q_heads or Wk % k_heads or Wq // q_heads != Wk // k_heads or \
+            wq.shape != (Wq,) or wk.shape != (Wk,):
+        raise ValueError(f"qk_norm_rope_pair: q {tuple(q.shape)} {q.dtype} over {q_heads} heads, k {tuple(k.shape)} "
+                         f"{k.dtype} over {k_heads}, weights {tuple(wq.shape)} {tuple(wk.shape)}")
+    D, half = Wq // q_heads, cos.shape[-1]
+    if cos.shape != (B, T, half) or sin.shape != cos.shape or 2 * half > D:
+        raise ValueError(f"qk_norm_rope_pair: cos/sin {tuple(cos.shape)} for rows {(B, T)} of head dim {D}")
+    check_device(q, k, wq, wk, cos, sin, min_capability=None)
+    q2, k2 = _rows(q), _rows(k)
+    c2, s2 = _rows(cos.float()), _rows(sin.float())
+    qo = torch.empty((B * T, Wq), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B * T, Wk), dtype=q.dtype, device=q.device)
+    if B * T:
+        _qk_norm_rope[(B * T, 2)](q2, wq.contiguous(), c2, s2, q2, qo, Wq, q_heads, D, half, q2.stride(0),
+                                  qo.stride(0), c2.stride(0), s2.stride(0), float(eps), k2, wk.contiguous(), ko, Wk,
+                                  k_heads, k2.stride(0), ko.stride(0), HAS_RSTD=False,
+                                  BLOCK_H=triton.next_power_of_2(max(q_heads, k_heads)),
+                                  BLOCK_D=triton.next_power_of_2(D),
+                                  OUT_MANT=out_mantissa_bits(q.dtype) if q.dtype != torch.float32 else 0, PAIR=True,
+                                  num_warps=8 if max(Wq, Wk) >= 2048 else 4)
+    return qo.view(B, T, q_heads, D), ko.view(B, T, k_heads, D)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, QUANT_A=not gated)
         a_type = "*bf16" if pairs and not gated else "*fp8e4nv"  # QUANT_A: the 16-bit intermediate
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
+    qk = {"y_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rstd_ptr": "*bf16",
+          "out_ptr": "*bf16", "y2_ptr": "*bf16", "w2_ptr": "*bf16", "out2_ptr": "*bf16", "eps": "fp32"}
+    for pair in (False, True):  # QK-norm + rotary, q and k in one launch or one each
+        jobs.append(("fused_ops", "_qk_norm_rope", dict(HAS_RSTD=False, BLOCK_H=64, BLOCK_D=128, OUT_MANT=0,
+                                                        PAIR=pair), qk, 8))
     for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
         consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
                       BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,

@@ -89,6 +89,17 @@ def norm_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     return run(y, weight, cos, sin, heads, eps, rstd).transpose(1, 2)
 
 
+def norm_rope_qk(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, q_heads: int, k_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_rope of q and of k: one kernel for both on a GPU, the same bits."""
+    from quantkit.kernels import fused_ops
+
+    if _fused(q, k, wq, wk):
+        q, k = fused_ops.qk_norm_rope_pair(q, k, wq, wk, cos, sin, q_heads, k_heads, eps)
+        return q.transpose(1, 2), k.transpose(1, 2)
+    return norm_rope(q, wq, cos, sin, q_heads, eps), norm_rope(k, wk, cos, sin, k_heads, eps)
+
+
 def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True: attend) as the additive one scaled_dot_product_attention makes of it on every
     call (0 and -inf in dtype), made once per step instead of once per layer: three kernels fewer per layer."""
@@ -158,8 +169,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head
-        q = norm_rope(q, self.q_norm, cos, sin, cfg.num_attention_heads, cfg.rms_norm_eps)
-        k = norm_rope(k, self.k_norm, cos, sin, cfg.num_key_value_heads, cfg.rms_norm_eps)
+        q, k = norm_rope_qk(q, k, self.q_norm, self.k_norm, cos, sin, cfg.num_attention_heads,
+                            cfg.num_key_value_heads, cfg.rms_norm_eps)
         v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         keys, values = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
