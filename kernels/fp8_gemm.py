@@ -117,9 +117,22 @@ def _quant_groups(x, eps, UPCAST: tl.constexpr):
     return y, scale
 
 
+def _quant_row_operand(xr, eps, dtype, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """One row's group xr [G] quantized as per_token_group_quant_fp8 would (quant_groups), as a tl.dot operand
+    [BLOCK_M, G] of that row and zero rows (in `dtype`, fp32 interpreted), and its scales [BLOCK_M] (zero below):
+    GEMMs of one row that quantize their A themselves."""
+    yq, ys = quant_groups(tl.reshape(xr.to(tl.float32), (1, xr.shape[0])), eps, UPCAST)  # [1, G], [1]
+    first = tl.arange(0, BLOCK_M) == 0
+    a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, G]
+    if not UPCAST:
+        a = a.to(dtype)
+    return a, tl.where(first, tl.sum(ys, axis=0), 0.0)
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
 quant_groups = triton_kernel(_quant_groups)
 split_k_sum = triton_kernel(_split_k_sum)
+quant_row_operand = triton_kernel(_quant_row_operand)
 grouped_pid = triton_kernel(_grouped_pid)
 
 
@@ -419,14 +432,10 @@ def _w8a8_fp8_matmul_kernel(
         kb = pid_s * KB_PER + i
         if QUANT_A:  # the only row, one group: quantized once, placed in the tile's first row
             tl.static_assert(BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
-            xr = xr_next.to(tl.float32)  # [BLOCK_K]
+            xr = xr_next  # [BLOCK_K]
             ahead = (i + 1) * BLOCK_K + offs_k < KB_PER * BLOCK_K  # this program's share of K only
             xr_next = tl.load(row_ptr + (i + 1) * BLOCK_K * stride_ak, mask=ahead, other=0.0)
-            yq, ys = quant_groups(tl.reshape(xr, (1, BLOCK_K)), Q_EPS, UPCAST)  # [1, BLOCK_K], [1]
-            first = offs_m == 0
-            a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]
-            if not UPCAST:
-                a = a.to(b_ptr.dtype.element_ty)
+            a, a_s_row = quant_row_operand(xr, Q_EPS, b_ptr.dtype.element_ty, BLOCK_M, UPCAST)
             b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
         elif EVEN_K:
             a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
@@ -441,7 +450,7 @@ def _w8a8_fp8_matmul_kernel(
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
             if QUANT_A:
-                a_s = tl.where(first, tl.sum(ys, axis=0), 0.0)  # [BLOCK_M]
+                a_s = a_s_row
             else:
                 a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
@@ -544,20 +553,20 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w
     _check_scale(xs, (m, k // bk), "xs")
     _check_scale(ws, (triton.cdiv(n, bn), k // bk), "ws")
     device = check_device(xq, xs, w, ws)
-    return _block_matmul(xq, xs, w, ws, bn, bk, out_dtype, config, device)
+    cfg = {**_gemm_config(device, n, k, m, "block", bk), **(config or {})}
+    return _block_matmul(xq, xs, w, ws, bn, bk, out_dtype, cfg, device)
 
 
 def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bn: int, bk: int,
-                  out_dtype: torch.dtype, config: dict | None, device: torch.device, quant_a: bool = False
-                  ) -> torch.Tensor:
-    """The block-scaled launch for checked operands; quant_a: a is one 16-bit row the kernel quantizes itself."""
+                  out_dtype: torch.dtype, cfg: dict, device: torch.device, quant_a: bool = False) -> torch.Tensor:
+    """The block-scaled launch for checked operands and a block config; quant_a: a is one 16-bit row the kernel
+    quantizes itself."""
     xq = a
     m, n, k = a.shape[0], w.shape[0], a.shape[1]
     out_mant = out_mantissa_bits(out_dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
         return out
-    cfg = {**_gemm_config(device, n, k, m, "block", bk), **(config or {})}
     if bk % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
     if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
@@ -642,7 +651,7 @@ def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
         if cfg["BLOCK_K"] == bk and w.dtype == FP8_DTYPE and x2.stride(1) == 1 and w.stride(1) == 1:
             # one token (decode): the GEMM quantizes x itself
             _check_scale(ws, (triton.cdiv(w.shape[0], bn), x2.shape[1] // bk), "ws")
-            y = _block_matmul(x2, ws, w, ws, bn, bk, x.dtype, None, x2.device, quant_a=True)
+            y = _block_matmul(x2, ws, w, ws, bn, bk, x.dtype, cfg, x2.device, quant_a=True)
             return y.view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
     y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]

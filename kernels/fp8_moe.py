@@ -52,7 +52,7 @@ from .fp8_gemm import (
     per_token_group_quant_fp8_ref,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
-    quant_groups,
+    quant_row_operand,
     round_to_out_grid,
     select_config,
     split_k_sum,
@@ -227,6 +227,28 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
 # the grouped GEMM
 
 
+def _pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, cols, A_ROW_DIV: tl.constexpr,
+               SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The unsorted pairs' row block pid_m (PAIRS): one pair, in the block's first row. GEMM 1: pair pid_m, C row
+    pid_m; GEMM 2 (SLOT_SUM slots, pid_s the slot): pair pid_m * SLOT_SUM + pid_s, C row = token pid_m. Returns
+    (pair, C rows int64 [BLOCK_M], their mask, A rows int64 [BLOCK_M], the expert from topk_ids at expert_ids_ptr
+    clamped into [0, NUM_EXPERTS), and `routed` shaped like cols: whether the id was in range, so that a slot routed
+    nowhere reads no weight and adds zeros)."""
+    pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
+    r = tl.arange(0, BLOCK_M)
+    rows = pid_m + 0 * r
+    tok_mask = (r == 0) & (rows < num_valid_tokens)
+    a_rows = (pair // A_ROW_DIV + 0 * r).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+    ex = expert + 0 * cols  # (the interpreter cannot mask with a scalar condition and'ed in)
+    routed = (ex >= 0) & (ex < NUM_EXPERTS)
+    expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)
+    return pair, rows.to(tl.int64), tok_mask, a_rows, expert, routed
+
+
+pair_rows = triton_kernel(_pair_rows)
+
+
 def _fused_moe_fp8_kernel(
     a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
@@ -264,16 +286,9 @@ def _fused_moe_fp8_kernel(
     n_mask = offs_n < N
     if PAIRS:
         pid_s = tl.program_id(1)
-        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
-        r = tl.arange(0, BLOCK_M)
-        offs_tok = pid_m + 0 * r  # [BLOCK_M] the C row, in the block's first row only
-        tok_mask = (r == 0) & (offs_tok < num_valid_tokens)
-        offs_tok64 = offs_tok.to(tl.int64)
-        a_rows = (pair // A_ROW_DIV + 0 * r).to(tl.int64)  # [BLOCK_M]
-        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
-        ex_n = expert + 0 * offs_n  # [BLOCK_N] (the interpreter cannot mask with a scalar condition and'ed in)
-        n_mask = n_mask & (ex_n >= 0) & (ex_n < NUM_EXPERTS)
-        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)
+        pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(
+            expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M)
+        n_mask = n_mask & routed
     else:
         # the grid covers the worst case; row blocks past the padded list's end have nothing to do
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
@@ -318,11 +333,7 @@ def _fused_moe_fp8_kernel(
             tl.static_assert(PAIRS and BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
             xr = xr_next
             xr_next = tl.load(row_ptr + (kb + 1) * BLOCK_K * stride_ak, mask=(kb + 1) * BLOCK_K + offs_k < K, other=0.0)
-            yq, ys = quant_groups(tl.reshape(xr.to(tl.float32), (1, BLOCK_K)), q_eps, UPCAST)  # [1, BLOCK_K], [1]
-            first = tl.arange(0, BLOCK_M) == 0
-            a = tl.where(first[:, None], yq, 0.0)  # [BLOCK_M, BLOCK_K]
-            if not UPCAST:
-                a = a.to(b_ptr.dtype.element_ty)
+            a, a_s_row = quant_row_operand(xr, q_eps, b_ptr.dtype.element_ty, BLOCK_M, UPCAST)
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
@@ -331,7 +342,7 @@ def _fused_moe_fp8_kernel(
         if BLOCK_SCALED:
             k_group = (kb * BLOCK_K) // GROUP_K
             if QUANT_A:
-                a_s = tl.where(first, tl.sum(ys, axis=0), 0.0)  # [BLOCK_M]
+                a_s = a_s_row
             else:
                 a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]

@@ -50,6 +50,7 @@ from .fp8_gemm import (
     triton_kernel,
 )
 from .fp8_gemm import check_device as _check_device
+from .fp8_moe import pair_rows
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (values per block, bytes per block), ggml's table for the types the kernels read
@@ -312,15 +313,9 @@ def _gguf_matmul_kernel(
 
     if PAIRS:
         pid_s = tl.program_id(1)
-        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
-        r = tl.arange(0, BLOCK_M)
-        rows = (pid_m + 0 * r).to(tl.int64)  # [BLOCK_M] the C row, in the block's first row only
-        tok_mask = (r == 0) & (rows < M)
-        a_rows = (pair // A_ROW_DIV + 0 * r).to(tl.int64)
-        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
-        ex_n = expert + 0 * offs_n  # [BLOCK_N] (the interpreter cannot mask with a scalar condition and'ed in)
-        n_mask = n_mask & (ex_n >= 0) & (ex_n < NUM_EXPERTS)
-        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)
+        pair, rows, tok_mask, a_rows, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, M, offs_n, A_ROW_DIV,
+                                                                 SLOT_SUM, NUM_EXPERTS, BLOCK_M)
+        n_mask = n_mask & routed
     elif ROUTED:
         # the grid covers the worst case; row blocks past the padded list's end have nothing to do
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):

@@ -111,7 +111,7 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, moe_sum
+from .fp8_moe import _route, moe_sum, pair_rows
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -138,6 +138,22 @@ def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, B
 
 
 block_rows = _jit(_block_rows)
+
+
+def _nibble_in_place(words, hi, j: tl.constexpr):
+    """Nibble j of int32 words, left at bits 4e (hi = words >> 12 holds nibbles 5-7 at bits 8-16, so e <= 4) under
+    the exponent of 2^(23-4e), whose ulp there is 1: (the float 2^(23-4e) + q, exact, and the offset 2^(23-4e))."""
+    if j < 5:
+        src = words
+        e: tl.constexpr = j
+    else:
+        src = hi
+        e: tl.constexpr = j - 3
+    f = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True)
+    return f, 1 << (23 - 4 * e)
+
+
+nibble_in_place = _jit(_nibble_in_place)
 
 
 def _moe_gemv_kernel(
@@ -185,19 +201,13 @@ def _moe_gemv_kernel(
     r = tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS] output column of each weight row
     row_mask = offs_n < N
-    if PAIRS:
+    if PAIRS:  # the row of A is pair // A_ROW_DIV (GEMM 1: the token; GEMM 2: the pair's intermediate row)
         tl.static_assert(BLOCK_M == 1, "PAIRS: one pair per program")
-        pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m  # the (token, slot) pair: the row of A is
-        # pair // A_ROW_DIV (GEMM 1: the token; GEMM 2: the pair's intermediate row)
-        expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
-        ex_rows = expert + 0 * r  # [ROWS] (the interpreter cannot mask with a scalar condition and'ed in)
-        row_mask = row_mask & (ex_rows >= 0) & (ex_rows < NUM_EXPERTS)  # a slot routed nowhere reads no weight
-        expert = tl.minimum(tl.maximum(expert, 0), NUM_EXPERTS - 1)  # and adds zeros
-        offs_tok = pid_m + tl.arange(0, 1)  # [1] the row of C
-        tok_mask = offs_tok < num_valid_tokens
-        offs_tok64 = offs_tok.to(tl.int64)
+        pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+        row_mask = row_mask & routed
     else:
-        offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m,
+        _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m,
                                                             num_valid_tokens, BLOCK_M, DENSE)
     rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)  # [ROWS] gate rows, then (GATED) the up rows N further
     offs_c = tl.arange(0, GW)  # [GW]
@@ -239,15 +249,9 @@ def _moe_gemv_kernel(
             part = tl.zeros((ROWS, GW), dtype=tl.float32)
             xs = tl.zeros((1, GW), dtype=tl.float32)
             for j in tl.static_range(8):
-                if EXACT:  # nibble j in place at bits 4e: 2^(23-4e) + q, the offset subtracted per weight
-                    if j < 5:
-                        src = words
-                        e = j
-                    else:
-                        src = hi
-                        e = j - 3
-                    f = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True) \
-                        - (1 << (23 - 4 * e))  # [ROWS, GW] q
+                if EXACT:  # nibble j in place: 2^(23-4e) + q, the offset subtracted per weight
+                    f, off = nibble_in_place(words, hi, j)
+                    f = f - off  # [ROWS, GW] q
                 else:  # nibble j moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1): 128 + q
                     if j < 4:
                         v = words << (16 - 4 * j)
@@ -365,14 +369,8 @@ def _moe_dot_kernel(
                 a = tl.load(a_ptrs + j * GW, mask=tok_mask[:, None], other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
-                if j < 5:
-                    src = words
-                    e = j
-                else:
-                    src = hi
-                    e = j - 3
-                f = ((src & (0xF << (4 * e))) | ((150 - 4 * e) << 23)).to(tl.float32, bitcast=True)
-                w = (f - (z + (1 << (23 - 4 * e)))[:, None]).to(a.dtype)  # [BLOCK_N, GW]
+                f, off = nibble_in_place(words, hi, j)
+                w = (f - (z + off)[:, None]).to(a.dtype)  # [BLOCK_N, GW]
                 if F32_DOT:
                     part = tl.dot(a, tl.trans(w), part, input_precision="ieee")
                 else:

@@ -294,8 +294,9 @@ class Block(nn.Module):
         from quantkit.kernels import fused_ops
 
         group = act_group(getattr(self.self_attn, "qkv_proj", None))
-        fuse = group and x.shape[-1] % group == 0 and (residual is None or x.shape == residual.shape)
-        if fuse and _fused(x, self.input_layernorm, *(() if residual is None else (residual,))):
+        ins = (x,) if residual is None else (x, residual)
+        if group and x.shape[-1] % group == 0 and all(t.shape == x.shape for t in ins) and \
+                _fused(*ins, self.input_layernorm):
             if residual is None:
                 y, yq, ys = fused_ops.rms_norm_fp8(x, self.input_layernorm, self.eps, group)
             else:
@@ -316,7 +317,8 @@ class Block(nn.Module):
         return (x, out) if defer else x + out
 
 
-def run_layers(layers, x, cos, sin, cache, mask, indices, hidden: list | None = None) -> torch.Tensor:
+def run_layers(layers, x, cos, sin, cache, mask, indices, hidden: list | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decoder layers `indices` over x; the last one's residual add is left to the caller's final norm
     (returns (x, pending MoE output or None)). hidden, when given, receives each layer's output (adds not deferred)."""
     res = None
