@@ -249,6 +249,22 @@ def _pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, cols, A_ROW_DIV: 
 pair_rows = triton_kernel(_pair_rows)
 
 
+def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, BLOCK_M: tl.constexpr,
+                DENSE: tl.constexpr):
+    """Row block pid_m's rows (pair indices of the sorted list, whose padding holds the sentinel num_valid_tokens;
+    DENSE: rows of A in order), their mask, the rows as int64, and the block's expert (DENSE: 0)."""
+    if DENSE:
+        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        expert = (pid_m * 0).to(tl.int64)
+    else:
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    return offs_tok, offs_tok < num_valid_tokens, offs_tok.to(tl.int64), expert
+
+
+block_rows = triton_kernel(_block_rows)
+
+
 def _fused_moe_fp8_kernel(
     a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])

@@ -50,7 +50,7 @@ from .fp8_gemm import (
     triton_kernel,
 )
 from .fp8_gemm import check_device as _check_device
-from .fp8_moe import pair_rows
+from .fp8_moe import block_rows, pair_rows
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (values per block, bytes per block), ggml's table for the types the kernels read
@@ -63,6 +63,9 @@ QTYPES: dict[str, tuple[int, int]] = {
 # the kernels' QTYPE constexpr: ggml's type ids
 QTYPE_IDS = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 SUPER = 256  # the K step of the main loop: one k-quant super-block, eight Q8_0 blocks
+# types the GEMV kernel reads, the word type each is viewed as, and its scale group (values per scale)
+GEMV_QTYPES = {"q4_k": (torch.int32, 32), "q6_k": (torch.int16, 16)}
+GEMV_ROWS_MAX = 4  # gguf_linear takes the GEMV kernel up to this many rows on a GPU (tokens share the decoding)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -471,10 +474,14 @@ def _check_linear_args(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> tu
     return m, k, w_bytes.shape[0]
 
 
-def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
+def _gemm_default_config(device: torch.device, m: int, n: int, gemv: bool = False) -> dict:
+    """gemv: the weights can take the GEMV kernel (a type it reads, rows it can view as words)."""
     if INTERPRETED:
         # the interpreter pays per program instance and per operation, not per element: few, large tiles
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
+    if gemv and m <= GEMV_ROWS_MAX:  # the GEMV kernel, a weight row a thread (instruction counts: gguf_moe)
+        return dict(PATH="gemv", PREP=True, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1, num_warps=1,
+                    num_stages=1)
     # H100/H200: the weight bytes bound the time up to a few hundred tokens. Up to 4 rows the fp32 FMA path
     # (BLOCK_M < 16) skips the tensor cores' operand shuffles, which cost more than they save with so few rows;
     # narrow tiles give every multiprocessor a program at decode sizes
@@ -485,10 +492,14 @@ def _gemm_default_config(device: torch.device, m: int, n: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=4, num_stages=3)
 
 
-def gemm_config(device: torch.device, m: int, n: int, k: int, qtype: str) -> dict:
-    """Block configuration for gguf_linear: configs/gguf_gemm.json, else the defaults."""
+def gemm_config(device: torch.device, m: int, n: int, k: int, qtype: str, gemv: bool = False) -> dict:
+    """Block configuration for gguf_linear: configs/gguf_gemm.json (tile configs), else the defaults; up to
+    GEMV_ROWS_MAX rows of weights the GEMV kernel reads (gemv), that kernel."""
+    default = _gemm_default_config(device, m, n, gemv)
+    if default.get("PATH") == "gemv":
+        return default
     return select_config(load_config_table("gguf_gemm.json"), device_key(device), f"N={n},K={k},{qtype}", m,
-                         _gemm_default_config(device, m, n))
+                         default)
 
 
 def gguf_linear(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dict | None = None) -> torch.Tensor:
@@ -502,5 +513,413 @@ def gguf_linear(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dict
     y = torch.empty((m, n), dtype=x.dtype, device=device)  # [M, N]
     if m == 0 or n == 0:
         return y
-    launch_gguf_matmul(x, w_bytes, qtype, y, n, k, config or gemm_config(device, m, n, k, qtype))
+    gemv = gemv_supported((w_bytes, qtype))
+    cfg = config or gemm_config(device, m, n, k, qtype, gemv)
+    if cfg.get("PATH") == "gemv":
+        if not gemv:
+            raise ValueError(f"the GEMV path reads Q4_K and Q6_K rows, contiguous and aligned; got {qtype}")
+        x_in, x_sums = gemv_prep(x, GEMV_QTYPES[qtype][1]) if cfg.get("PREP", True) else (x, None)
+        launch_gguf_gemv(x_in, w_bytes, qtype, y, n, k, cfg, x_sums=x_sums)
+        return y
+    launch_gguf_matmul(x, w_bytes, qtype, y, n, k, cfg)
     return y
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the GEMV path (decode): CUDA cores, whole super-blocks per thread row, the k-quant fields as words
+
+
+@triton_kernel
+def _u2f(v):
+    """Small non-negative int32 values (< 2^23) -> fp32, exactly, without an integer-to-float conversion."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton_kernel
+def _split4(v):
+    """The four columns of a [ROWS, 4] tile held by one thread, as [ROWS] vectors (register moves)."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))  # columns (0, 2), (1, 3)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton_kernel
+def _nib16v(v, bit, mask16):
+    """The 4 bits of int32 v at `bit` moved to bits 16-19 and masked (mask16 = 0x000F0000, or wider): `bit` a tensor
+    of compile-time constants (an arange along an axis one thread holds), so each shift is an immediate."""
+    return tl.where(bit <= 16, v << tl.maximum(16 - bit, 0), v >> tl.maximum(bit - 16, 0)) & mask16
+
+
+@triton_kernel
+def _q4k_sub_scales(h0, h1, h2, h3, J: tl.constexpr):
+    """Sub-block J's (d * sc, 128 * d * sc + dmin * m) of Q4_K super-blocks from their header words [ROWS]: h0 = d |
+    dmin << 16, h1..h3 = the 12 packed scale bytes (6-bit sc, m; sub-blocks 4-7 keep their high bits in bytes
+    0-7's top bits). The 128 is the offset of the 128 + q values the loop multiplies (see _gguf_gemv_kernel)."""
+    d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if J < 4:
+        sc = (h1 >> (8 * J)) & 63
+        m = (h2 >> (8 * J)) & 63
+    else:
+        s: tl.constexpr = 8 * (J - 4)
+        sc = ((h3 >> s) & 15) | ((h1 >> (s + 2)) & 48)
+        m = ((h3 >> (s + 4)) & 15) | ((h2 >> (s + 2)) & 48)
+    ds = d * _u2f(sc)
+    return ds, 128.0 * ds + dmin * _u2f(m)
+
+
+@triton_kernel
+def _gemv_x_row(t: tl.constexpr, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV: tl.constexpr,
+                BLOCK_M: tl.constexpr, DENSE: tl.constexpr, PAIRS: tl.constexpr):
+    """Row of x (int64) of the row block's token t. A token past the end (the sorted list's padding, a last row
+    block's tail) reads the last valid row instead: its output is never stored, and no load needs a mask."""
+    if PAIRS:
+        tok = pair
+    else:
+        if DENSE:
+            tok = pid_m * BLOCK_M + t
+        else:
+            tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # a pair index; padding holds the sentinel
+        tok = tl.minimum(tok, num_valid_tokens - 1)
+    return (tok // A_ROW_DIV).to(tl.int64)
+
+
+@triton_kernel
+def _gemv_x_sum(xs, xsum_ptr, xrow, stride_sm, group, X_SUMS: tl.constexpr):
+    """The sum of a scale group's activations: given (X_SUMS), or from the [ROWS, 4] partial sums xs."""
+    if X_SUMS:
+        total = tl.load(xsum_ptr + xrow * stride_sm + group)
+    else:
+        total = tl.sum(xs, axis=1)
+    return total
+
+
+@triton_kernel
+def _gemv_acc(acc, rs, t: tl.constexpr, tcol, BLOCK_M: tl.constexpr):
+    """acc [ROWS] (one token) or [ROWS, BLOCK_M] plus token t's [ROWS] sums."""
+    if BLOCK_M == 1:
+        acc = acc + rs
+    else:
+        acc = acc + tl.where(tcol[None, :] == t, rs[:, None], 0.0)
+    return acc
+
+
+@triton_kernel
+def _ld_h16(p):
+    """int16 at p, zero-extended to int32."""
+    return tl.load(p).to(tl.uint16, bitcast=True).to(tl.int32)
+
+
+@triton_kernel
+def _ld_w16(p):
+    """The int32 of the two int16 at p, p + 1 (little-endian): four bytes from a 2-byte aligned address."""
+    return _ld_h16(p) | (_ld_h16(p + 1) << 16)
+
+
+@triton_kernel
+def _ld_s8(p, e: tl.constexpr):
+    """Byte e of the int16 at p as a signed value, fp32."""
+    v = tl.load(p).to(tl.int32)  # sign-extended int16
+    if e == 0:
+        v = (v << 24) >> 24
+    else:
+        v = v >> 8
+    return v.to(tl.float32)
+
+
+@triton_kernel
+def _q6k_run_word(src, wh, run: tl.constexpr, m_lo, m_hi):
+    """Q6_K: the four 6-bit values of run `run` (0-3) of four consecutive l, at bits 8b .. 8b + 5 of the result:
+    the low nibbles from src (ql bytes; runs 2 and 3 take the high nibbles), the two high bits from wh (qh bytes,
+    at bit 2 run of each) moved to bit 4 of each byte. m_lo = 0x0F0F0F0F, m_hi = 0x30303030."""
+    if run >= 2:
+        src = src >> 4
+    if run == 0:
+        wh = wh << 4
+    elif run == 1:
+        wh = wh << 2
+    elif run == 3:
+        wh = wh >> 2
+    return (src & m_lo) | (wh & m_hi)
+
+
+def _gguf_gemv_kernel(
+    x_ptr,  # [rows, K] activations (fp32, or 16-bit), contiguous along K
+    xsum_ptr,  # X_SUMS: fp32 [rows, K / XG], the sum of each group of XG activations (XG: the type's scale group)
+    w_ptr,  # GGUF rows [E, N, row bytes] viewed as words: int32 for Q4_K (144-byte blocks), int16 for Q6_K (210)
+    u_ptr,  # GATED: the up projection's, same type and shape
+    c_ptr,  # [M_out, N]
+    csum_ptr,  # SUMS_OUT: fp32 [M_out, N / SUMS_OUT], the sums of each group of SUMS_OUT outputs as stored
+    topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,  # as _gguf_matmul_kernel
+    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
+    N, num_valid_tokens, num_pid_m,
+    mask16,  # 0x000F0000 as a launch argument: an immediate would be rematerialized before every LOP3
+    stride_xm, stride_sm, stride_we, stride_ue, stride_cm,  # the weight strides in words
+    K: tl.constexpr, QTYPE: tl.constexpr,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr,
+    X_SUMS: tl.constexpr = False,  # the activations' group sums come in (xsum_ptr) instead of being added up here
+    SUMS_OUT: tl.constexpr = 0,  # write the output's sums over groups of this many columns (csum_ptr)
+    DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
+    PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
+):
+    pid = tl.program_id(0)
+    pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
+    pid_n = pid // num_pid_m
+    if not (DENSE or PAIRS):
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+            return
+    pid_s = tl.program_id(1)
+    HALVES: tl.constexpr = 2 if GATED else 1
+    ROWS: tl.constexpr = HALVES * BLOCK_N
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS] output column of each weight row
+    row_mask = offs_n < N  # (rows past N read row N - 1: no load needs a mask)
+    pair = pid_m
+    if PAIRS:
+        tl.static_assert(BLOCK_M == 1, "PAIRS: one pair per program")
+        pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+        row_mask = row_mask & routed
+    else:
+        _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
+                                                     BLOCK_M, DENSE)
+    # the row stride in words follows from K (a constexpr), so the compiler knows each row's alignment
+    if QTYPE == 12:
+        SB_WORDS: tl.constexpr = 36  # 144 bytes: d | dmin, 3 words of scales, 32 words of nibbles
+    else:
+        SB_WORDS: tl.constexpr = 105  # 210 bytes as int16: ql[64], qh[32], scales[8], d
+    ROW_WORDS: tl.constexpr = K // 256 * SB_WORDS
+    row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * ROW_WORDS
+    if GATED:
+        row_base = tl.where(r < BLOCK_N, w_ptr + expert * stride_we + row64, u_ptr + expert * stride_ue + row64)
+    else:
+        row_base = w_ptr + expert * stride_we + row64  # [ROWS] pointers
+    tcol = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
+    offs_4 = tl.arange(0, 4)
+    bytes_at = 8 * offs_4[None, :]  # [1, 4] bit of byte b of a word
+    zero_tile = tl.zeros((ROWS, 4), dtype=tl.int32)
+    # four consecutive activations as a [ROWS, 4] tile, the same for every row: a tile that small would be spread
+    # over the threads, while one vector each is what every thread needs
+    x_tile = zero_tile + offs_4[None, :]
+
+    for sb in range(0, K // 256):
+        if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
+            # and of sub-block 2c + 1 (high nibble). A thread holds whole rows: each 16-byte piece of a row is one
+            # [ROWS, 4] load split into its four words in registers; a word's four bytes make a [ROWS, 4] tile (byte
+            # b along the second axis, in one thread, so its shifts are constants) that meets the four consecutive
+            # activations 4w .. 4w + 3
+            w_ptrs = tl.multiple_of(row_base, 16)[:, None] + offs_4[None, :]  # [ROWS, 4]: 16-byte aligned pieces
+            h0, h1, h2, h3 = _split4(tl.load(w_ptrs + sb * 36))  # d | dmin, scales
+            for c in tl.static_range(4):
+                for p in tl.static_range(2):
+                    ds, dc = _q4k_sub_scales(h0, h1, h2, h3, 2 * c + p)  # [ROWS]
+                    for t in tl.static_range(BLOCK_M):
+                        xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
+                                           DENSE, PAIRS)
+                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 64 * c + 32 * p) + x_tile  # [ROWS, 4]
+                        part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xs = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        for hw in tl.static_range(2):
+                            # words 4hw .. 4hw + 3 of chunk c (loaded once for both p)
+                            wq = _split4(tl.load(w_ptrs + (sb * 36 + 4 + 8 * c + 4 * hw)))
+                            for w in tl.static_range(4):
+                                f = (_nib16v(wq[w][:, None], bytes_at + 4 * p, mask16) | 0x43000000).to(
+                                    tl.float32, bitcast=True)  # [ROWS, 4] 128 + q
+                                xw = tl.load(x_ptrs + 4 * (4 * hw + w)).to(tl.float32)
+                                part += f * xw
+                                if not X_SUMS:
+                                    xs += xw
+                        xsum = _gemv_x_sum(xs, xsum_ptr, xrow, stride_sm, sb * 8 + 2 * c + p, X_SUMS)
+                        # sum (d sc q - dmin m) x = d sc sum (128 + q) x - (128 d sc + dmin m) sum x
+                        acc = _gemv_acc(acc, ds * tl.sum(part, axis=1) - dc * xsum, t, tcol, BLOCK_M)
+        else:  # Q6_K, as int16: ql[0, 64) (two halves of 32), qh[64, 96), int8 scales in [96, 104), d at 104. Half
+            # h's value 128h + 32 run + l (l < 32): low bits from ql byte 64h + l (runs 0, 2: low, high nibble) or
+            # 64h + 32 + l (runs 1, 3), two high bits at 2 run of qh byte 32h + l; scale (128h + 32 run + l) // 16.
+            # Two int16 loads make the word of bytes l .. l + 3 (4-byte alignment is not given: blocks are 210 bytes)
+            s_base = row_base + sb * 105
+            m6 = mask16 | (mask16 << 2)  # 0x003F0000, from the launch argument as the other masks
+            m_lo = (mask16 >> 16) * 0x01010101  # 0x0F0F0F0F
+            m_hi = ((mask16 >> 12) & 0x30) * 0x01010101  # 0x30303030
+            d = tl.load(s_base + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [ROWS]
+            for h in tl.static_range(2):
+                for g in tl.static_range(2):  # l in [16 g, 16 g + 16): one scale per run
+                    for t in tl.static_range(BLOCK_M):  # the weights' loads and decoding are shared
+                        part0 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        part1 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        part2 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        part3 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
+                                           DENSE, PAIRS)
+                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 128 * h + 16 * g) + x_tile  # [ROWS, 4]
+                        xs0 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xs1 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xs2 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xs3 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        for q in tl.static_range(4):  # bytes l = 16 g + 4 q .. + 3
+                            o = 32 * h + 8 * g + 2 * q  # int16 index of ql byte 64 h + l
+                            wa = _ld_w16(s_base + o)  # [ROWS] ql bytes 64h + l .. + 3
+                            wb = _ld_w16(s_base + (o + 16))  # 64h + 32 + l ..
+                            wh = _ld_w16(s_base + (64 + 16 * h + 8 * g + 2 * q))  # qh bytes 32h + l ..
+                            for run in tl.static_range(4):
+                                # the run's four 6-bit values at bits 8b .. 8b + 5 of one word, then each moved to
+                                # bits 16-21 under the exponent of 2^7: 128 + q6
+                                z = _q6k_run_word(wa if run % 2 == 0 else wb, wh, run, m_lo, m_hi)
+                                f = (_nib16v(z[:, None], bytes_at, m6) | 0x43000000).to(tl.float32, bitcast=True)
+                                xw = tl.load(x_ptrs + (32 * run + 4 * q)).to(tl.float32)
+                                if run == 0:
+                                    part0 += f * xw
+                                    xs0 += xw
+                                elif run == 1:
+                                    part1 += f * xw
+                                    xs1 += xw
+                                elif run == 2:
+                                    part2 += f * xw
+                                    xs2 += xw
+                                else:
+                                    part3 += f * xw
+                                    xs3 += xw
+                        # scale j = 8h + 2 run + g: int8 byte j of the scales, in int16 96 + 4h + run
+                        # sum d sc (q6 - 32) x = d sc sum (128 + q6) x - 160 d sc sum x
+                        for run in tl.static_range(4):
+                            ds = d * _ld_s8(s_base + (96 + 4 * h + run), g)
+                            if run == 0:
+                                pr, xr = part0, xs0
+                            elif run == 1:
+                                pr, xr = part1, xs1
+                            elif run == 2:
+                                pr, xr = part2, xs2
+                            else:
+                                pr, xr = part3, xs3
+                            xsum = _gemv_x_sum(xr, xsum_ptr, xrow, stride_sm, sb * 16 + 8 * h + 2 * run + g, X_SUMS)
+                            acc = _gemv_acc(acc, ds * (tl.sum(pr, axis=1) - 160.0 * xsum), t, tcol,
+                                        BLOCK_M)
+
+    if BLOCK_M == 1:
+        if PAIRS:  # a slot routed nowhere read expert 0 or E - 1 and adds zeros
+            acc = tl.where(row_mask, acc, 0.0)
+        acc = tl.reshape(acc, (1, ROWS))
+    else:
+        acc = tl.trans(acc)  # [BLOCK_M, ROWS]
+    if GATED:
+        acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))
+        half = tl.arange(0, 2)[None, :, None]
+        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)
+        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
+        out = gate * tl.sigmoid(gate) * up
+    else:
+        out = acc
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
+    last = True
+    if SLOT_SUM:
+        out = out * tl.load(topk_weights_ptr + pair)
+        if SLOT_SUM > 1:
+            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
+                                    c_mask, num_valid_tokens, N, SLOT_SUM)
+    if last:
+        if MUL_ROUTED_WEIGHT and not SLOT_SUM:
+            out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
+        if OUT_MANT:
+            out = round_to_out_grid(out, OUT_MANT)
+        stored = out.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
+        if SUMS_OUT:  # the next GEMM's X_SUMS: whole groups of the stored values (the launcher checks the tiling)
+            G: tl.constexpr = BLOCK_N // SUMS_OUT
+            sums = tl.sum(tl.reshape(stored.to(tl.float32), (BLOCK_M, G, SUMS_OUT)), axis=2)  # [BLOCK_M, G]
+            offs_g = pid_n * G + tl.arange(0, G)
+            tl.store(csum_ptr + offs_tok64[:, None] * (N // SUMS_OUT) + offs_g[None, :], sums,
+                     mask=tok_mask[:, None] & (offs_g < N // SUMS_OUT)[None, :])
+
+
+_gguf_gemv = triton_kernel(_gguf_gemv_kernel)
+
+def _gemv_prep_kernel(x_ptr, y_ptr, s_ptr, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """Row pid(0) of x in fp32 (y) and its sums over groups of GROUP (s), BLOCK values per program."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)  # [BLOCK]
+    tl.store(y_ptr + row * K + offs, v, mask=offs < K)
+    sums = tl.sum(tl.reshape(v, (BLOCK // GROUP, GROUP)), axis=1)  # [BLOCK / GROUP]
+    offs_g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+    tl.store(s_ptr + row * (K // GROUP) + offs_g, sums, mask=offs_g < K // GROUP)
+
+
+_gemv_prep = triton_kernel(_gemv_prep_kernel)
+
+
+def gemv_prep(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in fp32 [M, K], its sums over groups of `group` columns [M, K / group]): the GEMV kernel's X_SUMS input,
+    one launch. K must be a multiple of group (every GEMV type's rows are)."""
+    m, k = x.shape
+    y = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    s = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(1024, triton.next_power_of_2(k))
+        _gemv_prep[(m, triton.cdiv(k, block))](x, y, s, k, x.stride(0), GROUP=group, BLOCK=block, num_warps=4)
+    return y, s
+
+
+def gemv_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
+    """Whether the GEMV kernel can read these (weight, qtype) pairs: a type it decodes, rows contiguous, each
+    tensor viewable as its words (Q4_K's rows start 16-byte aligned)."""
+    for w, qtype in ws_qtypes:
+        if qtype not in GEMV_QTYPES:
+            return False
+        word = GEMV_QTYPES[qtype][0]
+        align = 16 if qtype == "q4_k" else 2
+        if w.stride(-1) != 1 or (w.dim() > 1 and w.stride(-2) != w.shape[-1]):
+            return False
+        if w.data_ptr() % align or any(st * w.element_size() % align for st in w.stride()[:-1]):
+            return False
+        if w.shape[-1] % word.itemsize:
+            return False
+    return True
+
+
+def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tensor, n: int, k: int, cfg: dict,
+                     u: torch.Tensor | None = None,
+                     routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     a_row_div: int = 1, mul_routed_weight: bool = False, pairs: int = 0, slot_sum: int = 0,
+                     x_sums: torch.Tensor | None = None, c_sums: torch.Tensor | None = None) -> None:
+    """One launch of the GEMV kernel; arguments as launch_gguf_matmul's (u of the same qtype as w; gemv_supported
+    must hold for both). x_sums: fp32 [rows of x, K / group], the sums of x over the type's scale groups, given
+    instead of added up by every program; c_sums: fp32 [rows of c, N / g] written with the sums of c over groups of
+    g columns as stored (the next GEMM's x_sums; BLOCK_N must be a multiple of g)."""
+    word, group = GEMV_QTYPES[qtype]
+    w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(word)
+    u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(word)) if u is not None else w3
+    if routing is None:
+        dummy = torch.empty((1,), dtype=torch.int32, device=x.device)
+        weights, sorted_ids, expert_ids, total = torch.empty((1,), dtype=torch.float32, device=x.device), dummy, \
+            dummy, dummy
+        num_pid_m = triton.cdiv(x.shape[0], cfg["BLOCK_M"])
+        m_rows = x.shape[0]
+    else:
+        weights, sorted_ids, expert_ids, total = routing
+        num_pid_m = c.shape[0] if pairs else sorted_ids.numel() // cfg["BLOCK_M"]
+        m_rows = c.shape[0]
+    if x_sums is not None and tuple(x_sums.shape) != (x.shape[0], k // group):
+        raise ValueError(f"x_sums must be [{x.shape[0]}, {k // group}], got {tuple(x_sums.shape)}")
+    sums_out = 0
+    if c_sums is not None:
+        sums_out = n // c_sums.shape[1]
+        if c_sums.shape[0] != c.shape[0] or n % sums_out or cfg["BLOCK_N"] % sums_out:
+            raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
+                             f"{cfg['BLOCK_N']}")
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
+    xs = x_sums if x_sums is not None else part
+    cs = c_sums if c_sums is not None else part
+    _gguf_gemv[(tiles, max(slot_sum, 1))](
+        x, xs, w3, u3, c, cs, weights, sorted_ids, expert_ids, total, part, counters,
+        n, m_rows, num_pid_m, 0x000F0000,
+        x.stride(0), xs.stride(0), w3.stride(0), u3.stride(0), c.stride(0),
+        K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
+        X_SUMS=x_sums is not None, SUMS_OUT=sums_out, DENSE=routing is None, num_warps=cfg["num_warps"],
+        num_stages=1, **extra,
+    )

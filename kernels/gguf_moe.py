@@ -28,13 +28,28 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_gemm import INTERPRETED, device_key, load_config_table, select_config
+from .fp8_gemm import INTERPRETED, device_key, load_config_table
 from .fp8_moe import _route, moe_sum
-from .gguf_gemm import ACT_DTYPES, check_device, check_weight_bytes, dequantize_ref, launch_gguf_matmul
+from .gguf_gemm import (
+    ACT_DTYPES,
+    GEMV_QTYPES,
+    check_device,
+    check_weight_bytes,
+    dequantize_ref,
+    gemv_prep,
+    gemv_supported,
+    launch_gguf_gemv,
+    launch_gguf_matmul,
+)
 
 # single-token steps (up to this many tokens) with a CUDA-core config (BLOCK_M < 16) take the pairs unsorted, one a
 # row block, and GEMM 2 adds each token's slots: two launches instead of four (kernels/fp8_moe.py says why one token)
 PAIRS_MAX_TOKENS = 1
+# the GEMV path ("PATH": "gemv") with BLOCK_M = 1 takes up to this many (token, slot) pairs unsorted (M <= 8 at
+# top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
+GEMV_PAIRS_MAX = 64
+MOE_CONFIG_KEYS = ("PATH", "PREP", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+PATHS = ("tile", "gemv")
 
 
 def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -66,20 +81,30 @@ def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     return m, h, e, i, topk_ids.shape[1]
 
 
-def _moe_default_config(m: int, topk: int, num_experts: int) -> dict:
+def gemv_types(qtypes: tuple[str, str, str]) -> bool:
+    """Whether the GEMV path decodes this mix: Q4_K or Q6_K everywhere, gate and up of one type."""
+    return qtypes[0] == qtypes[1] and all(q in GEMV_QTYPES for q in qtypes)
+
+
+def _moe_default_config(m: int, topk: int, num_experts: int, qtypes: tuple[str, str, str] | None = None) -> dict:
     if INTERPRETED:
         # the interpreter pays per program instance and per operation, not per element: few, large tiles
-        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
-    # H100/H200. BLOCK_M follows the expected pairs per expert, so decode pads little. At one or two pairs per
-    # expert (MiniMax-M2 up to M = 64) the fp32 FMA path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
+        return dict(PATH="tile", BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
+    # H100/H200. Decode sizes of the types the GEMV kernel decodes: that kernel, one pair a program, the activations
+    # converted and summed once (PREP) (kernels/gguf_gemm.py: about 3.9 instructions a weight for Q4_K, 5.0 for
+    # Q6_K in its loop, against 8 and 15 for the tiles' dequantization at one token)
+    if qtypes is not None and gemv_types(qtypes) and m * topk <= GEMV_PAIRS_MAX:
+        return dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+    # BLOCK_M follows the expected pairs per expert, so decode pads little. At one or two pairs per expert
+    # (MiniMax-M2 up to M = 64) the fp32 FMA path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
     per_expert = m * topk / max(num_experts, 1)
     if per_expert <= 2:
-        return dict(BLOCK_M=2, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2)
+        return dict(PATH="tile", BLOCK_M=2, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2)
     if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
+        return dict(PATH="tile", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
     if per_expert <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(PATH="tile", BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=3)
+    return dict(PATH="tile", BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def moe_shape_key(num_experts: int, inter: int, hidden: int, qtypes: tuple[str, str, str]) -> str:
@@ -88,10 +113,26 @@ def moe_shape_key(num_experts: int, inter: int, hidden: int, qtypes: tuple[str, 
 
 def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int,
                qtypes: tuple[str, str, str]) -> dict:
-    """Block configuration for both GEMMs (they share BLOCK_M): configs/gguf_moe.json, else the defaults."""
-    return select_config(load_config_table("gguf_moe.json"), device_key(device),
-                         moe_shape_key(num_experts, inter, hidden, qtypes), m,
-                         _moe_default_config(m, topk, num_experts))
+    """Block configuration for both GEMMs (they share BLOCK_M): configs/gguf_moe.json, else the defaults. A tuned
+    entry without "PATH" was chosen among tile configs only (before the GEMV path): where the default is the GEMV
+    path, the default stands."""
+    default = _moe_default_config(m, topk, num_experts, qtypes)
+    buckets = load_config_table("gguf_moe.json").get(device_key(device), {}).get(
+        moe_shape_key(num_experts, inter, hidden, qtypes))
+    if not buckets:
+        return default
+    entry = buckets[min(buckets, key=lambda b: (abs(int(b) - m), int(b)))]
+    path = entry.get("PATH", "tile")
+    if "PATH" not in entry and default["PATH"] == "gemv":
+        return default
+    base = default if default["PATH"] == path else _path_default(path)
+    return {**base, **{k: v for k, v in entry.items() if k in MOE_CONFIG_KEYS}}
+
+
+def _path_default(path: str) -> dict:
+    if path == "gemv":
+        return dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+    return dict(PATH="tile", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
 
 
 def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -105,10 +146,20 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     if m == 0:
         return torch.empty_like(x)
     cfg = config or moe_config(device, m, topk, e, i, h, qtypes)
+    if cfg.get("PATH", "tile") not in PATHS:
+        raise ValueError(f"config PATH must be one of {PATHS}, got {cfg['PATH']!r}")
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
     # rows of pairs routed to no expert are never written (nor read by GEMM 2, nor summed); zeroed in the interpreter
     # only, where garbage could make numpy warn
     alloc = torch.zeros if INTERPRETED else torch.empty
+    if cfg.get("PATH") == "gemv":
+        if not (gemv_types(qtypes) and gemv_supported((gate, qtypes[0]), (up, qtypes[1]), (down, qtypes[2]))):
+            if config is not None:
+                raise ValueError(f"the GEMV path reads Q4_K and Q6_K experts (gate and up of one type) with "
+                                 f"contiguous, aligned rows; got {qtypes}")
+            cfg = _path_default("tile")
+        else:
+            return _moe_gemv(x, gate, up, down, weights, topk_ids, qtypes, cfg, alloc)
     if m <= PAIRS_MAX_TOKENS and cfg["BLOCK_M"] < 16:  # decode: no sort, no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         routing = (weights, ids, ids, ids)
@@ -129,6 +180,39 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     y = alloc((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     launch_gguf_matmul(inter, down, qtypes[2], y, h, i, cfg, routing=routing, a_row_div=1, mul_routed_weight=True)
 
+    return moe_sum(y, topk_ids, x, e)
+
+
+def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+              topk_ids: torch.Tensor, qtypes: tuple[str, str, str], cfg: dict, alloc) -> torch.Tensor:
+    """The GEMV path: GEMM 1 writes silu(gate) * up in fp32 with its sums over down's scale groups, which GEMM 2
+    takes as its activations and their sums; with PREP, x is converted and summed once too (one small launch)."""
+    m, h = x.shape
+    e, i = gate.shape[0], gate.shape[1]
+    topk = topk_ids.shape[1]
+    g_in, g_dn = GEMV_QTYPES[qtypes[0]][1], GEMV_QTYPES[qtypes[2]][1]
+    if cfg["BLOCK_N"] % g_dn:
+        raise ValueError(f"the GEMV path's BLOCK_N must be a multiple of {g_dn} ({qtypes[2]}), got {cfg['BLOCK_N']}")
+    x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
+    inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
+    inter_sums = alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
+    cfg2 = {**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"]}  # as many weight rows a program as GEMM 1's gate + up
+    if cfg["BLOCK_M"] == 1 and m * topk <= GEMV_PAIRS_MAX:  # no sort, GEMM 2 adds each token's slots
+        ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        routing = (weights, ids, ids, ids)
+        launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk, pairs=e,
+                         x_sums=x_sums, c_sums=inter_sums)
+        out = torch.empty_like(x)  # [M, H]
+        launch_gguf_gemv(inter, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
+                         mul_routed_weight=True, pairs=e, slot_sum=topk, x_sums=inter_sums)
+        return out
+    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
+    launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                     x_sums=x_sums, c_sums=inter_sums)
+    y = alloc((m * topk, h), dtype=x.dtype, device=x.device)  # [M*topk, H] each slot's weighted expert output
+    launch_gguf_gemv(inter, down, qtypes[2], y, h, i, cfg2, routing=routing, a_row_div=1, mul_routed_weight=True,
+                     x_sums=inter_sums)
     return moe_sum(y, topk_ids, x, e)
 
 

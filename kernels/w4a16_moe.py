@@ -111,7 +111,7 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, moe_sum, pair_rows
+from .fp8_moe import _route, block_rows, moe_sum, pair_rows
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -121,23 +121,6 @@ PATHS = ("gemv", "dot", "mma")
 # sort and the slot sum are two launches of a few microseconds each, while pairs of one expert (rare among so few)
 # are what the sort would have placed side by side for L2
 PAIRS_MAX = 64
-
-
-
-def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, BLOCK_M: tl.constexpr,
-                DENSE: tl.constexpr):
-    """Row block pid_m's rows (pair indices of the sorted list, whose padding holds the sentinel num_valid_tokens;
-    DENSE: rows of A in order), their mask, the rows as int64, and the block's expert (DENSE: 0)."""
-    if DENSE:
-        offs_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        expert = (pid_m * 0).to(tl.int64)
-    else:
-        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    return offs_tok, offs_tok < num_valid_tokens, offs_tok.to(tl.int64), expert
-
-
-block_rows = _jit(_block_rows)
 
 
 def _nibble_in_place(words, hi, j: tl.constexpr):

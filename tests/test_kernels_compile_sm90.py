@@ -59,7 +59,8 @@ for module, kernel, consts, types, warps in jobs:
     fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm,
                   "fp8_gemm": fp8_gemm}[module], kernel)
     try:
-        compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm"} & set(fn.arg_names),
+        compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
+                                        "stride_ue"} & set(fn.arg_names),
                     num_warps=warps)
         print("ok", kernel, json.dumps(consts), flush=True)
     except Exception as e:
@@ -104,6 +105,22 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         if pairs:
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
         jobs.append(("gguf_gemm", "_gguf_matmul", consts, GGUF, 4))
+    gemv = {**GGUF, "xsum_ptr": "*fp32", "csum_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32"}
+    for qtype, word in ((12, "*i32"), (14, "*i16")):  # the GGUF GEMV kernel: Q4_K and Q6_K, as the launchers use it
+        types = {**gemv, "w_ptr": word, "u_ptr": word}
+        for gated, pairs, x_sums, block_m in ((True, True, True, 1), (False, True, True, 1), (True, False, False, 2),
+                                              (False, False, True, 4)):
+            consts = dict(K=3072 if gated else 1536, QTYPE=qtype, A_ROW_DIV=8 if gated else 1, GATED=gated,
+                          MUL_ROUTED_WEIGHT=not gated, BLOCK_M=block_m, BLOCK_N=32 if gated else 64, OUT_MANT=0,
+                          X_SUMS=x_sums, SUMS_OUT=16 if gated else 0)
+            if pairs:
+                consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
+            jobs.append(("gguf_gemm", "_gguf_gemv", consts, {**types, "x_ptr": "*fp32" if x_sums else "*bf16"}, 2))
+        jobs.append(("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=qtype, A_ROW_DIV=1, GATED=False,
+                                                     MUL_ROUTED_WEIGHT=False, BLOCK_M=1, BLOCK_N=32, OUT_MANT=0,
+                                                     X_SUMS=True, DENSE=True), {**types, "x_ptr": "*fp32"}, 1))
+    jobs.append(("gguf_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
+                                                                        "s_ptr": "*fp32"}, 4))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
                           capture_output=True, text=True, env=env, timeout=1200)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
 from quantkit.kernels import fp8_gemm, gguf_moe
-from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gguf_linear, gguf_linear_ref
+from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gemv_prep, gemv_supported, gguf_linear, gguf_linear_ref
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
 pytestmark = IGNORE_EXP_OVERFLOW
@@ -214,6 +214,54 @@ def test_linear_refuses_bad_inputs():
     assert tuple(gguf_linear(torch.zeros(0, 256), w, "q4_k").shape) == (0, 8)
 
 
+# the GEMV kernel (decode sizes; Q4_K and Q6_K read as words): x in bf16 with the sums over each scale group added
+# up by the kernel, or in fp32 with the sums given (gemv_prep)
+GEMV = dict(PATH="gemv", BLOCK_N=32, GROUP_M=1, num_warps=1, num_stages=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("m,block_m", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("dtype,prep", [(torch.bfloat16, False), (torch.float32, True)])
+def test_linear_gemv_path_matches_ref(device, qtype, m, block_m, dtype, prep):
+    gen = gen_for("gemv", qtype, m, dtype)
+    w = random_blocks(80, 768, qtype, gen).to(device)  # 80 rows: a tail of 16 past the last full tile
+    x = activations(m, 768, dtype, gen).to(device)
+    out = gguf_linear(x, w, qtype, config={**GEMV, "BLOCK_M": block_m, "PREP": prep})
+    ref = gguf_linear_ref(x, w, qtype)
+    assert_close(out, ref, (TOL_GPU if out.is_cuda else TOL)[dtype])
+    # fp32 throughout on either device; the 128 carried by each (128 + q) product until it comes off per group
+    # costs about 7 of fp32's 24 bits in the sums, so fp32 outputs are not exact to 1e-6 (REL's cpu bound)
+    assert rel_err(out, ref) < REL["cuda"][dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_prep_converts_and_sums(device):
+    x = activations(3, 512, torch.bfloat16, gen_for("prep")).to(device)
+    y, s = gemv_prep(x, 16)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float())
+    torch.testing.assert_close(s, x.float().view(3, 32, 16).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_gemv_path_refuses_what_it_cannot_read():
+    gen = gen_for("gemv refuse")
+    x = torch.zeros(1, 256)
+    assert gemv_supported((random_blocks(8, 256, "q4_k", gen), "q4_k"))
+    with pytest.raises(ValueError, match="GEMV path"):
+        gguf_linear(x, random_blocks(8, 256, "q8_0", gen), "q8_0", config={**GEMV, "BLOCK_M": 1})
+    # Q4_K rows starting off a 16-byte boundary cannot be read as aligned words
+    buf = torch.zeros(8 * 144 + 1, dtype=torch.uint8)
+    w = buf[1:].view(8, 144)
+    w.copy_(random_blocks(8, 256, "q4_k", gen))
+    assert not gemv_supported((w, "q4_k"))
+    with pytest.raises(ValueError, match="GEMV path"):
+        gguf_linear(x, w, "q4_k", config={**GEMV, "BLOCK_M": 1})
+    assert gemv_supported((w.clone(), "q4_k"))  # a fresh allocation is aligned
+    # Q6_K (210-byte blocks) needs 2-byte alignment only
+    buf6 = torch.zeros(8 * 210 + 2, dtype=torch.uint8)
+    assert gemv_supported((buf6[2:].view(8, 210), "q6_k")) and not gemv_supported((buf6[1:-1].view(8, 210), "q6_k"))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # fused MoE
 
@@ -271,6 +319,59 @@ def test_fused_moe_fma_path_matches_ref(device, block_m, pairs_max, monkeypatch)
     assert rel_err(out, ref) < 2 * REL["cpu"][torch.bfloat16]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q6_k", "q6_k", "q4_k")])
+@pytest.mark.parametrize("block_m,prep", [(1, True), (2, False)])  # unsorted pairs; the sorted list, 2 tokens a block
+def test_fused_moe_gemv_path_matches_ref(device, qtypes, block_m, prep, monkeypatch):
+    """The GEMV path keeps the intermediate in fp32 (with its group sums for GEMM 2): with fp32 activations it is
+    the fp32 reference to rounding; slots routed nowhere (-1, E) add zeros."""
+    route = gguf_moe._route
+    calls = []
+    monkeypatch.setattr(gguf_moe, "_route", lambda *a: calls.append(1) or route(*a))
+    x, gate, up, down, w, ids = moe_case(8, 256, 256, 3, 2, qtypes, torch.float32, device, drop=True)
+    ids[1, 1] = 8
+    cfg = dict(PATH="gemv", PREP=prep, BLOCK_M=block_m, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    assert calls == ([] if block_m == 1 else [1])
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[torch.float32])
+    assert rel_err(out, ref) < REL["cuda"][torch.float32]  # as test_linear_gemv_path_matches_ref says
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_gemv_path_bf16(device):
+    """bf16 activations: against the reference, which rounds the intermediate to bf16 where the GEMV path keeps
+    fp32, within the MoE tolerance."""
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(8, 256, 256, 1, 3, qtypes, torch.bfloat16, device)
+    cfg = dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[torch.bfloat16])
+    assert rel_err(out, ref) < 2 * REL[device][torch.bfloat16]
+
+
+def test_gemv_path_is_the_decode_default(monkeypatch):
+    """On a GPU, decode sizes of a mix the GEMV kernel reads take it, also over a tuned entry chosen among tile
+    configs only (no PATH); an entry naming its PATH is taken as it is. Q8_0 and Q5_K keep the tiles."""
+    monkeypatch.setattr(gguf_moe, "INTERPRETED", False)
+    q4km = ("q4_k", "q4_k", "q6_k")
+    assert gguf_moe._moe_default_config(1, 8, 256, q4km)["PATH"] == "gemv"
+    assert gguf_moe._moe_default_config(8, 8, 256, q4km)["PATH"] == "gemv"
+    assert gguf_moe._moe_default_config(9, 8, 256, q4km)["PATH"] == "tile"
+    assert gguf_moe._moe_default_config(1, 8, 256, ("q8_0",) * 3)["PATH"] == "tile"
+    assert gguf_moe._moe_default_config(1, 8, 256, ("q5_k", "q5_k", "q6_k"))["PATH"] == "tile"
+    key = gguf_moe.moe_shape_key(256, 1536, 3072, q4km)
+    table = {"cpu": {key: {"1": {"BLOCK_M": 16, "BLOCK_N": 64}, "64": {"PATH": "tile", "BLOCK_M": 16}}}}
+    monkeypatch.setattr(gguf_moe, "load_config_table", lambda name: table)
+    monkeypatch.setattr(gguf_moe, "device_key", lambda device: "cpu")
+    assert gguf_moe.moe_config(torch.device("cpu"), 1, 8, 256, 1536, 3072, q4km)["PATH"] == "gemv"
+    far = gguf_moe.moe_config(torch.device("cpu"), 64, 8, 256, 1536, 3072, q4km)
+    assert far["PATH"] == "tile" and far["BLOCK_M"] == 16 and far["num_warps"] == 4
+    table["cpu"][key]["1"] = {"PATH": "tile", "BLOCK_M": 16, "BLOCK_N": 64}
+    assert gguf_moe.moe_config(torch.device("cpu"), 1, 8, 256, 1536, 3072, q4km)["PATH"] == "tile"
+
+
 def test_fused_moe_ref_is_the_dense_moe():
     """The reference on dequantized weights equals the plain expert loop of the runtime (DenseExperts' math)."""
     qtypes = ("q4_k", "q4_k", "q6_k")
@@ -306,7 +407,8 @@ def test_shipped_config_table_is_valid():
             assert shape.startswith("E=") and len(shape.split(",")) == 6, shape
             for bucket, cfg in buckets.items():
                 assert int(bucket) > 0
-                assert set(cfg) <= {"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}, cfg
+                assert set(cfg) <= set(gguf_moe.MOE_CONFIG_KEYS), cfg
+                assert cfg.get("PATH", "tile") in gguf_moe.PATHS, cfg
                 bm, bn = cfg.get("BLOCK_M", 16), cfg.get("BLOCK_N", 16)
                 assert bm & (bm - 1) == 0 and bn >= 16 and bn & (bn - 1) == 0, (device, shape, bucket)
 
