@@ -27,6 +27,29 @@ Precision. Dequantized values are computed in fp32 as ggml does ((d * sc) * q - 
 it into one FMA). For tl.dot on the GPU they are rounded to x's dtype (bf16/fp16), or kept fp32 with IEEE products
 for fp32 x; the FMA path is fp32 throughout. On the CPU (Triton's interpreter, TRITON_INTERPRET=1; see
 kernels/fp8_gemm.py) everything is fp32 and the output is rounded to x's dtype by the kernel itself.
+
+The GEMV kernel (`_gguf_gemv_kernel`, "PATH": "gemv" in a config; decode sizes, Q4_K and Q6_K). The same bytes,
+read as words: Q4_K rows as int32 (144-byte blocks keep 16-byte alignment), Q6_K rows as int16 (210-byte blocks
+keep only 2). A thread owns a whole weight row and walks it a super-block at a time: a Q4_K super-block is one
+16-byte load of the header (d | dmin, the 12 scale bytes) and eight of nibbles, split into words in registers; the
+four bytes of a word form a [rows, 4] tile whose second axis one thread holds, so every shift is an immediate.
+Each nibble is moved to bits 16-19 under the exponent of 2^7, which makes the float 128 + q with one shift and one
+LOP3 (no integer-to-float conversion), and meets its activation in one FFMA. The scales apply once per scale group
+(32 values for Q4_K, 16 for Q6_K):
+    sum over the group of (d sc q - dmin m) x = d sc * sum (128 + q) x - (128 d sc + dmin m) * sum x,
+so the sums of the activations over each group are needed; with X_SUMS they come in precomputed (`gemv_prep`: x
+in fp32 and its group sums, one small launch) instead of being added up by every thread. Q6_K's low nibble and
+two high bits of four values are first merged in one word (two LOP3s a word), then moved as one 6-bit field
+(128 + q6; the 32 offset comes off with the group sum too). The MoE's GEMM 1 writes its intermediate in fp32 with
+the sums over down's scale groups (SUMS_OUT), which GEMM 2 takes as its X_SUMS. Counted for sm_90 without a GPU
+(scripts/sass_loop.py, triton 3.9), the loop issues 3.9 instructions a weight for Q4_K (gate and up, fp32 x with
+its sums; 4.1 with PREFETCH, 6.3 for bf16 x summed in the loop) and 5.0 for Q6_K, against 8.0 and 14.6 for the tile path's dequantization at one token (BLOCK_M = 16,
+the tuned choice there) and 10 for the FMA path. In fp32 the 128 carried by each product until it comes off per
+group costs about 7 bits of the sums: fp32 outputs agree with the reference to about 1e-6, not exactly. With
+PREFETCH (Q4_K) the next super-block's nine loads are issued before the current one is computed (131 registers
+against 94). A warp's 16-byte loads touch a row each, 32 lines: what that costs against a coalesced layout is for
+the GPU to say.
+
 Block configurations: `configs/gguf_gemm.json` (shape key "N=..,K=..,<qtype>") and `configs/gguf_moe.json` (see
 kernels/gguf_moe.py), by device and M bucket as the FP8 ones; defaults below.
 """
@@ -480,8 +503,8 @@ def _gemm_default_config(device: torch.device, m: int, n: int, gemv: bool = Fals
         # the interpreter pays per program instance and per operation, not per element: few, large tiles
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
     if gemv and m <= GEMV_ROWS_MAX:  # the GEMV kernel, a weight row a thread (instruction counts: gguf_moe)
-        return dict(PATH="gemv", PREP=True, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1, num_warps=1,
-                    num_stages=1)
+        return dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1,
+                    num_warps=1, num_stages=1)
     # H100/H200: the weight bytes bound the time up to a few hundred tokens. Up to 4 rows the fp32 FMA path
     # (BLOCK_M < 16) skips the tensor cores' operand shuffles, which cost more than they save with so few rows;
     # narrow tiles give every multiprocessor a program at decode sizes
@@ -549,6 +572,37 @@ def _nib16v(v, bit, mask16):
     """The 4 bits of int32 v at `bit` moved to bits 16-19 and masked (mask16 = 0x000F0000, or wider): `bit` a tensor
     of compile-time constants (an arange along an axis one thread holds), so each shift is an immediate."""
     return tl.where(bit <= 16, v << tl.maximum(16 - bit, 0), v >> tl.maximum(bit - 16, 0)) & mask16
+
+
+@triton_kernel
+def _q4k_pieces(w_ptrs, off):
+    """A Q4_K super-block of ROWS rows at word offset `off`: the header and the 8 pieces of nibbles, [ROWS, 4] int32
+    each (16-byte loads)."""
+    return (tl.load(w_ptrs + off), tl.load(w_ptrs + (off + 4)), tl.load(w_ptrs + (off + 8)),
+            tl.load(w_ptrs + (off + 12)), tl.load(w_ptrs + (off + 16)), tl.load(w_ptrs + (off + 20)),
+            tl.load(w_ptrs + (off + 24)), tl.load(w_ptrs + (off + 28)), tl.load(w_ptrs + (off + 32)))
+
+
+@triton_kernel
+def _pick8(i: tl.constexpr, v0, v1, v2, v3, v4, v5, v6, v7):
+    """v_i, i a compile-time constant."""
+    if i == 0:
+        out = v0
+    elif i == 1:
+        out = v1
+    elif i == 2:
+        out = v2
+    elif i == 3:
+        out = v3
+    elif i == 4:
+        out = v4
+    elif i == 5:
+        out = v5
+    elif i == 6:
+        out = v6
+    else:
+        out = v7
+    return out
 
 
 @triton_kernel
@@ -661,6 +715,7 @@ def _gguf_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr,
     X_SUMS: tl.constexpr = False,  # the activations' group sums come in (xsum_ptr) instead of being added up here
     SUMS_OUT: tl.constexpr = 0,  # write the output's sums over groups of this many columns (csum_ptr)
+    PREFETCH: tl.constexpr = False,  # Q4_K: the next super-block's words loaded while this one is computed
     DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
 ):
@@ -705,14 +760,21 @@ def _gguf_gemv_kernel(
     # over the threads, while one vector each is what every thread needs
     x_tile = zero_tile + offs_4[None, :]
 
+    if QTYPE == 12:
+        w_ptrs = tl.multiple_of(row_base, 16)[:, None] + offs_4[None, :]  # [ROWS, 4]: 16-byte aligned pieces
+        nxt = _q4k_pieces(w_ptrs, 0)  # (PREFETCH: the first super-block)
     for sb in range(0, K // 256):
         if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
             # and of sub-block 2c + 1 (high nibble). A thread holds whole rows: each 16-byte piece of a row is one
             # [ROWS, 4] load split into its four words in registers; a word's four bytes make a [ROWS, 4] tile (byte
             # b along the second axis, in one thread, so its shifts are constants) that meets the four consecutive
             # activations 4w .. 4w + 3
-            w_ptrs = tl.multiple_of(row_base, 16)[:, None] + offs_4[None, :]  # [ROWS, 4]: 16-byte aligned pieces
-            h0, h1, h2, h3 = _split4(tl.load(w_ptrs + sb * 36))  # d | dmin, scales
+            if PREFETCH:  # this super-block's pieces came in during the last one; the next one's go out now
+                hdr, q0, q1, q2, q3, q4, q5, q6, q7 = nxt
+                nxt = _q4k_pieces(w_ptrs, tl.minimum(sb + 1, K // 256 - 1) * 36)
+            else:
+                hdr, q0, q1, q2, q3, q4, q5, q6, q7 = _q4k_pieces(w_ptrs, sb * 36)
+            h0, h1, h2, h3 = _split4(hdr)  # d | dmin << 16, then the 12 scale bytes
             for c in tl.static_range(4):
                 for p in tl.static_range(2):
                     ds, dc = _q4k_sub_scales(h0, h1, h2, h3, 2 * c + p)  # [ROWS]
@@ -723,8 +785,7 @@ def _gguf_gemv_kernel(
                         part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         xs = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         for hw in tl.static_range(2):
-                            # words 4hw .. 4hw + 3 of chunk c (loaded once for both p)
-                            wq = _split4(tl.load(w_ptrs + (sb * 36 + 4 + 8 * c + 4 * hw)))
+                            wq = _split4(_pick8(2 * c + hw, q0, q1, q2, q3, q4, q5, q6, q7))  # words 4hw .. of chunk c
                             for w in tl.static_range(4):
                                 f = (_nib16v(wq[w][:, None], bytes_at + 4 * p, mask16) | 0x43000000).to(
                                     tl.float32, bitcast=True)  # [ROWS, 4] 128 + q
@@ -920,6 +981,6 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         x.stride(0), xs.stride(0), w3.stride(0), u3.stride(0), c.stride(0),
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
-        X_SUMS=x_sums is not None, SUMS_OUT=sums_out, DENSE=routing is None, num_warps=cfg["num_warps"],
-        num_stages=1, **extra,
+        X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
+        DENSE=routing is None, num_warps=cfg["num_warps"], num_stages=1, **extra,
     )

@@ -19,6 +19,13 @@ each program dequantizing a gate tile and the matching up tile of its expert and
 over slots. Single-token steps (CUDA-core configs) skips the sort and the separate sum as
 kernels/fp8_moe.py does. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
 
+Decode sizes of the types kernels/gguf_gemm.py's GEMV kernel reads (Q4_K, Q6_K; gate and up of one type) take
+that kernel instead ("PATH": "gemv", the default up to GEMV_PAIRS_MAX pairs on a GPU): x converted to fp32 with its
+group sums once (PREP, one small launch), GEMM 1 on the pairs as they come writing silu(gate) * up in fp32 with the
+sums over down's scale groups, GEMM 2 adding each token's slots (BLOCK_M = 1), or both GEMMs over the sorted list,
+BLOCK_M tokens of an expert sharing each decoded weight. Three launches at one token. Tuned entries without a
+"PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them.
+
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
 `configs/gguf_moe.json`, shape key "E=..,I=..,H=..,<gate qtype>,<up qtype>,<down qtype>", by M bucket.
@@ -48,7 +55,7 @@ PAIRS_MAX_TOKENS = 1
 # the GEMV path ("PATH": "gemv") with BLOCK_M = 1 takes up to this many (token, slot) pairs unsorted (M <= 8 at
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
-MOE_CONFIG_KEYS = ("PATH", "PREP", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 PATHS = ("tile", "gemv")
 
 
@@ -94,7 +101,7 @@ def _moe_default_config(m: int, topk: int, num_experts: int, qtypes: tuple[str, 
     # converted and summed once (PREP) (kernels/gguf_gemm.py: about 3.9 instructions a weight for Q4_K, 5.0 for
     # Q6_K in its loop, against 8 and 15 for the tiles' dequantization at one token)
     if qtypes is not None and gemv_types(qtypes) and m * topk <= GEMV_PAIRS_MAX:
-        return dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+        return _path_default("gemv")
     # BLOCK_M follows the expected pairs per expert, so decode pads little. At one or two pairs per expert
     # (MiniMax-M2 up to M = 64) the fp32 FMA path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
     per_expert = m * topk / max(num_experts, 1)
@@ -131,7 +138,8 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 
 def _path_default(path: str) -> dict:
     if path == "gemv":
-        return dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+        return dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2,
+                    num_stages=1)
     return dict(PATH="tile", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
 
 

@@ -138,11 +138,18 @@ def check(experts: Experts, g: torch.Generator) -> list[dict]:
     return rows
 
 
-def candidates(m: int) -> list[dict]:
+def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     """Likely-best first, so that a tuning cut short by its budget has tried the good ones: the launcher's default,
-    a few hand-picked ones, then a grid (BLOCK_M < 16 is the FMA path, 16 and up tl.dot)."""
+    the GEMV path's (for the mixes it reads, at decode sizes), a few hand-picked tile configs, then a grid
+    (BLOCK_M < 16 is the FMA path, 16 and up tl.dot). Every entry names its PATH."""
     per_expert = m * TOPK / E
-    first = [gguf_moe._moe_default_config(m, TOPK, E)]
+    first = [gguf_moe._moe_default_config(m, TOPK, E, mix)]
+    if gguf_moe.gemv_types(mix) and m * TOPK <= 4 * gguf_moe.GEMV_PAIRS_MAX:
+        gemv = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=1)
+                for bm, bn, nw, prep, pf in ((1, 32, 2, True, True), (1, 32, 2, True, False), (1, 32, 2, False, True),
+                                             (1, 16, 1, True, True), (1, 64, 4, True, True), (1, 64, 2, True, True),
+                                             (2, 32, 2, True, True), (4, 32, 2, True, True), (2, 64, 4, True, True))]
+        first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
                   ((1, 32, 4, 2), (2, 64, 4, 2), (16, 64, 4, 3), (1, 16, 4, 2), (2, 32, 8, 3), (4, 32, 4, 2))]
@@ -155,7 +162,7 @@ def candidates(m: int) -> list[dict]:
               if not (bm < 16 and bm * bn > 4 * 64 and nw == 4)]  # the FMA path's 3-D accumulators need warps
     out, seen = [], set()
     for c in first:
-        c = {"GROUP_M": 1, **c}
+        c = {"GROUP_M": 1, "PATH": "tile", **c}
         key = tuple(sorted(c.items()))
         if key not in seen:
             seen.add(key)
@@ -177,7 +184,7 @@ def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path) -> di
             x, w, ids = routing(m, g)
             ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, mix)
             best = None
-            for cfg in candidates(m):
+            for cfg in candidates(m, mix):
                 if time.monotonic() > deadline:
                     break
                 run = lambda c=cfg: fused_moe_gguf(x, gate, up, down, w, ids, mix, config=c)  # noqa: E731
