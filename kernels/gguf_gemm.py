@@ -44,11 +44,11 @@ two high bits of four values are first merged in one word (two LOP3s a word), th
 the sums over down's scale groups (SUMS_OUT), which GEMM 2 takes as its X_SUMS. Counted for sm_90 without a GPU
 (scripts/sass_loop.py, triton 3.9), the loop issues 3.9 instructions a weight for Q4_K (gate and up, fp32 x with
 its sums; 4.1 with PREFETCH, 6.3 for bf16 x summed in the loop) and 5.0 for Q6_K, against 8.0 and 14.6 for the
-tile path's dequantization at one token (BLOCK_M = 16, the tuned choice there) and 10 for the FMA path. In fp32 the 128 carried by each product until it comes off per
-group costs about 7 bits of the sums: fp32 outputs agree with the reference to about 1e-6, not exactly. With
-PREFETCH (Q4_K) the next super-block's nine loads are issued before the current one is computed (131 registers
-against 94). A warp's 16-byte loads touch a row each, 32 lines: what that costs against a coalesced layout is for
-the GPU to say.
+tile path's dequantization at one token (BLOCK_M = 16, the tuned choice there) and 10 for the FMA path. In fp32
+the 128 carried by each product until it comes off per group costs about 7 bits of the sums: fp32 outputs agree
+with the reference to about 1e-6, not exactly. With PREFETCH (Q4_K) the next super-block's nine loads are issued
+before the current one is computed (131 registers against 94). A warp's 16-byte loads touch a row each, 32 lines:
+what that costs against a coalesced layout is for the GPU to say.
 
 Block configurations: `configs/gguf_gemm.json` (shape key "N=..,K=..,<qtype>") and `configs/gguf_moe.json` (see
 kernels/gguf_moe.py), by device and M bucket as the FP8 ones; defaults below.
