@@ -47,8 +47,10 @@ its sums; 4.1 with PREFETCH, 6.3 for bf16 x summed in the loop) and 5.0 for Q6_K
 tile path's dequantization at one token (BLOCK_M = 16, the tuned choice there) and 10 for the FMA path. In fp32
 the 128 carried by each product until it comes off per group costs about 7 bits of the sums: fp32 outputs agree
 with the reference to about 1e-6, not exactly. With PREFETCH (Q4_K) the next super-block's nine loads are issued
-before the current one is computed (131 registers against 94). A warp's 16-byte loads touch a row each, 32 lines:
-what that costs against a coalesced layout is for the GPU to say.
+before the current one is computed (131 registers against 94). One thread a row, a warp's 16-byte loads touch 32
+rows, 32 cache lines an instruction, which may hold L1 to about 16 bytes a cycle (some 3.7 TB/s over an H200's 132
+SMs); LANES = 2 gives a row two threads, one piece of each 32-byte chunk each (16 lines), and costs 4.7
+instructions a weight (each lane decodes its row's scales), against 4.1. Which wins is the tuner's to say.
 
 Block configurations: `configs/gguf_gemm.json` (shape key "N=..,K=..,<qtype>") and `configs/gguf_moe.json` (see
 kernels/gguf_moe.py), by device and M bucket as the FP8 ones; defaults below.
@@ -560,8 +562,9 @@ def _u2f(v):
 
 @triton_kernel
 def _split4(v):
-    """The four columns of a [ROWS, 4] tile held by one thread, as [ROWS] vectors (register moves)."""
-    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))  # columns (0, 2), (1, 3)
+    """The four entries along the last axis of a [ROWS, LANES, 4] tile (held by one thread) as [ROWS, LANES] tiles:
+    register moves."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], v.shape[1], 2, 2)))  # columns (0, 2), (1, 3)
     a0, a1 = tl.split(a)
     b0, b1 = tl.split(b)
     return a0, b0, a1, b1
@@ -575,12 +578,26 @@ def _nib16v(v, bit, mask16):
 
 
 @triton_kernel
-def _q4k_pieces(w_ptrs, off):
-    """A Q4_K super-block of ROWS rows at word offset `off`: the header and the 8 pieces of nibbles, [ROWS, 4] int32
-    each (16-byte loads)."""
-    return (tl.load(w_ptrs + off), tl.load(w_ptrs + (off + 4)), tl.load(w_ptrs + (off + 8)),
-            tl.load(w_ptrs + (off + 12)), tl.load(w_ptrs + (off + 16)), tl.load(w_ptrs + (off + 20)),
-            tl.load(w_ptrs + (off + 24)), tl.load(w_ptrs + (off + 28)), tl.load(w_ptrs + (off + 32)))
+def _q4k_pieces(w_ptrs, h_ptrs, off, LANES: tl.constexpr):
+    """A Q4_K super-block at word offset `off`: the header, then the 16-byte pieces of nibbles, [ROWS, LANES, 4]
+    int32 each: pieces 0-7 (LANES = 1), or chunk c's two pieces, one a lane, as the c-th (LANES = 2; the last four
+    are the first again, unused)."""
+    hdr = tl.load(h_ptrs + off)
+    q0 = tl.load(w_ptrs + (off + 4))
+    if LANES == 2:
+        q1 = tl.load(w_ptrs + (off + 12))
+        q2 = tl.load(w_ptrs + (off + 20))
+        q3 = tl.load(w_ptrs + (off + 28))
+        q4, q5, q6, q7 = q0, q0, q0, q0
+    else:
+        q1 = tl.load(w_ptrs + (off + 8))
+        q2 = tl.load(w_ptrs + (off + 12))
+        q3 = tl.load(w_ptrs + (off + 16))
+        q4 = tl.load(w_ptrs + (off + 20))
+        q5 = tl.load(w_ptrs + (off + 24))
+        q6 = tl.load(w_ptrs + (off + 28))
+        q7 = tl.load(w_ptrs + (off + 32))
+    return hdr, q0, q1, q2, q3, q4, q5, q6, q7
 
 
 @triton_kernel
@@ -716,6 +733,7 @@ def _gguf_gemv_kernel(
     X_SUMS: tl.constexpr = False,  # the activations' group sums come in (xsum_ptr) instead of being added up here
     SUMS_OUT: tl.constexpr = 0,  # write the output's sums over groups of this many columns (csum_ptr)
     PREFETCH: tl.constexpr = False,  # Q4_K: the next super-block's words loaded while this one is computed
+    LANES: tl.constexpr = 1,  # Q4_K: threads a row (1 or 2)
     DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
 ):
@@ -755,47 +773,61 @@ def _gguf_gemv_kernel(
     acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
     offs_4 = tl.arange(0, 4)
     bytes_at = 8 * offs_4[None, :]  # [1, 4] bit of byte b of a word
+    bytes3 = bytes_at[:, None, :]  # [1, 1, 4]
     zero_tile = tl.zeros((ROWS, 4), dtype=tl.int32)
     # four consecutive activations as a [ROWS, 4] tile, the same for every row: a tile that small would be spread
     # over the threads, while one vector each is what every thread needs
     x_tile = zero_tile + offs_4[None, :]
 
-    if QTYPE == 12:
-        w_ptrs = tl.multiple_of(row_base, 16)[:, None] + offs_4[None, :]  # [ROWS, 4]: 16-byte aligned pieces
-        nxt = _q4k_pieces(w_ptrs, 0)  # (PREFETCH: the first super-block)
+    if QTYPE == 12:  # [ROWS, LANES, 4] tiles: lane j of a row reads 16-byte pieces 2c + j (LANES = 2) or all eight
+        offs_j = tl.arange(0, LANES)[None, :, None]
+        base3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # 16-byte aligned pieces
+        w_ptrs = base3 + 4 * offs_j  # [ROWS, LANES, 4]
+        h_ptrs = base3 + 0 * offs_j  # the header, read by every lane
+        x3 = tl.zeros((ROWS, LANES, 4), dtype=tl.int32) + 16 * offs_j + offs_4[None, None, :]  # lane j: 16 further
+        lane0 = tl.arange(0, LANES)[None, :] == 0  # [1, LANES]
+        acc4 = tl.zeros((ROWS, LANES) if BLOCK_M == 1 else (ROWS, LANES, BLOCK_M), dtype=tl.float32)
+        nxt = _q4k_pieces(w_ptrs, h_ptrs, 0, LANES)  # (PREFETCH: the first super-block)
     for sb in range(0, K // 256):
         if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
-            # and of sub-block 2c + 1 (high nibble). A thread holds whole rows: each 16-byte piece of a row is one
-            # [ROWS, 4] load split into its four words in registers; a word's four bytes make a [ROWS, 4] tile (byte
-            # b along the second axis, in one thread, so its shifts are constants) that meets the four consecutive
-            # activations 4w .. 4w + 3
+            # and of sub-block 2c + 1 (high nibble). A row is one thread's (LANES = 1) or two's: each 16-byte piece
+            # is one load, split into its four words in registers; a word's four bytes make a tile whose last axis
+            # (byte b) one thread holds, so its shifts are constants, and meet the four consecutive activations
+            # 4w .. 4w + 3. Two lanes read 32 contiguous bytes of a row per load, half as many rows a warp's load
             if PREFETCH:  # this super-block's pieces came in during the last one; the next one's go out now
                 hdr, q0, q1, q2, q3, q4, q5, q6, q7 = nxt
-                nxt = _q4k_pieces(w_ptrs, tl.minimum(sb + 1, K // 256 - 1) * 36)
+                nxt = _q4k_pieces(w_ptrs, h_ptrs, tl.minimum(sb + 1, K // 256 - 1) * 36, LANES)
             else:
-                hdr, q0, q1, q2, q3, q4, q5, q6, q7 = _q4k_pieces(w_ptrs, sb * 36)
-            h0, h1, h2, h3 = _split4(hdr)  # d | dmin << 16, then the 12 scale bytes
+                hdr, q0, q1, q2, q3, q4, q5, q6, q7 = _q4k_pieces(w_ptrs, h_ptrs, sb * 36, LANES)
+            h0, h1, h2, h3 = _split4(hdr)  # [ROWS, LANES] d | dmin << 16, then the 12 scale bytes
             for c in tl.static_range(4):
                 for p in tl.static_range(2):
-                    ds, dc = _q4k_sub_scales(h0, h1, h2, h3, 2 * c + p)  # [ROWS]
+                    ds, dc = _q4k_sub_scales(h0, h1, h2, h3, 2 * c + p)  # [ROWS, LANES]
                     for t in tl.static_range(BLOCK_M):
                         xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
                                            DENSE, PAIRS)
-                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 64 * c + 32 * p) + x_tile  # [ROWS, 4]
-                        part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
-                        xs = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
-                        for hw in tl.static_range(2):
-                            wq = _split4(_pick8(2 * c + hw, q0, q1, q2, q3, q4, q5, q6, q7))  # words 4hw .. of chunk c
+                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 64 * c + 32 * p) + x3  # [ROWS, LANES, 4]
+                        part = tl.full((ROWS, LANES, 4), -0.0, dtype=tl.float32)
+                        xs = tl.full((ROWS, LANES, 4), -0.0, dtype=tl.float32)
+                        for hw in tl.static_range(2 // LANES):
+                            wq = _split4(_pick8(c if LANES == 2 else 2 * c + hw, q0, q1, q2, q3, q4, q5, q6, q7))
                             for w in tl.static_range(4):
-                                f = (_nib16v(wq[w][:, None], bytes_at + 4 * p, mask16) | 0x43000000).to(
-                                    tl.float32, bitcast=True)  # [ROWS, 4] 128 + q
+                                f = (_nib16v(wq[w][:, :, None], bytes3 + 4 * p, mask16) | 0x43000000).to(
+                                    tl.float32, bitcast=True)  # [ROWS, LANES, 4] 128 + q
                                 xw = tl.load(x_ptrs + 4 * (4 * hw + w)).to(tl.float32)
                                 part += f * xw
                                 if not X_SUMS:
                                     xs += xw
-                        xsum = _gemv_x_sum(xs, xsum_ptr, xrow, stride_sm, sb * 8 + 2 * c + p, X_SUMS)
+                        if X_SUMS:  # the group's sum, taken by lane 0
+                            xsum = tl.where(lane0, tl.load(xsum_ptr + xrow * stride_sm + (sb * 8 + 2 * c + p)), 0.0)
+                        else:
+                            xsum = tl.sum(xs, axis=2)  # [ROWS, LANES] the lane's share
                         # sum (d sc q - dmin m) x = d sc sum (128 + q) x - (128 d sc + dmin m) sum x
-                        acc = _gemv_acc(acc, ds * tl.sum(part, axis=1) - dc * xsum, t, tcol, BLOCK_M)
+                        rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, LANES]
+                        if BLOCK_M == 1:
+                            acc4 += rs
+                        else:
+                            acc4 += tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
         else:  # Q6_K, as int16: ql[0, 64) (two halves of 32), qh[64, 96), int8 scales in [96, 104), d at 104. Half
             # h's value 128h + 32 run + l (l < 32): low bits from ql byte 64h + l (runs 0, 2: low, high nibble) or
             # 64h + 32 + l (runs 1, 3), two high bits at 2 run of qh byte 32h + l; scale (128h + 32 run + l) // 16.
@@ -858,6 +890,8 @@ def _gguf_gemv_kernel(
                             acc = _gemv_acc(acc, ds * (tl.sum(pr, axis=1) - 160.0 * xsum), t, tcol,
                                         BLOCK_M)
 
+    if QTYPE == 12:
+        acc = tl.sum(acc4, axis=1)  # the lanes of each row
     if BLOCK_M == 1:
         if PAIRS:  # a slot routed nowhere read expert 0 or E - 1 and adds zeros
             acc = tl.where(row_mask, acc, 0.0)
@@ -982,5 +1016,6 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
+        LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
         DENSE=routing is None, num_warps=cfg["num_warps"], num_stages=1, **extra,
     )

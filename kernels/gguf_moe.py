@@ -55,7 +55,7 @@ PAIRS_MAX_TOKENS = 1
 # the GEMV path ("PATH": "gemv") with BLOCK_M = 1 takes up to this many (token, slot) pairs unsorted (M <= 8 at
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
-MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 PATHS = ("tile", "gemv")
 
 

@@ -145,10 +145,13 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     per_expert = m * TOPK / E
     first = [gguf_moe._moe_default_config(m, TOPK, E, mix)]
     if gguf_moe.gemv_types(mix) and m * TOPK <= 4 * gguf_moe.GEMV_PAIRS_MAX:
-        gemv = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=1)
-                for bm, bn, nw, prep, pf in ((1, 32, 2, True, True), (1, 32, 2, True, False), (1, 32, 2, False, True),
-                                             (1, 16, 1, True, True), (1, 64, 4, True, True), (1, 64, 2, True, True),
-                                             (2, 32, 2, True, True), (4, 32, 2, True, True), (2, 64, 4, True, True))]
+        gemv = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, LANES=lanes, BLOCK_M=bm, BLOCK_N=bn,
+                     num_warps=nw * lanes, num_stages=1)
+                for bm, bn, nw, prep, pf, lanes in (
+                    (1, 32, 2, True, True, 1), (1, 32, 2, True, True, 2), (1, 32, 2, True, False, 1),
+                    (1, 32, 2, False, True, 1), (1, 16, 1, True, True, 1), (1, 16, 1, True, True, 2),
+                    (1, 64, 4, True, True, 1), (1, 64, 2, True, True, 1), (2, 32, 2, True, True, 1),
+                    (2, 32, 2, True, True, 2), (4, 32, 2, True, True, 1), (2, 64, 4, True, True, 1))]
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in

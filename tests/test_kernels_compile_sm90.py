@@ -112,7 +112,8 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                                               (False, False, True, 4)):
             consts = dict(K=3072 if gated else 1536, QTYPE=qtype, A_ROW_DIV=8 if gated else 1, GATED=gated,
                           MUL_ROUTED_WEIGHT=not gated, BLOCK_M=block_m, BLOCK_N=32 if gated else 64, OUT_MANT=0,
-                          X_SUMS=x_sums, SUMS_OUT=16 if gated else 0, PREFETCH=qtype == 12 and block_m != 2)
+                          X_SUMS=x_sums, SUMS_OUT=16 if gated else 0, PREFETCH=qtype == 12 and block_m != 2,
+                          LANES=2 if qtype == 12 and not pairs else 1)
             if pairs:
                 consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
             jobs.append(("gguf_gemm", "_gguf_gemv", consts, {**types, "x_ptr": "*fp32" if x_sums else "*bf16"}, 2))

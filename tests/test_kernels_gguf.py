@@ -227,7 +227,8 @@ def test_linear_gemv_path_matches_ref(device, qtype, m, block_m, dtype, prep):
     gen = gen_for("gemv", qtype, m, dtype)
     w = random_blocks(80, 768, qtype, gen).to(device)  # 80 rows: a tail of 16 past the last full tile
     x = activations(m, 768, dtype, gen).to(device)
-    out = gguf_linear(x, w, qtype, config={**GEMV, "BLOCK_M": block_m, "PREP": prep, "PREFETCH": prep})
+    cfg = {**GEMV, "BLOCK_M": block_m, "PREP": prep, "PREFETCH": prep, "LANES": 2 if block_m > 1 else 1}
+    out = gguf_linear(x, w, qtype, config=cfg)
     ref = gguf_linear_ref(x, w, qtype)
     assert_close(out, ref, (TOL_GPU if out.is_cuda else TOL)[dtype])
     # fp32 throughout on either device; the 128 carried by each (128 + q) product until it comes off per group
@@ -330,8 +331,8 @@ def test_fused_moe_gemv_path_matches_ref(device, qtypes, block_m, prep, monkeypa
     monkeypatch.setattr(gguf_moe, "_route", lambda *a: calls.append(1) or route(*a))
     x, gate, up, down, w, ids = moe_case(8, 256, 256, 3, 2, qtypes, torch.float32, device, drop=True)
     ids[1, 1] = 8
-    cfg = dict(PATH="gemv", PREP=prep, PREFETCH=not prep, BLOCK_M=block_m, BLOCK_N=32, GROUP_M=1, num_warps=2,
-               num_stages=1)
+    cfg = dict(PATH="gemv", PREP=prep, PREFETCH=not prep, LANES=2 if prep else 1, BLOCK_M=block_m, BLOCK_N=32,
+               GROUP_M=1, num_warps=2, num_stages=1)
     out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
     assert calls == ([] if block_m == 1 else [1])
     ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
