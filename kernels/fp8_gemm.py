@@ -682,3 +682,30 @@ def fp8_channel_linear_ref(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -
     xq, xs = per_token_quant_fp8_ref(x2)
     y = w8a8_channel_fp8_matmul_ref(xq, xs, w, ws, out_dtype=x.dtype)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _gemv_prep_kernel(x_ptr, y_ptr, s_ptr, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """Row pid(0) of x in fp32 (y) and its sums over groups of GROUP (s), BLOCK values per program."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)  # [BLOCK]
+    tl.store(y_ptr + row * K + offs, v, mask=offs < K)
+    sums = tl.sum(tl.reshape(v, (BLOCK // GROUP, GROUP)), axis=1)  # [BLOCK / GROUP]
+    offs_g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+    tl.store(s_ptr + row * (K // GROUP) + offs_g, sums, mask=offs_g < K // GROUP)
+
+
+_gemv_prep = triton_kernel(_gemv_prep_kernel)
+
+
+def gemv_prep(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in fp32 [M, K], its sums over groups of `group` columns [M, K / group]), one launch: the activations of
+    the GEMV kernels that take each group's sum instead of adding it up in every thread (kernels/gguf_gemm.py,
+    kernels/w4a16_moe.py). K must be a multiple of group."""
+    m, k = x.shape
+    y = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    s = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(1024, triton.next_power_of_2(k))
+        _gemv_prep[(m, triton.cdiv(k, block))](x, y, s, k, x.stride(0), GROUP=group, BLOCK=block, num_warps=4)
+    return y, s

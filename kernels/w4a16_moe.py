@@ -76,6 +76,17 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       (relative error 4-8e-4 against the reference on MiniMax-M2 shapes, where the other paths reach 1-3e-4; a
       bf16 output's rounding is 4e-3).
 
+  "rows" (decode, unsorted pairs only; a tuning candidate): a thread owns a weight row and walks it a group at a
+      time, the group's words in 16-byte loads (G/32 of them) with the next group's in flight, each nibble moved to
+      bits 16-19 as in "gemv" and met by a [rows, 4] tile of four consecutive activations, the same for every row
+      (one vector load a thread). The activations come in fp32 with their group sums (fp8_gemm.gemv_prep, one small
+      launch), so the loop neither converts nor adds them: (128 + z) * sum(x) comes off once per row and group.
+      GEMM 1 writes the intermediate in fp32 and, when BLOCK_N covers whole groups, its group sums for GEMM 2
+      (else one more gemv_prep launch). Counted for sm_90 without a GPU (scripts/sass_loop.py, triton 3.9): 3.5
+      instructions a weight at 128 weights a thread (BLOCK_N 128 on 8 warps in GEMM 1, 45 registers), against 5.7
+      for "gemv" at its tuned M = 1 tile. Each warp load touches 32 rows (32 cache lines): L1, not issue, may be
+      its bound. fp32 outputs carry about 1e-5 of relative error (the 128 carried per product).
+
 The same kernels run a plain linear (`w4a16_kmajor_linear`, the attention projections of quantkit/runtime/awq.py):
 DENSE takes the rows of x in order against one weight, and SPLIT_K > 1 splits the groups of K over programs, the
 last of a tile's programs to finish adding the fp32 partials in split order (fp8_gemm.split_k_sum), since the
@@ -103,6 +114,7 @@ from .fp8_gemm import (
     _cuda_device_info,
     _cuda_index,
     device_key,
+    gemv_prep,
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
@@ -117,6 +129,9 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages")
 PATHS = ("gemv", "dot", "mma")
+# the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
+# sums made once (see _moe_rows_kernel); a tuning candidate
+MOE_PATHS = PATHS + ("rows",)
 # at most this many (token, slot) pairs, a GEMV config of one pair a program runs the pairs unsorted (PAIRS): the
 # sort and the slot sum are two launches of a few microseconds each, while pairs of one expert (rare among so few)
 # are what the sort would have placed side by side for L2
@@ -508,7 +523,127 @@ def _moe_mma_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+def _group_pieces(w_ptrs, off, PIECES: tl.constexpr):
+    """A group's words of ROWS rows at word offset `off`: PIECES [ROWS, 4] tiles (16-byte loads); the unused ones
+    repeat the first."""
+    p0 = tl.load(w_ptrs + off)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    if PIECES > 1:
+        p1 = tl.load(w_ptrs + (off + 4))
+    if PIECES > 2:
+        p2 = tl.load(w_ptrs + (off + 8))
+        p3 = tl.load(w_ptrs + (off + 12))
+    return p0, p1, p2, p3
+
+
+group_pieces = _jit(_group_pieces)
+
+
+def _moe_rows_kernel(
+    a_ptr,  # A [rows, K] activations in fp32, contiguous along K
+    asum_ptr,  # fp32 [rows, K / GROUP]: the sum of each group of A's row (fp8_gemm.gemv_prep)
+    b_ptr, z_ptr, s_ptr,  # qweight int32 [E, Nb, K/8], zeros uint8 [E, Nb, K/G], scales [E, Nb, K/G]
+    c_ptr,  # C [M*topk, N] (GEMM 1: fp32, for GEMM 2's A)
+    csum_ptr,  # SUMS_OUT: fp32 [M*topk, N / GROUP], the sums of each group of C's row as stored
+    topk_weights_ptr, expert_ids_ptr,  # fp32 [M*topk]; topk_ids [M*topk]
+    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
+    N, num_valid_tokens, num_pid_m,
+    nibble_mask,  # 0x000F0000, a launch argument as in _moe_gemv_kernel
+    stride_am, stride_asm, stride_be, stride_bn, stride_ze, stride_zn, stride_se, stride_sn, stride_cm,
+    K: tl.constexpr, GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUT_MANT: tl.constexpr, SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+    SUMS_OUT: tl.constexpr = False,  # write C's group sums (BLOCK_N a multiple of GROUP)
+):
+    pid = tl.program_id(0)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    pid_s = tl.program_id(1)
+    HALVES: tl.constexpr = 2 if GATED else 1
+    ROWS: tl.constexpr = HALVES * BLOCK_N
+    GW: tl.constexpr = GROUP // 8  # words per row and group
+    PIECES: tl.constexpr = GW // 4  # 16-byte loads per row and group (1, 2 or 4)
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N
+    pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                                   A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+    row_mask = (offs_n < N) & routed
+    # rows past N read row N - 1 (and slots routed nowhere an expert's rows): no load needs a mask
+    rows = ((r // BLOCK_N) * N + tl.minimum(offs_n, N - 1)).to(tl.int64)  # [ROWS]
+    offs_4 = tl.arange(0, 4)
+    w_ptrs = tl.multiple_of(b_ptr + expert * stride_be + rows * stride_bn, 16)[:, None] + offs_4[None, :]
+    z_ptrs = z_ptr + expert * stride_ze + rows * stride_zn  # [ROWS]
+    s_ptrs = s_ptr + expert * stride_se + rows * stride_sn
+    xrow = pair // A_ROW_DIV
+    # four consecutive activations as a [ROWS, 4] tile, the same for every row (kernels/gguf_gemm.py says why)
+    x_ptrs = a_ptr + xrow.to(tl.int64) * stride_am + (tl.zeros((ROWS, 4), dtype=tl.int32) + offs_4[None, :])
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    nxt = group_pieces(w_ptrs, 0, PIECES)  # the group ahead, in flight while the current one is computed
+    for kb in range(0, K // GROUP):
+        p0, p1, p2, p3 = nxt
+        nxt = group_pieces(w_ptrs, tl.minimum(kb + 1, K // GROUP - 1) * GW, PIECES)
+        z = tl.load(z_ptrs + kb).to(tl.float32)  # [ROWS]
+        s = tl.load(s_ptrs + kb).to(tl.float32)
+        part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+        for pc in tl.static_range(PIECES):
+            if pc == 0:
+                words = p0
+            elif pc == 1:
+                words = p1
+            elif pc == 2:
+                words = p2
+            else:
+                words = p3
+            for j in tl.static_range(8):  # nibble j of word c: code j * GW + c
+                if j < 4:
+                    v = words << (16 - 4 * j)
+                elif j == 4:
+                    v = words
+                else:
+                    v = words >> (4 * j - 16)
+                f = ((v & nibble_mask) | 0x43000000).to(tl.float32, bitcast=True)  # [ROWS, 4] 128 + q
+                xj = tl.load(x_ptrs + (kb * GROUP + j * GW + 4 * pc))  # [ROWS, 4] codes j * GW + 4 pc ..
+                part += f * xj
+        xsum = tl.load(asum_ptr + xrow.to(tl.int64) * stride_asm + kb)
+        # sum (q - z) s x = s (sum (128 + q) x - (128 + z) sum x)
+        acc += s * (tl.sum(part, axis=1) - (128.0 + z) * xsum)
+
+    acc = tl.where(row_mask, acc, 0.0)
+    acc = tl.reshape(acc, (1, ROWS))
+    if GATED:
+        acc3 = tl.reshape(acc, (1, 2, BLOCK_N))
+        half = tl.arange(0, 2)[None, :, None]
+        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)
+        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
+        out = gate * tl.sigmoid(gate) * up  # [1, BLOCK_N]
+    else:
+        out = acc
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
+    last = True
+    if SLOT_SUM:
+        out = out * tl.load(topk_weights_ptr + pair)
+        if SLOT_SUM > 1:
+            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
+                                    c_mask, num_valid_tokens, N, SLOT_SUM)
+    if last:
+        if OUT_MANT:
+            out = round_to_out_grid(out, OUT_MANT)
+        stored = out.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
+        if SUMS_OUT:
+            G: tl.constexpr = BLOCK_N // GROUP
+            sums = tl.sum(tl.reshape(stored.to(tl.float32), (1, G, GROUP)), axis=2)  # [1, G]
+            offs_g = pid_n * G + tl.arange(0, G)
+            tl.store(csum_ptr + offs_tok64[:, None] * (N // GROUP) + offs_g[None, :], sums,
+                     mask=tok_mask[:, None] & (offs_g < N // GROUP)[None, :])
+
+
+
+
 _moe_gemv = _jit(_moe_gemv_kernel)
+_moe_rows = _jit(_moe_rows_kernel)
 _moe_dot = _jit(_moe_dot_kernel)
 _moe_mma = _jit(_moe_mma_kernel)
 
@@ -571,10 +706,12 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
     default = _moe_default_config(m, topk, num_experts, g)
     cfg = select_moe_config(load_config_table("w4a16_moe.json"), device_key(device),
                             f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
-    return _overridden(cfg, override, g, MOE_CONFIG_KEYS, PATHS)
+    return _overridden(cfg, override, g, MOE_CONFIG_KEYS, MOE_PATHS)
 
 
 def _other_path_default(path: str, g: int) -> dict:
+    if path == "rows":  # 256 rows (GEMM 1: 128 gate + 128 up) a program, a thread each
+        return dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, PREFETCH=1, num_warps=8, num_stages=1)
     if path == "gemv":
         return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
     return dict(PATH=path, BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
@@ -660,6 +797,10 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
         cfg = _other_path_default("dot", g)  # 16-bit operands only: fp32 activations take the dot path
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
     alloc = torch.zeros if INTERPRETED else torch.empty
+    if cfg["PATH"] == "rows":
+        if cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX and _rows_readable(*w13, *w2):
+            return _moe_rows_layer(x, w13, w2, weights, topk_ids, cfg, g, alloc)
+        cfg = _moe_default_config(m, topk, e, g)  # beyond decode sizes, or unaligned: the tuned paths' defaults
     if cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX:
         # decode: two launches, no sort and no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
@@ -682,6 +823,53 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
             gated=False, mul_routed_weight=True, cfg=cfg)
 
     return moe_sum(y, topk_ids, x, e)
+
+
+def _rows_readable(*tensors: torch.Tensor) -> bool:
+    """The rows path's 16-byte loads: qweight rows (K/8 words) start 16-byte aligned."""
+    qw13, _, _, qw2, _, _ = tensors
+    return all(t.data_ptr() % 16 == 0 and t.stride(1) % 4 == 0 and t.stride(0) % 4 == 0 and t.stride(2) == 1
+               for t in (qw13, qw2))
+
+
+def _moe_rows_layer(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...],
+                    weights: torch.Tensor, topk_ids: torch.Tensor, cfg: dict, g: int, alloc) -> torch.Tensor:
+    """The "rows" path on unsorted pairs: x to fp32 with its group sums (one launch), GEMM 1 writing silu(gate) * up
+    in fp32 (and its group sums when BLOCK_N covers whole groups; else one more such launch), GEMM 2 adding each
+    token's slots."""
+    m, h = x.shape
+    e, i = w13[0].shape[0], w13[0].shape[1] // 2
+    topk = topk_ids.shape[1]
+    ids = topk_ids.contiguous().view(-1)  # [M*topk]
+    xf, xs = gemv_prep(x, g)
+    inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)
+    sums_out = cfg["BLOCK_N"] % g == 0
+    inter_sums = alloc((m * topk, i // g), dtype=torch.float32, device=x.device) if sums_out else None
+    _launch_rows(xf, xs, w13, inter, inter_sums, weights, ids, n=i, k=h, g=g, a_row_div=topk, gated=True, cfg=cfg,
+                 pairs=e, slot_sum=0)
+    if not sums_out:
+        inter, inter_sums = gemv_prep(inter, g)
+    out = torch.empty_like(x)
+    _launch_rows(inter, inter_sums, w2, out, None, weights, ids, n=h, k=i, g=g, a_row_div=1, gated=False,
+                 cfg={**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"]}, pairs=e, slot_sum=topk)
+    return out
+
+
+def _launch_rows(a: torch.Tensor, a_sums: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor,
+                 c_sums: torch.Tensor | None, weights: torch.Tensor, ids: torch.Tensor, n: int, k: int, g: int,
+                 a_row_div: int, gated: bool, cfg: dict, pairs: int, slot_sum: int) -> None:
+    qweight, zeros, scales = w
+    num_pid_m = c.shape[0]
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    split = max(slot_sum, 1)
+    part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
+    cs = c_sums if c_sums is not None else part
+    _moe_rows[(tiles, split)](
+        a, a_sums, qweight, zeros, scales, c, cs, weights, ids, part, counters, n, c.shape[0], num_pid_m, 0x000F0000,
+        a.stride(0), a_sums.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
+        scales.stride(0), scales.stride(1), c.stride(0),
+        K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
+        SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, SUMS_OUT=c_sums is not None, num_warps=cfg["num_warps"], num_stages=1)
 
 
 def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor,

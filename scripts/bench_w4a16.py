@@ -118,6 +118,10 @@ def moe_candidates(m: int) -> list[dict]:
         # (num_stages does nothing here: Triton pipelines loads that feed a tl.dot; PREFETCH is the kernel's own)
         for pf, (bn, nw), bm in itertools.product([2, 1], tiles, block_m):
             out.append(dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=1))
+        if m * TOPK <= w4a16_moe.PAIRS_MAX:  # a thread a row: 2 x BLOCK_N rows on 2 x BLOCK_N / 32 warps, or fewer
+            rows = [dict(PATH="rows", BLOCK_M=1, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=1)
+                    for bn, nw in ((128, 8), (64, 4), (128, 4), (32, 2), (256, 8), (64, 2))]
+            out = [c for pair in itertools.zip_longest(rows, out) for c in pair if c is not None]
     # the tensor-core path competes at every M: at BLOCK_M = 16 its loop issues about as few instructions per weight
     # as the GEMV's (the MMA takes the multiply-adds), whatever the padding rows cost
     block_m = [16] if per_expert <= 2 else [16, 32] if per_expert <= 16 else [64, 32, 16] if per_expert <= 64 \

@@ -60,7 +60,7 @@ for module, kernel, consts, types, warps in jobs:
                   "fp8_gemm": fp8_gemm}[module], kernel)
     try:
         compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
-                                        "stride_ue"} & set(fn.arg_names),
+                                        "stride_ue", "stride_asm"} & set(fn.arg_names),
                     num_warps=warps)
         print("ok", kernel, json.dumps(consts), flush=True)
     except Exception as e:
@@ -120,7 +120,13 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         jobs.append(("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=qtype, A_ROW_DIV=1, GATED=False,
                                                      MUL_ROUTED_WEIGHT=False, BLOCK_M=1, BLOCK_N=32, OUT_MANT=0,
                                                      X_SUMS=True, DENSE=True), {**types, "x_ptr": "*fp32"}, 1))
-    jobs.append(("gguf_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
+    rows = {**W4, "a_ptr": "*fp32", "asum_ptr": "*fp32", "csum_ptr": "*fp32", "expert_ids_ptr": "*i64"}
+    for gated in (True, False):  # the W4A16 MoE's rows path, both GEMMs as the launcher runs them
+        jobs.append(("w4a16_moe", "_moe_rows", dict(K=3072 if gated else 1536, GROUP=128, A_ROW_DIV=8 if gated else 1,
+                                                    GATED=gated, BLOCK_N=128 if gated else 256, OUT_MANT=0,
+                                                    SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, SUMS_OUT=gated),
+                     {**rows, "c_ptr": "*fp32" if gated else "*bf16"}, 8))
+    jobs.append(("fp8_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
                                                                         "s_ptr": "*fp32"}, 4))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],

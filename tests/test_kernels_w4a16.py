@@ -266,6 +266,33 @@ def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monke
                  torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,i,block_n", [(32, 96, 32), (64, 192, 32), (128, 256, 128)])
+def test_fused_moe_rows_path(device, group, i, block_n):
+    """The "rows" path (a thread a weight row, fp32 activations with their group sums made once): 1, 2 and 4 loads
+    a row and group; GEMM 1 writing the intermediate's group sums itself (BLOCK_N a multiple of the group) or not;
+    ids outside [0, E) adding nothing; the fp32 MoE to rounding (the 128 carried per product costs ~7 bits)."""
+    e, h, topk, m = 6, 256, 4, 3
+    gen = gen_for("moe-rows", group, i)
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(m, h, generator=gen).float().to(device)
+    tw, ids = routing(m, e, topk, gen)
+    ids[2, 1] = e
+    tw, ids = tw.to(device), ids.to(device)
+    cfg = {"PATH": "rows", "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": 2}
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    ref = moe_loop_fp32(x, w13, w2, tw, ids)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=5e-5 * float(ref.abs().max()))
+    assert float((out.cpu() - ref).norm() / ref.norm()) < 2e-5
+    # bf16 x: the intermediate stays fp32 (the reference rounds it to bf16), so against the fp32 loop on the same x
+    xb = x.bfloat16()
+    ref_b = moe_loop_fp32(xb, w13, w2, tw, ids)
+    out_b = fused_moe_w4a16(xb, *w13, *w2, tw, ids, config=cfg)
+    assert out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_b.cpu().float(), ref_b, rtol=2**-7, atol=2**-8 * float(ref_b.abs().max()))
+
+
 def test_gemv_nibbles_are_exact():
     """Every code 0..15 at every nibble place, zero points 0 and 15, one token: the GEMV path's 2^23-mantissa
     dequantization must give (q - z) * s * x with nothing lost (fp32, powers of two: exact sums)."""
