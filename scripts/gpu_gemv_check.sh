@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The CUDA-core decode kernels on one GPU, in one command: their GPU tests (the GGUF GEMV path, the W4A16 MoE's
+# "gemv" and "rows" paths), then the GGUF MoE tuned with the GEMV candidates (scripts/bench_gguf_kernels.py
+# --tune, winners merged into kernels/configs/gguf_moe.json and copied to OUT) and benchmarked, then the W4A16 MoE
+# at decode sizes tuned among its paths (scripts/bench_w4a16.py, table copied to OUT).
+# Usage: scripts/gpu_gemv_check.sh OUT     (GGUF_TUNE / W4_TUNE: tuning seconds, 0 skips)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/gpu_gemv_check.sh OUT}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+BUDGET=${BUDGET:-580}
+GGUF_TUNE=${GGUF_TUNE:-150}
+W4_TUNE=${W4_TUNE:-120}
+export PYTHONWARNINGS=ignore
+source scripts/gpu_stages.sh
+
+stage "GPU tests: GEMV paths" 150 $PY -m pytest -q -m gpu -k "gemv or rows or real_widths or cuda_graph" \
+  tests/test_kernels_gguf.py tests/test_kernels_w4a16.py
+stage "GGUF kernels, tuned" 260 $PY scripts/bench_gguf_kernels.py --check --tune "$GGUF_TUNE" --out "$OUT" &&
+  cp kernels/configs/gguf_moe.json "$OUT/gguf_moe.json"
+stage "W4A16 MoE at decode sizes, tuned" 200 $PY scripts/bench_w4a16.py --ms 1,2,4,8,16 --skip-proj \
+  --tune-seconds "$W4_TUNE" --out "$OUT"
+echo "exit $status" | tee -a "$LOG"
+exit $status
