@@ -85,7 +85,9 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       (else one more gemv_prep launch). Counted for sm_90 without a GPU (scripts/sass_loop.py, triton 3.9): 3.5
       instructions a weight at 128 weights a thread (BLOCK_N 128 on 8 warps in GEMM 1, 45 registers), against 5.7
       for "gemv" at its tuned M = 1 tile. Each warp load touches 32 rows (32 cache lines): L1, not issue, may be
-      its bound. fp32 outputs carry about 1e-5 of relative error (the 128 carried per product).
+      its bound. fp32 outputs carry about 1e-5 of relative error (the 128 carried per product). The linear has it
+      too (DENSE, SPLIT_K; 3.6 instructions a weight for q/k/v at BLOCK_N 32 on one warp), behind one gemv_prep
+      launch.
 
 The same kernels run a plain linear (`w4a16_kmajor_linear`, the attention projections of quantkit/runtime/awq.py):
 DENSE takes the rows of x in order against one weight, and SPLIT_K > 1 splits the groups of K over programs, the
@@ -555,6 +557,8 @@ def _moe_rows_kernel(
     K: tl.constexpr, GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_MANT: tl.constexpr, SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr,
     SUMS_OUT: tl.constexpr = False,  # write C's group sums (BLOCK_N a multiple of GROUP)
+    DENSE: tl.constexpr = False,  # a plain linear: row pid_m of A, one weight (expert 0), no routing
+    SPLIT_K: tl.constexpr = 1,  # DENSE: programs per output tile along axis 1, each over K/G/SPLIT_K groups
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
@@ -566,9 +570,18 @@ def _moe_rows_kernel(
     PIECES: tl.constexpr = GW // 4  # 16-byte loads per row and group (1, 2 or 4)
     r = tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + r % BLOCK_N
-    pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
-                                                                   A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
-    row_mask = (offs_n < N) & routed
+    if DENSE:
+        pair = pid_m
+        offs_tok64 = (pid_m + 0 * tl.arange(0, 1)).to(tl.int64)
+        tok_mask = offs_tok64 < num_valid_tokens
+        expert = 0
+        row_mask = offs_n < N
+    else:
+        pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+        row_mask = (offs_n < N) & routed
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (SPLIT_K divides them)
+    k0 = pid_s * KB_PER if SPLIT_K > 1 else 0
     # rows past N read row N - 1 (and slots routed nowhere an expert's rows): no load needs a mask
     rows = ((r // BLOCK_N) * N + tl.minimum(offs_n, N - 1)).to(tl.int64)  # [ROWS]
     offs_4 = tl.arange(0, 4)
@@ -579,10 +592,10 @@ def _moe_rows_kernel(
     # four consecutive activations as a [ROWS, 4] tile, the same for every row (kernels/gguf_gemm.py says why)
     x_ptrs = a_ptr + xrow.to(tl.int64) * stride_am + (tl.zeros((ROWS, 4), dtype=tl.int32) + offs_4[None, :])
     acc = tl.zeros((ROWS,), dtype=tl.float32)
-    nxt = group_pieces(w_ptrs, 0, PIECES)  # the group ahead, in flight while the current one is computed
-    for kb in range(0, K // GROUP):
+    nxt = group_pieces(w_ptrs, k0 * GW, PIECES)  # the group ahead, in flight while the current one is computed
+    for kb in range(k0, k0 + KB_PER):
         p0, p1, p2, p3 = nxt
-        nxt = group_pieces(w_ptrs, tl.minimum(kb + 1, K // GROUP - 1) * GW, PIECES)
+        nxt = group_pieces(w_ptrs, tl.minimum(kb + 1, k0 + KB_PER - 1) * GW, PIECES)
         z = tl.load(z_ptrs + kb).to(tl.float32)  # [ROWS]
         s = tl.load(s_ptrs + kb).to(tl.float32)
         part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
@@ -627,6 +640,9 @@ def _moe_rows_kernel(
         if SLOT_SUM > 1:
             out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
                                     c_mask, num_valid_tokens, N, SLOT_SUM)
+    elif SPLIT_K > 1:
+        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
+                                num_valid_tokens, N, SPLIT_K)
     if last:
         if OUT_MANT:
             out = round_to_out_grid(out, OUT_MANT)
@@ -711,7 +727,8 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 
 def _other_path_default(path: str, g: int) -> dict:
     if path == "rows":  # 256 rows (GEMM 1: 128 gate + 128 up) a program, a thread each
-        return dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, PREFETCH=1, num_warps=8, num_stages=1)
+        return dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, PREFETCH=1, num_warps=8, num_stages=1,
+                    SPLIT_K=1)
     if path == "gemv":
         return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
     return dict(PATH=path, BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
@@ -857,11 +874,13 @@ def _moe_rows_layer(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[to
 
 def _launch_rows(a: torch.Tensor, a_sums: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor,
                  c_sums: torch.Tensor | None, weights: torch.Tensor, ids: torch.Tensor, n: int, k: int, g: int,
-                 a_row_div: int, gated: bool, cfg: dict, pairs: int, slot_sum: int) -> None:
+                 a_row_div: int, gated: bool, cfg: dict, pairs: int, slot_sum: int, dense: bool = False) -> None:
+    """One launch of the rows kernel: the MoE's GEMMs on unsorted pairs, or (dense) a plain linear over the rows of
+    a with SPLIT_K programs a tile (weights and ids placeholders)."""
     qweight, zeros, scales = w
     num_pid_m = c.shape[0]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    split = max(slot_sum, 1)
+    split = max(slot_sum, 1) if not dense else cfg.get("SPLIT_K", 1)
     part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
     cs = c_sums if c_sums is not None else part
     _moe_rows[(tiles, split)](
@@ -869,7 +888,8 @@ def _launch_rows(a: torch.Tensor, a_sums: torch.Tensor, w: tuple[torch.Tensor, .
         a.stride(0), a_sums.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
         scales.stride(0), scales.stride(1), c.stride(0),
         K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
-        SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, SUMS_OUT=c_sums is not None, num_warps=cfg["num_warps"], num_stages=1)
+        SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, SUMS_OUT=c_sums is not None, DENSE=dense,
+        SPLIT_K=split if dense else 1, num_warps=cfg["num_warps"], num_stages=1)
 
 
 def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor,
@@ -899,7 +919,7 @@ LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS + ("SPLIT_K",)
 # "dequant" (prefill): the weight dequantized to x.dtype [N, K] by one kernel, then cuBLAS: at a few hundred rows
 # and more the matmul is compute-bound and cuBLAS's bf16 GEMM beats any kernel that unpacks in its inner loop, while
 # the dequantization costs one read of the 4-bit weight and one write (and read) of the 16-bit one
-LINEAR_PATHS = PATHS + ("dequant",)
+LINEAR_PATHS = PATHS + ("dequant", "rows")
 
 
 def _kmajor_dequant_kernel(
@@ -1016,6 +1036,13 @@ def w4a16_kmajor_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Ten
     if cfg["PATH"] == "mma" and x.dtype == torch.float32 and not INTERPRETED:
         cfg = {**_other_path_default("dot", g), "SPLIT_K": cfg["SPLIT_K"]}  # 16-bit operands only
     w = (qweight[None], zeros[None], scales[None])  # one expert
+    if cfg["PATH"] == "rows":  # x to fp32 with its group sums, then a thread a weight row
+        if not _rows_readable(*w, *w):
+            raise ValueError("the rows path reads qweight rows 16-byte aligned")
+        af, a_sums = gemv_prep(a, g)
+        _launch_rows(af, a_sums, w, c, None, c, c, n=n, k=k, g=g, a_row_div=1, gated=False, cfg=cfg, pairs=0,
+                     slot_sum=0, dense=True)
+        return c.view(*lead, n)
     _launch(a, w, c, c, c, c, c, n=n, k=k, g=g, a_row_div=1, gated=False, mul_routed_weight=False, cfg=cfg,
             dense=True)
     return c.view(*lead, n)

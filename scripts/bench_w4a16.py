@@ -192,6 +192,9 @@ def linear_candidates(m: int, k: int) -> list[dict]:
     groups = k // G
     splits = [s for s in (4, 8, 2, 6, 12, 1, 3) if groups % s == 0]
     gemv, mma, other = [], [], []
+    if m <= 2:  # a thread a weight row, x converted and summed once: 32 rows a warp
+        for (bn, nw), sp in itertools.product([(32, 1), (64, 2), (128, 4)], splits[:4]):
+            other.append(dict(PATH="rows", BLOCK_M=1, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=1, SPLIT_K=sp))
     if m >= 16:  # dequantize, then cuBLAS: one candidate
         other.append(dict(PATH="dequant", BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_K=1))
     if m <= 8:

@@ -126,6 +126,9 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                                                     GATED=gated, BLOCK_N=128 if gated else 256, OUT_MANT=0,
                                                     SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, SUMS_OUT=gated),
                      {**rows, "c_ptr": "*fp32" if gated else "*bf16"}, 8))
+    jobs.append(("w4a16_moe", "_moe_rows", dict(K=3072, GROUP=128, A_ROW_DIV=1, GATED=False, BLOCK_N=32, OUT_MANT=0,
+                                                SLOT_SUM=0, NUM_EXPERTS=0, DENSE=True, SPLIT_K=2),
+                 {**rows, "c_ptr": "*bf16"}, 1))  # the rows path of w4a16_kmajor_linear
     jobs.append(("fp8_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
                                                                         "s_ptr": "*fp32"}, 4))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

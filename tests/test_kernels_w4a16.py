@@ -368,6 +368,9 @@ def test_fused_moe_refuses_mismatched_experts():
     (12, 64, 256, 32, torch.float32, {"PATH": "dequant"}),
     (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4}),
     (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64}),
+    # a thread a weight row on x converted to fp32 with its group sums; N = 80: a half-full last tile of 32
+    (3, 80, 256, 64, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 2}),
+    (1, 80, 512, 128, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 4}),
 ])
 def test_kmajor_linear_matches_reference(device, m, n, k, group, dtype, config):
     """Attention projections on the MoE kernels (one expert, rows in order), every path, with and without split K;
@@ -425,7 +428,7 @@ def test_gemm_minimax_shapes_gpu(m, n, k, mark):
 
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize("n,k", [(8192, 3072), (3072, 6144)])
-@pytest.mark.parametrize("path", [None, "gemv", "mma", "dequant"])
+@pytest.mark.parametrize("path", [None, "gemv", "mma", "dequant", "rows"])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
 def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
     """q/k/v fused (8192 x 3072) and o_proj (3072 x 6144) on random codes, the launcher's split K included."""
@@ -434,7 +437,8 @@ def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
          torch.randint(0, 16, (n, k // 128), generator=gen, device="cuda", dtype=torch.uint8),
          (torch.rand(n, k // 128, generator=gen, device="cuda") * 2e-3).half()]
     x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
-    cfg = {"PATH": path, "SPLIT_K": 2, "PREFETCH": 2} if path in ("gemv", "mma") else {"PATH": path} if path else None
+    cfg = {"PATH": path, "SPLIT_K": 2, "PREFETCH": 2} if path in ("gemv", "mma", "rows") else {"PATH": path} if path \
+        else None
     out = w4a16_kmajor_linear(x, *w, config=cfg)
     if w4a16_moe_mod.linear_config(x.device, m, n, k, 128, cfg)["PATH"] == "dequant":
         ref = (x.float() @ kmajor_dequantize_ref(*w).bfloat16().float().t()).bfloat16()
