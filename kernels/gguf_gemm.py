@@ -64,6 +64,8 @@ import triton.language as tl
 
 from .fp8_gemm import (
     INTERPRETED,
+    _cuda_device_info,
+    _cuda_index,
     device_key,
     gemv_prep,
     grouped_pid,
@@ -500,14 +502,19 @@ def _check_linear_args(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> tu
     return m, k, w_bytes.shape[0]
 
 
-def _gemm_default_config(device: torch.device, m: int, n: int, gemv: bool = False) -> dict:
+def _gemm_default_config(device: torch.device, m: int, n: int, gemv: bool = False, k: int = SUPER) -> dict:
     """gemv: the weights can take the GEMV kernel (a type it reads, rows it can view as words)."""
     if INTERPRETED:
         # the interpreter pays per program instance and per operation, not per element: few, large tiles
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=1)
-    if gemv and m <= GEMV_ROWS_MAX:  # the GEMV kernel, a weight row a thread (instruction counts: gguf_moe)
+    if gemv and m <= GEMV_ROWS_MAX:  # the GEMV kernel, a weight row a thread (instruction counts above); K split
+        # until every multiprocessor has about two programs (k/v: 32 tiles of 32 rows, o_proj 96)
+        num_sms = _cuda_device_info(_cuda_index(device))[2]
+        tiles, split, sbs = triton.cdiv(n, 32), 1, k // SUPER
+        while tiles * split < 2 * num_sms and sbs % (2 * split) == 0 and sbs // (2 * split) >= 2:
+            split *= 2
         return dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=32, GROUP_M=1,
-                    num_warps=1, num_stages=1)
+                    num_warps=1, num_stages=1, SPLIT_K=split)
     # H100/H200: the weight bytes bound the time up to a few hundred tokens. Up to 4 rows the fp32 FMA path
     # (BLOCK_M < 16) skips the tensor cores' operand shuffles, which cost more than they save with so few rows;
     # narrow tiles give every multiprocessor a program at decode sizes
@@ -521,7 +528,7 @@ def _gemm_default_config(device: torch.device, m: int, n: int, gemv: bool = Fals
 def gemm_config(device: torch.device, m: int, n: int, k: int, qtype: str, gemv: bool = False) -> dict:
     """Block configuration for gguf_linear: configs/gguf_gemm.json (tile configs), else the defaults; up to
     GEMV_ROWS_MAX rows of weights the GEMV kernel reads (gemv), that kernel."""
-    default = _gemm_default_config(device, m, n, gemv)
+    default = _gemm_default_config(device, m, n, gemv, k)
     if default.get("PATH") == "gemv":
         return default
     return select_config(load_config_table("gguf_gemm.json"), device_key(device), f"N={n},K={k},{qtype}", m,
@@ -737,6 +744,7 @@ def _gguf_gemv_kernel(
     LANES: tl.constexpr = 1,  # Q4_K: threads a row (1 or 2)
     DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
+    SPLIT_K: tl.constexpr = 1,  # DENSE: programs a tile along axis 1, each over K/256/SPLIT_K super-blocks
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
@@ -780,6 +788,8 @@ def _gguf_gemv_kernel(
     # over the threads, while one vector each is what every thread needs
     x_tile = zero_tile + offs_4[None, :]
 
+    SB_PER: tl.constexpr = K // 256 // SPLIT_K  # super-blocks a program (the launcher makes SPLIT_K divide them)
+    sb0 = pid_s * SB_PER if SPLIT_K > 1 else 0
     if QTYPE == 12:  # [ROWS, LANES, 4] tiles: lane j of a row reads 16-byte pieces 2c + j (LANES = 2) or all eight
         offs_j = tl.arange(0, LANES)[None, :, None]
         base3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # 16-byte aligned pieces
@@ -788,8 +798,8 @@ def _gguf_gemv_kernel(
         x3 = tl.zeros((ROWS, LANES, 4), dtype=tl.int32) + 16 * offs_j + offs_4[None, None, :]  # lane j: 16 further
         lane0 = tl.arange(0, LANES)[None, :] == 0  # [1, LANES]
         acc4 = tl.zeros((ROWS, LANES) if BLOCK_M == 1 else (ROWS, LANES, BLOCK_M), dtype=tl.float32)
-        nxt = _q4k_pieces(w_ptrs, h_ptrs, 0, LANES)  # (PREFETCH: the first super-block)
-    for sb in range(0, K // 256):
+        nxt = _q4k_pieces(w_ptrs, h_ptrs, sb0 * 36, LANES)  # (PREFETCH: the program's first super-block)
+    for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
             # and of sub-block 2c + 1 (high nibble). A row is one thread's (LANES = 1) or two's: each 16-byte piece
             # is one load, split into its four words in registers; a word's four bytes make a tile whose last axis
@@ -797,7 +807,7 @@ def _gguf_gemv_kernel(
             # 4w .. 4w + 3. Two lanes read 32 contiguous bytes of a row per load, half as many rows a warp's load
             if PREFETCH:  # this super-block's pieces came in during the last one; the next one's go out now
                 hdr, q0, q1, q2, q3, q4, q5, q6, q7 = nxt
-                nxt = _q4k_pieces(w_ptrs, h_ptrs, tl.minimum(sb + 1, K // 256 - 1) * 36, LANES)
+                nxt = _q4k_pieces(w_ptrs, h_ptrs, tl.minimum(sb + 1, sb0 + SB_PER - 1) * 36, LANES)
             else:
                 hdr, q0, q1, q2, q3, q4, q5, q6, q7 = _q4k_pieces(w_ptrs, h_ptrs, sb * 36, LANES)
             h0, h1, h2, h3 = _split4(hdr)  # [ROWS, LANES] d | dmin << 16, then the 12 scale bytes
@@ -915,6 +925,9 @@ def _gguf_gemv_kernel(
         if SLOT_SUM > 1:
             out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
                                     c_mask, num_valid_tokens, N, SLOT_SUM)
+    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N], added in split order by the tile's last program
+        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
+                                num_valid_tokens, N, SPLIT_K)
     if last:
         if MUL_ROUTED_WEIGHT and not SLOT_SUM:
             out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
@@ -980,11 +993,14 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
             raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
                              f"{cfg['BLOCK_N']}")
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
+    split = cfg.get("SPLIT_K", 1) if routing is None else 1
+    if (k // SUPER) % split or (c_sums is not None and split > 1):
+        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k} (and write no sums)")
+    part, counters = split_k_workspace(max(slot_sum, split), c.shape[0], n, tiles, c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     xs = x_sums if x_sums is not None else part
     cs = c_sums if c_sums is not None else part
-    _gguf_gemv[(tiles, max(slot_sum, 1))](
+    _gguf_gemv[(tiles, max(slot_sum, split))](
         x, xs, w3, u3, c, cs, weights, sorted_ids, expert_ids, total, part, counters,
         n, m_rows, num_pid_m, 0x000F0000,
         x.stride(0), xs.stride(0), w3.stride(0), u3.stride(0), c.stride(0),
@@ -992,5 +1008,5 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
-        DENSE=routing is None, num_warps=cfg["num_warps"], num_stages=1, **extra,
+        DENSE=routing is None, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=1, **extra,
     )

@@ -119,7 +119,8 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
             jobs.append(("gguf_gemm", "_gguf_gemv", consts, {**types, "x_ptr": "*fp32" if x_sums else "*bf16"}, 2))
         jobs.append(("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=qtype, A_ROW_DIV=1, GATED=False,
                                                      MUL_ROUTED_WEIGHT=False, BLOCK_M=1, BLOCK_N=32, OUT_MANT=0,
-                                                     X_SUMS=True, DENSE=True), {**types, "x_ptr": "*fp32"}, 1))
+                                                     X_SUMS=True, DENSE=True, SPLIT_K=2, PREFETCH=qtype == 12),
+                     {**types, "x_ptr": "*fp32"}, 1))
     rows = {**W4, "a_ptr": "*fp32", "asum_ptr": "*fp32", "csum_ptr": "*fp32", "expert_ids_ptr": "*i64"}
     for gated in (True, False):  # the W4A16 MoE's rows path, both GEMMs as the launcher runs them
         jobs.append(("w4a16_moe", "_moe_rows", dict(K=3072 if gated else 1536, GROUP=128, A_ROW_DIV=8 if gated else 1,

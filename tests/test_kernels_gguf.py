@@ -227,7 +227,9 @@ def test_linear_gemv_path_matches_ref(device, qtype, m, block_m, dtype, prep):
     gen = gen_for("gemv", qtype, m, dtype)
     w = random_blocks(80, 768, qtype, gen).to(device)  # 80 rows: a tail of 16 past the last full tile
     x = activations(m, 768, dtype, gen).to(device)
-    cfg = {**GEMV, "BLOCK_M": block_m, "PREP": prep, "PREFETCH": prep, "LANES": 2 if block_m > 1 else 1}
+    # K = 768: three super-blocks, split over three programs a tile at BLOCK_M 4
+    cfg = {**GEMV, "BLOCK_M": block_m, "PREP": prep, "PREFETCH": prep, "LANES": 2 if block_m > 1 else 1,
+           "SPLIT_K": 3 if block_m > 1 else 1}
     out = gguf_linear(x, w, qtype, config=cfg)
     ref = gguf_linear_ref(x, w, qtype)
     assert_close(out, ref, (TOL_GPU if out.is_cuda else TOL)[dtype])
