@@ -28,14 +28,17 @@ it into one FMA). For tl.dot on the GPU they are rounded to x's dtype (bf16/fp16
 for fp32 x; the FMA path is fp32 throughout. On the CPU (Triton's interpreter, TRITON_INTERPRET=1; see
 kernels/fp8_gemm.py) everything is fp32 and the output is rounded to x's dtype by the kernel itself.
 
-The GEMV kernel (`_gguf_gemv_kernel`, "PATH": "gemv" in a config; decode sizes, Q4_K and Q6_K). The same bytes,
-read as words: Q4_K rows as int32 (144-byte blocks keep 16-byte alignment), Q6_K rows as int16 (210-byte blocks
-keep only 2). A thread owns a whole weight row and walks it a super-block at a time: a Q4_K super-block is one
-16-byte load of the header (d | dmin, the 12 scale bytes) and eight of nibbles, split into words in registers; the
-four bytes of a word form a [rows, 4] tile whose second axis one thread holds, so every shift is an immediate.
+The GEMV kernel (`_gguf_gemv_kernel`, "PATH": "gemv" in a config; decode sizes, Q4_K, Q6_K and Q8_0). The same
+bytes, read as words: Q4_K rows as int32 (144-byte blocks keep 16-byte alignment), Q6_K rows as int16 (210-byte
+blocks keep only 2), Q8_0 rows as int32 in pairs of 34-byte blocks (a byte moved to bits 15-22 with its sign bit
+flipped under 2^8's exponent is the float 384 + q: 4.0 instructions a weight, against 8.2 and 128 integer-to-float
+conversions a loop for the FMA path). A thread owns a whole weight row and walks it a super-block at a time: a
+Q4_K super-block is one 16-byte load of the header (d | dmin, the 12 scale bytes) and eight of nibbles, split into
+words in registers; the four bytes of a word form a [rows, 4] tile whose second axis one thread holds, so every
+shift is an immediate.
 Each nibble is moved to bits 16-19 under the exponent of 2^7, which makes the float 128 + q with one shift and one
 LOP3 (no integer-to-float conversion), and meets its activation in one FFMA. The scales apply once per scale group
-(32 values for Q4_K, 16 for Q6_K):
+(32 values for Q4_K and Q8_0, 16 for Q6_K):
     sum over the group of (d sc q - dmin m) x = d sc * sum (128 + q) x - (128 d sc + dmin m) * sum x,
 so the sums of the activations over each group are needed; with X_SUMS they come in precomputed (`gemv_prep`: x
 in fp32 and its group sums, one small launch) instead of being added up by every thread. Q6_K's low nibble and
@@ -92,7 +95,7 @@ QTYPES: dict[str, tuple[int, int]] = {
 QTYPE_IDS = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 SUPER = 256  # the K step of the main loop: one k-quant super-block, eight Q8_0 blocks
 # types the GEMV kernel reads, the word type each is viewed as, and its scale group (values per scale)
-GEMV_QTYPES = {"q4_k": (torch.int32, 32), "q6_k": (torch.int16, 16)}
+GEMV_QTYPES = {"q4_k": (torch.int32, 32), "q6_k": (torch.int16, 16), "q8_0": (torch.int32, 32)}
 GEMV_ROWS_MAX = 4  # gguf_linear takes the GEMV kernel up to this many rows on a GPU (tokens share the decoding)
 
 
@@ -550,7 +553,7 @@ def gguf_linear(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dict
     cfg = config or gemm_config(device, m, n, k, qtype, gemv)
     if cfg.get("PATH") == "gemv":
         if not gemv:
-            raise ValueError(f"the GEMV path reads Q4_K and Q6_K rows, contiguous and aligned; got {qtype}")
+            raise ValueError(f"the GEMV path reads Q4_K, Q6_K and Q8_0 rows, contiguous and aligned; got {qtype}")
         x_in, x_sums = gemv_prep(x, GEMV_QTYPES[qtype][1]) if cfg.get("PREP", True) else (x, None)
         launch_gguf_gemv(x_in, w_bytes, qtype, y, n, k, cfg, x_sums=x_sums)
         return y
@@ -583,6 +586,13 @@ def _nib16v(v, bit, mask16):
     """The 4 bits of int32 v at `bit` moved to bits 16-19 and masked (mask16 = 0x000F0000, or wider): `bit` a tensor
     of compile-time constants (an arange along an axis one thread holds), so each shift is an immediate."""
     return tl.where(bit <= 16, v << tl.maximum(16 - bit, 0), v >> tl.maximum(bit - 16, 0)) & mask16
+
+
+@triton_kernel
+def _bits_to(v, bit, to: tl.constexpr):
+    """v shifted so that bit `bit` (a tensor of compile-time constants along an axis one thread holds) lands at
+    `to`: each shift an immediate."""
+    return tl.where(bit <= to, v << tl.maximum(to - bit, 0), v >> tl.maximum(bit - to, 0))
 
 
 @triton_kernel
@@ -770,6 +780,8 @@ def _gguf_gemv_kernel(
     # the row stride in words follows from K (a constexpr), so the compiler knows each row's alignment
     if QTYPE == 12:
         SB_WORDS: tl.constexpr = 36  # 144 bytes: d | dmin, 3 words of scales, 32 words of nibbles
+    elif QTYPE == 8:
+        SB_WORDS: tl.constexpr = 68  # 256 values as int32: four pairs of 34-byte blocks, 17 words a pair
     else:
         SB_WORDS: tl.constexpr = 105  # 210 bytes as int16: ql[64], qh[32], scales[8], d
     ROW_WORDS: tl.constexpr = K // 256 * SB_WORDS
@@ -839,6 +851,42 @@ def _gguf_gemv_kernel(
                             acc4 += rs
                         else:
                             acc4 += tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
+        elif QTYPE == 8:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words): word 0 = d0 | q0[0, 2) << 16,
+            # words 1-7 q0[2, 30), word 8 = q0[30, 32) | d1 << 16, words 9-16 q1. Block 0's words are shifted
+            # 2 bytes (one funnel shift a word). Byte b of a word, moved to bits 15-22 and its sign bit flipped
+            # under the exponent of 2^8, is the float 384 + q (one shift and one LOP3)
+            m8 = (mask16 >> 1) | (mask16 << 3)  # 0x007F8000
+            for pr in tl.static_range(4):
+                wbase = row_base + (sb * 68 + pr * 17)
+                wd = (tl.load(wbase), tl.load(wbase + 1), tl.load(wbase + 2), tl.load(wbase + 3), tl.load(wbase + 4),
+                      tl.load(wbase + 5), tl.load(wbase + 6), tl.load(wbase + 7), tl.load(wbase + 8),
+                      tl.load(wbase + 9), tl.load(wbase + 10), tl.load(wbase + 11), tl.load(wbase + 12),
+                      tl.load(wbase + 13), tl.load(wbase + 14), tl.load(wbase + 15), tl.load(wbase + 16))
+                for blk in tl.static_range(2):
+                    if blk == 0:
+                        d = (wd[0] & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    else:
+                        d = (wd[8] >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    for t in tl.static_range(BLOCK_M):
+                        xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
+                                           DENSE, PAIRS)
+                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 64 * pr + 32 * blk) + x_tile  # [ROWS, 4]
+                        part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        xs = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
+                        for i in tl.static_range(8):
+                            if blk == 0:  # bytes 2 + 4i .. 5 + 4i of the pair
+                                word = ((wd[i] >> 16) & 0xFFFF) | (wd[i + 1] << 16)
+                            else:
+                                word = wd[9 + i]
+                            f = ((_bits_to(word[:, None], bytes_at, 15) & m8) ^ 0x43C00000).to(tl.float32,
+                                                                                             bitcast=True)
+                            xw = tl.load(x_ptrs + 4 * i).to(tl.float32)  # values 4i .. 4i + 3 of the block
+                            part += f * xw
+                            if not X_SUMS:
+                                xs += xw
+                        xsum = _gemv_x_sum(xs, xsum_ptr, xrow, stride_sm, sb * 8 + 2 * pr + blk, X_SUMS)
+                        # sum d q x = d (sum (384 + q) x - 384 sum x)
+                        acc = _gemv_acc(acc, d * (tl.sum(part, axis=1) - 384.0 * xsum), t, tcol, BLOCK_M)
         else:  # Q6_K, as int16: ql[0, 64) (two halves of 32), qh[64, 96), int8 scales in [96, 104), d at 104. Half
             # h's value 128h + 32 run + l (l < 32): low bits from ql byte 64h + l (runs 0, 2: low, high nibble) or
             # 64h + 32 + l (runs 1, 3), two high bits at 2 run of qh byte 32h + l; scale (128h + 32 run + l) // 16.
@@ -947,12 +995,15 @@ _gguf_gemv = triton_kernel(_gguf_gemv_kernel)
 
 def gemv_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
     """Whether the GEMV kernel can read these (weight, qtype) pairs: a type it decodes, rows contiguous, each
-    tensor viewable as its words (Q4_K's rows start 16-byte aligned)."""
+    tensor viewable as its words (Q4_K's rows start 16-byte aligned, Q8_0's 4-byte aligned with K a multiple of
+    256)."""
     for w, qtype in ws_qtypes:
         if qtype not in GEMV_QTYPES:
             return False
         word = GEMV_QTYPES[qtype][0]
-        align = 16 if qtype == "q4_k" else 2
+        align = {"q4_k": 16, "q8_0": 4}.get(qtype, 2)
+        if qtype == "q8_0" and (w.shape[-1] // 34) % 8:  # whole 256-value steps (four pairs of blocks)
+            return False
         if w.stride(-1) != 1 or (w.dim() > 1 and w.stride(-2) != w.shape[-1]):
             return False
         if w.data_ptr() % align or any(st * w.element_size() % align for st in w.stride()[:-1]):
