@@ -28,17 +28,18 @@ it into one FMA). For tl.dot on the GPU they are rounded to x's dtype (bf16/fp16
 for fp32 x; the FMA path is fp32 throughout. On the CPU (Triton's interpreter, TRITON_INTERPRET=1; see
 kernels/fp8_gemm.py) everything is fp32 and the output is rounded to x's dtype by the kernel itself.
 
-The GEMV kernel (`_gguf_gemv_kernel`, "PATH": "gemv" in a config; decode sizes, Q4_K, Q6_K and Q8_0). The same
-bytes, read as words: Q4_K rows as int32 (144-byte blocks keep 16-byte alignment), Q6_K rows as int16 (210-byte
-blocks keep only 2), Q8_0 rows as int32 in pairs of 34-byte blocks (a byte moved to bits 15-22 with its sign bit
-flipped under 2^8's exponent is the float 384 + q: 4.0 instructions a weight, against 8.2 and 128 integer-to-float
-conversions a loop for the FMA path). A thread owns a whole weight row and walks it a super-block at a time: a
-Q4_K super-block is one 16-byte load of the header (d | dmin, the 12 scale bytes) and eight of nibbles, split into
-words in registers; the four bytes of a word form a [rows, 4] tile whose second axis one thread holds, so every
-shift is an immediate.
+The GEMV kernel (`_gguf_gemv_kernel`, "PATH": "gemv" in a config; decode sizes, Q4_K, Q5_K, Q6_K and Q8_0). The same
+bytes, read as words: Q4_K and Q5_K rows as int32 (144- and 176-byte blocks keep 16-byte alignment; Q5_K merges a
+word's nibbles with the matching qh word's bits first: 4.6 instructions a weight against 11.9 for the FMA path), Q6_K
+rows as int16 (210-byte blocks keep only 2), Q8_0 rows as int32 in pairs of 34-byte blocks (a byte moved to bits
+15-22 with its sign bit flipped under 2^8's exponent is the float 384 + q: 4.0 instructions a weight, against 8.2 and
+128 integer-to-float conversions a loop for the FMA path). A thread owns a whole weight row and walks it a
+super-block at a time: a Q4_K super-block is one 16-byte load of the header (d | dmin, the 12 scale bytes) and eight
+of nibbles, split into words in registers; the four bytes of a word form a [rows, 4] tile whose second axis one
+thread holds, so every shift is an immediate.
 Each nibble is moved to bits 16-19 under the exponent of 2^7, which makes the float 128 + q with one shift and one
 LOP3 (no integer-to-float conversion), and meets its activation in one FFMA. The scales apply once per scale group
-(32 values for Q4_K and Q8_0, 16 for Q6_K):
+(32 values for Q4_K, Q5_K and Q8_0, 16 for Q6_K):
     sum over the group of (d sc q - dmin m) x = d sc * sum (128 + q) x - (128 d sc + dmin m) * sum x,
 so the sums of the activations over each group are needed; with X_SUMS they come in precomputed (`gemv_prep`: x
 in fp32 and its group sums, one small launch) instead of being added up by every thread. Q6_K's low nibble and
@@ -95,7 +96,8 @@ QTYPES: dict[str, tuple[int, int]] = {
 QTYPE_IDS = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 SUPER = 256  # the K step of the main loop: one k-quant super-block, eight Q8_0 blocks
 # types the GEMV kernel reads, the word type each is viewed as, and its scale group (values per scale)
-GEMV_QTYPES = {"q4_k": (torch.int32, 32), "q6_k": (torch.int16, 16), "q8_0": (torch.int32, 32)}
+GEMV_QTYPES = {"q4_k": (torch.int32, 32), "q5_k": (torch.int32, 32), "q6_k": (torch.int16, 16),
+               "q8_0": (torch.int32, 32)}
 GEMV_ROWS_MAX = 4  # gguf_linear takes the GEMV kernel up to this many rows on a GPU (tokens share the decoding)
 
 
@@ -553,7 +555,7 @@ def gguf_linear(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dict
     cfg = config or gemm_config(device, m, n, k, qtype, gemv)
     if cfg.get("PATH") == "gemv":
         if not gemv:
-            raise ValueError(f"the GEMV path reads Q4_K, Q6_K and Q8_0 rows, contiguous and aligned; got {qtype}")
+            raise ValueError(f"the GEMV path reads Q4_K, Q5_K, Q6_K and Q8_0 rows, contiguous and aligned; got {qtype}")
         x_in, x_sums = gemv_prep(x, GEMV_QTYPES[qtype][1]) if cfg.get("PREP", True) else (x, None)
         launch_gguf_gemv(x_in, w_bytes, qtype, y, n, k, cfg, x_sums=x_sums)
         return y
@@ -593,6 +595,19 @@ def _bits_to(v, bit, to: tl.constexpr):
     """v shifted so that bit `bit` (a tensor of compile-time constants along an axis one thread holds) lands at
     `to`: each shift an immediate."""
     return tl.where(bit <= to, v << tl.maximum(to - bit, 0), v >> tl.maximum(bit - to, 0))
+
+
+@triton_kernel
+def _q5k_word(qs, qh, J: tl.constexpr, P: tl.constexpr, m_lo, m_hi):
+    """Q5_K: sub-block J's four 5-bit values (J = 2c + P) of a nibble word (low nibbles for P = 0, high for 1) and the
+    qh word of the same four l, at bits 8b .. 8b + 4 of the result (bit J of each qh byte moved to bit 4)."""
+    if P == 1:
+        qs = qs >> 4
+    if J < 4:
+        qh = qh << (4 - J)
+    elif J > 4:
+        qh = qh >> (J - 4)
+    return (qs & m_lo) | (qh & m_hi)
 
 
 @triton_kernel
@@ -780,6 +795,8 @@ def _gguf_gemv_kernel(
     # the row stride in words follows from K (a constexpr), so the compiler knows each row's alignment
     if QTYPE == 12:
         SB_WORDS: tl.constexpr = 36  # 144 bytes: d | dmin, 3 words of scales, 32 words of nibbles
+    elif QTYPE == 13:
+        SB_WORDS: tl.constexpr = 44  # 176 bytes: d | dmin, 3 words of scales, 8 of qh, 32 of nibbles
     elif QTYPE == 8:
         SB_WORDS: tl.constexpr = 68  # 256 values as int32: four pairs of 34-byte blocks, 17 words a pair
     else:
@@ -811,6 +828,13 @@ def _gguf_gemv_kernel(
         lane0 = tl.arange(0, LANES)[None, :] == 0  # [1, LANES]
         acc4 = tl.zeros((ROWS, LANES) if BLOCK_M == 1 else (ROWS, LANES, BLOCK_M), dtype=tl.float32)
         nxt = _q4k_pieces(w_ptrs, h_ptrs, sb0 * 36, LANES)  # (PREFETCH: the program's first super-block)
+    if QTYPE == 13:  # Q5_K: Q4_K's tiles, one thread a row
+        base3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]
+        x3 = tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :]
+        acc4 = tl.zeros((ROWS, 1) if BLOCK_M == 1 else (ROWS, 1, BLOCK_M), dtype=tl.float32)
+        m5 = mask16 | (mask16 << 1)  # 0x001F0000, from the launch argument as the other masks
+        m_lo = (mask16 >> 16) * 0x01010101  # 0x0F0F0F0F
+        m_hi = ((mask16 >> 15) & 0x10) * 0x01010101  # 0x10101010
     for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
             # and of sub-block 2c + 1 (high nibble). A row is one thread's (LANES = 1) or two's: each 16-byte piece
@@ -847,6 +871,43 @@ def _gguf_gemv_kernel(
                             xsum = tl.sum(xs, axis=2)  # [ROWS, LANES] the lane's share
                         # sum (d sc q - dmin m) x = d sc sum (128 + q) x - (128 d sc + dmin m) sum x
                         rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, LANES]
+                        if BLOCK_M == 1:
+                            acc4 += rs
+                        else:
+                            acc4 += tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
+        elif QTYPE == 13:  # Q5_K (176 bytes: d | dmin, 3 words of scales, 8 words of qh, 32 of nibbles): Q4_K's
+            # value with a fifth bit, bit j of qh byte l for value l of sub-block j. qh byte 4w + b sits in qh word w
+            # at byte b, as the nibbles' word 8c + w does: the two words merge into one of four 5-bit values (two
+            # LOP3s), each then moved to bits 16-19 + 20 under 2^7's exponent: 128 + q5
+            off = sb * 44
+            h0, h1, h2, h3 = _split4(tl.load(base3 + off))  # [ROWS, 1] d | dmin << 16, then the scale bytes
+            qa0, qa1, qa2, qa3 = _split4(tl.load(base3 + (off + 4)))  # qh words 0-3
+            qb0, qb1, qb2, qb3 = _split4(tl.load(base3 + (off + 8)))  # qh words 4-7
+            for c in tl.static_range(4):
+                lo = _split4(tl.load(base3 + (off + 12 + 8 * c)))  # nibble words 8c .. 8c + 3
+                hi = _split4(tl.load(base3 + (off + 16 + 8 * c)))  # 8c + 4 .. 8c + 7
+                for p in tl.static_range(2):
+                    ds, dc = _q4k_sub_scales(h0, h1, h2, h3, 2 * c + p)  # [ROWS, 1]
+                    for t in tl.static_range(BLOCK_M):
+                        xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
+                                           DENSE, PAIRS)
+                        x_ptrs = x_ptr + xrow * stride_xm + (sb * 256 + 64 * c + 32 * p) + x3  # [ROWS, 1, 4]
+                        part = tl.full((ROWS, 1, 4), -0.0, dtype=tl.float32)
+                        xs = tl.full((ROWS, 1, 4), -0.0, dtype=tl.float32)
+                        for w in tl.static_range(8):
+                            qs_w = _pick8(w, lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3])
+                            qh_w = _pick8(w, qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3)
+                            z = _q5k_word(qs_w, qh_w, 2 * c + p, p, m_lo, m_hi)  # [ROWS, 1]
+                            f = (_nib16v(z[:, :, None], bytes3, m5) | 0x43000000).to(tl.float32, bitcast=True)
+                            xw = tl.load(x_ptrs + 4 * w).to(tl.float32)  # [ROWS, 1, 4] values 4w .. 4w + 3
+                            part += f * xw
+                            if not X_SUMS:
+                                xs += xw
+                        if X_SUMS:
+                            xsum = tl.load(xsum_ptr + xrow * stride_sm + (sb * 8 + 2 * c + p))
+                        else:
+                            xsum = tl.sum(xs, axis=2)  # [ROWS, 1]
+                        rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, 1]
                         if BLOCK_M == 1:
                             acc4 += rs
                         else:
@@ -949,7 +1010,7 @@ def _gguf_gemv_kernel(
                             acc = _gemv_acc(acc, ds * (tl.sum(pr, axis=1) - 160.0 * xsum), t, tcol,
                                         BLOCK_M)
 
-    if QTYPE == 12:
+    if QTYPE == 12 or QTYPE == 13:
         acc = tl.sum(acc4, axis=1)  # the lanes of each row
     if BLOCK_M == 1:
         if PAIRS:  # a slot routed nowhere read expert 0 or E - 1 and adds zeros
@@ -1001,7 +1062,7 @@ def gemv_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
         if qtype not in GEMV_QTYPES:
             return False
         word = GEMV_QTYPES[qtype][0]
-        align = {"q4_k": 16, "q8_0": 4}.get(qtype, 2)
+        align = {"q4_k": 16, "q5_k": 16, "q8_0": 4}.get(qtype, 2)
         if qtype == "q8_0" and (w.shape[-1] // 34) % 8:  # whole 256-value steps (four pairs of blocks)
             return False
         if w.stride(-1) != 1 or (w.dim() > 1 and w.stride(-2) != w.shape[-1]):

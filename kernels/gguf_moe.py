@@ -19,11 +19,11 @@ each program dequantizing a gate tile and the matching up tile of its expert and
 over slots. Single-token steps (CUDA-core configs) skips the sort and the separate sum as
 kernels/fp8_moe.py does. The dequantizing GEMM is kernels/gguf_gemm.py's. Capturable in a CUDA graph.
 
-Decode sizes of the types kernels/gguf_gemm.py's GEMV kernel reads (Q4_K, Q6_K, Q8_0; gate and up of one type) take
-that kernel instead ("PATH": "gemv", the default up to GEMV_PAIRS_MAX pairs on a GPU): x converted to fp32 with its
-group sums once (PREP, one small launch), GEMM 1 on the pairs as they come writing silu(gate) * up in fp32 with the
-sums over down's scale groups, GEMM 2 adding each token's slots (BLOCK_M = 1), or both GEMMs over the sorted list,
-BLOCK_M tokens of an expert sharing each decoded weight. Three launches at one token. Tuned entries without a
+Decode sizes of the types kernels/gguf_gemm.py's GEMV kernel reads (Q4_K, Q5_K, Q6_K, Q8_0; gate and up of one type)
+take that kernel instead ("PATH": "gemv", the default up to GEMV_PAIRS_MAX pairs on a GPU): x converted to fp32 with
+its group sums once (PREP, one small launch), GEMM 1 on the pairs as they come writing silu(gate) * up in fp32 with
+the sums over down's scale groups, GEMM 2 adding each token's slots (BLOCK_M = 1), or both GEMMs over the sorted
+list, BLOCK_M tokens of an expert sharing each decoded weight. Three launches at one token. Tuned entries without a
 "PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them.
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
@@ -89,7 +89,7 @@ def _check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
 
 
 def gemv_types(qtypes: tuple[str, str, str]) -> bool:
-    """Whether the GEMV path decodes this mix: Q4_K, Q6_K or Q8_0 everywhere, gate and up of one type."""
+    """Whether the GEMV path decodes this mix: Q4_K, Q5_K, Q6_K or Q8_0 everywhere, gate and up of one type."""
     return qtypes[0] == qtypes[1] and all(q in GEMV_QTYPES for q in qtypes)
 
 
@@ -163,8 +163,8 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     if cfg.get("PATH") == "gemv":
         if not (gemv_types(qtypes) and gemv_supported((gate, qtypes[0]), (up, qtypes[1]), (down, qtypes[2]))):
             if config is not None:
-                raise ValueError(f"the GEMV path reads Q4_K, Q6_K and Q8_0 experts (gate and up of one type) with "
-                                 f"contiguous, aligned rows; got {qtypes}")
+                raise ValueError(f"the GEMV path reads Q4_K, Q5_K, Q6_K and Q8_0 experts (gate and up of one type) "
+                                 f"with contiguous, aligned rows; got {qtypes}")
             cfg = _path_default("tile")
         else:
             return _moe_gemv(x, gate, up, down, weights, topk_ids, qtypes, cfg, alloc)

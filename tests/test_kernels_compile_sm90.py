@@ -106,7 +106,7 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
         jobs.append(("gguf_gemm", "_gguf_matmul", consts, GGUF, 4))
     gemv = {**GGUF, "xsum_ptr": "*fp32", "csum_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32"}
-    for qtype, word in ((12, "*i32"), (14, "*i16"), (8, "*i32")):  # the GGUF GEMV kernel: Q4_K, Q6_K, Q8_0
+    for qtype, word in ((12, "*i32"), (13, "*i32"), (14, "*i16"), (8, "*i32")):  # the GGUF GEMV kernel
         types = {**gemv, "w_ptr": word, "u_ptr": word}
         for gated, pairs, x_sums, block_m in ((True, True, True, 1), (False, True, True, 1), (True, False, False, 2),
                                               (False, False, True, 4)):

@@ -220,7 +220,7 @@ GEMV = dict(PATH="gemv", BLOCK_N=32, GROUP_M=1, num_warps=1, num_stages=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q8_0"])
 @pytest.mark.parametrize("m,block_m", [(1, 1), (3, 4)])
 @pytest.mark.parametrize("dtype,prep", [(torch.bfloat16, False), (torch.float32, True)])
 def test_linear_gemv_path_matches_ref(device, qtype, m, block_m, dtype, prep):
@@ -250,11 +250,11 @@ def test_gemv_path_refuses_what_it_cannot_read():
     gen = gen_for("gemv refuse")
     x = torch.zeros(1, 256)
     assert gemv_supported((random_blocks(8, 256, "q4_k", gen), "q4_k"))
-    with pytest.raises(ValueError, match="GEMV path"):
-        gguf_linear(x, random_blocks(8, 256, "q5_k", gen), "q5_k", config={**GEMV, "BLOCK_M": 1})
     # Q8_0 rows must be whole steps of 256 values (four pairs of 34-byte blocks)
     assert gemv_supported((random_blocks(8, 512, "q8_0", gen), "q8_0"))
     assert not gemv_supported((random_blocks(8, 288, "q8_0", gen), "q8_0"))
+    with pytest.raises(ValueError, match="GEMV path"):
+        gguf_linear(torch.zeros(1, 288), random_blocks(8, 288, "q8_0", gen), "q8_0", config={**GEMV, "BLOCK_M": 1})
     # Q4_K rows starting off a 16-byte boundary cannot be read as aligned words
     buf = torch.zeros(8 * 144 + 1, dtype=torch.uint8)
     w = buf[1:].view(8, 144)
@@ -326,7 +326,7 @@ def test_fused_moe_fma_path_matches_ref(device, block_m, pairs_max, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q6_k", "q6_k", "q8_0"), ("q8_0", "q8_0", "q4_k")])
+@pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q5_k", "q5_k", "q8_0"), ("q8_0", "q8_0", "q4_k")])
 @pytest.mark.parametrize("block_m,prep", [(1, True), (2, False)])  # unsorted pairs; the sorted list, 2 tokens a block
 def test_fused_moe_gemv_path_matches_ref(device, qtypes, block_m, prep, monkeypatch):
     """The GEMV path keeps the intermediate in fp32 (with its group sums for GEMM 2): with fp32 activations it is
@@ -360,14 +360,14 @@ def test_fused_moe_gemv_path_bf16(device):
 
 def test_gemv_path_is_the_decode_default(monkeypatch):
     """On a GPU, decode sizes of a mix the GEMV kernel reads take it, also over a tuned entry chosen among tile
-    configs only (no PATH); an entry naming its PATH is taken as it is. Q5_K keeps the tiles."""
+    configs only (no PATH); an entry naming its PATH is taken as it is; gate and up of two types keep the tiles."""
     monkeypatch.setattr(gguf_moe, "INTERPRETED", False)
     q4km = ("q4_k", "q4_k", "q6_k")
     assert gguf_moe._moe_default_config(1, 8, 256, q4km)["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(8, 8, 256, q4km)["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(9, 8, 256, q4km)["PATH"] == "tile"
     assert gguf_moe._moe_default_config(1, 8, 256, ("q8_0",) * 3)["PATH"] == "gemv"
-    assert gguf_moe._moe_default_config(1, 8, 256, ("q5_k", "q5_k", "q6_k"))["PATH"] == "tile"
+    assert gguf_moe._moe_default_config(1, 8, 256, ("q5_k", "q5_k", "q6_k"))["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(1, 8, 256, ("q4_k", "q6_k", "q6_k"))["PATH"] == "tile"  # gate != up
     key = gguf_moe.moe_shape_key(256, 1536, 3072, q4km)
     table = {"cpu": {key: {"1": {"BLOCK_M": 16, "BLOCK_N": 64}, "64": {"PATH": "tile", "BLOCK_M": 16}}}}
