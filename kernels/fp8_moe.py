@@ -265,6 +265,53 @@ def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, B
 block_rows = triton_kernel(_block_rows)
 
 
+def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
+                tok_mask, N, num_valid_tokens, stride_cm, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, SLOT_SUM: tl.constexpr,
+                SPLIT_K: tl.constexpr, OUT_MANT: tl.constexpr, SUMS_OUT: tl.constexpr):
+    """The CUDA-core GEMV kernels' epilogue (kernels/gguf_gemm.py, kernels/w4a16_moe.py's rows path): acc
+    [BLOCK_M, ROWS] fp32 sums of the program's weight rows (GATED: BLOCK_N gate rows, then BLOCK_N up rows) ->
+    silu(gate) * up; SLOT_SUM: times the pair's router weight, the token's slots added in slot order (split_k_sum);
+    SPLIT_K: the K shares added; MUL_ROUTED_WEIGHT (sorted list): times each row's router weight. Stores C's tile
+    [BLOCK_M, BLOCK_N] and, SUMS_OUT > 0, the sums of each SUMS_OUT stored values of a row (the next GEMV's group
+    sums)."""
+    if GATED:
+        acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))
+        half = tl.arange(0, 2)[None, :, None]
+        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)
+        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
+        out = gate * tl.sigmoid(gate) * up  # [BLOCK_M, BLOCK_N], in fp32
+    else:
+        out = acc
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
+    last = True
+    if SLOT_SUM:
+        out = out * tl.load(topk_weights_ptr + pair)
+        if SLOT_SUM > 1:
+            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
+                                    c_mask, num_valid_tokens, N, SLOT_SUM)
+    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N], added in split order by the tile's last program
+        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
+                                num_valid_tokens, N, SPLIT_K)
+    if last:
+        if MUL_ROUTED_WEIGHT and not SLOT_SUM:
+            out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
+        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+            out = round_to_out_grid(out, OUT_MANT)
+        stored = out.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
+        if SUMS_OUT:  # whole groups of the stored values (the launchers check the tiling)
+            G: tl.constexpr = BLOCK_N // SUMS_OUT
+            sums = tl.sum(tl.reshape(stored.to(tl.float32), (BLOCK_M, G, SUMS_OUT)), axis=2)  # [BLOCK_M, G]
+            offs_g = pid_n * G + tl.arange(0, G)
+            tl.store(csum_ptr + offs_tok64[:, None] * (N // SUMS_OUT) + offs_g[None, :], sums,
+                     mask=tok_mask[:, None] & (offs_g < N // SUMS_OUT)[None, :])
+
+
+gemv_store = triton_kernel(_gemv_store)
+
+
 def _fused_moe_fp8_kernel(
     a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])

@@ -82,7 +82,7 @@ from .fp8_gemm import (
     triton_kernel,
 )
 from .fp8_gemm import check_device as _check_device
-from .fp8_moe import block_rows, pair_rows
+from .fp8_moe import block_rows, gemv_store, pair_rows
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (values per block, bytes per block), ggml's table for the types the kernels read
@@ -427,6 +427,18 @@ def _gguf_matmul_kernel(
 _gguf_matmul = triton_kernel(_gguf_matmul_kernel)
 
 
+def _launch_rows(x: torch.Tensor, c: torch.Tensor, routing: tuple[torch.Tensor, ...] | None, pairs: int,
+                 block_m: int) -> tuple:
+    """(topk weights, sorted ids, expert ids, padded length, row blocks, valid rows) of a launch: placeholders and
+    the rows of x for a plain GEMM (routing None); the pairs, one a row block (pairs), or the sorted list's blocks."""
+    if routing is None:
+        dummy = torch.empty((1,), dtype=torch.int32, device=x.device)
+        return (torch.empty((1,), dtype=torch.float32, device=x.device), dummy, dummy, dummy,
+                triton.cdiv(x.shape[0], block_m), x.shape[0])
+    weights, sorted_ids, expert_ids, total = routing
+    return weights, sorted_ids, expert_ids, total, c.shape[0] if pairs else sorted_ids.numel() // block_m, c.shape[0]
+
+
 def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tensor, n: int, k: int, cfg: dict,
                        u: torch.Tensor | None = None, qtype_up: str | None = None,
                        routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -441,16 +453,7 @@ def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Te
     """
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     u3 = (u if u.dim() == 3 else u.unsqueeze(0)) if u is not None else w3
-    if routing is None:
-        dummy = torch.empty((1,), dtype=torch.int32, device=x.device)
-        weights, sorted_ids, expert_ids, total = torch.empty((1,), dtype=torch.float32, device=x.device), dummy, \
-            dummy, dummy
-        num_pid_m = triton.cdiv(x.shape[0], cfg["BLOCK_M"])
-        m_rows = x.shape[0]
-    else:
-        weights, sorted_ids, expert_ids, total = routing
-        num_pid_m = c.shape[0] if pairs else sorted_ids.numel() // cfg["BLOCK_M"]
-        m_rows = c.shape[0]
+    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _launch_rows(x, c, routing, pairs, cfg["BLOCK_M"])
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
@@ -1018,38 +1021,9 @@ def _gguf_gemv_kernel(
         acc = tl.reshape(acc, (1, ROWS))
     else:
         acc = tl.trans(acc)  # [BLOCK_M, ROWS]
-    if GATED:
-        acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))
-        half = tl.arange(0, 2)[None, :, None]
-        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)
-        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
-        out = gate * tl.sigmoid(gate) * up
-    else:
-        out = acc
-    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
-    last = True
-    if SLOT_SUM:
-        out = out * tl.load(topk_weights_ptr + pair)
-        if SLOT_SUM > 1:
-            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
-                                    c_mask, num_valid_tokens, N, SLOT_SUM)
-    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N], added in split order by the tile's last program
-        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
-                                num_valid_tokens, N, SPLIT_K)
-    if last:
-        if MUL_ROUTED_WEIGHT and not SLOT_SUM:
-            out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
-        if OUT_MANT:
-            out = round_to_out_grid(out, OUT_MANT)
-        stored = out.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
-        if SUMS_OUT:  # the next GEMM's X_SUMS: whole groups of the stored values (the launcher checks the tiling)
-            G: tl.constexpr = BLOCK_N // SUMS_OUT
-            sums = tl.sum(tl.reshape(stored.to(tl.float32), (BLOCK_M, G, SUMS_OUT)), axis=2)  # [BLOCK_M, G]
-            offs_g = pid_n * G + tl.arange(0, G)
-            tl.store(csum_ptr + offs_tok64[:, None] * (N // SUMS_OUT) + offs_g[None, :], sums,
-                     mask=tok_mask[:, None] & (offs_g < N // SUMS_OUT)[None, :])
+    gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
+               tok_mask, N, num_valid_tokens, stride_cm, GATED, BLOCK_M, BLOCK_N, MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K,
+               OUT_MANT, SUMS_OUT)
 
 
 _gguf_gemv = triton_kernel(_gguf_gemv_kernel)
@@ -1086,16 +1060,7 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
     word, group = GEMV_QTYPES[qtype]
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(word)
     u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(word)) if u is not None else w3
-    if routing is None:
-        dummy = torch.empty((1,), dtype=torch.int32, device=x.device)
-        weights, sorted_ids, expert_ids, total = torch.empty((1,), dtype=torch.float32, device=x.device), dummy, \
-            dummy, dummy
-        num_pid_m = triton.cdiv(x.shape[0], cfg["BLOCK_M"])
-        m_rows = x.shape[0]
-    else:
-        weights, sorted_ids, expert_ids, total = routing
-        num_pid_m = c.shape[0] if pairs else sorted_ids.numel() // cfg["BLOCK_M"]
-        m_rows = c.shape[0]
+    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _launch_rows(x, c, routing, pairs, cfg["BLOCK_M"])
     if x_sums is not None and tuple(x_sums.shape) != (x.shape[0], k // group):
         raise ValueError(f"x_sums must be [{x.shape[0]}, {k // group}], got {tuple(x_sums.shape)}")
     sums_out = 0

@@ -125,7 +125,7 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, block_rows, moe_sum, pair_rows
+from .fp8_moe import _route, block_rows, gemv_store, moe_sum, pair_rows
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -484,14 +484,7 @@ def _moe_mma_kernel(
             s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for j in tl.static_range(4):
-                if j == 0:
-                    xj = x0
-                elif j == 1:
-                    xj = x1
-                elif j == 2:
-                    xj = x2
-                else:
-                    xj = x3
+                xj = pick4(j, x0, x1, x2, x3)
                 v = ((words >> (4 * j)) & PAIR_MASK) | PAIR_MAGIC  # [BLOCK_N, GW] two floats 2^m + q per word
                 if UPCAST:
                     w = tl.reshape(tl.join((v << 16).to(tl.float32, bitcast=True),
@@ -523,6 +516,22 @@ def _moe_mma_kernel(
             acc = round_to_out_grid(acc, OUT_MANT)
         c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _pick4(i: tl.constexpr, v0, v1, v2, v3):
+    """v_i, i a compile-time constant."""
+    if i == 0:
+        out = v0
+    elif i == 1:
+        out = v1
+    elif i == 2:
+        out = v2
+    else:
+        out = v3
+    return out
+
+
+pick4 = _jit(_pick4)
 
 
 def _group_pieces(w_ptrs, off, PIECES: tl.constexpr):
@@ -600,14 +609,7 @@ def _moe_rows_kernel(
         s = tl.load(s_ptrs + kb).to(tl.float32)
         part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
         for pc in tl.static_range(PIECES):
-            if pc == 0:
-                words = p0
-            elif pc == 1:
-                words = p1
-            elif pc == 2:
-                words = p2
-            else:
-                words = p3
+            words = pick4(pc, p0, p1, p2, p3)
             for j in tl.static_range(8):  # nibble j of word c: code j * GW + c
                 if j < 4:
                     v = words << (16 - 4 * j)
@@ -622,40 +624,10 @@ def _moe_rows_kernel(
         # sum (q - z) s x = s (sum (128 + q) x - (128 + z) sum x)
         acc += s * (tl.sum(part, axis=1) - (128.0 + z) * xsum)
 
-    acc = tl.where(row_mask, acc, 0.0)
-    acc = tl.reshape(acc, (1, ROWS))
-    if GATED:
-        acc3 = tl.reshape(acc, (1, 2, BLOCK_N))
-        half = tl.arange(0, 2)[None, :, None]
-        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)
-        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
-        out = gate * tl.sigmoid(gate) * up  # [1, BLOCK_N]
-    else:
-        out = acc
-    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
-    last = True
-    if SLOT_SUM:
-        out = out * tl.load(topk_weights_ptr + pair)
-        if SLOT_SUM > 1:
-            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
-                                    c_mask, num_valid_tokens, N, SLOT_SUM)
-    elif SPLIT_K > 1:
-        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
-                                num_valid_tokens, N, SPLIT_K)
-    if last:
-        if OUT_MANT:
-            out = round_to_out_grid(out, OUT_MANT)
-        stored = out.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
-        if SUMS_OUT:
-            G: tl.constexpr = BLOCK_N // GROUP
-            sums = tl.sum(tl.reshape(stored.to(tl.float32), (1, G, GROUP)), axis=2)  # [1, G]
-            offs_g = pid_n * G + tl.arange(0, G)
-            tl.store(csum_ptr + offs_tok64[:, None] * (N // GROUP) + offs_g[None, :], sums,
-                     mask=tok_mask[:, None] & (offs_g < N // GROUP)[None, :])
-
-
+    acc = tl.reshape(tl.where(row_mask, acc, 0.0), (1, ROWS))
+    gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
+               tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, False, SLOT_SUM, SPLIT_K, OUT_MANT,
+               GROUP if SUMS_OUT else 0)
 
 
 _moe_gemv = _jit(_moe_gemv_kernel)
