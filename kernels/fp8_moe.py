@@ -312,6 +312,22 @@ def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid
 gemv_store = triton_kernel(_gemv_store)
 
 
+def _pick4(i: tl.constexpr, v0, v1, v2, v3):
+    """v_i, i a compile-time constant (a static_range index picking one of four tensors)."""
+    if i == 0:
+        out = v0
+    elif i == 1:
+        out = v1
+    elif i == 2:
+        out = v2
+    else:
+        out = v3
+    return out
+
+
+pick4 = triton_kernel(_pick4)
+
+
 def _fused_moe_fp8_kernel(
     a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])

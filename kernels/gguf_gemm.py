@@ -82,7 +82,7 @@ from .fp8_gemm import (
     triton_kernel,
 )
 from .fp8_gemm import check_device as _check_device
-from .fp8_moe import block_rows, gemv_store, pair_rows
+from .fp8_moe import block_rows, gemv_store, pair_rows, pick4
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # qtype -> (values per block, bytes per block), ggml's table for the types the kernels read
@@ -639,22 +639,10 @@ def _q4k_pieces(w_ptrs, h_ptrs, off, LANES: tl.constexpr):
 @triton_kernel
 def _pick8(i: tl.constexpr, v0, v1, v2, v3, v4, v5, v6, v7):
     """v_i, i a compile-time constant."""
-    if i == 0:
-        out = v0
-    elif i == 1:
-        out = v1
-    elif i == 2:
-        out = v2
-    elif i == 3:
-        out = v3
-    elif i == 4:
-        out = v4
-    elif i == 5:
-        out = v5
-    elif i == 6:
-        out = v6
+    if i < 4:
+        out = pick4(i, v0, v1, v2, v3)
     else:
-        out = v7
+        out = pick4(i - 4, v4, v5, v6, v7)
     return out
 
 

@@ -125,7 +125,7 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, block_rows, gemv_store, moe_sum, pair_rows
+from .fp8_moe import _route, block_rows, gemv_store, moe_sum, pair_rows, pick4
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -154,6 +154,21 @@ def _nibble_in_place(words, hi, j: tl.constexpr):
 
 
 nibble_in_place = _jit(_nibble_in_place)
+
+
+def _nibble_128(words, j: tl.constexpr, nibble_mask):
+    """Nibble j of int32 words moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1) under 2^7's exponent:
+    the float 128 + q, exactly; nibble_mask = 0x000F0000 (a launch argument: see _moe_gemv_kernel)."""
+    if j < 4:
+        v = words << (16 - 4 * j)
+    elif j == 4:
+        v = words
+    else:
+        v = words >> (4 * j - 16)
+    return ((v & nibble_mask) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+nibble_128 = _jit(_nibble_128)
 
 
 def _moe_gemv_kernel(
@@ -253,13 +268,7 @@ def _moe_gemv_kernel(
                     f, off = nibble_in_place(words, hi, j)
                     f = f - off  # [ROWS, GW] q
                 else:  # nibble j moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1): 128 + q
-                    if j < 4:
-                        v = words << (16 - 4 * j)
-                    elif j == 4:
-                        v = words
-                    else:
-                        v = words >> (4 * j - 16)
-                    f = ((v & nibble_mask) | 0x43000000).to(tl.float32, bitcast=True)  # [ROWS, GW]
+                    f = nibble_128(words, j, nibble_mask)  # [ROWS, GW]
                 # nibble j of the group's words: codes j * GW .. j * GW + GW - 1, one contiguous vector load
                 xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [1, GW]
                 xs += xj
@@ -518,22 +527,6 @@ def _moe_mma_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _pick4(i: tl.constexpr, v0, v1, v2, v3):
-    """v_i, i a compile-time constant."""
-    if i == 0:
-        out = v0
-    elif i == 1:
-        out = v1
-    elif i == 2:
-        out = v2
-    else:
-        out = v3
-    return out
-
-
-pick4 = _jit(_pick4)
-
-
 def _group_pieces(w_ptrs, off, PIECES: tl.constexpr):
     """A group's words of ROWS rows at word offset `off`: PIECES [ROWS, 4] tiles (16-byte loads); the unused ones
     repeat the first."""
@@ -611,13 +604,7 @@ def _moe_rows_kernel(
         for pc in tl.static_range(PIECES):
             words = pick4(pc, p0, p1, p2, p3)
             for j in tl.static_range(8):  # nibble j of word c: code j * GW + c
-                if j < 4:
-                    v = words << (16 - 4 * j)
-                elif j == 4:
-                    v = words
-                else:
-                    v = words >> (4 * j - 16)
-                f = ((v & nibble_mask) | 0x43000000).to(tl.float32, bitcast=True)  # [ROWS, 4] 128 + q
+                f = nibble_128(words, j, nibble_mask)  # [ROWS, 4] 128 + q
                 xj = tl.load(x_ptrs + (kb * GROUP + j * GW + 4 * pc))  # [ROWS, 4] codes j * GW + 4 pc ..
                 part += f * xj
         xsum = tl.load(asum_ptr + xrow.to(tl.int64) * stride_asm + kb)
