@@ -427,7 +427,7 @@ def _gguf_matmul_kernel(
 _gguf_matmul = triton_kernel(_gguf_matmul_kernel)
 
 
-def _launch_rows(x: torch.Tensor, c: torch.Tensor, routing: tuple[torch.Tensor, ...] | None, pairs: int,
+def _routing_args(x: torch.Tensor, c: torch.Tensor, routing: tuple[torch.Tensor, ...] | None, pairs: int,
                  block_m: int) -> tuple:
     """(topk weights, sorted ids, expert ids, padded length, row blocks, valid rows) of a launch: placeholders and
     the rows of x for a plain GEMM (routing None); the pairs, one a row block (pairs), or the sorted list's blocks."""
@@ -453,7 +453,7 @@ def launch_gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Te
     """
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     u3 = (u if u.dim() == 3 else u.unsqueeze(0)) if u is not None else w3
-    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _launch_rows(x, c, routing, pairs, cfg["BLOCK_M"])
+    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(x, c, routing, pairs, cfg["BLOCK_M"])
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
@@ -598,6 +598,24 @@ def _bits_to(v, bit, to: tl.constexpr):
     """v shifted so that bit `bit` (a tensor of compile-time constants along an axis one thread holds) lands at
     `to`: each shift an immediate."""
     return tl.where(bit <= to, v << tl.maximum(to - bit, 0), v >> tl.maximum(bit - to, 0))
+
+
+@triton_kernel
+def _k4_sub_acc(acc4, part, xs, ds, dc, lane0, xsum_ptr, xrow, stride_sm, group, t: tl.constexpr, tcol,
+                X_SUMS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Q4_K / Q5_K: sub-block `group`'s [ROWS, LANES, 4] partial products (128 + q) x into acc4 for token t:
+    sum (d sc q - dmin m) x = d sc sum (128 + q) x - (128 d sc + dmin m) sum x, the sum of x given (X_SUMS, taken by
+    lane 0) or each lane's share of xs."""
+    if X_SUMS:
+        xsum = tl.where(lane0, tl.load(xsum_ptr + xrow * stride_sm + group), 0.0)  # [1, LANES]
+    else:
+        xsum = tl.sum(xs, axis=2)  # [ROWS, LANES]
+    rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, LANES]
+    if BLOCK_M == 1:
+        acc4 = acc4 + rs
+    else:
+        acc4 = acc4 + tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
+    return acc4
 
 
 @triton_kernel
@@ -810,19 +828,19 @@ def _gguf_gemv_kernel(
 
     SB_PER: tl.constexpr = K // 256 // SPLIT_K  # super-blocks a program (the launcher makes SPLIT_K divide them)
     sb0 = pid_s * SB_PER if SPLIT_K > 1 else 0
-    if QTYPE == 12:  # [ROWS, LANES, 4] tiles: lane j of a row reads 16-byte pieces 2c + j (LANES = 2) or all eight
+    if QTYPE == 12 or QTYPE == 13:  # [ROWS, LANES, 4] tiles: lane j of a row reads 16-byte pieces 2c + j
+        # (Q4_K, LANES = 2) or all of them (LANES = 1, the launcher's only choice for Q5_K)
         offs_j = tl.arange(0, LANES)[None, :, None]
         base3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # 16-byte aligned pieces
-        w_ptrs = base3 + 4 * offs_j  # [ROWS, LANES, 4]
-        h_ptrs = base3 + 0 * offs_j  # the header, read by every lane
         x3 = tl.zeros((ROWS, LANES, 4), dtype=tl.int32) + 16 * offs_j + offs_4[None, None, :]  # lane j: 16 further
         lane0 = tl.arange(0, LANES)[None, :] == 0  # [1, LANES]
         acc4 = tl.zeros((ROWS, LANES) if BLOCK_M == 1 else (ROWS, LANES, BLOCK_M), dtype=tl.float32)
+    if QTYPE == 12:
+        w_ptrs = base3 + 4 * offs_j  # [ROWS, LANES, 4]
+        h_ptrs = base3 + 0 * offs_j  # the header, read by every lane
         nxt = _q4k_pieces(w_ptrs, h_ptrs, sb0 * 36, LANES)  # (PREFETCH: the program's first super-block)
-    if QTYPE == 13:  # Q5_K: Q4_K's tiles, one thread a row
-        base3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]
-        x3 = tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :]
-        acc4 = tl.zeros((ROWS, 1) if BLOCK_M == 1 else (ROWS, 1, BLOCK_M), dtype=tl.float32)
+    if QTYPE == 13:  # Q5_K's masks (its tiles take one thread a row)
+        tl.static_assert(LANES == 1, "Q5_K: one thread a row")
         m5 = mask16 | (mask16 << 1)  # 0x001F0000, from the launch argument as the other masks
         m_lo = (mask16 >> 16) * 0x01010101  # 0x0F0F0F0F
         m_hi = ((mask16 >> 15) & 0x10) * 0x01010101  # 0x10101010
@@ -856,16 +874,8 @@ def _gguf_gemv_kernel(
                                 part += f * xw
                                 if not X_SUMS:
                                     xs += xw
-                        if X_SUMS:  # the group's sum, taken by lane 0
-                            xsum = tl.where(lane0, tl.load(xsum_ptr + xrow * stride_sm + (sb * 8 + 2 * c + p)), 0.0)
-                        else:
-                            xsum = tl.sum(xs, axis=2)  # [ROWS, LANES] the lane's share
-                        # sum (d sc q - dmin m) x = d sc sum (128 + q) x - (128 d sc + dmin m) sum x
-                        rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, LANES]
-                        if BLOCK_M == 1:
-                            acc4 += rs
-                        else:
-                            acc4 += tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
+                        acc4 = _k4_sub_acc(acc4, part, xs, ds, dc, lane0, xsum_ptr, xrow, stride_sm,
+                                           sb * 8 + 2 * c + p, t, tcol, X_SUMS, BLOCK_M)
         elif QTYPE == 13:  # Q5_K (176 bytes: d | dmin, 3 words of scales, 8 words of qh, 32 of nibbles): Q4_K's
             # value with a fifth bit, bit j of qh byte l for value l of sub-block j. qh byte 4w + b sits in qh word w
             # at byte b, as the nibbles' word 8c + w does: the two words merge into one of four 5-bit values (two
@@ -894,15 +904,8 @@ def _gguf_gemv_kernel(
                             part += f * xw
                             if not X_SUMS:
                                 xs += xw
-                        if X_SUMS:
-                            xsum = tl.load(xsum_ptr + xrow * stride_sm + (sb * 8 + 2 * c + p))
-                        else:
-                            xsum = tl.sum(xs, axis=2)  # [ROWS, 1]
-                        rs = ds * tl.sum(part, axis=2) - dc * xsum  # [ROWS, 1]
-                        if BLOCK_M == 1:
-                            acc4 += rs
-                        else:
-                            acc4 += tl.where(tcol[None, None, :] == t, rs[:, :, None], 0.0)
+                        acc4 = _k4_sub_acc(acc4, part, xs, ds, dc, lane0, xsum_ptr, xrow, stride_sm,
+                                           sb * 8 + 2 * c + p, t, tcol, X_SUMS, BLOCK_M)
         elif QTYPE == 8:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words): word 0 = d0 | q0[0, 2) << 16,
             # words 1-7 q0[2, 30), word 8 = q0[30, 32) | d1 << 16, words 9-16 q1. Block 0's words are shifted
             # 2 bytes (one funnel shift a word). Byte b of a word, moved to bits 15-22 and its sign bit flipped
@@ -1048,7 +1051,7 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
     word, group = GEMV_QTYPES[qtype]
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(word)
     u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(word)) if u is not None else w3
-    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _launch_rows(x, c, routing, pairs, cfg["BLOCK_M"])
+    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(x, c, routing, pairs, cfg["BLOCK_M"])
     if x_sums is not None and tuple(x_sums.shape) != (x.shape[0], k // group):
         raise ValueError(f"x_sums must be [{x.shape[0]}, {k // group}], got {tuple(x_sums.shape)}")
     sums_out = 0
