@@ -122,14 +122,27 @@ def test_qk_norm_rope_pair_is_two_single_launches(device, dtype, q_heads, k_head
 
 @IGNORE_EXP_OVERFLOW
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("experts,k,rows", [(256, 8, 7), (16, 4, 33), (12, 3, 1)])
-def test_route_topk(device, experts, k, rows):
+@pytest.mark.parametrize("experts,k,rows,ties", [(256, 8, 7, False), (16, 4, 33, False), (12, 3, 1, False),
+                                                   (256, 8, 5, True)])
+def test_route_topk(device, experts, k, rows, ties):
+    """ties: logits on a coarse grid and a bias of -1 or 0, so that choices repeat and most are negative (the
+    kernel orders them as integers): the lowest id first among equals, as torch.topk."""
     g = torch.Generator().manual_seed(experts + k)
     logits = (torch.randn(rows, experts, generator=g) * 3).to(device)
     bias = (torch.randn(experts, generator=g) / 10).to(device)
+    if ties:
+        logits = (logits.cpu() * 2).round().clamp(-3, 3).to(device)
+        bias = -(torch.arange(experts) % 2).float().to(device)
     ids, w = fused_ops.route_topk(logits, bias, k)
     ids_ref, w_ref = fused_ops.route_topk_ref(logits, bias, k)
-    assert ids.dtype == torch.int64 and torch.equal(ids.cpu(), ids_ref.cpu())  # the same experts, in the same order
+    assert ids.dtype == torch.int64
+    if ties:  # torch.topk leaves the order among equals open: the same choices in the same order, ids rising in ties
+        choice = (torch.sigmoid(logits) + bias).cpu()
+        assert torch.equal(choice.gather(1, ids.cpu()), choice.gather(1, ids_ref.cpu()))
+        same = choice.gather(1, ids.cpu()).diff(dim=1) == 0
+        assert (ids.cpu().diff(dim=1) > 0)[same].all() and same.any()
+    else:
+        assert torch.equal(ids.cpu(), ids_ref.cpu())  # the same experts, in the same order
     torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(w.sum(-1).cpu(), torch.ones(rows), rtol=1e-6, atol=0)
 
