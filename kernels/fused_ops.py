@@ -527,3 +527,168 @@ def kv_write(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         _kv_write[(B * T,)](kc, vc, k, v, sl, co, T, NKV, D, kc.stride(0), kc.stride(1), kc.stride(2),
                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                             BLOCK_H=triton.next_power_of_2(NKV), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# attention of one new token per sequence over the per-slot cache, its keys and values written on the way
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                         slots: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, NH, D], k, v [B, NKV, D] (one new token per row); caches kc, vc [S, NKV, C, D]; slots, cols [B] int64.
+    Writes k, v at (slots[b], cols[b]) of the caches, then each q head h attends (fp32 softmax) over columns
+    0..cols[b] of its slot's kv head h // (NH / NKV). -> [B, NH, D] in q's dtype."""
+    B, NH, D = q.shape
+    NKV = k.shape[1]
+    kc[slots, :, cols] = k
+    vc[slots, :, cols] = v
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(cols[b]) + 1
+        keys = kc[slots[b], :, :n].float().repeat_interleave(NH // NKV, 0)  # [NH, n, D]
+        vals = vc[slots[b], :, :n].float().repeat_interleave(NH // NKV, 0)
+        p = torch.softmax((keys @ q[b].float()[:, :, None])[..., 0] * scale, -1)  # [NH, n]
+        out[b] = (p[:, None, :] @ vals)[:, 0].to(q.dtype)
+    return out
+
+
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, cols_ptr, o_ptr, part_ptr, ml_ptr, count_ptr,
+    NKV, G, qk_scale,  # G = NH / NKV query heads per kv head; qk_scale = scale * log2(e)
+    s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cs, s_ch, s_cc, s_ob, s_oh,
+    D: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # program (row b and kv head, split sp): the G query heads of the kv head against cached columns
+    # [sp * CHUNK, sp * CHUNK + CHUNK) below the new token's column, online softmax in fp32 (exp2); the split that
+    # holds the new column takes the new key and value from k, v and writes them into the cache (the other splits
+    # never read that column). One split: the result is stored; several: fp32 partials and (max, sum) per head, and
+    # the last program of the row's kv head to arrive (an arrival counter, as fp8_gemm.split_k_sum) merges them.
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = pid // NKV
+    kvh = pid % NKV
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    col = tl.load(cols_ptr + b)  # the new token's column: cached columns 0..col-1 come before it
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    d = tl.arange(0, D)
+    heads = (kvh * G + g).to(tl.int64)
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None],
+                other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    lsum = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, col)
+    base = slot * s_cs + kvh.to(tl.int64) * s_ch
+    c = tl.arange(0, BLOCK_C)
+    for c0 in range(start, end, BLOCK_C):
+        cm = c0 + c < end
+        offs = base + (c0 + c).to(tl.int64)[:, None] * s_cc + d[None, :]
+        kt = tl.load(kc_ptr + offs, mask=cm[:, None], other=0.0)
+        vt = tl.load(vc_ptr + offs, mask=cm[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = tl.where(cm[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m = m_new
+    if (col >= start) & (col < start + CHUNK):  # the new token: attend to it, write it into the cache
+        kn = tl.load(k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + d)
+        vn = tl.load(v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + d)
+        dst = base + col.to(tl.int64) * s_cc + d
+        tl.store(kc_ptr + dst, kn)
+        tl.store(vc_ptr + dst, vn)
+        sn = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * qk_scale  # [BLOCK_G]
+        m_new = tl.maximum(m, sn)
+        alpha = tl.exp2(m - m_new)
+        pn = tl.exp2(sn - m_new)
+        lsum = lsum * alpha + pn
+        acc = acc * alpha[:, None] + pn[:, None] * vn.to(tl.float32)[None, :]
+        m = m_new
+    out_offs = b.to(tl.int64) * s_ob + heads[:, None] * s_oh + d[None, :]
+    if SPLITS == 1:
+        tl.store(o_ptr + out_offs, (acc / lsum[:, None]).to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        slot_part = (pid.to(tl.int64) * SPLITS + sp) * BLOCK_G
+        tl.store(part_ptr + (slot_part + g)[:, None] * D + d[None, :], acc)
+        tl.store(ml_ptr + (slot_part + g) * 2, m)
+        tl.store(ml_ptr + (slot_part + g) * 2 + 1, lsum)
+        tl.debug_barrier()  # every thread's partial written before the arrival is counted (release, gpu scope)
+        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLITS - 1:
+            m_all = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+            for s_i in range(SPLITS):
+                row0 = (pid.to(tl.int64) * SPLITS + s_i) * BLOCK_G + g
+                m_all = tl.maximum(m_all, tl.load(ml_ptr + row0 * 2, cache_modifier=".cg"))
+            tot = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+            den = tl.zeros((BLOCK_G,), dtype=tl.float32)
+            for s_i in range(SPLITS):
+                row0 = (pid.to(tl.int64) * SPLITS + s_i) * BLOCK_G + g
+                w = tl.exp2(tl.load(ml_ptr + row0 * 2, cache_modifier=".cg") - m_all)  # 0 for an empty split
+                den += w * tl.load(ml_ptr + row0 * 2 + 1, cache_modifier=".cg")
+                tot += w[:, None] * tl.load(part_ptr + row0[:, None] * D + d[None, :], cache_modifier=".cg")
+            tl.store(o_ptr + out_offs, (tot / den[:, None]).to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+            tl.atomic_xchg(count_ptr + pid, 0)
+
+
+_decode_attention = triton_kernel(_decode_attention_kernel)
+
+DECODE_BLOCK_C = 64  # cached columns a loop step
+
+
+def decode_split(rows: int, capacity: int, sms: int) -> tuple[int, int]:
+    """(CHUNK, SPLITS) for a step of `rows` rows x kv heads over caches of `capacity` columns: chunks of whole loop
+    steps, as many as bring the programs to about two per SM (a row's columns are not known on the host)."""
+    steps = triton.cdiv(max(capacity, 1), DECODE_BLOCK_C)
+    want = max(1, min(steps, triton.cdiv(2 * sms, max(rows, 1))))
+    chunk = triton.cdiv(steps, want) * DECODE_BLOCK_C
+    return chunk, triton.cdiv(max(capacity, 1), chunk)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     slots: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
+    """decode_attention_ref in one launch (the cache write included): the cache is read in place, only up to each
+    row's column, and split over programs along the columns where a step has few rows (flash-decoding)."""
+    B, NH, D = q.shape
+    S, NKV, C, _ = kc.shape
+    if k.shape != (B, NKV, D) or v.shape != k.shape or vc.shape != kc.shape or kc.shape[3] != D or NH % NKV or \
+            slots.shape != (B,) or cols.shape != (B,) or D & (D - 1) or D < 16 or \
+            not q.dtype == k.dtype == v.dtype == kc.dtype == vc.dtype or q.dtype not in DTYPES:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} {q.dtype}, k/v {tuple(k.shape)}, cache "
+                         f"{tuple(kc.shape)} {kc.dtype}, slots {tuple(slots.shape)}, columns {tuple(cols.shape)}")
+    if kc.stride() != vc.stride() or kc.stride(-1) != 1 or q.stride(-1) != 1 or k.stride(-1) != 1 or \
+            v.stride(-1) != 1:
+        raise ValueError("decode_attention: the last dimension of q, k, v and the caches must be contiguous")
+    check_device(q, k, v, kc, vc, slots, cols, min_capability=None)
+    out = torch.empty((B, NH, D), dtype=q.dtype, device=q.device)
+    if not B:
+        return out
+    G = NH // NKV
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    chunk, splits = decode_split(B * NKV, C, sms)
+    block_g = max(16, triton.next_power_of_2(G))
+    if splits > 1:
+        part = torch.empty((B * NKV * splits * block_g, D), dtype=torch.float32, device=q.device)
+        ml = torch.empty((B * NKV * splits * block_g, 2), dtype=torch.float32, device=q.device)
+        counters = arrival_counters(q.device, B * NKV)
+    else:
+        part = ml = counters = out
+    sl, co = slots.contiguous(), cols.contiguous()
+    _decode_attention[(B * NKV, splits)](
+        q, k, v, kc, vc, sl, co, out, part, ml, counters, NKV, G, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
+        D=D, CHUNK=chunk, SPLITS=splits, BLOCK_G=block_g, BLOCK_C=DECODE_BLOCK_C,
+        IEEE=INTERPRETED or q.dtype == torch.float32, num_warps=4)
+    return out

@@ -15,8 +15,9 @@ W4_TUNE=${W4_TUNE:-120}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
-stage "GPU tests: GEMV paths" 150 $PY -m pytest -q -m gpu -k "gemv or rows or real_widths or cuda_graph" \
-  tests/test_kernels_gguf.py tests/test_kernels_w4a16.py
+stage "GPU tests: GEMV paths, decode attention, router" 150 $PY -m pytest -q -m gpu \
+  -k "gemv or rows or real_widths or cuda_graph or decode_attention or route" \
+  tests/test_kernels_gguf.py tests/test_kernels_w4a16.py tests/test_kernels_fused_ops.py
 stage "GGUF kernels, tuned" 260 $PY scripts/bench_gguf_kernels.py --check --tune "$GGUF_TUNE" --out "$OUT" &&
   cp kernels/configs/gguf_moe.json "$OUT/gguf_moe.json"
 stage "W4A16 MoE at decode sizes, tuned" 200 $PY scripts/bench_w4a16.py --ms 1,2,4,8,16 --skip-proj \

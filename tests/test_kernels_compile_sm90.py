@@ -1,4 +1,4 @@
-"""Every variant of the W4A16, FP8 and GGUF MoE and router kernels the launchers can pick compiles for an H100/H200
+"""Every variant of the W4A16, FP8 and GGUF MoE, router and decode attention kernels the launchers can pick compiles for an H100/H200
 (sm_90), on any machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the triton wheel). The
 CPU tests run the same kernels under Triton's interpreter, which accepts code the compiler refuses (a static_assert
 on a value that is not a compile-time constant, a name one branch defines and a loop re-types), so this is the check
@@ -90,6 +90,12 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     for pair in (False, True):  # QK-norm + rotary, q and k in one launch or one each
         jobs.append(("fused_ops", "_qk_norm_rope", dict(HAS_RSTD=False, BLOCK_H=64, BLOCK_D=128, OUT_MANT=0,
                                                         PAIR=pair), qk, 8))
+    att = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+           "slots_ptr": "*i64", "cols_ptr": "*i64", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
+           "count_ptr": "*i32", "qk_scale": "fp32"}
+    for splits in (1, 3):  # decode attention, one split or merged by the last to arrive
+        jobs.append(("fused_ops", "_decode_attention", dict(D=128, CHUNK=64, SPLITS=splits, BLOCK_G=16, BLOCK_C=64,
+                                                            IEEE=False), att, 4))
     for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
         consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
                       BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,

@@ -204,3 +204,37 @@ def test_kv_write(device, B, T, nkv, dim):
     b, t = B - 1, T - 1  # and the last token is where it belongs
     assert torch.equal(kc[slots[b, t], :, cols[b, t]].cpu(), k[b, :, t].cpu())
     assert torch.equal(vc[slots[b, t], :, cols[b, t]].cpu(), v[b, :, t].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,NH,NKV,D,C,cols,dtype", [
+    (3, 6, 2, 32, 200, [0, 77, 199], torch.float32),  # splits over the columns: the new token first, mid, last
+    (2, 48, 8, 128, 192, [130, 5], torch.bfloat16),  # MiniMax-M2's heads at the decode benchmark's capacity
+    (2, 4, 1, 64, 1000, [999, 600], torch.float16),  # eight splits on the CPU, most of one row's empty
+])
+def test_decode_attention(device, B, NH, NKV, D, C, cols, dtype):
+    """One new token per row: the cache written as kv_write writes it and the attention over columns 0..col of the
+    row's slot as the reference (and SDPA under the step's mask) computes it, whatever the split over programs."""
+    g = torch.Generator().manual_seed(B + NH + C)
+    S = 4
+    q = torch.randn(B, NH, D, generator=g).to(dtype).to(device)
+    k = torch.randn(B, NKV, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, NKV, D, generator=g).to(dtype).to(device)
+    kc = torch.randn(S, NKV, C, D, generator=g).to(dtype).to(device)
+    vc = torch.randn(S, NKV, C, D, generator=g).to(dtype).to(device)
+    slots = torch.randperm(S, generator=g)[:B].to(device)
+    cols_t = torch.tensor(cols).to(device)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref = fused_ops.decode_attention_ref(q, k, v, ref_k, ref_v, slots, cols_t, D ** -0.5)
+    out = fused_ops.decode_attention(q, k, v, kc, vc, slots, cols_t, D ** -0.5)
+    assert torch.equal(kc.cpu(), ref_k.cpu()) and torch.equal(vc.cpu(), ref_v.cpu())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=tol, atol=tol)
+    # the reference is what the runtime computed before: SDPA over all C columns of the rows' slots under the mask
+    mask = (torch.arange(C)[None, :] <= torch.tensor(cols)[:, None])[:, None, None].to(device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None], ref_k[slots].float(), ref_v[slots].float(), attn_mask=mask, scale=D ** -0.5,
+        enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(ref.float().cpu(), sdpa.cpu(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="decode_attention"):
+        fused_ops.decode_attention(q, k[:, :1] if NKV > 1 else k.expand(B, 2, D), v, kc, vc, slots, cols_t, 1.0)

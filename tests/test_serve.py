@@ -47,6 +47,28 @@ def test_batched_serving_equals_one_at_a_time_greedy(model):
     assert all(c.t_submit <= c.t_first <= c.t_done for c in out)
 
 
+def test_decode_attention_kernel_in_the_serving_loop(model, monkeypatch):
+    """The slot cache's one-launch decode path (cache write and attention over each row's own columns, the rows a
+    queue's index of slots) gives the tokens of SDPA over the masked cache, and takes every decode step."""
+    import quantkit.runtime.serve as serve_mod
+    from quantkit.kernels import fused_ops
+
+    def run():
+        server = Server(model, slots=3, max_len=40, prefill_chunk=7, prefill_budget=14)
+        for p in prompts(LENGTHS[:5], seed=1):
+            server.submit(Request(p, max_new_tokens=5))
+        return [c.tokens for c in server.run()], server.steps["decode"]
+
+    ref, _ = run()
+    calls = []
+    kernel = fused_ops.decode_attention
+    monkeypatch.setattr(fused_ops, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(serve_mod, "_fused", lambda *ts: True)  # the kernels, under the interpreter on a CPU
+    got, decode_steps = run()
+    assert got == ref
+    assert len(calls) == decode_steps * model.cfg.num_hidden_layers > 0
+
+
 def test_fp8_backend_serving_equals_generation(tiny_fp8):
     fp8 = load_model(tiny_fp8, dtype=torch.float32, backend="fp8")
     ps = prompts([4, 7, 2], seed=1)

@@ -145,6 +145,19 @@ class KVCache:
         return self.k[layer][:, :, :s0 + t], self.v[layer][:, :, :s0 + t]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, mask: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """q [B, NH, T, D], k, v [B, NKV, T, D] of a step -> the attention output [B, NH, T, D], the step's keys and
+    values written into the cache. A cache with a one-launch path for single-token steps (SlotCache.decode_attention)
+    takes them; otherwise the cache's update and SDPA over what it returns, under the step's mask."""
+    one = getattr(cache, "decode_attention", None)
+    out = one(layer, q, k, v, scale) if one is not None else None
+    if out is None:
+        keys, values = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMaxM2Config):
         super().__init__()
@@ -172,9 +185,7 @@ class Attention(nn.Module):
         q, k = norm_rope_qk(q, k, self.q_norm, self.k_norm, cos, sin, cfg.num_attention_heads,
                             cfg.num_key_value_heads, cfg.rms_norm_eps)
         v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        keys, values = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.head_dim ** -0.5,
-                                             enable_gqa=True)
+        out = attend(q, k, v, cache, layer, mask, cfg.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
 
 

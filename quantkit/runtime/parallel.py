@@ -50,6 +50,7 @@ from quantkit.runtime.model import (
     Attention,
     DenseExperts,
     MiniMaxM2,
+    attend,
     checkpoint_fp8_scheme,
     fuse_qkv,
     norm_rope,
@@ -424,8 +425,7 @@ class ShardedAttention(nn.Module):
         q = norm_rope(q, self.q_norm, cos, sin, self.heads, cfg.rms_norm_eps, rq)  # [B, NH/tp, T, D]
         k = norm_rope(k, self.k_norm, cos, sin, self.kv_heads, cfg.rms_norm_eps, rk)
         v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
-        keys, values = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
+        out = attend(q, k, v, cache, layer, mask, D ** -0.5)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * D))  # partial sum over this rank's heads
         return all_reduce(y, spec.tp, spec.tp_group)
 

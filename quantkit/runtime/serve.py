@@ -57,27 +57,47 @@ class SlotCache:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, NKV, T, D] at the step's positions; return the batch rows' keys and values [B, NKV, C, D]
-        (all C columns: the step's mask hides what a row does not hold)."""
-        rows = self.rows
-        if self.write_at is None:  # where each token goes: the same for every layer of the step
+    def targets(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, columns) [B, T] int64 where the step's tokens go: the same for every layer of the step."""
+        if self.write_at is None:
+            rows = self.rows
             B, T = self.positions.shape
             if isinstance(rows, slice):
-                idx = torch.arange(rows.start, rows.start + B, device=k.device)[:, None].expand(B, T)
+                idx = torch.arange(rows.start, rows.start + B, device=device)[:, None].expand(B, T)
             else:
                 idx = rows[:, None].expand(B, T)
             # throw-away rows may sit at the end; contiguous once here, not copied again by every layer's write
             self.write_at = (idx.contiguous(), self.positions.clamp(max=self.capacity - 1).contiguous())
+        return self.write_at
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, NKV, T, D] at the step's positions; return the batch rows' keys and values [B, NKV, C, D]
+        (all C columns: the step's mask hides what a row does not hold)."""
         from quantkit.kernels import fused_ops
 
-        idx, pos = self.write_at
+        idx, pos = self.targets(k.device)
         kc, vc = self.k[layer], self.v[layer]
         if _fused(k, v, kc) and kc.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
             fused_ops.kv_write(kc, vc, k, v, idx, pos)  # one launch for keys and values
         else:
             fused_ops.kv_write_ref(kc, vc, k, v, idx, pos)
-        return self.k[layer][rows], self.v[layer][rows]  # a view for a slice of slots, a gather for an index
+        return self.k[layer][self.rows], self.v[layer][self.rows]  # a view for a slice of slots, a gather for an index
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> torch.Tensor | None:
+        """A step of one token per row on the GPU: the cache write and the attention over each row's own columns
+        (0..its position: what the step's mask allows) in one launch, the cache read in place where update would
+        hand SDPA all C columns (gathered, for an index of rows). q [B, NH, 1, D], k, v [B, NKV, 1, D] ->
+        [B, NH, 1, D]; None where it does not apply (the caller updates and attends)."""
+        from quantkit.kernels import fused_ops
+
+        kc, vc = self.k[layer], self.v[layer]
+        if q.shape[2] != 1 or not _fused(q, k, v, kc) or q.stride(-1) != 1 or k.stride(-1) != 1 or \
+                v.stride(-1) != 1 or kc.stride(-1) != 1:
+            return None
+        idx, pos = self.targets(k.device)
+        return fused_ops.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, idx[:, 0], pos[:, 0],
+                                          scale)[:, :, None]
 
 
 def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows: slice | torch.Tensor,
