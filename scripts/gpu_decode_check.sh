@@ -3,7 +3,8 @@
 # decoder-layer ops, the FP8 projections' split-K configs tuned and compared (scripts/tune_small_m.py, winners merged
 # into kernels/configs/fp8_gemm.json and copied to OUT), the kernels of a decode step (scripts/profile_decode.py) and `quantkit bench --per-layer` on a
 # generated 2-layer real-width FP8 slice, the last two with the configs just tuned.
-# Usage: scripts/gpu_decode_check.sh OUT     (BACKENDS=fp8,awq for the profile and the bench; TUNE=0 skips tuning)
+# Usage: scripts/gpu_decode_check.sh OUT     (BACKENDS=fp8,awq for the profile and the bench; TUNE=0 skips tuning;
+# GEMM_TESTS=0 skips the GEMMs' GPU tests; CONFIGS=DIR copies tuned tables from DIR into kernels/configs first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_decode_check.sh OUT}
@@ -12,13 +13,21 @@ PY=${PY:-python3}
 BUDGET=${BUDGET:-560}
 BACKENDS=${BACKENDS:-fp8}
 TUNE=${TUNE:-1}
+GEMM_TESTS=${GEMM_TESTS:-1}
+CONFIGS=${CONFIGS:-}
 WORK=${WORK:-/tmp/quantkit-profile}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
-stage "GPU tests: GEMMs, fused decoder-layer ops, FP8 runtime, serving" 240 bash -c "$PY -m pytest -q -m gpu \
-  -k 'split or linear or matmul or quantized or gemm' tests/test_kernels_fp8.py tests/test_kernels_w4a16.py &&
-  $PY -m pytest -q -m gpu tests/test_kernels_fused_ops.py tests/test_runtime_fp8.py tests/test_serve.py"
+if [ -n "$CONFIGS" ]; then  # tuned tables from an earlier run on this machine
+  cp "$CONFIGS"/*.json kernels/configs/ 2>/dev/null && echo "configs from $CONFIGS: $(ls "$CONFIGS")" | tee -a "$LOG"
+fi
+if [ "$GEMM_TESTS" = 1 ]; then
+  stage "GPU tests: GEMMs" 150 $PY -m pytest -q -m gpu -k 'split or linear or matmul or quantized or gemm' \
+    tests/test_kernels_fp8.py tests/test_kernels_w4a16.py
+fi
+stage "GPU tests: fused decoder-layer ops, FP8 runtime, serving" 150 $PY -m pytest -q -m gpu \
+  tests/test_kernels_fused_ops.py tests/test_runtime_fp8.py tests/test_serve.py
 if [ "$TUNE" = 1 ]; then
   stage "split-K FP8 projections" 240 $PY scripts/tune_small_m.py --json "$OUT/tune_small_m.json" \
     --write-configs kernels/configs
