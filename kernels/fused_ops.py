@@ -202,6 +202,34 @@ def qk_norm_rope_ref(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: t
     return torch.cat([(a * c - b * s).to(y.dtype), (b * c + a * s).to(y.dtype), rest], dim=-1)
 
 
+def _norm_rope_heads(y_ptr, w_ptr, cos_ptr, sin_ptr, h, d, mask, rstd, D, HALF, OUT_MANT: tl.constexpr,
+                     dtype: tl.constexpr):
+    """Heads h [H, 1] x dims d [1, BLOCK_D] of one row y (at y_ptr, heads of D contiguous), normalised by rstd, cast,
+    times the gains w, cast, then NeoX-rotated with the row's cos/sin on the first 2 * HALF dims -> fp32 values on
+    the output dtype's grid, the roundings the model makes."""
+    x = tl.load(y_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
+    n = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
+    # the partner of d in the rotation (d + HALF in the first half, d - HALF in the second), normalised the same way
+    first = d < HALF
+    second = (d >= HALF) & (d < 2 * HALF)
+    pd = tl.where(first, d + HALF, tl.where(second, d - HALF, d))
+    xp = tl.load(y_ptr + h * D + pd, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + h * D + pd, mask=mask, other=0.0).to(tl.float32)
+    npart = narrow(narrow(xp * rstd, OUT_MANT, dtype) * wp, OUT_MANT, dtype)
+    j = tl.where(first, d, d - HALF)
+    rot = first | second
+    c = tl.load(cos_ptr + j, mask=rot & (d < D), other=1.0)
+    s = tl.load(sin_ptr + j, mask=rot & (d < D), other=0.0)
+    out = tl.where(first, n * c - npart * s, tl.where(second, n * c + npart * s, n))
+    if OUT_MANT:
+        out = round_to_out_grid(out, OUT_MANT)
+    return out
+
+
+norm_rope_heads = triton_kernel(_norm_rope_heads)
+
+
 def _qk_norm_rope_kernel(
     y_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, out_ptr,  # y, out [rows, W]; cos, sin [rows, HALF]; rstd [rows]
     W, HEADS, D, HALF, stride_y, stride_o, stride_c, stride_s, eps,
@@ -223,22 +251,8 @@ def _qk_norm_rope_kernel(
         rstd = tl.load(rstd_ptr + row)
     else:
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / W + eps)
-    w = tl.load(w_ptr + h * D + d, mask=mask, other=0.0).to(tl.float32)
-    n = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
-    # the partner of d in the rotation (d + HALF in the first half, d - HALF in the second), normalised the same way
-    first = d < HALF
-    second = (d >= HALF) & (d < 2 * HALF)
-    pd = tl.where(first, d + HALF, tl.where(second, d - HALF, d))
-    xp = tl.load(y_ptr + row * stride_y + h * D + pd, mask=mask, other=0.0).to(tl.float32)
-    wp = tl.load(w_ptr + h * D + pd, mask=mask, other=0.0).to(tl.float32)
-    npart = narrow(narrow(xp * rstd, OUT_MANT, dtype) * wp, OUT_MANT, dtype)
-    j = tl.where(first, d, d - HALF)
-    rot = first | second
-    c = tl.load(cos_ptr + row * stride_c + j, mask=rot & (d < D), other=1.0)
-    s = tl.load(sin_ptr + row * stride_s + j, mask=rot & (d < D), other=0.0)
-    out = tl.where(first, n * c - npart * s, tl.where(second, n * c + npart * s, n))
-    if OUT_MANT:
-        out = round_to_out_grid(out, OUT_MANT)
+    out = norm_rope_heads(y_ptr + row * stride_y, w_ptr, cos_ptr + row * stride_c, sin_ptr + row * stride_s, h, d,
+                          mask, rstd, D, HALF, OUT_MANT, dtype)
     tl.store(out_ptr + row * stride_o + h * D + d, out.to(dtype), mask=mask)
 
 
@@ -556,8 +570,11 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, cols_ptr, o_ptr, part_ptr, ml_ptr, count_ptr,
     NKV, G, qk_scale,  # G = NH / NKV query heads per kv head; qk_scale = scale * log2(e)
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cs, s_ch, s_cc, s_ob, s_oh,
+    wq_ptr, wk_ptr, cos_ptr, sin_ptr, s_cos, s_sin, HALF, eps,  # NORM: QK-norm gains, rotary tables [B, HALF]
     D: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
+    NORM: tl.constexpr = False,  # q, k as projected: the QK-norm over all heads and the rotary first (as qk_norm_rope)
+    BLOCK_HQ: tl.constexpr = 16, BLOCK_HK: tl.constexpr = 16, OUT_MANT: tl.constexpr = 0,
 ):
     # program (row b and kv head, split sp): the G query heads of the kv head against cached columns
     # [sp * CHUNK, sp * CHUNK + CHUNK) below the new token's column, online softmax in fp32 (exp2); the split that
@@ -574,10 +591,23 @@ def _decode_attention_kernel(
     gmask = g < G
     d = tl.arange(0, D)
     heads = (kvh * G + g).to(tl.int64)
-    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None],
-                other=0.0)
-    if IEEE:
-        q = q.to(tl.float32)
+    dtype = o_ptr.dtype.element_ty
+    if NORM:  # the row's whole q for its mean square (every program of the row: 2 * NH * D bytes, cheap), then
+        # this kv head's query heads normalised and rotated, rounded as the model rounds them
+        hq = tl.arange(0, BLOCK_HQ)[:, None]
+        xq = tl.load(q_ptr + b.to(tl.int64) * s_qb + hq * D + d[None, :], mask=hq < NKV * G, other=0.0)
+        xq = xq.to(tl.float32)
+        rq = 1.0 / tl.sqrt(tl.sum(tl.sum(xq * xq, axis=1), axis=0) / (NKV * G * D) + eps)
+        q = norm_rope_heads(q_ptr + b.to(tl.int64) * s_qb, wq_ptr, cos_ptr + b.to(tl.int64) * s_cos,
+                            sin_ptr + b.to(tl.int64) * s_sin, heads[:, None], d[None, :], gmask[:, None], rq, D, HALF,
+                            OUT_MANT, dtype)
+        if not IEEE:
+            q = q.to(dtype)
+    else:
+        q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None],
+                    other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
     m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     lsum = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
@@ -605,7 +635,18 @@ def _decode_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m = m_new
     if (col >= start) & (col < start + CHUNK):  # the new token: attend to it, write it into the cache
-        kn = tl.load(k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + d)
+        if NORM:  # k's mean square over all its heads, this head normalised and rotated
+            hk = tl.arange(0, BLOCK_HK)[:, None]
+            xk = tl.load(k_ptr + b.to(tl.int64) * s_kb + hk * D + d[None, :], mask=hk < NKV, other=0.0)
+            xk = xk.to(tl.float32)
+            rk = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / (NKV * D) + eps)
+            kh = kvh + tl.zeros((1, 1), dtype=tl.int32)
+            kn = norm_rope_heads(k_ptr + b.to(tl.int64) * s_kb, wk_ptr, cos_ptr + b.to(tl.int64) * s_cos,
+                                 sin_ptr + b.to(tl.int64) * s_sin, kh, d[None, :], kh < NKV, rk, D, HALF, OUT_MANT,
+                                 dtype)
+            kn = tl.sum(kn, axis=0).to(dtype)  # [1, D] -> [D]
+        else:
+            kn = tl.load(k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + d)
         vn = tl.load(v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + d)
         dst = base + col.to(tl.int64) * s_cc + d
         tl.store(kc_ptr + dst, kn)
@@ -657,9 +698,13 @@ def decode_split(rows: int, capacity: int, sms: int) -> tuple[int, int]:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                     slots: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
+                     slots: torch.Tensor, cols: torch.Tensor, scale: float,
+                     qk_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+                     ) -> torch.Tensor:
     """decode_attention_ref in one launch (the cache write included): the cache is read in place, only up to each
-    row's column, and split over programs along the columns where a step has few rows (flash-decoding)."""
+    row's column, and split over programs along the columns where a step has few rows (flash-decoding).
+    qk_norm = (wq, wk, cos, sin, eps): q and k come as projected and get qk_norm_rope first (gains [NH * D] and
+    [NKV * D]; cos, sin [B, half] fp32), the model's QK-norm and rotary in the same launch."""
     B, NH, D = q.shape
     S, NKV, C, _ = kc.shape
     if k.shape != (B, NKV, D) or v.shape != k.shape or vc.shape != kc.shape or kc.shape[3] != D or NH % NKV or \
@@ -671,6 +716,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
             v.stride(-1) != 1:
         raise ValueError("decode_attention: the last dimension of q, k, v and the caches must be contiguous")
     check_device(q, k, v, kc, vc, slots, cols, min_capability=None)
+    norm = qk_norm is not None
+    if norm:
+        wq, wk, cos, sin, eps = qk_norm
+        half = cos.shape[-1]
+        if q.stride(1) != D or k.stride(1) != D or wq.shape != (NH * D,) or wk.shape != (NKV * D,) or \
+                wq.dtype != q.dtype or wk.dtype != q.dtype or cos.shape != (B, half) or sin.shape != cos.shape or \
+                2 * half > D:
+            raise ValueError(f"decode_attention: QK-norm gains {tuple(wq.shape)} {tuple(wk.shape)}, rotary "
+                             f"{tuple(cos.shape)}, for q {tuple(q.shape)} with heads side by side")
+        wq, wk = wq.contiguous(), wk.contiguous()
+        cos, sin = cos.float(), sin.float()
+        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    else:
+        wq = wk = cos = sin = q
+        half, eps = 0, 0.0
     out = torch.empty((B, NH, D), dtype=q.dtype, device=q.device)
     if not B:
         return out
@@ -689,6 +749,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         q, k, v, kc, vc, sl, co, out, part, ml, counters, NKV, G, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
+        wq, wk, cos, sin, cos.stride(0), sin.stride(0), half, float(eps),
         D=D, CHUNK=chunk, SPLITS=splits, BLOCK_G=block_g, BLOCK_C=DECODE_BLOCK_C,
-        IEEE=INTERPRETED or q.dtype == torch.float32, num_warps=4)
+        IEEE=INTERPRETED or q.dtype == torch.float32, NORM=norm, BLOCK_HQ=triton.next_power_of_2(NH),
+        BLOCK_HK=triton.next_power_of_2(NKV), OUT_MANT=out_mantissa_bits(q.dtype) if q.dtype != torch.float32 else 0,
+        num_warps=4)
     return out

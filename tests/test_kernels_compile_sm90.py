@@ -1,9 +1,9 @@
-"""Every variant of the W4A16, FP8 and GGUF MoE, router and decode attention kernels the launchers can pick compiles for an H100/H200
-(sm_90), on any machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the triton wheel). The
-CPU tests run the same kernels under Triton's interpreter, which accepts code the compiler refuses (a static_assert
-on a value that is not a compile-time constant, a name one branch defines and a loop re-types), so this is the check
-that such code fails here rather than on the first GPU it meets. One subprocess without TRITON_INTERPRET compiles
-them all."""
+"""Every variant of the W4A16, FP8 and GGUF MoE, router and decode attention kernels the launchers can pick compiles
+for an H100/H200 (sm_90), on any machine: triton.compile for the CUDA target needs no GPU (ptxas ships with the
+triton wheel). The CPU tests run the same kernels under Triton's interpreter, which accepts code the compiler
+refuses (a static_assert on a value that is not a compile-time constant, a name one branch defines and a loop
+re-types), so this is the check that such code fails here rather than on the first GPU it meets. One subprocess
+without TRITON_INTERPRET compiles them all."""
 
 from __future__ import annotations
 
@@ -92,10 +92,13 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                                                         PAIR=pair), qk, 8))
     att = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
            "slots_ptr": "*i64", "cols_ptr": "*i64", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
-           "count_ptr": "*i32", "qk_scale": "fp32"}
-    for splits in (1, 3):  # decode attention, one split or merged by the last to arrive
+           "count_ptr": "*i32", "qk_scale": "fp32", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "cos_ptr": "*fp32",
+           "sin_ptr": "*fp32", "eps": "fp32"}
+    for splits, norm in ((1, False), (3, False), (3, True)):  # decode attention: one split or merged by the last
+        # to arrive; the QK-norm and rotary inside
         jobs.append(("fused_ops", "_decode_attention", dict(D=128, CHUNK=64, SPLITS=splits, BLOCK_G=16, BLOCK_C=64,
-                                                            IEEE=False), att, 4))
+                                                            IEEE=False, NORM=norm, BLOCK_HQ=64, BLOCK_HK=8,
+                                                            OUT_MANT=7 if norm else 0), att, 4))
     for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
         consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
                       BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,

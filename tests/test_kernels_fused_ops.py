@@ -238,3 +238,40 @@ def test_decode_attention(device, B, NH, NKV, D, C, cols, dtype):
     torch.testing.assert_close(ref.float().cpu(), sdpa.cpu(), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="decode_attention"):
         fused_ops.decode_attention(q, k[:, :1] if NKV > 1 else k.expand(B, 2, D), v, kc, vc, slots, cols_t, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,NH,NKV,D,rotary,C,cols,dtype", [
+    (2, 48, 8, 128, 64, 192, [130, 5], torch.bfloat16),  # MiniMax-M2: rotary on half of each head
+    (3, 6, 2, 32, 32, 200, [0, 77, 199], torch.float32),
+])
+def test_decode_attention_with_qk_norm(device, B, NH, NKV, D, rotary, C, cols, dtype):
+    """q and k as projected: the QK-norm and rotary inside the launch give what qk_norm_rope_ref and then the
+    attention give, and the cache holds the normalised, rotated key (within one ulp of the separate kernel's)."""
+    from quantkit.runtime import model as M
+
+    g = torch.Generator().manual_seed(B + NH + C + 1)
+    S = 4
+    q = (torch.randn(B, NH * D, generator=g) * 2).to(dtype).to(device)
+    k = (torch.randn(B, NKV * D, generator=g) * 2).to(dtype).to(device)
+    v = torch.randn(B, NKV, D, generator=g).to(dtype).to(device)
+    wq = (1 + torch.randn(NH * D, generator=g) / 4).to(dtype).to(device)
+    wk = (1 + torch.randn(NKV * D, generator=g) / 4).to(dtype).to(device)
+    kc = torch.randn(S, NKV, C, D, generator=g).to(dtype).to(device)
+    vc = torch.randn(S, NKV, C, D, generator=g).to(dtype).to(device)
+    slots = torch.randperm(S, generator=g)[:B].to(device)
+    cols_t = torch.tensor(cols).to(device)
+    cos, sin = (t.to(device) for t in M.rope_tables(torch.tensor(cols)[:, None], rotary, 5e6))  # [B, 1, half]
+    qn = fused_ops.qk_norm_rope_ref(q[:, None], wq, cos, sin, NH, 1e-6)[:, 0]  # [B, NH, D]
+    kn = fused_ops.qk_norm_rope_ref(k[:, None], wk, cos, sin, NKV, 1e-6)[:, 0]
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref = fused_ops.decode_attention_ref(qn, kn, v, ref_k, ref_v, slots, cols_t, D ** -0.5)
+    out = fused_ops.decode_attention(q.view(B, NH, D), k.view(B, NKV, D), v, kc, vc, slots, cols_t, D ** -0.5,
+                                     qk_norm=(wq, wk, cos[:, 0], sin[:, 0], 1e-6))
+    within_one_ulp(kc, ref_k, exact_share=0.999)
+    assert torch.equal(vc.cpu(), ref_v.cpu())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="QK-norm"):
+        fused_ops.decode_attention(q.view(B, NH, D), k.view(B, NKV, D), v, kc, vc, slots, cols_t, 1.0,
+                                   qk_norm=(wk, wk, cos[:, 0], sin[:, 0], 1e-6))

@@ -48,10 +48,12 @@ def test_batched_serving_equals_one_at_a_time_greedy(model):
 
 
 def test_decode_attention_kernel_in_the_serving_loop(model, monkeypatch):
-    """The slot cache's one-launch decode path (cache write and attention over each row's own columns, the rows a
-    queue's index of slots) gives the tokens of SDPA over the masked cache, and takes every decode step."""
-    import quantkit.runtime.serve as serve_mod
+    """The slot cache's one-launch decode path (QK-norm, rotary, cache write and attention over each row's own
+    columns, the rows a queue's index of slots) gives the tokens of SDPA over the masked cache, and takes every
+    decode step."""
     from quantkit.kernels import fused_ops
+
+    import quantkit.runtime.serve as serve_mod
 
     def run():
         server = Server(model, slots=3, max_len=40, prefill_chunk=7, prefill_budget=14)
@@ -62,11 +64,12 @@ def test_decode_attention_kernel_in_the_serving_loop(model, monkeypatch):
     ref, _ = run()
     calls = []
     kernel = fused_ops.decode_attention
-    monkeypatch.setattr(fused_ops, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(fused_ops, "decode_attention",
+                        lambda *a, **kw: calls.append(kw.get("qk_norm") is not None) or kernel(*a, **kw))
     monkeypatch.setattr(serve_mod, "_fused", lambda *ts: True)  # the kernels, under the interpreter on a CPU
     got, decode_steps = run()
     assert got == ref
-    assert len(calls) == decode_steps * model.cfg.num_hidden_layers > 0
+    assert len(calls) == decode_steps * model.cfg.num_hidden_layers > 0 and all(calls)  # QK-norm inside too
 
 
 def test_fp8_backend_serving_equals_generation(tiny_fp8):

@@ -151,11 +151,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
     values written into the cache. A cache with a one-launch path for single-token steps (SlotCache.decode_attention)
     takes them; otherwise the cache's update and SDPA over what it returns, under the step's mask."""
     one = getattr(cache, "decode_attention", None)
-    out = one(layer, q, k, v, scale) if one is not None else None
-    if out is None:
-        keys, values = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out
+    out = one(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], scale) if one is not None and q.shape[2] == 1 else None
+    if out is not None:
+        return out[:, :, None]
+    keys, values = cache.update(layer, k, v)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -181,11 +181,17 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
+        NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        one = getattr(cache, "decode_attention", None)
+        if one is not None and T == 1:  # QK-norm, rotary, cache write and attention in one launch where it can
+            out = one(layer, q.view(B, NH, D), k.view(B, NKV, D), v.view(B, NKV, D), D ** -0.5,
+                      qk_norm=(self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps))
+            if out is not None:
+                return self.o_proj(out.view(B, T, cfg.q_width))
         # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head
-        q, k = norm_rope_qk(q, k, self.q_norm, self.k_norm, cos, sin, cfg.num_attention_heads,
-                            cfg.num_key_value_heads, cfg.rms_norm_eps)
-        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        out = attend(q, k, v, cache, layer, mask, cfg.head_dim ** -0.5)
+        q, k = norm_rope_qk(q, k, self.q_norm, self.k_norm, cos, sin, NH, NKV, cfg.rms_norm_eps)
+        v = v.view(B, T, NKV, D).transpose(1, 2)
+        out = attend(q, k, v, cache, layer, mask, D ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
 
 

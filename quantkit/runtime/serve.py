@@ -83,21 +83,22 @@ class SlotCache:
             fused_ops.kv_write_ref(kc, vc, k, v, idx, pos)
         return self.k[layer][self.rows], self.v[layer][self.rows]  # a view for a slice of slots, a gather for an index
 
-    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float) -> torch.Tensor | None:
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         qk_norm: tuple | None = None) -> torch.Tensor | None:
         """A step of one token per row on the GPU: the cache write and the attention over each row's own columns
         (0..its position: what the step's mask allows) in one launch, the cache read in place where update would
-        hand SDPA all C columns (gathered, for an index of rows). q [B, NH, 1, D], k, v [B, NKV, 1, D] ->
-        [B, NH, 1, D]; None where it does not apply (the caller updates and attends)."""
+        hand SDPA all C columns (gathered, for an index of rows). q [B, NH, D], k, v [B, NKV, D] -> [B, NH, D];
+        qk_norm = (wq, wk, cos [B, half], sin, eps): q and k as projected, normalised and rotated in the same
+        launch (fused_ops.decode_attention). None where it does not apply (the caller updates and attends)."""
         from quantkit.kernels import fused_ops
 
         kc, vc = self.k[layer], self.v[layer]
-        if q.shape[2] != 1 or not _fused(q, k, v, kc) or q.stride(-1) != 1 or k.stride(-1) != 1 or \
-                v.stride(-1) != 1 or kc.stride(-1) != 1:
+        gains = qk_norm[:2] if qk_norm is not None else ()
+        if self.positions is None or self.positions.shape[1] != 1 or not _fused(q, k, v, kc, *gains) or \
+                any(t.stride(-1) != 1 for t in (q, k, v, kc)):
             return None
         idx, pos = self.targets(k.device)
-        return fused_ops.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, idx[:, 0], pos[:, 0],
-                                          scale)[:, :, None]
+        return fused_ops.decode_attention(q, k, v, kc, vc, idx[:, 0], pos[:, 0], scale, qk_norm=qk_norm)
 
 
 def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows: slice | torch.Tensor,
