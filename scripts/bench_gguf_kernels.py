@@ -173,17 +173,17 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     return out
 
 
-def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path) -> dict:
+def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path, tune_ms: list[int] = TUNE_MS) -> dict:
     start = time.monotonic()
     device = fp8_gemm.device_key(torch.device(DEVICE))  # torch.cuda.get_device_name(), as the launchers look it up
     table: dict = {}
-    pairs = len(TUNE_MIXES) * len(TUNE_MS)
+    pairs = len(TUNE_MIXES) * len(tune_ms)
     for j, name in enumerate(TUNE_MIXES):
         mix = MIXES[name]
         gate, up, down = experts.of(mix)
         entries = {}
-        for jm, m in enumerate(TUNE_MS):
-            deadline = start + budget_s * (j * len(TUNE_MS) + jm + 1) / pairs  # an equal share of the budget each
+        for jm, m in enumerate(tune_ms):
+            deadline = start + budget_s * (j * len(tune_ms) + jm + 1) / pairs  # an equal share of the budget each
             x, w, ids = routing(m, g)
             ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, mix)
             best = None
@@ -214,7 +214,8 @@ def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path) -> di
                               "scripts/bench_gguf_kernels.py --tune. {device name: {'E=..,I=..,H=..,<gate>,<up>,"
                               "<down>' qtypes: {M bucket: config}}}; the nearest bucket is taken, missing keys "
                               "take the launcher's defaults.")
-    merged.setdefault(device, {}).update(table)
+    for key, entries in table.items():  # buckets not tuned this time keep their entries
+        merged.setdefault(device, {}).setdefault(key, {}).update(entries)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     (out / "gguf_moe.json").write_text(json.dumps(merged, indent=1) + "\n")
     fp8_gemm.load_config_table.cache_clear()  # the benchmark below runs the new entries
@@ -272,7 +273,11 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="validate every kernel against its reference first")
     ap.add_argument("--tune", type=float, default=0.0, metavar="SECONDS", help="tune the MoE configs, bounded")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts of the MoE benchmark")
+    ap.add_argument("--tune-ms", default=",".join(map(str, TUNE_MS)), help="token counts tuned")
     args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    tune_ms = [int(v) for v in args.tune_ms.split(",")]
     if not torch.cuda.is_available() or gguf_gemm.INTERPRETED:
         sys.exit("needs a CUDA device and compiled Triton (TRITON_INTERPRET unset)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -296,16 +301,16 @@ def main() -> None:
             sys.exit(f"check failed: see {dest}")
         print(f"check passed in {time.monotonic() - t0:.0f} s", flush=True)
     if args.tune > 0:
-        result["tuned"] = tune(experts, g, args.tune, args.out)
+        result["tuned"] = tune(experts, g, args.tune, args.out, tune_ms)
         save()
     if args.no_bench:
         return
     ceil = ceilings()
     result["ceilings"] = ceil
     print(json.dumps(ceil), flush=True)
-    result["moe"] = bench_moe(experts, g, ceil, MS)
+    result["moe"] = bench_moe(experts, g, ceil, ms)
     save()
-    result["linear"] = bench_linear(g, ceil, [1, 4, 16, 64, 256])
+    result["linear"] = bench_linear(g, ceil, [m for m in (1, 4, 16, 64, 256) if m <= max(ms)])
     save()
 
     print(f"\n{device}, torch {result['torch']}, triton {result['triton']}, commit {commit}; "
