@@ -12,9 +12,11 @@ layer at concurrency 1, half of its time in a CUDA graph). Here each is one kern
                                                   # width (or a given 1/rms, for tensor parallelism), then NeoX
                                                   # rotary on the first 2*cos.shape[-1] dims of every head
     idx, w = route_topk(logits, bias, k)          # sigmoid, + correction bias, top-k, weights renormalised
-    idx, w = router(h, gate, bias, k)             # logits = h @ gate^T in fp32 and route_topk, one launch (passes
-                                                  # its GPU test; not yet in the runtime, nor timed)
+    idx, w = router(h, gate, bias, k)             # logits = h @ gate^T in fp32 and route_topk, one launch
     kv_write(kc, vc, k, v, slots, cols)           # a step's keys and values into the per-slot cache
+    o = decode_attention(q, k, v, kc, vc, slots, cols, scale, qk_norm=(wq, wk, cos, sin, eps))
+                                                  # one new token per row: QK-norm and rotary of q and k, the cache
+                                                  # write, attention over the row's own columns (split along them)
 
 Each `foo` has a `foo_ref` computing the same steps in PyTorch: the model runs the references wherever the kernels
 do not (CPU tensors, autograd). Kernels and references agree to fp32 rounding (reductions sum in another order), not
