@@ -573,10 +573,12 @@ def _decode_attention_kernel(
     NKV, G, qk_scale,  # G = NH / NKV query heads per kv head; qk_scale = scale * log2(e)
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cs, s_ch, s_cc, s_ob, s_oh,
     wq_ptr, wk_ptr, cos_ptr, sin_ptr, s_cos, s_sin, HALF, eps,  # NORM: QK-norm gains, rotary tables [B, HALF]
+    rq_ptr, rk_ptr,  # HAS_RSTD: 1/rms of q and of k per row [B] fp32 (their widths split over tensor-parallel ranks)
     D: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
     NORM: tl.constexpr = False,  # q, k as projected: the QK-norm over all heads and the rotary first (as qk_norm_rope)
     BLOCK_HQ: tl.constexpr = 16, BLOCK_HK: tl.constexpr = 16, OUT_MANT: tl.constexpr = 0,
+    HAS_RSTD: tl.constexpr = False,
 ):
     # program (row b and kv head, split sp): the G query heads of the kv head against cached columns
     # [sp * CHUNK, sp * CHUNK + CHUNK) below the new token's column, online softmax in fp32 (exp2); the split that
@@ -596,10 +598,13 @@ def _decode_attention_kernel(
     dtype = o_ptr.dtype.element_ty
     if NORM:  # the row's whole q for its mean square (every program of the row: 2 * NH * D bytes, cheap), then
         # this kv head's query heads normalised and rotated, rounded as the model rounds them
-        hq = tl.arange(0, BLOCK_HQ)[:, None]
-        xq = tl.load(q_ptr + b.to(tl.int64) * s_qb + hq * D + d[None, :], mask=hq < NKV * G, other=0.0)
-        xq = xq.to(tl.float32)
-        rq = 1.0 / tl.sqrt(tl.sum(tl.sum(xq * xq, axis=1), axis=0) / (NKV * G * D) + eps)
+        if HAS_RSTD:
+            rq = tl.load(rq_ptr + b)
+        else:
+            hq = tl.arange(0, BLOCK_HQ)[:, None]
+            xq = tl.load(q_ptr + b.to(tl.int64) * s_qb + hq * D + d[None, :], mask=hq < NKV * G, other=0.0)
+            xq = xq.to(tl.float32)
+            rq = 1.0 / tl.sqrt(tl.sum(tl.sum(xq * xq, axis=1), axis=0) / (NKV * G * D) + eps)
         q = norm_rope_heads(q_ptr + b.to(tl.int64) * s_qb, wq_ptr, cos_ptr + b.to(tl.int64) * s_cos,
                             sin_ptr + b.to(tl.int64) * s_sin, heads[:, None], d[None, :], gmask[:, None], rq, D, HALF,
                             OUT_MANT, dtype)
@@ -638,10 +643,13 @@ def _decode_attention_kernel(
         m = m_new
     if (col >= start) & (col < start + CHUNK):  # the new token: attend to it, write it into the cache
         if NORM:  # k's mean square over all its heads, this head normalised and rotated
-            hk = tl.arange(0, BLOCK_HK)[:, None]
-            xk = tl.load(k_ptr + b.to(tl.int64) * s_kb + hk * D + d[None, :], mask=hk < NKV, other=0.0)
-            xk = xk.to(tl.float32)
-            rk = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / (NKV * D) + eps)
+            if HAS_RSTD:
+                rk = tl.load(rk_ptr + b)
+            else:
+                hk = tl.arange(0, BLOCK_HK)[:, None]
+                xk = tl.load(k_ptr + b.to(tl.int64) * s_kb + hk * D + d[None, :], mask=hk < NKV, other=0.0)
+                xk = xk.to(tl.float32)
+                rk = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / (NKV * D) + eps)
             kh = kvh + tl.zeros((1, 1), dtype=tl.int32)
             kn = norm_rope_heads(k_ptr + b.to(tl.int64) * s_kb, wk_ptr, cos_ptr + b.to(tl.int64) * s_cos,
                                  sin_ptr + b.to(tl.int64) * s_sin, kh, d[None, :], kh < NKV, rk, D, HALF, OUT_MANT,
@@ -701,12 +709,12 @@ def decode_split(rows: int, capacity: int, sms: int) -> tuple[int, int]:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                      slots: torch.Tensor, cols: torch.Tensor, scale: float,
-                     qk_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
-                     ) -> torch.Tensor:
+                     qk_norm: tuple | None = None) -> torch.Tensor:
     """decode_attention_ref in one launch (the cache write included): the cache is read in place, only up to each
     row's column, and split over programs along the columns where a step has few rows (flash-decoding).
     qk_norm = (wq, wk, cos, sin, eps): q and k come as projected and get qk_norm_rope first (gains [NH * D] and
-    [NKV * D]; cos, sin [B, half] fp32), the model's QK-norm and rotary in the same launch."""
+    [NKV * D]; cos, sin [B, half] fp32), the model's QK-norm and rotary in the same launch; (..., eps, rq, rk): with
+    the 1/rms of q and k given per row ([B] fp32: a tensor-parallel rank's heads, normalised over all ranks')."""
     B, NH, D = q.shape
     S, NKV, C, _ = kc.shape
     if k.shape != (B, NKV, D) or v.shape != k.shape or vc.shape != kc.shape or kc.shape[3] != D or NH % NKV or \
@@ -720,8 +728,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     check_device(q, k, v, kc, vc, slots, cols, min_capability=None)
     norm = qk_norm is not None
     if norm:
-        wq, wk, cos, sin, eps = qk_norm
+        wq, wk, cos, sin, eps, *rstds = qk_norm
         half = cos.shape[-1]
+        if rstds:
+            rq, rk = (r.reshape(-1).float().contiguous() for r in rstds)
+            if rq.shape != (B,) or rk.shape != (B,):
+                raise ValueError(f"decode_attention: 1/rms of q and k {tuple(rq.shape)} {tuple(rk.shape)}, "
+                                 f"one per row of {B}")
+        else:
+            rq = rk = q
         if q.stride(1) != D or k.stride(1) != D or wq.shape != (NH * D,) or wk.shape != (NKV * D,) or \
                 wq.dtype != q.dtype or wk.dtype != q.dtype or cos.shape != (B, half) or sin.shape != cos.shape or \
                 2 * half > D:
@@ -731,8 +746,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         cos, sin = cos.float(), sin.float()
         cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     else:
-        wq = wk = cos = sin = q
-        half, eps = 0, 0.0
+        wq = wk = cos = sin = rq = rk = q
+        half, eps, rstds = 0, 0.0, ()
     out = torch.empty((B, NH, D), dtype=q.dtype, device=q.device)
     if not B:
         return out
@@ -751,9 +766,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         q, k, v, kc, vc, sl, co, out, part, ml, counters, NKV, G, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
-        wq, wk, cos, sin, cos.stride(0), sin.stride(0), half, float(eps),
+        wq, wk, cos, sin, cos.stride(0), sin.stride(0), half, float(eps), rq, rk,
         D=D, CHUNK=chunk, SPLITS=splits, BLOCK_G=block_g, BLOCK_C=DECODE_BLOCK_C,
         IEEE=INTERPRETED or q.dtype == torch.float32, NORM=norm, BLOCK_HQ=triton.next_power_of_2(NH),
         BLOCK_HK=triton.next_power_of_2(NKV), OUT_MANT=out_mantissa_bits(q.dtype) if q.dtype != torch.float32 else 0,
-        num_warps=4)
+        HAS_RSTD=bool(rstds), num_warps=4)
     return out

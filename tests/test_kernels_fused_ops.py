@@ -241,11 +241,12 @@ def test_decode_attention(device, B, NH, NKV, D, C, cols, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,NH,NKV,D,rotary,C,cols,dtype", [
-    (2, 48, 8, 128, 64, 192, [130, 5], torch.bfloat16),  # MiniMax-M2: rotary on half of each head
-    (3, 6, 2, 32, 32, 200, [0, 77, 199], torch.float32),
+@pytest.mark.parametrize("B,NH,NKV,D,rotary,C,cols,dtype,rstd", [
+    (2, 48, 8, 128, 64, 192, [130, 5], torch.bfloat16, False),  # MiniMax-M2: rotary on half of each head
+    (2, 24, 4, 128, 64, 192, [130, 5], torch.bfloat16, True),  # a tensor-parallel rank's half, 1/rms given
+    (3, 6, 2, 32, 32, 200, [0, 77, 199], torch.float32, False),
 ])
-def test_decode_attention_with_qk_norm(device, B, NH, NKV, D, rotary, C, cols, dtype):
+def test_decode_attention_with_qk_norm(device, B, NH, NKV, D, rotary, C, cols, dtype, rstd):
     """q and k as projected: the QK-norm and rotary inside the launch give what qk_norm_rope_ref and then the
     attention give, and the cache holds the normalised, rotated key (within one ulp of the separate kernel's)."""
     from quantkit.runtime import model as M
@@ -262,12 +263,14 @@ def test_decode_attention_with_qk_norm(device, B, NH, NKV, D, rotary, C, cols, d
     slots = torch.randperm(S, generator=g)[:B].to(device)
     cols_t = torch.tensor(cols).to(device)
     cos, sin = (t.to(device) for t in M.rope_tables(torch.tensor(cols)[:, None], rotary, 5e6))  # [B, 1, half]
-    qn = fused_ops.qk_norm_rope_ref(q[:, None], wq, cos, sin, NH, 1e-6)[:, 0]  # [B, NH, D]
-    kn = fused_ops.qk_norm_rope_ref(k[:, None], wk, cos, sin, NKV, 1e-6)[:, 0]
+    # given: as if the other rank's heads made the mean squares (any positive 1/rms per row)
+    rq, rk = ((torch.rand(B, 1, 1, generator=g) + 0.2).to(device) for _ in range(2)) if rstd else (None, None)
+    qn = fused_ops.qk_norm_rope_ref(q[:, None], wq, cos, sin, NH, 1e-6, rq)[:, 0]  # [B, NH, D]
+    kn = fused_ops.qk_norm_rope_ref(k[:, None], wk, cos, sin, NKV, 1e-6, rk)[:, 0]
     ref_k, ref_v = kc.clone(), vc.clone()
     ref = fused_ops.decode_attention_ref(qn, kn, v, ref_k, ref_v, slots, cols_t, D ** -0.5)
     out = fused_ops.decode_attention(q.view(B, NH, D), k.view(B, NKV, D), v, kc, vc, slots, cols_t, D ** -0.5,
-                                     qk_norm=(wq, wk, cos[:, 0], sin[:, 0], 1e-6))
+                                     qk_norm=(wq, wk, cos[:, 0], sin[:, 0], 1e-6) + ((rq, rk) if rstd else ()))
     within_one_ulp(kc, ref_k, exact_share=0.999)
     assert torch.equal(vc.cpu(), ref_v.cpu())
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]

@@ -72,6 +72,41 @@ def test_decode_attention_kernel_in_the_serving_loop(model, monkeypatch):
     assert len(calls) == decode_steps * model.cfg.num_hidden_layers > 0 and all(calls)  # QK-norm inside too
 
 
+def test_decode_attention_kernel_in_a_sharded_model(tiny_bf16, monkeypatch, tmp_path):
+    """The tensor-parallel attention (one rank of one here: its 1/rms all-reduced over a group of one) takes the
+    same one-launch decode path, with the 1/rms given to the kernel, and serves the tokens of its SDPA path."""
+    import torch.distributed as dist
+    from quantkit.kernels import fused_ops
+
+    import quantkit.runtime.serve as serve_mod
+    from quantkit.checkpoint import CheckpointReader
+    from quantkit.runtime.parallel import ParallelSpec, ShardedAttention, load_sharded
+
+    sharded = load_sharded(CheckpointReader(tiny_bf16), torch.float32, "cpu", "dense", ParallelSpec())
+    assert isinstance(sharded.layers[0].self_attn, ShardedAttention)
+
+    def run():
+        server = Server(sharded, slots=2, max_len=32, prefill_chunk=8)
+        for p in prompts(LENGTHS[:3], seed=2):
+            server.submit(Request(p, max_new_tokens=4))
+        return [c.tokens for c in server.run()]
+
+    calls = []
+    kernel = fused_ops.decode_attention
+    # the sharded head all-gathers its vocabulary slices: a process group of one
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ref = run()
+        monkeypatch.setattr(fused_ops, "decode_attention",
+                            lambda *a, **kw: calls.append(len(kw.get("qk_norm") or ())) or kernel(*a, **kw))
+        monkeypatch.setattr(serve_mod, "_fused", lambda *ts: True)
+        got = run()
+    finally:
+        dist.destroy_process_group()
+    assert got == ref
+    assert calls and all(n == 7 for n in calls)  # gains, rotary, eps and the two 1/rms
+
+
 def test_fp8_backend_serving_equals_generation(tiny_fp8):
     fp8 = load_model(tiny_fp8, dtype=torch.float32, backend="fp8")
     ps = prompts([4, 7, 2], seed=1)
