@@ -145,16 +145,24 @@ class KVCache:
         return self.k[layer][:, :, :s0 + t], self.v[layer][:, :, :s0 + t]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, mask: torch.Tensor,
-           scale: float) -> torch.Tensor:
-    """q [B, NH, T, D], k, v [B, NKV, T, D] of a step -> the attention output [B, NH, T, D], the step's keys and
-    values written into the cache. A cache with a one-launch path for single-token steps (SlotCache.decode_attention)
-    takes them; otherwise the cache's update and SDPA over what it returns, under the step's mask."""
+def decode_attend(cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int,
+                  qk_norm: tuple) -> torch.Tensor | None:
+    """A single-token step's attention in one launch where the cache has that path (SlotCache.decode_attention):
+    q [B, 1, heads*D], k, v [B, 1, kv_heads*D] as projected, the QK-norm and rotary (qk_norm = (wq, wk, cos [B, half],
+    sin, eps[, rq, rk])) done inside -> [B, 1, heads*D]; None where it does not apply (the caller attends itself)."""
     one = getattr(cache, "decode_attention", None)
-    out = one(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], scale) if one is not None and q.shape[2] == 1 else None
-    if out is not None:
-        return out[:, :, None]
-    keys, values = cache.update(layer, k, v)
+    B, T, W = q.shape
+    if one is None or T != 1:
+        return None
+    D = W // heads
+    out = one(layer, q.view(B, heads, D), k.view(B, kv_heads, D), v.view(B, kv_heads, D), D ** -0.5,
+              qk_norm=qk_norm)
+    return None if out is None else out.view(B, T, W)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """SDPA of q [B, NH, T, D] over the cache's keys and values [B, NKV, C, D] under the step's mask."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
@@ -182,16 +190,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        one = getattr(cache, "decode_attention", None)
-        if one is not None and T == 1:  # QK-norm, rotary, cache write and attention in one launch where it can
-            out = one(layer, q.view(B, NH, D), k.view(B, NKV, D), v.view(B, NKV, D), D ** -0.5,
-                      qk_norm=(self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps))
-            if out is not None:
-                return self.o_proj(out.view(B, T, cfg.q_width))
+        out = decode_attend(cache, layer, q, k, v, NH, NKV,
+                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps))
+        if out is not None:  # QK-norm, rotary, cache write and attention in one launch
+            return self.o_proj(out)
         # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head
         q, k = norm_rope_qk(q, k, self.q_norm, self.k_norm, cos, sin, NH, NKV, cfg.rms_norm_eps)
         v = v.view(B, T, NKV, D).transpose(1, 2)
-        out = attend(q, k, v, cache, layer, mask, D ** -0.5)
+        out = attend(q, *cache.update(layer, k, v), mask, D ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_width))
 
 

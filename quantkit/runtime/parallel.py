@@ -52,6 +52,7 @@ from quantkit.runtime.model import (
     MiniMaxM2,
     attend,
     checkpoint_fp8_scheme,
+    decode_attend,
     fuse_qkv,
     norm_rope,
 )
@@ -422,16 +423,14 @@ class ShardedAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)  # [B, T, NH/tp*D], [B, T, NKV/tp*D] x 2
         rq, rk = tp_rstds([q, k], [cfg.q_width, cfg.kv_width], cfg.rms_norm_eps, spec)
-        one = getattr(cache, "decode_attention", None)
-        if one is not None and T == 1:  # QK-norm (1/rms over all ranks), rotary, cache write, attention: one launch
-            out = one(layer, q.view(B, self.heads, D), k.view(B, self.kv_heads, D), v.view(B, self.kv_heads, D),
-                      D ** -0.5, qk_norm=(self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps, rq, rk))
-            if out is not None:
-                return all_reduce(self.o_proj(out.view(B, T, self.heads * D)), spec.tp, spec.tp_group)
+        out = decode_attend(cache, layer, q, k, v, self.heads, self.kv_heads,
+                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps, rq, rk))
+        if out is not None:  # QK-norm (1/rms over all ranks), rotary, cache write, attention: one launch
+            return all_reduce(self.o_proj(out), spec.tp, spec.tp_group)
         q = norm_rope(q, self.q_norm, cos, sin, self.heads, cfg.rms_norm_eps, rq)  # [B, NH/tp, T, D]
         k = norm_rope(k, self.k_norm, cos, sin, self.kv_heads, cfg.rms_norm_eps, rk)
         v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
-        out = attend(q, k, v, cache, layer, mask, D ** -0.5)
+        out = attend(q, *cache.update(layer, k, v), mask, D ** -0.5)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * D))  # partial sum over this rank's heads
         return all_reduce(y, spec.tp, spec.tp_group)
 

@@ -89,7 +89,8 @@ class SlotCache:
         (0..its position: what the step's mask allows) in one launch, the cache read in place where update would
         hand SDPA all C columns (gathered, for an index of rows). q [B, NH, D], k, v [B, NKV, D] -> [B, NH, D];
         qk_norm = (wq, wk, cos [B, half], sin, eps): q and k as projected, normalised and rotated in the same
-        launch (fused_ops.decode_attention). None where it does not apply (the caller updates and attends)."""
+        launch (fused_ops.decode_attention; model.decode_attend). None where it does not apply (the caller updates
+        and attends)."""
         from quantkit.kernels import fused_ops
 
         kc, vc = self.k[layer], self.v[layer]
