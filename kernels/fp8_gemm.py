@@ -44,6 +44,9 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # fp8_block_linear on one token: the GEMM quantizes the row itself (bit for bit per_token_group_quant_fp8's), one
 # launch instead of two
 QUANT_IN_GEMM = True
+# Block scales: a column tile inside one scale block folds that block's one weight scale into the rows' scales each
+# K block (B_SCALE_TILE); False reads a scale per column as wider tiles must (kept to measure the two side by side)
+TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
@@ -399,6 +402,8 @@ def _w8a8_fp8_matmul_kernel(
     QUANT_A: tl.constexpr = False,  # M = 1, block scales: A is the 16-bit row, each K block quantized here as
     # per_token_group_quant_fp8 would (bit for bit; as_ptr unused), the separate launch saved
     Q_EPS: tl.constexpr = 0.0,  # QUANT_A: SCALE_EPS
+    B_SCALE_TILE: tl.constexpr = False,  # block scales, BLOCK_N dividing GROUP_N: the column tile lies in one scale
+    # block, whose one scale a K block is folded into the rows' (one FMA an element where a vector took two ops)
 ):
     # GROUP_M row tiles share each column sweep, so the B tiles they read stay in L2
     pid = tl.program_id(0)
@@ -419,7 +424,10 @@ def _w8a8_fp8_matmul_kernel(
     a_ptrs = a_ptr + offs_m64[:, None] * stride_am + (k_first + offs_k)[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + offs_n64[None, :] * stride_bn + (k_first + offs_k)[:, None] * stride_bk  # [BLOCK_K, BLOCK_N]
     as_ptrs = as_ptr + offs_m64 * stride_asm  # [BLOCK_M]
-    if BLOCK_SCALED:
+    if B_SCALE_TILE:
+        tl.static_assert(BLOCK_SCALED and GROUP_N % BLOCK_N == 0)
+        bs_ptrs = bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn  # the tile's one scale
+    elif BLOCK_SCALED:
         bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
     else:
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
@@ -453,9 +461,12 @@ def _w8a8_fp8_matmul_kernel(
                 a_s = a_s_row
             else:
                 a_s = tl.load(as_ptrs + k_group * stride_ask, mask=m_mask, other=0.0)  # [BLOCK_M]
-            b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
             # scales applied per K block, in fp32: the FP8 dot only ever sums BLOCK_K products
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if B_SCALE_TILE:
+                acc += tl.dot(a, b) * (a_s * tl.load(bs_ptrs + k_group * stride_bsk))[:, None]
+            else:
+                b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
             acc += tl.dot(a, b)
         a_ptrs += BLOCK_K * stride_ak
@@ -579,7 +590,8 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}),
+        num_stages=cfg["num_stages"], B_SCALE_TILE=TILE_SCALES and bn % cfg["BLOCK_N"] == 0,
+        **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}),
     )
     return out
 

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fp8_gemm
 from .fp8_gemm import (
     ACT_DTYPES,
     FP8_DTYPE,
@@ -356,6 +357,9 @@ def _fused_moe_fp8_kernel(
     NUM_EXPERTS: tl.constexpr = 0,
     QUANT_A: tl.constexpr = False,  # PAIRS, block scales: A is the 16-bit intermediate, each K block of the pair's
     # row quantized here as per_token_group_quant_fp8 would (bit for bit), the separate launch saved
+    B_SCALE_TILE: tl.constexpr = False,  # block scales, a column tile inside one scale block (BLOCK_N divides GROUP_N,
+    # and N for GATED): one weight scale a K block for the whole tile, folded into the rows' scales, so the tile takes
+    # one FMA an element a K block where a [BLOCK_N] vector of scales took a multiply more (and its loads)
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -382,13 +386,18 @@ def _fused_moe_fp8_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
     as_ptrs = as_ptr + a_rows * stride_asm  # [BLOCK_M]
-    if BLOCK_SCALED:
+    if B_SCALE_TILE:
+        tl.static_assert(BLOCK_SCALED and GROUP_N % BLOCK_N == 0)
+        bs_ptrs = bs_ptr + expert * stride_bse + (pid_n * BLOCK_N // GROUP_N) * stride_bsn  # the tile's one scale
+    elif BLOCK_SCALED:
         bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
     else:
         bs_ptrs = bs_ptr + expert * stride_bse + offs_n64 * stride_bsn  # [BLOCK_N]
     if GATED:
         bu_ptrs = b_ptrs + N * stride_bn  # the up projection's rows, N further down
-        if BLOCK_SCALED:
+        if B_SCALE_TILE:
+            bus_ptrs = bs_ptr + expert * stride_bse + ((pid_n * BLOCK_N + N) // GROUP_N) * stride_bsn
+        elif BLOCK_SCALED:
             bus_ptrs = bs_ptr + expert * stride_bse + ((offs_n + N) // GROUP_N) * stride_bsn
         else:
             bus_ptrs = bs_ptrs + N * stride_bsn
@@ -424,15 +433,20 @@ def _fused_moe_fp8_kernel(
                 a_s = a_s_row
             else:
                 a_s = tl.load(as_ptrs + k_group * stride_ask, mask=tok_mask, other=0.0)  # [BLOCK_M]
-            b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if B_SCALE_TILE:
+                acc += tl.dot(a, b) * (a_s * tl.load(bs_ptrs + k_group * stride_bsk))[:, None]
+            else:
+                b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)  # [BLOCK_N]
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
             acc += tl.dot(a, b)
         if GATED:
             bu = tl.load(bu_ptrs, mask=b_mask, other=0.0)
             if UPCAST:
                 bu = bu.to(tl.float32)
-            if BLOCK_SCALED:
+            if B_SCALE_TILE:
+                acc_up += tl.dot(a, bu) * (a_s * tl.load(bus_ptrs + k_group * stride_bsk))[:, None]
+            elif BLOCK_SCALED:
                 bu_s = tl.load(bus_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
                 acc_up += tl.dot(a, bu) * a_s[:, None] * bu_s[None, :]
             else:
@@ -535,6 +549,9 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a) if pairs else {}
+    if fp8_gemm.TILE_SCALES and block_scaled and SCALE_BLOCK % cfg["BLOCK_N"] == 0 and (
+            not gated or n % cfg["BLOCK_N"] == 0):
+        extra["B_SCALE_TILE"] = True
     _fused_moe_fp8[grid](
         a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
         n, c.shape[0], num_pid_m, SCALE_EPS,

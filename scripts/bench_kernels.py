@@ -32,6 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 H, I, E, TOPK = 3072, 1536, 256, 8
 PROJ = {"q_proj": (6144, 3072), "k_proj": (1024, 3072), "v_proj": (1024, 3072), "o_proj": (3072, 6144)}
 MS = [1, 4, 16, 64, 256, 1024, 4096]
+AB = {"on": False}  # --tile-scales-ab: also time the block scheme with a weight scale a column (TILE_SCALES off)
+
+
+def per_column(fn) -> float | None:
+    """fn's time with fp8_gemm.TILE_SCALES off (the scale-a-column K loop), when --tile-scales-ab asks."""
+    if not AB["on"]:
+        return None
+    fp8_gemm.TILE_SCALES = False
+    try:
+        return bench(fn, graph=True)
+    finally:
+        fp8_gemm.TILE_SCALES = True
 
 
 def bench(fn, graph: bool = False) -> float:
@@ -96,6 +108,7 @@ def bench_projections(ceil: dict) -> list[dict]:
             ref = fp8_gemm.w8a8_block_fp8_matmul_ref(xq, xs, wq, ws, (128, 128), torch.bfloat16)
             err = rel_err(out, ref)
             t_ours = bench(lambda: fp8_gemm.fp8_block_linear(x, wq, ws), graph=True)
+            t_percol = per_column(lambda: fp8_gemm.fp8_block_linear(x, wq, ws))
             t_bf16 = bench(lambda: x @ w.t(), graph=True)
             xr, xrs = fp8_gemm.per_token_quant_fp8_ref(x)
             t_scaled = bench(lambda: torch._scaled_mm(xr, wc.t(), scale_a=xrs, scale_b=wcs.t(),
@@ -104,7 +117,8 @@ def bench_projections(ceil: dict) -> list[dict]:
             bytes_fp8 = n * k + ws.numel() * 4 + m * k * 2 + m * n * 2
             rows.append({
                 "op": name, "M": m, "N": n, "K": k, "rel_err_vs_ref": err,
-                "fp8_block_ms": t_ours, "bf16_ms": t_bf16, "scaled_mm_rowwise_ms": t_scaled,
+                "fp8_block_ms": t_ours, "fp8_block_scale_per_column_ms": t_percol, "bf16_ms": t_bf16,
+                "scaled_mm_rowwise_ms": t_scaled,
                 "fp8_block_tbps": bytes_fp8 / t_ours / 1e9, "fp8_block_tflops": flops / t_ours / 1e9,
                 "fp8_block_frac_bw": bytes_fp8 / t_ours / 1e9 / ceil["hbm_read_tbps"],
                 "fp8_block_frac_fp8_peak": flops / t_ours / 1e9 / ceil["fp8_matmul_tflops"],
@@ -148,6 +162,8 @@ def bench_moe(ceil: dict) -> list[dict]:
         err_vs_bf16 = rel_err(out, bf16_moe_loop(x, w1_bf, w3_bf, w2_bf, topk_w, topk_ids))
         t_block = bench(lambda: fp8_moe.fused_moe_fp8(x, w13_q, w13_s, w2_q, w2_s, topk_w, topk_ids,
                                                       scheme="block"), graph=True)
+        t_percol = per_column(lambda: fp8_moe.fused_moe_fp8(x, w13_q, w13_s, w2_q, w2_s, topk_w, topk_ids,
+                                                            scheme="block"))
         t_chan = bench(lambda: fp8_moe.fused_moe_fp8(x, w13_c, w13_cs, w2_c, w2_cs, topk_w, topk_ids,
                                                      scheme="channel"), graph=True)
         t_bf16 = bench(lambda: bf16_moe_loop(x, w1_bf, w3_bf, w2_bf, topk_w, topk_ids))  # host syncs: no graph
@@ -157,7 +173,8 @@ def bench_moe(ceil: dict) -> list[dict]:
         rows.append({
             "M": m, "experts_touched": touched, "rel_err_block_vs_ref": err_block,
             "rel_err_channel_vs_ref": err_chan, "rel_err_block_vs_bf16": err_vs_bf16,
-            "fp8_block_ms": t_block, "fp8_channel_ms": t_chan, "bf16_loop_ms": t_bf16,
+            "fp8_block_ms": t_block, "fp8_block_scale_per_column_ms": t_percol, "fp8_channel_ms": t_chan,
+            "bf16_loop_ms": t_bf16,
             "fp8_block_tbps": bytes_block / t_block / 1e9,
             "fp8_block_frac_bw": bytes_block / t_block / 1e9 / ceil["hbm_read_tbps"],
             "fp8_block_tflops": flops / t_block / 1e9,
@@ -173,8 +190,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results")
     ap.add_argument("--skip-proj", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="the M values to run (tokens)")
+    ap.add_argument("--tile-scales-ab", action="store_true",
+                    help="also time the block scheme reading a weight scale per column (fp8_gemm.TILE_SCALES off)")
     args = ap.parse_args()
     MS[:] = [int(v) for v in args.ms.split(",") if v]
+    AB["on"] = args.tile_scales_ab
     torch.manual_seed(0)
     ceil = ceilings()
     print(json.dumps(ceil), flush=True)
@@ -196,19 +216,24 @@ def main() -> None:
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {commit}")
     print("ceilings: " + ", ".join(f"{k} {v:.2f}" for k, v in ceil.items()))
     print("\nMoE layer (E=256, top-8, H=3072, I=1536)\n")
-    print("| M | experts | FP8-block ms | % BW | TFLOP/s | % FP8 peak | FP8-channel ms | bf16 loop ms | floor ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def col(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    print("| M | experts | FP8-block ms | % BW | TFLOP/s | % FP8 peak | scale a column ms | FP8-channel ms "
+          "| bf16 loop ms | floor ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in moe:
         print(f"| {r['M']} | {r['experts_touched']} | {r['fp8_block_ms']:.3f} | {100 * r['fp8_block_frac_bw']:.0f} "
-              f"| {r['fp8_block_tflops']:.0f} | {100 * r['fp8_block_frac_fp8_peak']:.0f} | {r['fp8_channel_ms']:.3f} "
+              f"| {r['fp8_block_tflops']:.0f} | {100 * r['fp8_block_frac_fp8_peak']:.0f} "
+              f"| {col(r['fp8_block_scale_per_column_ms'], 3)} | {r['fp8_channel_ms']:.3f} "
               f"| {r['bf16_loop_ms']:.3f} | {r['bw_floor_ms']:.3f} |")
     if proj:
         print("\nAttention projections\n")
-        print("| op | M | FP8-block ms | bf16 ms | scaled_mm row-wise ms | % BW | TFLOP/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| op | M | FP8-block ms | scale a column ms | bf16 ms | scaled_mm row-wise ms | % BW | TFLOP/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in proj:
-            print(f"| {r['op']} | {r['M']} | {r['fp8_block_ms']:.4f} | {r['bf16_ms']:.4f} "
-                  f"| {r['scaled_mm_rowwise_ms']:.4f} | {100 * r['fp8_block_frac_bw']:.0f} "
+            print(f"| {r['op']} | {r['M']} | {r['fp8_block_ms']:.4f} | {col(r['fp8_block_scale_per_column_ms'], 4)} "
+                  f"| {r['bf16_ms']:.4f} | {r['scaled_mm_rowwise_ms']:.4f} | {100 * r['fp8_block_frac_bw']:.0f} "
                   f"| {r['fp8_block_tflops']:.0f} |")
     print(f"\nwritten to {dest}")
 

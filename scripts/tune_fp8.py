@@ -23,6 +23,7 @@ from quantkit.kernels import fp8_gemm, fp8_moe
 ROOT = Path(__file__).resolve().parents[1]
 H, I, E, TOPK = 3072, 1536, 256, 8
 MS = [1, 4, 16, 64, 256, 1024, 4096]
+SCHEMES = ["block", "channel"]
 PROJ = {"q_proj": (6144, 3072), "kv_proj": (1024, 3072), "o_proj": (3072, 6144)}
 
 
@@ -30,7 +31,8 @@ def candidates(m_rows: float) -> list[dict]:
     """A grid around what suits m_rows rows per expert (MoE) or per GEMM."""
     block_m = [16, 32, 64] if m_rows <= 64 else [32, 64, 128]
     out = []
-    for bm, bn, ns in itertools.product(block_m, [64, 128], [3, 4]):
+    stages = [3, 4] if m_rows <= 64 else [2, 3, 4]  # two stages: room for two programs a multiprocessor
+    for bm, bn, ns in itertools.product(block_m, [64, 128], stages):
         if bm == 128 and bn == 128 and ns == 4:
             continue  # does not fit in shared memory with two accumulators
         nw = 8 if bm * bn >= 64 * 128 else 4
@@ -85,7 +87,7 @@ def fastest(cands: list[dict], module, picker: str, ref: torch.Tensor, run) -> t
 def tune_moe(device: str) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     table: dict = {}
-    for scheme in ("block", "channel"):
+    for scheme in SCHEMES:
         w13 = torch.empty(E, 2 * I, H, device="cuda", dtype=torch.float8_e4m3fn)
         w2 = torch.empty(E, H, I, device="cuda", dtype=torch.float8_e4m3fn)
         s13 = torch.empty((E, 2 * I // 128, H // 128) if scheme == "block" else (E, 2 * I, 1), device="cuda")
@@ -110,7 +112,7 @@ def tune_moe(device: str) -> dict:
 def tune_gemm(device: str) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     table: dict = {}
-    for (n, k), scheme in itertools.product(PROJ.values(), ("block", "channel")):
+    for (n, k), scheme in itertools.product(PROJ.values(), SCHEMES):
         w, ws = quant(torch.randn(n, k, device="cuda", generator=g) * 0.02, scheme)
         entries = {}
         for m in MS:
@@ -129,9 +131,11 @@ def tune_gemm(device: str) -> dict:
 
 
 def merge(path: Path, new: dict) -> None:
+    """new's buckets into the table at path: a tuned bucket replaces that bucket, the others of its shape stay."""
     table = json.loads(path.read_text()) if path.exists() else {}
     for dev, shapes in new.items():
-        table.setdefault(dev, {}).update(shapes)
+        for shape, buckets in shapes.items():
+            table.setdefault(dev, {}).setdefault(shape, {}).update(buckets)
     path.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {path}")
 
@@ -140,7 +144,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "kernels" / "configs")
     ap.add_argument("--only", choices=["moe", "gemm"], default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="the M buckets to tune (the others are kept)")
+    ap.add_argument("--schemes", default="block,channel")
     args = ap.parse_args()
+    MS[:] = [int(v) for v in args.ms.split(",") if v]
+    SCHEMES[:] = [v for v in args.schemes.split(",") if v]
     device = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "moe"):

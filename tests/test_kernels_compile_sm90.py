@@ -80,11 +80,16 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # FP8 MoE, block scales
         consts = dict(K=3072, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                       BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-                      GROUP_M=1, UPCAST=False, OUT_MANT=0)
+                      GROUP_M=1, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True)
         if pairs:
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, QUANT_A=not gated)
         a_type = "*bf16" if pairs and not gated else "*fp8e4nv"  # QUANT_A: the 16-bit intermediate
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
+    for block_n, tile_scale in ((128, True), (256, False)):  # large M: a scale a tile, or a scale a column
+        consts = dict(K=3072, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False, BLOCK_SCALED=True, GROUP_N=128,
+                      GROUP_K=128, EVEN_K=True, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, UPCAST=False,
+                      OUT_MANT=0, B_SCALE_TILE=tile_scale)
+        jobs.append(("fp8_moe", "_fused_moe_fp8", consts, FP8, 8))
     qk = {"y_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rstd_ptr": "*bf16",
           "out_ptr": "*bf16", "y2_ptr": "*bf16", "w2_ptr": "*bf16", "out2_ptr": "*bf16", "eps": "fp32"}
     for pair in (False, True):  # QK-norm + rotary, q and k in one launch or one each
@@ -102,10 +107,13 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
         consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
                       BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,
-                      Q_EPS=1e-10 if quant_a else 0.0)
+                      Q_EPS=1e-10 if quant_a else 0.0, B_SCALE_TILE=True)
         types = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
                  "bs_ptr": "*fp32", "c_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
         jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", consts, types, 4))
+    large = dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
+                 BLOCK_K=128, GROUP_M=8, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True)  # large M: a scale a tile
+    jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", large, {**types, "a_ptr": "*fp8e4nv"}, 8))
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
         consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
                       A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,

@@ -203,6 +203,37 @@ def test_block_matmul_matches_ref(device, m, n, k, out_dtype):
     assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n", [32, 128, 256])
+def test_block_matmul_column_tiles_in_and_across_scale_blocks(device, block_n, monkeypatch):
+    """A column tile inside one 128-row scale block takes that block's one scale (folded into the rows' scales); a
+    tile of 256 columns spans two scale blocks and reads a scale per column. Both give the reference's sums, N = 320
+    leaving a partial tile and a partial scale block."""
+    gen = gen_for("block_mm_tile", block_n)
+    xq, xs = per_token_group_quant_fp8_ref(activations(19, 384, torch.float32, gen))
+    w, ws = quantize_block(weights(320, 384, gen))
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    seen = []
+    kernel = fp8_gemm._w8a8_fp8_matmul
+    monkeypatch.setattr(fp8_gemm, "_w8a8_fp8_matmul", _Spy(kernel, seen))
+    out = w8a8_block_fp8_matmul(xq, xs, w, ws, config=dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=1))
+    assert seen == [block_n <= 128]
+    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws), *TOL[torch.bfloat16])
+
+
+class _Spy:
+    """Stands in for a launcher: records each launch's B_SCALE_TILE and launches the kernel."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs.get("B_SCALE_TILE", False))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n,k,out_dtype", [
     (1, 256, 256, torch.bfloat16),
@@ -492,6 +523,21 @@ def test_fused_moe_matches_ref(device, scheme, m, e, topk, h, i, dtype):
     assert out.shape == (m, h) and out.dtype == dtype
     assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+def test_fused_moe_column_tiles_in_and_across_scale_blocks(device, block_n, monkeypatch):
+    """Block scheme, sorted list: tiles of 64 or 128 columns lie in one scale block (one scale a K block, for the
+    up rows too), tiles of 256 span two and read a scale per column; all give the reference's layer."""
+    args = moe_case(37, 8, 2, 256, 256, "block", torch.bfloat16, gen_for("moe_tile", block_n), device)
+    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
+    monkeypatch.setattr(fp8_moe, "moe_config", lambda *a: dict(cfg))
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    seen = []
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, seen))
+    out = fused_moe_fp8(*args, scheme="block")
+    assert seen == [block_n <= 128] * 2
+    assert_close(out, fused_moe_fp8_ref(*args, scheme="block"), *TOL_MOE)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["block", "channel"])
