@@ -3,6 +3,10 @@ tune_fp8.py): the error measure every kernel is checked by, and the bf16 MoE bas
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import torch
 
 
@@ -20,3 +24,14 @@ def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):
         y = (torch.nn.functional.silu(h @ w1[e].t()) * (h @ w3[e].t())) @ w2[e].t()
         out.index_add_(0, rows, y * topk_w[rows, slot, None].to(y.dtype))
     return out
+
+
+def commit_id() -> str:
+    """The commit measured: QUANTKIT_COMMIT when the caller names it (a copied work tree's git HEAD may lag), else
+    the repository's short HEAD, else "unknown"."""
+    named = os.environ.get("QUANTKIT_COMMIT")
+    if named:
+        return named
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    return head or "unknown"

@@ -25,15 +25,13 @@ import argparse
 import datetime
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
-from bench_common import bf16_moe_loop, rel_err
+from bench_common import bf16_moe_loop, commit_id, rel_err
 from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_moe
 from quantkit.kernels.gguf_gemm import QTYPES, gguf_linear, gguf_linear_ref, row_bytes
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
@@ -282,8 +280,7 @@ def main() -> None:
         sys.exit("needs a CUDA device and compiled Triton (TRITON_INTERPRET unset)")
     args.out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
+    commit = commit_id()
     device = torch.cuda.get_device_name()
     result = {"benchmark": "GGUF kernels on MiniMax-M2 shapes", "date": datetime.date.today().isoformat(),
               "commit": commit, "device": device, "torch": torch.__version__, "triton": triton.__version__}

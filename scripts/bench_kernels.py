@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import torch
 import triton
-from bench_common import bf16_moe_loop, rel_err
+from bench_common import bf16_moe_loop, commit_id, rel_err
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,8 +198,7 @@ def main() -> None:
     print(json.dumps(ceil), flush=True)
     proj = [] if args.skip_proj else bench_projections(ceil)
     moe = bench_moe(ceil)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
+    commit = commit_id()
     result = {
         "benchmark": "FP8 kernels on MiniMax-M2 shapes",
         "date": datetime.date.today().isoformat(),

@@ -31,14 +31,12 @@ import argparse
 import datetime
 import itertools
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import triton
-from bench_common import bf16_moe_loop, rel_err
+from bench_common import bf16_moe_loop, commit_id, rel_err
 from quantkit.kernels import w4a16_gemm, w4a16_moe
 
 from quantkit.formats.awq import pack_autoawq, pack_compressed_tensors, unpack_compressed_tensors
@@ -401,8 +399,7 @@ def main() -> None:
     proj = bench_proj(bw, g) if not args.skip_proj else []
     repack = repack_ms_per_layer() if not args.skip_proj else None
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("QUANTKIT_COMMIT", "unknown")
+    commit = commit_id()
     result = {
         "benchmark": "W4A16 kernels (K-major layout; projections also in the AutoAWQ layout; group 128) on "
                      "MiniMax-M2 shapes",
