@@ -291,7 +291,9 @@ def qk_norm_rope(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch
 def qk_norm_rope_pair(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, q_heads: int, k_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qk_norm_rope of q and of k (same rows, same head dim) in one launch: (q [B, T, q_heads, D],
-    k [B, T, k_heads, D]), the bits of two qk_norm_rope calls."""
+    k [B, T, k_heads, D]). Under the interpreter, the bits of two qk_norm_rope calls; on a GPU the projection with
+    fewer heads is laid out in the other's block (BLOCK_H, warps), so its sum of squares may be added in another
+    order: the 1/rms within a unit in the last place of fp32, outputs within one of their own."""
     B, T, Wq = q.shape
     Wk = k.shape[-1]
     if k.shape[:2] != (B, T) or k.dtype != q.dtype or wq.dtype != q.dtype or wk.dtype != q.dtype or \

@@ -104,8 +104,9 @@ def test_qk_norm_rope(device, dtype, heads, dim, rotary, given_rstd):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("q_heads,k_heads,dim,rotary", [(6, 2, 64, 32), (4, 4, 48, 48), (3, 1, 128, 64)])
 def test_qk_norm_rope_pair_is_two_single_launches(device, dtype, q_heads, k_heads, dim, rotary):
-    """q and k in one launch (axis 1 picks the projection): the same bits as one launch each, read from views of
-    one q/k/v output as the model passes them."""
+    """q and k in one launch (axis 1 picks the projection), read from views of one q/k/v output as the model passes
+    them: the bits of one launch each under the interpreter; on a GPU, where the smaller projection's norm is summed
+    in the larger one's block shape, within one unit in the last place."""
     g = torch.Generator().manual_seed(q_heads * 100 + k_heads * 10 + dim)
     B, T = 2, 3
     qkv = (torch.randn(B, T, (q_heads + 2 * k_heads) * dim, generator=g) * 2).to(dtype).to(device)
@@ -114,8 +115,12 @@ def test_qk_norm_rope_pair_is_two_single_launches(device, dtype, q_heads, k_head
     wk = (1 + torch.randn(k_heads * dim, generator=g) / 4).to(dtype).to(device)
     cos, sin = (t.to(device) for t in M.rope_tables(torch.randint(0, 4096, (B, T), generator=g), rotary, 5e6))
     qo, ko = fused_ops.qk_norm_rope_pair(q, k, wq, wk, cos, sin, q_heads, k_heads, 1e-6)
-    assert torch.equal(qo, fused_ops.qk_norm_rope(q, wq, cos, sin, q_heads, 1e-6))
-    assert torch.equal(ko, fused_ops.qk_norm_rope(k, wk, cos, sin, k_heads, 1e-6))
+    for got, single in ((qo, fused_ops.qk_norm_rope(q, wq, cos, sin, q_heads, 1e-6)),
+                        (ko, fused_ops.qk_norm_rope(k, wk, cos, sin, k_heads, 1e-6))):
+        if device == "cpu":
+            assert torch.equal(got, single)
+        else:
+            within_one_ulp(got, single, exact_share=0.9)
     with pytest.raises(ValueError, match="qk_norm_rope_pair"):
         fused_ops.qk_norm_rope_pair(q, k, wq, wk, cos, sin, q_heads, 2 * k_heads, 1e-6)  # another head dim
 
