@@ -137,11 +137,13 @@ def check(experts: Experts, g: torch.Generator) -> list[dict]:
 
 
 def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
-    """Likely-best first, so that a tuning cut short by its budget has tried the good ones: the launcher's default,
-    the GEMV path's (for the mixes it reads, at decode sizes), a few hand-picked tile configs, then a grid
-    (BLOCK_M < 16 is the FMA path, 16 and up tl.dot). Every entry names its PATH."""
+    """Likely-best first, so that a tuning cut short by its budget has tried the good ones: what the launcher runs
+    today (the table's entry for this device and bucket, or the default: a tuning never files anything slower than
+    it), the default, the GEMV path's (for the mixes it reads, at decode sizes), a few hand-picked tile configs, then
+    a grid (BLOCK_M < 16 is the FMA path, 16 and up tl.dot). Every entry names its PATH."""
     per_expert = m * TOPK / E
-    first = [gguf_moe._moe_default_config(m, TOPK, E, mix)]
+    first = [gguf_moe.moe_config(torch.device(DEVICE), m, TOPK, E, I, H, mix),
+             gguf_moe._moe_default_config(m, TOPK, E, mix)]
     if gguf_moe.gemv_types(mix) and m * TOPK <= 4 * gguf_moe.GEMV_PAIRS_MAX:
         gemv = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, LANES=lanes, BLOCK_M=bm, BLOCK_N=bn,
                      num_warps=nw * lanes, num_stages=1)
