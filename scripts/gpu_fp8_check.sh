@@ -28,7 +28,8 @@ if [ -n "$TUNE_MS" ]; then
   stage "FP8 MoE tuned" 150 $PY scripts/tune_fp8.py --only moe --ms "$TUNE_MS" --schemes block --out kernels/configs &&
     cp kernels/configs/fp8_moe.json "$OUT/fp8_moe.json"
   grep -h "^moe " "$LOG" >>"$SUMMARY"
-  stage "FP8 MoE, tuned" 100 $PY scripts/bench_kernels.py --ms "$TUNE_MS" --skip-proj --tile-scales-ab --out "$OUT/tuned"
+  stage "FP8 MoE, tuned" 100 $PY scripts/bench_kernels.py --ms "$TUNE_MS" --skip-proj --tile-scales-ab \
+    --out "$OUT/tuned"
   tables "FP8 MoE, tuned"
 fi
 echo "exit $status" | tee -a "$LOG"
