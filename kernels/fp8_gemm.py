@@ -47,6 +47,12 @@ QUANT_IN_GEMM = True
 # Block scales: a column tile inside one scale block folds that block's one weight scale into the rows' scales each
 # K block (B_SCALE_TILE); False reads a scale per column as wider tiles must (kept to measure the two side by side)
 TILE_SCALES = True
+
+
+def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:
+    """Whether column tiles of block_n starting at multiples of block_n (plus n_offset: the up rows of a gated
+    GEMM lie N further down) each lie inside one group_n-row scale block: the launch's B_SCALE_TILE."""
+    return TILE_SCALES and group_n % block_n == 0 and n_offset % block_n == 0
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
@@ -590,7 +596,7 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], B_SCALE_TILE=TILE_SCALES and bn % cfg["BLOCK_N"] == 0,
+        num_stages=cfg["num_stages"], B_SCALE_TILE=tile_scales(bn, cfg["BLOCK_N"]),
         **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}),
     )
     return out

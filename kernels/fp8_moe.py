@@ -549,8 +549,7 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a) if pairs else {}
-    if fp8_gemm.TILE_SCALES and block_scaled and SCALE_BLOCK % cfg["BLOCK_N"] == 0 and (
-            not gated or n % cfg["BLOCK_N"] == 0):
+    if block_scaled and fp8_gemm.tile_scales(SCALE_BLOCK, cfg["BLOCK_N"], n if gated else 0):
         extra["B_SCALE_TILE"] = True
     _fused_moe_fp8[grid](
         a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
