@@ -536,9 +536,13 @@ def _split_k_grid(cfg: dict, m: int, n: int, k: int,
     """(grid, fp32 partials [SPLIT_K, M, N], arrival counters) for a config; SPLIT_K falls back to the largest
     divisor of the K blocks not above the asked one."""
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    blocks = triton.cdiv(k, cfg["BLOCK_K"])
-    split = max(s for s in range(1, min(cfg.get("SPLIT_K", 1), blocks) + 1) if blocks % s == 0)
+    split = split_divisor(cfg.get("SPLIT_K", 1), triton.cdiv(k, cfg["BLOCK_K"]))
     return (tiles, split), *split_k_workspace(split, m, n, tiles, device)
+
+
+def split_divisor(split: int, blocks: int) -> int:
+    """The largest divisor of `blocks` (a GEMM's K steps) not above `split` (at least 1)."""
+    return max(s for s in range(1, max(1, min(split, blocks)) + 1) if blocks % s == 0)
 
 
 def split_k_workspace(split: int, m: int, n: int, tiles: int, device: torch.device

@@ -229,13 +229,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
 
 
 def _pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, cols, A_ROW_DIV: tl.constexpr,
-               SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+               SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr = 1):
     """The unsorted pairs' row block pid_m (PAIRS): one pair, in the block's first row. GEMM 1: pair pid_m, C row
-    pid_m; GEMM 2 (SLOT_SUM slots, pid_s the slot): pair pid_m * SLOT_SUM + pid_s, C row = token pid_m. Returns
+    pid_m; GEMM 2 (SLOT_SUM slots, SPLIT_K programs a slot: pid_s // SPLIT_K the slot): pair pid_m * SLOT_SUM +
+    slot, C row = token pid_m. Returns
     (pair, C rows int64 [BLOCK_M], their mask, A rows int64 [BLOCK_M], the expert from topk_ids at expert_ids_ptr
     clamped into [0, NUM_EXPERTS), and `routed` shaped like cols: whether the id was in range, so that a slot routed
     nowhere reads no weight and adds zeros)."""
-    pair = pid_m * SLOT_SUM + pid_s if SLOT_SUM else pid_m
+    pair = pid_m * SLOT_SUM + pid_s // SPLIT_K if SLOT_SUM else pid_m
     r = tl.arange(0, BLOCK_M)
     rows = pid_m + 0 * r
     tok_mask = (r == 0) & (rows < num_valid_tokens)
@@ -270,12 +271,21 @@ def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid
                 tok_mask, N, num_valid_tokens, stride_cm, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, SLOT_SUM: tl.constexpr,
                 SPLIT_K: tl.constexpr, OUT_MANT: tl.constexpr, SUMS_OUT: tl.constexpr):
-    """The CUDA-core GEMV kernels' epilogue (kernels/gguf_gemm.py, kernels/w4a16_moe.py's rows path): acc
+    """The CUDA-core GEMV kernels' epilogue (kernels/gguf_gemm.py, kernels/w4a16_moe.py's GEMV and rows paths): acc
     [BLOCK_M, ROWS] fp32 sums of the program's weight rows (GATED: BLOCK_N gate rows, then BLOCK_N up rows) ->
     silu(gate) * up; SLOT_SUM: times the pair's router weight, the token's slots added in slot order (split_k_sum);
-    SPLIT_K: the K shares added; MUL_ROUTED_WEIGHT (sorted list): times each row's router weight. Stores C's tile
-    [BLOCK_M, BLOCK_N] and, SUMS_OUT > 0, the sums of each SUMS_OUT stored values of a row (the next GEMV's group
-    sums)."""
+    SPLIT_K: the K shares added (with SLOT_SUM, each slot's shares in turn); MUL_ROUTED_WEIGHT (sorted list): times
+    each row's router weight. Stores C's tile [BLOCK_M, BLOCK_N] and, SUMS_OUT > 0, the sums of each SUMS_OUT stored
+    values of a row (the next GEMV's group sums). GATED with SPLIT_K > 1: the raw gate and up sums are added up first
+    (partials [SPLIT_K, rows, 2N], the gate columns then the up ones), the gating is the last program's."""
+    last = True
+    if GATED and SPLIT_K > 1 and not SLOT_SUM:
+        offs_raw = tl.arange(0, 2 * BLOCK_N)
+        col = pid_n * BLOCK_N + offs_raw % BLOCK_N  # [2 BLOCK_N] output column of each gate / up sum
+        raw_mask = tok_mask[:, None] & (col < N)[None, :]
+        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64,
+                                ((offs_raw // BLOCK_N) * N + col).to(tl.int64), raw_mask, num_valid_tokens, 2 * N,
+                                SPLIT_K)
     if GATED:
         acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))
         half = tl.arange(0, 2)[None, :, None]
@@ -286,13 +296,12 @@ def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid
         out = acc
     offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
-    last = True
-    if SLOT_SUM:
+    if SLOT_SUM:  # with SPLIT_K, every share of every slot leaves a partial: pid_s = slot * SPLIT_K + share
         out = out * tl.load(topk_weights_ptr + pair)
-        if SLOT_SUM > 1:
+        if SLOT_SUM * SPLIT_K > 1:
             out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
-                                    c_mask, num_valid_tokens, N, SLOT_SUM)
-    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N], added in split order by the tile's last program
+                                    c_mask, num_valid_tokens, N, SLOT_SUM * SPLIT_K)
+    elif SPLIT_K > 1 and not GATED:  # partials [SPLIT_K, rows, N], added in split order by the tile's last program
         out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
                                 num_valid_tokens, N, SPLIT_K)
     if last:

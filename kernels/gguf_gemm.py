@@ -778,7 +778,7 @@ def _gguf_gemv_kernel(
     LANES: tl.constexpr = 1,  # Q4_K: threads a row (1 or 2)
     DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
-    SPLIT_K: tl.constexpr = 1,  # DENSE: programs a tile along axis 1, each over K/256/SPLIT_K super-blocks
+    SPLIT_K: tl.constexpr = 1,  # programs a tile (SLOT_SUM: a slot) along axis 1, each over K/256/SPLIT_K super-blocks
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
@@ -796,7 +796,7 @@ def _gguf_gemv_kernel(
     if PAIRS:
         tl.static_assert(BLOCK_M == 1, "PAIRS: one pair per program")
         pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
-                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
         row_mask = row_mask & routed
     else:
         _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
@@ -827,7 +827,7 @@ def _gguf_gemv_kernel(
     x_tile = zero_tile + offs_4[None, :]
 
     SB_PER: tl.constexpr = K // 256 // SPLIT_K  # super-blocks a program (the launcher makes SPLIT_K divide them)
-    sb0 = pid_s * SB_PER if SPLIT_K > 1 else 0
+    sb0 = (pid_s % SPLIT_K) * SB_PER if SPLIT_K > 1 else 0  # (SLOT_SUM: pid_s = slot * SPLIT_K + share)
     if QTYPE == 12 or QTYPE == 13:  # [ROWS, LANES, 4] tiles: lane j of a row reads 16-byte pieces 2c + j
         # (Q4_K, LANES = 2) or all of them (LANES = 1, the launcher's only choice for Q5_K)
         offs_j = tl.arange(0, LANES)[None, :, None]
@@ -1061,14 +1061,17 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
             raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
                              f"{cfg['BLOCK_N']}")
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    split = cfg.get("SPLIT_K", 1) if routing is None else 1
-    if (k // SUPER) % split or (c_sums is not None and split > 1):
-        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k} (and write no sums)")
-    part, counters = split_k_workspace(max(slot_sum, split), c.shape[0], n, tiles, c.device)
+    split = cfg.get("SPLIT_K", 1)
+    if split < 1 or (k // SUPER) % split:
+        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k}")
+    # gated, the split programs leave the raw gate and up sums (fp8_moe.gemv_store): partials 2N wide; adding slots,
+    # each slot's shares leave theirs
+    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if u is not None else n, tiles,
+                                       c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     xs = x_sums if x_sums is not None else part
     cs = c_sums if c_sums is not None else part
-    _gguf_gemv[(tiles, max(slot_sum, split))](
+    _gguf_gemv[(tiles, max(slot_sum, 1) * split)](
         x, xs, w3, u3, c, cs, weights, sorted_ids, expert_ids, total, part, counters,
         n, m_rows, num_pid_m, 0x000F0000,
         x.stride(0), xs.stride(0), w3.stride(0), u3.stride(0), c.stride(0),

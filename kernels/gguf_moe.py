@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_gemm import INTERPRETED, device_key, load_config_table
+from .fp8_gemm import INTERPRETED, device_key, load_config_table, split_divisor
 from .fp8_moe import _route, moe_sum
 from .gguf_gemm import (
     ACT_DTYPES,
     GEMV_QTYPES,
+    SUPER,
     check_device,
     check_weight_bytes,
     dequantize_ref,
@@ -55,7 +56,8 @@ PAIRS_MAX_TOKENS = 1
 # the GEMV path ("PATH": "gemv") with BLOCK_M = 1 takes up to this many (token, slot) pairs unsorted (M <= 8 at
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
-MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages",
+                   "SPLIT_K", "SPLIT_K2")
 PATHS = ("tile", "gemv")
 
 
@@ -204,7 +206,11 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
     inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
     inter_sums = alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
-    cfg2 = {**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"]}  # as many weight rows a program as GEMM 1's gate + up
+    # SPLIT_K and SPLIT_K2: GEMM 1's and GEMM 2's super-blocks of K over that many programs a tile (a slot, adding
+    # slots), each falling to the largest divisor of its count not above it
+    cfg = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K", 1), h // SUPER)}
+    # as many weight rows a program as GEMM 1's gate + up
+    cfg2 = {**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"], "SPLIT_K": split_divisor(cfg.get("SPLIT_K2", 1), i // SUPER)}
     if cfg["BLOCK_M"] == 1 and m * topk <= GEMV_PAIRS_MAX:  # no sort, GEMM 2 adds each token's slots
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         routing = (weights, ids, ids, ids)

@@ -121,6 +121,7 @@ from .fp8_gemm import (
     load_config_table,
     out_mantissa_bits,
     round_to_out_grid,
+    split_divisor,
     split_k_sum,
     split_k_workspace,
 )
@@ -129,7 +130,10 @@ from .fp8_moe import _route, block_rows, gemv_store, moe_sum, pair_rows, pick4
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
-MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages")
+# SPLIT_K: programs a tile, each over a share of K's groups; the MoE's GEMM 1 (gemv and rows paths only), with
+# SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it
+MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
+                   "SPLIT_K2")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -190,7 +194,7 @@ def _moe_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, OUT_MANT: tl.constexpr,
     EXACT: tl.constexpr = False,  # fp32 activations: the nibbles in place, q exact before the product
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
-    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (fp8_moe.gemv_store)
     PAIRS: tl.constexpr = False,  # decode (BLOCK_M = 1): no sorted list, row p of C is pair p (GEMM 1) or token p
     # (GEMM 2, SLOT_SUM), its expert read from topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS): zeros
     SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (this many), rows of C are tokens, and the slots'
@@ -206,9 +210,9 @@ def _moe_gemv_kernel(
     if not (DENSE or PAIRS):
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
-    pid_s = tl.program_id(1)  # this program's share of K (SLOT_SUM: its slot)
+    pid_s = tl.program_id(1)  # this program's share of K (SLOT_SUM: slot * SPLIT_K + share)
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
-    k0 = 0 if SLOT_SUM else pid_s * KB_PER  # its first group
+    k0 = (pid_s % SPLIT_K) * KB_PER  # its first group
 
     HALVES: tl.constexpr = 2 if GATED else 1
     ROWS: tl.constexpr = HALVES * BLOCK_N
@@ -216,10 +220,11 @@ def _moe_gemv_kernel(
     r = tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS] output column of each weight row
     row_mask = offs_n < N
+    pair = pid_m
     if PAIRS:  # the row of A is pair // A_ROW_DIV (GEMM 1: the token; GEMM 2: the pair's intermediate row)
         tl.static_assert(BLOCK_M == 1, "PAIRS: one pair per program")
         pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
-                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
         row_mask = row_mask & routed
     else:
         _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m,
@@ -290,33 +295,9 @@ def _moe_gemv_kernel(
         acc = tl.reshape(acc, (1, ROWS))
     else:
         acc = tl.trans(acc)  # [BLOCK_M, ROWS]
-    if GATED:
-        acc3 = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N))  # [BLOCK_M, gate | up, BLOCK_N]
-        half = tl.arange(0, 2)[None, :, None]
-        gate = tl.sum(tl.where(half == 0, acc3, 0.0), axis=1)  # [BLOCK_M, BLOCK_N]
-        up = tl.sum(tl.where(half == 1, acc3, 0.0), axis=1)
-        out = gate * tl.sigmoid(gate) * up  # silu(gate) * up, in fp32
-    else:
-        out = acc
-    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    c_mask = tok_mask[:, None] & (offs_out < N)[None, :]
-    last = True
-    if SLOT_SUM:  # this slot's weighted output, then the sum over the token's slots: partials [SLOT_SUM, M, N]
-        out = out * tl.load(topk_weights_ptr + pair)
-        if SLOT_SUM > 1:
-            out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64),
-                                    c_mask, num_valid_tokens, N, SLOT_SUM)
-    elif SPLIT_K > 1:  # partials [SPLIT_K, rows, N]
-        out, last = split_k_sum(out, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_out.to(tl.int64), c_mask,
-                                num_valid_tokens, N, SPLIT_K)
-    if last:
-        if MUL_ROUTED_WEIGHT and not SLOT_SUM:
-            rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-            out = out * rw[:, None]
-        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-            out = round_to_out_grid(out, OUT_MANT)
-        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    gemv_store(acc, c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n,
+               pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, BLOCK_M, BLOCK_N,
+               MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K, OUT_MANT, 0)
 
 
 def _moe_dot_kernel(
@@ -560,7 +541,7 @@ def _moe_rows_kernel(
     OUT_MANT: tl.constexpr, SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr,
     SUMS_OUT: tl.constexpr = False,  # write C's group sums (BLOCK_N a multiple of GROUP)
     DENSE: tl.constexpr = False,  # a plain linear: row pid_m of A, one weight (expert 0), no routing
-    SPLIT_K: tl.constexpr = 1,  # DENSE: programs per output tile along axis 1, each over K/G/SPLIT_K groups
+    SPLIT_K: tl.constexpr = 1,  # programs a tile (SLOT_SUM: a slot) along axis 1, each over K/G/SPLIT_K groups
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
@@ -580,10 +561,10 @@ def _moe_rows_kernel(
         row_mask = offs_n < N
     else:
         pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
-                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1)
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
         row_mask = (offs_n < N) & routed
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (SPLIT_K divides them)
-    k0 = pid_s * KB_PER if SPLIT_K > 1 else 0
+    k0 = (pid_s % SPLIT_K) * KB_PER if SPLIT_K > 1 else 0  # (SLOT_SUM: pid_s = slot * SPLIT_K + share)
     # rows past N read row N - 1 (and slots routed nowhere an expert's rows): no load needs a mask
     rows = ((r // BLOCK_N) * N + tl.minimum(offs_n, N - 1)).to(tl.int64)  # [ROWS]
     offs_4 = tl.arange(0, 4)
@@ -681,7 +662,11 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
     default = _moe_default_config(m, topk, num_experts, g)
     cfg = select_moe_config(load_config_table("w4a16_moe.json"), device_key(device),
                             f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
-    return _overridden(cfg, override, g, MOE_CONFIG_KEYS, MOE_PATHS)
+    cfg = _overridden(cfg, override, g, MOE_CONFIG_KEYS, MOE_PATHS)
+    splits = (cfg.setdefault("SPLIT_K", 1), cfg.setdefault("SPLIT_K2", 1))
+    if min(splits) < 1 or (max(splits) > 1 and cfg["PATH"] not in ("gemv", "rows")):
+        raise ValueError(f"block config {cfg}: the MoE splits K on the gemv and rows paths only")
+    return cfg
 
 
 def _other_path_default(path: str, g: int) -> dict:
@@ -733,8 +718,13 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
     block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] != "gemv" else 2 * cfg["BLOCK_N"]
     tiles = num_pid_m * triton.cdiv(n, block_n)
-    split = slot_sum or cfg.get("SPLIT_K", 1)
-    part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
+    split = cfg.get("SPLIT_K", 1)
+    if (gated or slot_sum) and split > 1 and cfg["PATH"] != "gemv":
+        raise ValueError(f"block config {cfg}: the MoE splits K on the gemv and rows paths only")
+    # gated, the split programs leave the raw gate and up sums (fp8_moe.gemv_store): partials 2N wide; adding slots,
+    # each slot's shares leave theirs
+    parts = max(slot_sum, 1) * split
+    part, counters = split_k_workspace(parts, c.shape[0], 2 * n if gated else n, tiles, c.device)
     head = (a, qweight, zeros, scales, c, topk_weights, sorted_token_ids, expert_ids, total, part, counters,
             n, c.shape[0], num_pid_m)
     strides = (a.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
@@ -742,8 +732,8 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     args = head + strides
     common = dict(K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, OUT_MANT=out_mantissa_bits(c.dtype), DENSE=dense,
-                  SPLIT_K=1 if slot_sum else split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    grid = (tiles, split)
+                  SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (tiles, parts)
     if pairs:
         if cfg["PATH"] != "gemv" or cfg["BLOCK_M"] != 1:
             raise ValueError(f"unsorted pairs take the GEMV path one pair a program, not {cfg}")
@@ -773,19 +763,21 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
         cfg = _other_path_default("dot", g)  # 16-bit operands only: fp32 activations take the dot path
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
     alloc = torch.zeros if INTERPRETED else torch.empty
-    if cfg["PATH"] == "rows":
-        if cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX and _rows_readable(*w13, *w2):
-            return _moe_rows_layer(x, w13, w2, weights, topk_ids, cfg, g, alloc)
+    if cfg["PATH"] == "rows" and not (cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX and _rows_readable(*w13, *w2)):
         cfg = _moe_default_config(m, topk, e, g)  # beyond decode sizes, or unaligned: the tuned paths' defaults
+    cfg1 = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K", 1), h // g)}  # GEMM 1's programs a tile
+    cfg2 = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K2", 1), i // g)}  # GEMM 2's
+    if cfg["PATH"] == "rows":
+        return _moe_rows_layer(x, w13, w2, weights, topk_ids, cfg1, cfg2, g, alloc)
     if cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX:
         # decode: two launches, no sort and no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch(x, w13, inter, weights, ids, ids, ids, n=i, k=h, g=g, a_row_div=topk, gated=True,
-                mul_routed_weight=False, cfg=cfg, pairs=e)
+                mul_routed_weight=False, cfg=cfg1, pairs=e)
         out = torch.empty_like(x)  # [M, H]
         _launch(inter, w2, out, weights, ids, ids, ids, n=h, k=i, g=g, a_row_div=1, gated=False,
-                mul_routed_weight=True, cfg=cfg, pairs=e, slot_sum=topk)
+                mul_routed_weight=True, cfg=cfg2, pairs=e, slot_sum=topk)
         return out
     sorted_token_ids, expert_ids, total = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 
@@ -793,10 +785,10 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     # only, where garbage would make numpy warn
     inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
     _launch(x, w13, inter, weights, sorted_token_ids, expert_ids, total, n=i, k=h, g=g, a_row_div=topk,
-            gated=True, mul_routed_weight=False, cfg=cfg)
+            gated=True, mul_routed_weight=False, cfg=cfg1)
     y = alloc((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch(inter, w2, y, weights, sorted_token_ids, expert_ids, total, n=h, k=i, g=g, a_row_div=1,
-            gated=False, mul_routed_weight=True, cfg=cfg)
+            gated=False, mul_routed_weight=True, cfg=cfg2)
 
     return moe_sum(y, topk_ids, x, e)
 
@@ -809,7 +801,8 @@ def _rows_readable(*tensors: torch.Tensor) -> bool:
 
 
 def _moe_rows_layer(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...],
-                    weights: torch.Tensor, topk_ids: torch.Tensor, cfg: dict, g: int, alloc) -> torch.Tensor:
+                    weights: torch.Tensor, topk_ids: torch.Tensor, cfg: dict, cfg2: dict, g: int,
+                    alloc) -> torch.Tensor:
     """The "rows" path on unsorted pairs: x to fp32 with its group sums (one launch), GEMM 1 writing silu(gate) * up
     in fp32 (and its group sums when BLOCK_N covers whole groups; else one more such launch), GEMM 2 adding each
     token's slots."""
@@ -827,7 +820,7 @@ def _moe_rows_layer(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[to
         inter, inter_sums = gemv_prep(inter, g)
     out = torch.empty_like(x)
     _launch_rows(inter, inter_sums, w2, out, None, weights, ids, n=h, k=i, g=g, a_row_div=1, gated=False,
-                 cfg={**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"]}, pairs=e, slot_sum=topk)
+                 cfg={**cfg2, "BLOCK_N": 2 * cfg["BLOCK_N"]}, pairs=e, slot_sum=topk)
     return out
 
 
@@ -839,16 +832,17 @@ def _launch_rows(a: torch.Tensor, a_sums: torch.Tensor, w: tuple[torch.Tensor, .
     qweight, zeros, scales = w
     num_pid_m = c.shape[0]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    split = max(slot_sum, 1) if not dense else cfg.get("SPLIT_K", 1)
-    part, counters = split_k_workspace(split, c.shape[0], n, tiles, c.device)
+    split = cfg.get("SPLIT_K", 1)
+    parts = max(slot_sum, 1) * split  # adding slots, each slot's shares of K leave a partial
+    part, counters = split_k_workspace(parts, c.shape[0], 2 * n if gated else n, tiles, c.device)
     cs = c_sums if c_sums is not None else part
-    _moe_rows[(tiles, split)](
+    _moe_rows[(tiles, parts)](
         a, a_sums, qweight, zeros, scales, c, cs, weights, ids, part, counters, n, c.shape[0], num_pid_m, 0x000F0000,
         a.stride(0), a_sums.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0), zeros.stride(1),
         scales.stride(0), scales.stride(1), c.stride(0),
         K=k, GROUP=g, A_ROW_DIV=a_row_div, GATED=gated, BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
         SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, SUMS_OUT=c_sums is not None, DENSE=dense,
-        SPLIT_K=split if dense else 1, num_warps=cfg["num_warps"], num_stages=1)
+        SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=1)
 
 
 def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor,
@@ -874,7 +868,7 @@ def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: t
 # --------------------------------------------------------------------------------------------------------------------
 # a plain linear on the same kernels
 
-LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS + ("SPLIT_K",)
+LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS[:-1]
 # "dequant" (prefill): the weight dequantized to x.dtype [N, K] by one kernel, then cuBLAS: at a few hundred rows
 # and more the matmul is compute-bound and cuBLAS's bf16 GEMM beats any kernel that unpacks in its inner loop, while
 # the dequantization costs one read of the 4-bit weight and one write (and read) of the 16-bit one

@@ -152,6 +152,8 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
                     (1, 32, 2, False, True, 1), (1, 16, 1, True, True, 1), (1, 16, 1, True, True, 2),
                     (1, 64, 4, True, True, 1), (1, 64, 2, True, True, 1), (2, 32, 2, True, True, 1),
                     (2, 32, 2, True, True, 2), (4, 32, 2, True, True, 1), (2, 64, 4, True, True, 1))]
+        # K split over 2-4 programs a tile (more warps a multiprocessor at decode's few rows), second in line
+        gemv[1:1] = [{**gemv[0], "SPLIT_K": s} for s in (2, 3, 4)] + [{**gemv[4], "SPLIT_K": 2}]
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in

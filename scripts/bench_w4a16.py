@@ -120,6 +120,8 @@ def moe_candidates(m: int) -> list[dict]:
             rows = [dict(PATH="rows", BLOCK_M=1, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=1)
                     for bn, nw in ((128, 8), (64, 4), (128, 4), (32, 2), (256, 8), (64, 2))]
             out = [c for pair in itertools.zip_longest(rows, out) for c in pair if c is not None]
+        # K split over 2-4 programs a tile (more warps a multiprocessor at decode's few rows), early in the list
+        out[2:2] = [{**c, "SPLIT_K": s} for s in (2, 3, 4) for c in out[:2]]
     # the tensor-core path competes at every M: at BLOCK_M = 16 its loop issues about as few instructions per weight
     # as the GEMV's (the MMA takes the multiply-adds), whatever the padding rows cost
     block_m = [16] if per_expert <= 2 else [16, 32] if per_expert <= 16 else [64, 32, 16] if per_expert <= 64 \

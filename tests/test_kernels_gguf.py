@@ -346,6 +346,25 @@ def test_fused_moe_gemv_path_matches_ref(device, qtypes, block_m, prep, monkeypa
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_m,split,split2", [(1, 2, 2), (2, 4, 3)])  # unsorted pairs; the sorted list
+def test_fused_moe_gemv_path_split_k(device, block_m, split, split2):
+    """SPLIT_K on the GEMV path: GEMM 1's 4 super-blocks over `split` programs, which leave the raw gate and up sums
+    for the last to add in split order and gate, writing the intermediate's group sums; GEMM 2's 2 over split2
+    (3 falls to 2), on unsorted pairs each slot's shares in turn. The fp32 reference to rounding, the same bits
+    twice, every arrival counter back at zero."""
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, w, ids = moe_case(8, 1024, 512, 3, 2, qtypes, torch.float32, device, drop=True)
+    cfg = dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=block_m, BLOCK_N=32, GROUP_M=1, num_warps=2,
+               num_stages=1, SPLIT_K=split, SPLIT_K2=split2)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert_close(out, ref, TOL_MOE[torch.float32])
+    assert rel_err(out, ref) < REL["cuda"][torch.float32]
+    assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
+    assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_gemv_path_bf16(device):
     """bf16 activations: against the reference, which rounds the intermediate to bf16 where the GEMV path keeps
     fp32, within the MoE tolerance."""

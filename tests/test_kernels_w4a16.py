@@ -293,6 +293,45 @@ def test_fused_moe_rows_path(device, group, i, block_n):
     torch.testing.assert_close(out_b.cpu().float(), ref_b, rtol=2**-7, atol=2**-8 * float(ref_b.abs().max()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [
+    # unsorted pairs: GEMM 1's 6 groups over 2 programs (gate and up added before the gating), I = 96 half-filling
+    # its second 64-row tile; GEMM 2 adds its slots, each slot's 3 groups over 3 programs
+    {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 64, "SPLIT_K": 2, "SPLIT_K2": 3},
+    # the sorted list, 2 pairs a program: 4 falls to 3 in both GEMMs (6 and 3 groups)
+    {"PATH": "gemv", "BLOCK_M": 2, "BLOCK_N": 32, "PREFETCH": 2, "SPLIT_K": 4, "SPLIT_K2": 4},
+    # the rows path: GEMM 1 split 3 ways, writing its group sums from the added partials; GEMM 2 unsplit
+    {"PATH": "rows", "BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 2, "SPLIT_K": 3},
+    {"PATH": "rows", "BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 2, "SPLIT_K2": 3},
+])
+def test_fused_moe_split_k(device, cfg):
+    """SPLIT_K on the CUDA-core paths: each GEMM's groups over several programs, the last adding the fp32 partials
+    in split order (the gated GEMM before its gating): the fp32 MoE to rounding, the same bits on a second run,
+    every arrival counter back at zero."""
+    e, h, i, topk, group, m = 6, 192, 96, 4, 32, 3
+    gen = gen_for("moe-split", str(cfg))
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(m, h, generator=gen).float().to(device)
+    tw, ids = routing(m, e, topk, gen)
+    ids[1, 2] = -1
+    tw, ids = tw.to(device), ids.to(device)
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    ref = moe_loop_fp32(x, w13, w2, tw, ids)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=5e-5 * float(ref.abs().max()))
+    assert float((out.cpu() - ref).norm() / ref.norm()) < 2e-5
+    assert torch.equal(fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), out)
+    assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+
+
+def test_fused_moe_split_k_paths_only():
+    """The MoE splits K on the CUDA-core paths only (the tensor-core kernels' gated epilogue adds no partials)."""
+    for path, key in (("dot", "SPLIT_K"), ("mma", "SPLIT_K2")):
+        with pytest.raises(ValueError, match="splits K on the gemv and rows paths only"):
+            w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": path, key: 2})
+    assert w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv"})["SPLIT_K"] == 1
+
+
 def test_gemv_nibbles_are_exact():
     """Every code 0..15 at every nibble place, zero points 0 and 15, one token: the GEMV path's 2^23-mantissa
     dequantization must give (q - z) * s * x with nothing lost (fp32, powers of two: exact sums)."""

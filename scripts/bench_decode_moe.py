@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""The decode MoE kernels (GGUF Q4_K_M and Q8_0, W4A16) with K split over programs, against the launcher's config.
+
+    python scripts/bench_decode_moe.py --out evals/results/decode_moe          # on an H100/H200, about 2 minutes
+    python scripts/bench_decode_moe.py --out DIR --write-configs               # and file the winners (see below)
+
+At a few tokens the CUDA-core GEMV kernels run one pair's rows a program, so GEMM 1 of MiniMax-M2's MoE at one
+token is 8 x 3072 weight rows, a thread (GGUF) or a few (W4A16) each: about 1.5 warps a scheduler on a 132-SM GPU,
+each thread walking all of K. SPLIT_K gives each row's K to 2-4 programs (the last to finish adds the partials and
+gates them; kernels/fp8_moe.gemv_store), multiplying the warps in flight. For each format and M = 1, 2, 4, 8:
+the launcher's config, then the same with GEMM 1 split 2, 3, 4 ways and with both GEMMs split (SPLIT_K / SPLIT_K2;
+W4A16 also its rows path), each checked against the reference before it is timed (medians of CUDA-graph replays);
+and, at M = 1, each launch of the launcher's config and of the fastest split timed by the profiler, so the table
+says where the time goes. "% BW" counts the bytes of
+the experts touched over the HBM read rate measured in the same run. --write-configs merges each bucket's fastest
+config into kernels/configs/gguf_moe.json and w4a16_moe.json under this GPU's name (and copies both to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import triton
+from bench_common import commit_id, rel_err
+from bench_gguf_kernels import Experts, ceilings
+from bench_gguf_kernels import routing as gguf_routing
+from bench_w4a16 import kmajor_weights, moe_bytes
+from bench_w4a16 import routing as w4_routing
+from quantkit.kernels import fp8_gemm, gguf_moe, w4a16_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
+MS = [1, 2, 4, 8]
+SPLITS = [2, 3, 4]  # GEMM 1's splits tried alone
+MIXES = {"Q4_K_M": ("q4_k", "q4_k", "q6_k"), "Q8_0": ("q8_0",) * 3}
+
+
+def timed(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
+    """[(kernel name, microseconds a call)] of fn's GPU kernels, in launch order, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name] = out.get(ev.name, 0.0) + ev.device_time / reps
+    return [(k[:60], round(v, 2)) for k, v in out.items()]
+
+
+def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
+    """The launcher's config, then GEMM 1 split 2-4 ways, then both GEMMs split (SPLIT_K / SPLIT_K2)."""
+    def splits(label: str, cfg: dict) -> list[tuple[str, dict]]:
+        one = [(f"{label}split {s}/1", {**cfg, "SPLIT_K": s, "SPLIT_K2": 1}) for s in SPLITS]
+        both = [(f"{label}split {s}/{s2}", {**cfg, "SPLIT_K": s, "SPLIT_K2": s2}) for s, s2 in ((2, 2), (4, 2), (3, 3))]
+        return one + both
+    out = [("launcher", base)] + splits("", base)
+    if w4 and base.get("PATH") == "gemv":
+        rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
+        out += [("rows", rows)] + splits("rows ", rows)
+    return out
+
+
+def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: float, ms: list[int],
+               w4: bool) -> tuple[list[dict], dict]:
+    rows, best_cfgs = [], {}
+    for m in ms:
+        inputs = ref_of(m)
+        ref = inputs["ref"]
+        base = base_of(m)
+        touched = int(inputs["ids"].unique().numel())
+        nbytes = touched * per_expert_bytes + 2 * m * H * 2
+        best = None
+        for label, cfg in variants(base, w4):
+            if m * TOPK > 64 and cfg.get("PATH") == "rows":
+                continue
+            fn = lambda c=cfg: call(inputs, c)  # noqa: E731
+            try:
+                err = rel_err(fn(), ref)
+                if not err < 2e-2:
+                    print(f"{name} M={m} {label}: wrong result ({err:.2e}), dropped", flush=True)
+                    continue
+                t = timed(fn)
+            except Exception as e:  # a config this GPU cannot compile
+                print(f"{name} M={m} {label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                continue
+            row = {"format": name, "M": m, "variant": label, "config": cfg, "ms": round(t, 4),
+                   "gbps": round(nbytes / t / 1e6, 1), "pct_bw": round(100 * nbytes / t / 1e6 / (bw * 1e3), 1),
+                   "rel_err": err}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if best is None or t < best[0]:
+                best = (t, label, cfg)
+        if best is None:
+            continue
+        best_cfgs[str(m)] = best[2]
+        if m == 1:  # where the time goes: each launch alone
+            for label, cfg in (("launcher", base), (best[1], best[2])):
+                try:
+                    ks = kernel_times(lambda c=cfg: call(inputs, c))
+                except Exception as e:  # the profiler unavailable: the table stands without it
+                    print(f"{name} M=1 {label}: no profile ({type(e).__name__}: {e})", flush=True)
+                    continue
+                rows.append({"format": name, "M": m, "variant": label, "kernels_us": ks})
+                print(f"{name} M=1 {label} kernels (us): {ks}", flush=True)
+    return rows, best_cfgs
+
+
+def merge(table_name: str, shape: str, device: str, entries: dict, out: Path) -> None:
+    path = ROOT / "kernels" / "configs" / table_name
+    table = json.loads(path.read_text())
+    table.setdefault(device, {}).setdefault(shape, {}).update(entries)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    (out / table_name).write_text(path.read_text())
+    print(f"wrote {path} and {out / table_name}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--write-configs", action="store_true")
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bw = ceilings()["hbm_read_tbps"]
+    device = fp8_gemm.device_key(torch.device("cuda"))
+    print(f"{device}: HBM read {bw:.2f} TB/s", flush=True)
+    rows, tables = [], {}
+
+    experts = Experts(g)
+    for name, mix in MIXES.items():
+        gate, up, down = experts.of(mix)
+
+        def ref_of(m: int, mix=mix, gate=gate, up=up, down=down) -> dict:
+            x, w, ids = gguf_routing(m, g)
+            return {"x": x, "w": w, "ids": ids, "ref": gguf_moe.fused_moe_gguf_ref(x, gate, up, down, w, ids, mix)}
+
+        def call(inp: dict, cfg: dict, mix=mix, gate=gate, up=up, down=down) -> torch.Tensor:
+            return gguf_moe.fused_moe_gguf(inp["x"], gate, up, down, inp["w"], inp["ids"], mix, config=cfg)
+
+        base_of = lambda m, mix=mix: gguf_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, mix)  # noqa: E731
+        r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False)
+        rows += r
+        tables[("gguf_moe.json", gguf_moe.moe_shape_key(E, I, H, mix))] = best
+    experts = None
+    torch.cuda.empty_cache()
+
+    w13 = kmajor_weights(E, 2 * I, H, g)
+    w2 = kmajor_weights(E, H, I, g)
+
+    def w4_ref_of(m: int) -> dict:
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        tw, ids = w4_routing(m, g)
+        return {"x": x, "w": tw, "ids": ids, "ref": w4a16_moe.fused_moe_w4a16_ref(x, *w13, *w2, tw, ids)}
+
+    def w4_call(inp: dict, cfg: dict) -> torch.Tensor:
+        return w4a16_moe.fused_moe_w4a16(inp["x"], *w13, *w2, inp["w"], inp["ids"], config=cfg)
+
+    w4_base = lambda m: w4a16_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, G)  # noqa: E731
+    r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True)
+    rows += r
+    tables[("w4a16_moe.json", f"E={E},I={I},H={H},G={G}")] = best
+
+    print(f"\n{device}, HBM read {bw:.2f} TB/s, commit {commit_id()}\n")
+    print("| format | M | variant | ms | GB/s | % BW |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "ms" in r:
+            print(f"| {r['format']} | {r['M']} | {r['variant']} | {r['ms']:.4f} | {r['gbps']:.0f} "
+                  f"| {r['pct_bw']:.1f} |")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    res = {"device": device, "hbm_read_tbps": bw, "commit": commit_id(), "date": stamp, "rows": rows,
+           "best": {f"{k[0]} {k[1]}": v for k, v in tables.items()}}
+    path = args.out / f"bench_decode_moe-{stamp}-{device.replace(' ', '_')}-{commit_id()}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {path}")
+    if args.write_configs:
+        for (table_name, shape), entries in tables.items():
+            merge(table_name, shape, device, entries, args.out)
+
+
+if __name__ == "__main__":
+    main()
