@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
 MS = [1, 2, 4, 8]
 SPLITS = [2, 3, 4]  # GEMM 1's splits tried alone
+GGUF_BUCKETS = [1, 4, 16, 64, 256]  # scripts/bench_gguf_kernels.py's tuned buckets
+W4A16_BUCKETS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]  # scripts/bench_w4a16.py's
 MIXES = {"Q4_K_M": ("q4_k", "q4_k", "q6_k"), "Q8_0": ("q8_0",) * 3}
 
 
@@ -117,10 +119,17 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
     return rows, best_cfgs
 
 
-def merge(table_name: str, shape: str, device: str, entries: dict, out: Path) -> None:
+def merge(table_name: str, shape: str, device: str, entries: dict, defaults: dict, out: Path) -> None:
+    """entries {bucket: config} into the table under device and shape. A shape new to the device is first given the
+    launcher's defaults at the tuners' buckets (`defaults`), so that larger M keep their own path rather than taking
+    the nearest decode bucket."""
     path = ROOT / "kernels" / "configs" / table_name
     table = json.loads(path.read_text())
-    table.setdefault(device, {}).setdefault(shape, {}).update(entries)
+    buckets = table.setdefault(device, {}).setdefault(shape, {})
+    if not buckets:
+        buckets.update(defaults)
+    buckets.update(entries)
+    table[device][shape] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
     path.write_text(json.dumps(table, indent=1) + "\n")
     (out / table_name).write_text(path.read_text())
     print(f"wrote {path} and {out / table_name}", flush=True)
@@ -188,7 +197,15 @@ def main() -> None:
     print(f"wrote {path}")
     if args.write_configs:
         for (table_name, shape), entries in tables.items():
-            merge(table_name, shape, device, entries, args.out)
+            merge(table_name, shape, device, entries, default_buckets(table_name, shape), args.out)
+
+
+def default_buckets(table_name: str, shape: str) -> dict:
+    """The launcher's defaults on a GPU at the buckets its tuner files."""
+    if table_name == "gguf_moe.json":
+        mix = next(m for m in MIXES.values() if gguf_moe.moe_shape_key(E, I, H, m) == shape)
+        return {str(m): gguf_moe._moe_default_config(m, TOPK, E, mix) for m in GGUF_BUCKETS}
+    return {str(m): w4a16_moe._moe_default_config(m, TOPK, E, G) for m in W4A16_BUCKETS}
 
 
 if __name__ == "__main__":
