@@ -152,8 +152,11 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
                     (1, 32, 2, False, True, 1), (1, 16, 1, True, True, 1), (1, 16, 1, True, True, 2),
                     (1, 64, 4, True, True, 1), (1, 64, 2, True, True, 1), (2, 32, 2, True, True, 1),
                     (2, 32, 2, True, True, 2), (4, 32, 2, True, True, 1), (2, 64, 4, True, True, 1))]
-        # K split over 2-4 programs a tile (more warps a multiprocessor at decode's few rows), second in line
-        gemv[1:1] = [{**gemv[0], "SPLIT_K": s} for s in (2, 3, 4)] + [{**gemv[4], "SPLIT_K": 2}]
+        if m <= 2:  # K split over programs (GEMM 1 / GEMM 2; more warps at the fewest rows), before the rest: it
+            # is what won at one and two tokens (evals/results/decode_moe-2026-12-05-*)
+            split = [{**gemv[i], "SPLIT_K": s1, "SPLIT_K2": s2} for i in (0, 2, 1, 4, 6)
+                     for s1, s2 in ((4, 2), (2, 2), (3, 3), (2, 1))]
+            gemv = split + gemv
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
