@@ -665,10 +665,9 @@ def _pick8(i: tl.constexpr, v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @triton_kernel
-def _q4k_sub_scales(h0, h1, h2, h3, J: tl.constexpr):
-    """Sub-block J's (d * sc, 128 * d * sc + dmin * m) of Q4_K super-blocks from their header words [ROWS]: h0 = d |
-    dmin << 16, h1..h3 = the 12 packed scale bytes (6-bit sc, m; sub-blocks 4-7 keep their high bits in bytes
-    0-7's top bits). The 128 is the offset of the 128 + q values the loop multiplies (see _gguf_gemv_kernel)."""
+def _q4k_scale_min(h0, h1, h2, h3, J: tl.constexpr):
+    """Sub-block J's (d * sc, dmin * m) of Q4_K super-blocks from their header words [ROWS]: h0 = d | dmin << 16,
+    h1..h3 = the 12 packed scale bytes (6-bit sc, m; sub-blocks 4-7 keep their high bits in bytes 0-7's top bits)."""
     d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     if J < 4:
@@ -678,8 +677,15 @@ def _q4k_sub_scales(h0, h1, h2, h3, J: tl.constexpr):
         s: tl.constexpr = 8 * (J - 4)
         sc = ((h3 >> s) & 15) | ((h1 >> (s + 2)) & 48)
         m = ((h3 >> (s + 4)) & 15) | ((h2 >> (s + 2)) & 48)
-    ds = d * _u2f(sc)
-    return ds, 128.0 * ds + dmin * _u2f(m)
+    return d * _u2f(sc), dmin * _u2f(m)
+
+
+@triton_kernel
+def _q4k_sub_scales(h0, h1, h2, h3, J: tl.constexpr):
+    """Sub-block J's (d * sc, 128 * d * sc + dmin * m) (_q4k_scale_min): the 128 is the offset of the 128 + q values
+    the loop multiplies (see _gguf_gemv_kernel)."""
+    ds, dm = _q4k_scale_min(h0, h1, h2, h3, J)
+    return ds, 128.0 * ds + dm
 
 
 @triton_kernel

@@ -24,7 +24,10 @@ take that kernel instead ("PATH": "gemv", the default up to GEMV_PAIRS_MAX pairs
 its group sums once (PREP, one small launch), GEMM 1 on the pairs as they come writing silu(gate) * up in fp32 with
 the sums over down's scale groups, GEMM 2 adding each token's slots (BLOCK_M = 1), or both GEMMs over the sorted
 list, BLOCK_M tokens of an expert sharing each decoded weight. Three launches at one token. Tuned entries without a
-"PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them.
+"PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them. On the GEMV
+path, "SPLIT_K" / "SPLIT_K2" split each GEMM's K over programs, and "ACT_Q8" (BLOCK_M 1, Q4_K or Q8_0 gate and
+up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer dot products (kernels/gguf_gemv_q8.py, as
+llama.cpp's CUDA kernels do; a tuning candidate, within 1% of the fp32 result).
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
@@ -49,6 +52,7 @@ from .gguf_gemm import (
     launch_gguf_gemv,
     launch_gguf_matmul,
 )
+from .gguf_gemv_q8 import launch_gguf_gemv_q8, q8_prep, q8_supported
 
 # single-token steps (up to this many tokens) with a CUDA-core config (BLOCK_M < 16) take the pairs unsorted, one a
 # row block, and GEMM 2 adds each token's slots: two launches instead of four (kernels/fp8_moe.py says why one token)
@@ -57,7 +61,7 @@ PAIRS_MAX_TOKENS = 1
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
 MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages",
-                   "SPLIT_K", "SPLIT_K2")
+                   "SPLIT_K", "SPLIT_K2", "ACT_Q8")
 PATHS = ("tile", "gemv")
 
 
@@ -203,7 +207,13 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     g_in, g_dn = GEMV_QTYPES[qtypes[0]][1], GEMV_QTYPES[qtypes[2]][1]
     if cfg["BLOCK_N"] % g_dn:
         raise ValueError(f"the GEMV path's BLOCK_N must be a multiple of {g_dn} ({qtypes[2]}), got {cfg['BLOCK_N']}")
-    x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
+    act_q8 = bool(cfg.get("ACT_Q8", False))  # GEMM 1 on 8-bit activations (kernels/gguf_gemv_q8.py)
+    if act_q8 and not (cfg["BLOCK_M"] == 1 and q8_supported((gate, qtypes[0]), (up, qtypes[1]))):
+        raise ValueError(f"ACT_Q8 takes BLOCK_M 1 and Q4_K or Q8_0 gate and up, got {cfg['BLOCK_M']} and {qtypes}")
+    if act_q8:
+        x_q8 = q8_prep(x)
+    else:
+        x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
     inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
     inter_sums = alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
     # SPLIT_K and SPLIT_K2: GEMM 1's and GEMM 2's super-blocks of K over that many programs a tile (a slot, adding
@@ -214,16 +224,24 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     if cfg["BLOCK_M"] == 1 and m * topk <= GEMV_PAIRS_MAX:  # no sort, GEMM 2 adds each token's slots
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         routing = (weights, ids, ids, ids)
-        launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk, pairs=e,
-                         x_sums=x_sums, c_sums=inter_sums)
+        if act_q8:
+            launch_gguf_gemv_q8(x_q8, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                                pairs=e, c_sums=inter_sums)
+        else:
+            launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                             pairs=e, x_sums=x_sums, c_sums=inter_sums)
         out = torch.empty_like(x)  # [M, H]
         launch_gguf_gemv(inter, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
                          mul_routed_weight=True, pairs=e, slot_sum=topk, x_sums=inter_sums)
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
     routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
-    launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                     x_sums=x_sums, c_sums=inter_sums)
+    if act_q8:
+        launch_gguf_gemv_q8(x_q8, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                            c_sums=inter_sums)
+    else:
+        launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                         x_sums=x_sums, c_sums=inter_sums)
     y = alloc((m * topk, h), dtype=x.dtype, device=x.device)  # [M*topk, H] each slot's weighted expert output
     launch_gguf_gemv(inter, down, qtypes[2], y, h, i, cfg2, routing=routing, a_row_div=1, mul_routed_weight=True,
                      x_sums=inter_sums)

@@ -62,12 +62,17 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
 
 
 def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
-    """The launcher's config, then GEMM 1 split 2-4 ways, then both GEMMs split (SPLIT_K / SPLIT_K2)."""
+    """The launcher's config, then GEMM 1 split 2-4 ways, then both GEMMs split (SPLIT_K / SPLIT_K2); GGUF: GEMM 1
+    on 8-bit activations (ACT_Q8) too."""
     def splits(label: str, cfg: dict) -> list[tuple[str, dict]]:
         one = [(f"{label}split {s}/1", {**cfg, "SPLIT_K": s, "SPLIT_K2": 1}) for s in SPLITS]
         both = [(f"{label}split {s}/{s2}", {**cfg, "SPLIT_K": s, "SPLIT_K2": s2}) for s, s2 in ((2, 2), (4, 2), (3, 3))]
         return one + both
     out = [("launcher", base)] + splits("", base)
+    if not w4 and base.get("PATH") == "gemv":
+        q8 = {**base, "ACT_Q8": True, "BLOCK_M": 1}
+        out += [("act_q8", {**q8, "SPLIT_K": 1, "SPLIT_K2": 1})] + splits("act_q8 ", q8)
+        out += [("act_q8 BLOCK_N 64 split 2/2", {**q8, "BLOCK_N": 64, "num_warps": 2, "SPLIT_K": 2, "SPLIT_K2": 2})]
     if w4 and base.get("PATH") == "gemv":
         rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
         out += [("rows", rows)] + splits("rows ", rows)
@@ -140,6 +145,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--write-configs", action="store_true")
+    ap.add_argument("--formats", default="gguf,w4a16", help="which of gguf, w4a16 to run")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +155,9 @@ def main() -> None:
     print(f"{device}: HBM read {bw:.2f} TB/s", flush=True)
     rows, tables = [], {}
 
-    experts = Experts(g)
-    for name, mix in MIXES.items():
+    formats = args.formats.split(",")
+    experts = Experts(g) if "gguf" in formats else None
+    for name, mix in MIXES.items() if "gguf" in formats else ():
         gate, up, down = experts.of(mix)
 
         def ref_of(m: int, mix=mix, gate=gate, up=up, down=down) -> dict:
@@ -167,6 +174,8 @@ def main() -> None:
     experts = None
     torch.cuda.empty_cache()
 
+    if "w4a16" not in formats:
+        return finish(args, device, bw, rows, tables)
     w13 = kmajor_weights(E, 2 * I, H, g)
     w2 = kmajor_weights(E, H, I, g)
 
@@ -182,7 +191,10 @@ def main() -> None:
     r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True)
     rows += r
     tables[("w4a16_moe.json", f"E={E},I={I},H={H},G={G}")] = best
+    finish(args, device, bw, rows, tables)
 
+
+def finish(args, device: str, bw: float, rows: list[dict], tables: dict) -> None:
     print(f"\n{device}, HBM read {bw:.2f} TB/s, commit {commit_id()}\n")
     print("| format | M | variant | ms | GB/s | % BW |\n|---|---|---|---|---|---|")
     for r in rows:

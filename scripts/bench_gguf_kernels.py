@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import triton
 from bench_common import bf16_moe_loop, commit_id, rel_err
-from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_moe
+from quantkit.kernels import fp8_gemm, gguf_gemm, gguf_gemv_q8, gguf_moe
 from quantkit.kernels.gguf_gemm import QTYPES, gguf_linear, gguf_linear_ref, row_bytes
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
@@ -157,6 +157,9 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
             split = [{**gemv[i], "SPLIT_K": s1, "SPLIT_K2": s2} for i in (0, 2, 1, 4, 6)
                      for s1, s2 in ((4, 2), (2, 2), (3, 3), (2, 1))]
             gemv = split + gemv
+        if mix[0] in gguf_gemv_q8.Q8_QTYPES and m * TOPK <= gguf_moe.GEMV_PAIRS_MAX:  # GEMM 1 on 8-bit activations
+            gemv = [{**gemv[-12], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
+                    for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))] + gemv
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in

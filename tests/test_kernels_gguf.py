@@ -26,6 +26,7 @@ import torch
 from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
 from quantkit.kernels import fp8_gemm, gguf_moe
 from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gemv_prep, gemv_supported, gguf_linear, gguf_linear_ref
+from quantkit.kernels.gguf_gemv_q8 import gguf_gemv_q8, gguf_gemv_q8_ref, q8_prep, q8_prep_ref
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
 pytestmark = IGNORE_EXP_OVERFLOW
@@ -489,3 +490,57 @@ def test_fused_moe_captures_in_a_cuda_graph(device):
     graph.replay()
     torch.testing.assert_close(out, fused_moe_gguf(x, gate, up, down, w, ids, qtypes), rtol=0, atol=0)
     assert not torch.equal(out, eager)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the GEMV on 8-bit activations (kernels/gguf_gemv_q8.py)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_q8_prep_matches_ref(device):
+    """Codes and scales bit for bit with the PyTorch reference (a zero row: scale 0, codes 0), exact block sums to
+    fp32 rounding; ties of x / d round away from zero."""
+    gen = gen_for("q8-prep")
+    x = activations(5, 512, torch.float32, gen)
+    x[0, :32] = torch.arange(32) * 0.5 - 7.75  # amax 7.75: x / d hits k + 0.5 exactly for some values
+    x = x.to(device)
+    q, d, s = q8_prep(x)
+    q_ref, d_ref, s_ref = q8_prep_ref(x.cpu())
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(d.cpu(), d_ref)
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=1e-6 * float(s_ref.abs().max()))
+    assert not q[1].any() and not d[1].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_q8_matches_its_ref(device, qtype, dtype):
+    """The integer-dot GEMV against the fp32 reference of the same arithmetic (8-bit codes times scales; Q4_K's min
+    term on the exact sums): integer sums are exact, so to fp32 rounding; against the fp32 GEMV within the
+    activations' 8-bit rounding (1%). N = 80: a partial 32-row tile."""
+    gen = gen_for("gemv-q8", qtype, dtype)
+    n, k = 80, 768
+    w = random_blocks(n, k, qtype, gen).to(device)
+    x = activations(3, k, dtype, gen).to(device)
+    out = gguf_gemv_q8(x, w, qtype)
+    ref = gguf_gemv_q8_ref(x.cpu(), w.cpu(), qtype)
+    assert out.dtype == dtype
+    assert rel_err(out.cpu(), ref) < (1e-6 if dtype == torch.float32 else 4e-3)
+    assert rel_err(out.cpu(), gguf_linear_ref(x.cpu(), w.cpu(), qtype)) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q8_0", "q8_0", "q8_0")])
+@pytest.mark.parametrize("split", [1, 2])
+def test_fused_moe_act_q8(device, qtypes, split):
+    """The MoE's GEMM 1 on 8-bit activations (ACT_Q8), unsorted pairs, slots routed nowhere, K split or not: within
+    the activations' rounding of the reference; the same bits twice."""
+    x, gate, up, down, w, ids = moe_case(8, 512, 256, 3, 2, qtypes, torch.float32, device, drop=True)
+    cfg = dict(PATH="gemv", BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1, ACT_Q8=True,
+               SPLIT_K=split)
+    out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
+    ref = fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)
+    assert rel_err(out, ref) < 1e-2
+    assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
+    with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
+        fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "BLOCK_M": 2})

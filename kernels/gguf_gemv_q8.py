@@ -1,0 +1,302 @@
+"""The GGUF GEMV with 8-bit activations: integer dot products of four bytes (`dp4a`), as llama.cpp's CUDA kernels run.
+
+kernels/gguf_gemm.py's GEMV kernel turns every weight into a float and meets its activation in an FFMA: 3.9-5.0
+instructions a weight, and at one token too few warps to hide that chain (BENCHMARKS.md, "What bounds the decode
+GEMVs"). Here the activations are quantized first, per block of 32 values, to int8 with one fp32 scale (amax / 127,
+rounded half away from zero, as ggml's Q8_1), and each word of weight codes meets the matching word of activation
+codes in one `dp4a` (four byte products added into an int32):
+    Q4_K  sub-block j (32 values, 6-bit scale sc and min m):
+          sum (d sc q - dmin m) x ~= d sc dx_j * sum q xq - dmin m * sum x
+          the nibbles of a word are split with one AND (low: sub-block 2c) or a shift and an AND (high: 2c + 1), and
+          sum x is the exact sum of the block's activations (as ggml's Q8_1 keeps it);
+    Q8_0  block j: sum d q x ~= d dx_j * sum q xq (signed bytes on both sides).
+About a tenth of the FP32 GEMV's instructions a weight in the dot product itself. The error is the activations'
+8-bit rounding (about 0.3% of a dot product's size), which llama.cpp accepts for every quantized matmul on CUDA;
+the fp32 reference of that arithmetic is `gguf_gemv_q8_ref`.
+
+Used by the MoE's GEMM 1 (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path, Q4_K or Q8_0 gate and up),
+which writes its intermediate in fp32 with the group sums the FP32 GEMV kernel takes for GEMM 2. The launch
+arguments, the grid (PAIRS, DENSE, GATED, SPLIT_K) and the epilogue are the GEMV kernel's, one token a program.
+
+Under Triton's interpreter (CPU tests) the `dp4a` is computed byte by byte; on a GPU it is the PTX instruction
+(compute capability 6.1 and up).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_gemm import INTERPRETED, out_mantissa_bits, split_k_workspace, triton_kernel
+from .fp8_moe import block_rows, gemv_store, pair_rows
+from .gguf_gemm import QTYPE_IDS, SUPER, _f16, _q4k_scale_min, _routing_args, _scale_min_k4, _split4, dequantize_ref
+
+Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
+QK = 32  # activations' block: one scale and one sum per 32 values
+
+
+def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """Row pid(0) of x, BLOCK values a program: int8 codes round(x / d) (half away from zero), d = amax / 127 per
+    block of 32 (1 / d taken first, as ggml), and the blocks' exact sums of x."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    v2 = tl.reshape(v, (BLOCK // QK, QK))
+    amax = tl.max(tl.abs(v2), axis=1)  # [BLOCK / 32]
+    d = tl.math.div_rn(amax, 127.0)
+    inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
+    t = v2 * inv[:, None]
+    q = tl.floor(tl.abs(t) + 0.5)
+    q = tl.where(t < 0, -q, q)
+    tl.store(q_ptr + row * K + tl.reshape(offs, (BLOCK // QK, QK)), q.to(tl.int8),
+             mask=tl.reshape(offs < K, (BLOCK // QK, QK)))
+    offs_b = tl.program_id(1) * (BLOCK // QK) + tl.arange(0, BLOCK // QK)
+    b_mask = offs_b < K // QK
+    tl.store(d_ptr + row * (K // QK) + offs_b, d, mask=b_mask)
+    tl.store(s_ptr + row * (K // QK) + offs_b, tl.sum(v2, axis=1), mask=b_mask)
+
+
+_q8_prep = triton_kernel(_q8_prep_kernel)
+
+
+def q8_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of 256) -> (int8 codes [M, K], fp32 scales [M, K/32], fp32 exact sums [M, K/32]), one
+    launch."""
+    m, k = x.shape
+    if k % SUPER:
+        raise ValueError(f"8-bit activations need K a multiple of {SUPER}, got {k}")
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    d = torch.empty((m, k // QK), dtype=torch.float32, device=x.device)
+    s = torch.empty((m, k // QK), dtype=torch.float32, device=x.device)
+    if m:
+        block = next(b for b in (1024, 512, 256) if k % b == 0)  # a power of two that tiles K
+        _q8_prep[(m, triton.cdiv(k, block))](x, q, d, s, k, x.stride(0), BLOCK=block, num_warps=4)
+    return q, d, s
+
+
+def q8_prep_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q8_prep in PyTorch: the same operations in fp32 (the same bits)."""
+    m, k = x.shape
+    v = x.float().reshape(m, k // QK, QK)
+    d = v.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    t = v * inv[..., None]
+    q = torch.floor(t.abs() + 0.5) * torch.sign(t)
+    return q.to(torch.int8).reshape(m, k), d, v.sum(dim=-1)
+
+
+def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales, except for Q4_K's min
+    term, which takes the exact block sums (module docstring): fp32 [M, N]."""
+    q, d, s = q8_prep_ref(x)
+    m, k = x.shape
+    xq = (q.float().reshape(m, k // QK, QK) * d[..., None]).reshape(m, k)
+    if qtype == "q8_0":
+        return xq @ dequantize_ref(w_bytes, qtype).t()
+    # Q4_K: w = d sc q - dmin m per sub-block; the d sc q part meets xq, the min part the exact sums
+    n = w_bytes.shape[0]
+    b = w_bytes.reshape(-1, 144)  # [N * K/256, 144]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])  # [nb, 1]
+    sc, mins = _scale_min_k4(b[:, 4:16])  # [nb, 8]
+    qs = b[:, 16:].int().view(-1, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], dim=2).view(-1, 8, 32)  # sub-block 2c low nibbles, 2c + 1 high
+    wq = ((d * sc)[..., None] * q.float()).reshape(n, k)
+    return xq @ wq.t() - s @ (dmin * mins).reshape(n, k // QK).t()
+
+
+@triton_kernel
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the sum of the four byte products of int32 words a and b (b's bytes signed; a's signed or not)."""
+    if EMULATE:
+        out = c
+        for k in tl.static_range(4):
+            if SIGNED_A:
+                ak = (a << (24 - 8 * k)) >> 24
+            else:
+                ak = (a >> (8 * k)) & 0xFF
+            out += ak * ((b << (24 - 8 * k)) >> 24)
+    else:
+        if SIGNED_A:
+            out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+def _gguf_gemv_q8_kernel(
+    xq_ptr,  # int8 activation codes [rows, K] viewed as int32 [rows, K/4]
+    xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale and its exact sum
+    w_ptr, u_ptr,  # GGUF rows [E, N, row bytes] as int32 (u: GATED, the up projection's)
+    c_ptr, csum_ptr,  # [M_out, N]; SUMS_OUT: fp32 [M_out, N / SUMS_OUT]
+    topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    part_ptr, count_ptr,  # SPLIT_K or SLOT_SUM: fp32 partials and arrival counters (fp8_gemm.split_k_sum)
+    N, num_valid_tokens, num_pid_m,
+    stride_we, stride_ue, stride_cm,  # the weight strides in words
+    K: tl.constexpr, QTYPE: tl.constexpr,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr, EMULATE: tl.constexpr,
+    SUMS_OUT: tl.constexpr = 0, DENSE: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    if not (DENSE or PAIRS):
+        if pid_m >= tl.load(num_tokens_post_padded_ptr):
+            return
+    pid_s = tl.program_id(1)
+    HALVES: tl.constexpr = 2 if GATED else 1
+    ROWS: tl.constexpr = HALVES * BLOCK_N
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N
+    row_mask = offs_n < N
+    pair = pid_m
+    if PAIRS:
+        pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                                  A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
+        row_mask = row_mask & routed
+        tok = pair
+    else:
+        _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
+                                                     1, DENSE)
+        if DENSE:
+            tok = pid_m
+        else:
+            tok = tl.minimum(tl.load(sorted_token_ids_ptr + pid_m), num_valid_tokens - 1)
+    xrow = (tok // A_ROW_DIV).to(tl.int64)
+    SB_WORDS: tl.constexpr = 36 if QTYPE == 12 else 68
+    row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * (K // 256 * SB_WORDS)
+    if GATED:
+        row_base = tl.where(r < BLOCK_N, w_ptr + expert * stride_we + row64, u_ptr + expert * stride_ue + row64)
+    else:
+        row_base = w_ptr + expert * stride_we + row64
+    offs_4 = tl.arange(0, 4)
+    w3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]: a row, four words
+    x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
+    xd_row = xd_ptr + xrow * (K // 32)
+    xs_row = xs_ptr + xrow * (K // 32)
+    acc = tl.zeros((ROWS, 1), dtype=tl.float32)
+    SB_PER: tl.constexpr = K // 256 // SPLIT_K
+    sb0 = (pid_s % SPLIT_K) * SB_PER if SPLIT_K > 1 else 0
+    for sb in range(sb0, sb0 + SB_PER):
+        if QTYPE == 12:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words: low nibbles
+            # sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b
+            off = sb * 36
+            h0, h1, h2, h3 = _split4(tl.load(w3 + off))  # [ROWS, 1]
+            for c in tl.static_range(4):
+                wa = _split4(tl.load(w3 + (off + 4 + 8 * c)))
+                wb = _split4(tl.load(w3 + (off + 8 + 8 * c)))
+                xa = _split4(tl.load(x3 + (sb * 64 + 16 * c)))  # activation words of sub-block 2c
+                xb = _split4(tl.load(x3 + (sb * 64 + 16 * c + 4)))
+                ya = _split4(tl.load(x3 + (sb * 64 + 16 * c + 8)))  # of sub-block 2c + 1
+                yb = _split4(tl.load(x3 + (sb * 64 + 16 * c + 12)))
+                lo = tl.zeros((ROWS, 1), dtype=tl.int32)
+                hi = tl.zeros((ROWS, 1), dtype=tl.int32)
+                for i in tl.static_range(4):
+                    lo = _dp4a(wa[i] & 0x0F0F0F0F, xa[i], lo, False, EMULATE)
+                    hi = _dp4a((wa[i] >> 4) & 0x0F0F0F0F, ya[i], hi, False, EMULATE)
+                    lo = _dp4a(wb[i] & 0x0F0F0F0F, xb[i], lo, False, EMULATE)
+                    hi = _dp4a((wb[i] >> 4) & 0x0F0F0F0F, yb[i], hi, False, EMULATE)
+                for p in tl.static_range(2):
+                    ds, dm = _q4k_scale_min(h0, h1, h2, h3, 2 * c + p)  # [ROWS, 1]
+                    j = sb * 8 + 2 * c + p
+                    isum = lo if p == 0 else hi
+                    acc += ds * (isum.to(tl.float32) * tl.load(xd_row + j)) - dm * tl.load(xs_row + j)
+        else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
+            for pr in tl.static_range(4):
+                wbase = row_base[:, None] + (sb * 68 + pr * 17)  # [ROWS, 1]
+                wd = (tl.load(wbase), tl.load(wbase + 1), tl.load(wbase + 2), tl.load(wbase + 3), tl.load(wbase + 4),
+                      tl.load(wbase + 5), tl.load(wbase + 6), tl.load(wbase + 7), tl.load(wbase + 8),
+                      tl.load(wbase + 9), tl.load(wbase + 10), tl.load(wbase + 11), tl.load(wbase + 12),
+                      tl.load(wbase + 13), tl.load(wbase + 14), tl.load(wbase + 15), tl.load(wbase + 16))
+                for blk in tl.static_range(2):
+                    if blk == 0:
+                        d = (wd[0] & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    else:
+                        d = (wd[8] >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    j = sb * 8 + 2 * pr + blk
+                    xa = _split4(tl.load(x3 + 8 * j))  # the block's 8 activation words
+                    xb = _split4(tl.load(x3 + (8 * j + 4)))
+                    isum = tl.zeros((ROWS, 1), dtype=tl.int32)
+                    for i in tl.static_range(8):
+                        if blk == 0:  # bytes 2 + 4i .. 5 + 4i of the pair
+                            word = ((wd[i] >> 16) & 0xFFFF) | (wd[i + 1] << 16)
+                        else:
+                            word = wd[9 + i]
+                        if i < 4:
+                            xw = xa[i]
+                        else:
+                            xw = xb[i - 4]
+                        isum = _dp4a(word, xw, isum, True, EMULATE)
+                    acc += d * (isum.to(tl.float32) * tl.load(xd_row + j))
+    if PAIRS:  # a slot routed nowhere read expert 0 or E - 1 and adds zeros
+        acc = tl.where(row_mask[:, None], acc, 0.0)
+    acc = tl.reshape(acc, (1, ROWS))
+    gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
+               tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K,
+               OUT_MANT, SUMS_OUT)
+
+
+_gguf_gemv_q8 = triton_kernel(_gguf_gemv_q8_kernel)
+
+
+def q8_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
+    """Whether this kernel reads these (weight, qtype) pairs: Q4_K or Q8_0, rows contiguous, viewable as int32."""
+    for w, qtype in ws_qtypes:
+        if qtype not in Q8_QTYPES:
+            return False
+        if w.stride(-1) != 1 or (w.dim() > 1 and w.stride(-2) != w.shape[-1]) or w.shape[-1] % 4:
+            return False
+        if w.data_ptr() % (16 if qtype == "q4_k" else 4) or any(st % 4 for st in w.stride()[:-1]):
+            return False
+    return True
+
+
+def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: torch.Tensor, qtype: str,
+                        c: torch.Tensor, n: int, k: int, cfg: dict, u: torch.Tensor | None = None,
+                        routing: tuple[torch.Tensor, ...] | None = None, a_row_div: int = 1,
+                        mul_routed_weight: bool = False, pairs: int = 0, slot_sum: int = 0,
+                        c_sums: torch.Tensor | None = None) -> None:
+    """One launch: xq = q8_prep(x); the rest as kernels/gguf_gemm.launch_gguf_gemv's (BLOCK_M 1)."""
+    q, d, s = xq
+    w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(torch.int32)
+    u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(torch.int32)) if u is not None else w3
+    weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(q, c, routing, pairs, 1)
+    sums_out = 0
+    if c_sums is not None:
+        sums_out = n // c_sums.shape[1]
+        if c_sums.shape[0] != c.shape[0] or n % sums_out or cfg["BLOCK_N"] % sums_out:
+            raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
+                             f"{cfg['BLOCK_N']}")
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    split = cfg.get("SPLIT_K", 1)
+    if split < 1 or (k // SUPER) % split:
+        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k}")
+    parts = max(slot_sum, 1) * split
+    part, counters = split_k_workspace(parts, c.shape[0], 2 * n if u is not None else n, tiles, c.device)
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
+    cs = c_sums if c_sums is not None else part
+    _gguf_gemv_q8[(tiles, parts)](
+        q.view(torch.int32), d, s, w3, u3, c, cs, weights, sorted_ids, expert_ids, total, part, counters,
+        n, m_rows, num_pid_m, w3.stride(0), u3.stride(0), c.stride(0),
+        K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype), EMULATE=INTERPRETED, SUMS_OUT=sums_out,
+        DENSE=routing is None, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=1, **extra,
+    )
+
+
+def gguf_gemv_q8(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ the GGUF weight [N, K]^T through 8-bit activations: [M, N] in x.dtype (a linear; tests and
+    benchmarks; the MoE launches the kernel itself)."""
+    m, k = x.shape
+    n = w_bytes.shape[0]
+    if not q8_supported((w_bytes, qtype)):
+        raise ValueError(f"the 8-bit activation GEMV reads Q4_K and Q8_0 rows, contiguous and aligned; got {qtype}")
+    cfg = {"BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 1, **(config or {})}
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m:
+        launch_gguf_gemv_q8(q8_prep(x), w_bytes, qtype, y, n, k, cfg)
+    return y
