@@ -34,6 +34,7 @@ from .gguf_gemm import QTYPE_IDS, SUPER, _f16, _q4k_scale_min, _routing_args, _s
 
 Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
 QK = 32  # activations' block: one scale and one sum per 32 values
+_QK = tl.constexpr(QK)  # the same inside kernels
 
 
 def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
@@ -42,19 +43,19 @@ def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexp
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-    v2 = tl.reshape(v, (BLOCK // QK, QK))
+    v2 = tl.reshape(v, (BLOCK // _QK, _QK))
     amax = tl.max(tl.abs(v2), axis=1)  # [BLOCK / 32]
     d = tl.math.div_rn(amax, 127.0)
     inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
     t = v2 * inv[:, None]
     q = tl.floor(tl.abs(t) + 0.5)
     q = tl.where(t < 0, -q, q)
-    tl.store(q_ptr + row * K + tl.reshape(offs, (BLOCK // QK, QK)), q.to(tl.int8),
-             mask=tl.reshape(offs < K, (BLOCK // QK, QK)))
-    offs_b = tl.program_id(1) * (BLOCK // QK) + tl.arange(0, BLOCK // QK)
-    b_mask = offs_b < K // QK
-    tl.store(d_ptr + row * (K // QK) + offs_b, d, mask=b_mask)
-    tl.store(s_ptr + row * (K // QK) + offs_b, tl.sum(v2, axis=1), mask=b_mask)
+    tl.store(q_ptr + row * K + tl.reshape(offs, (BLOCK // _QK, _QK)), q.to(tl.int8),
+             mask=tl.reshape(offs < K, (BLOCK // _QK, _QK)))
+    offs_b = tl.program_id(1) * (BLOCK // _QK) + tl.arange(0, BLOCK // _QK)
+    b_mask = offs_b < K // _QK
+    tl.store(d_ptr + row * (K // _QK) + offs_b, d, mask=b_mask)
+    tl.store(s_ptr + row * (K // _QK) + offs_b, tl.sum(v2, axis=1), mask=b_mask)
 
 
 _q8_prep = triton_kernel(_q8_prep_kernel)
