@@ -6,17 +6,22 @@ GEMVs"). Here the activations are quantized first, per block of 32 values, to in
 rounded half away from zero, as ggml's Q8_1), and each word of weight codes meets the matching word of activation
 codes in one `dp4a` (four byte products added into an int32):
     Q4_K  sub-block j (32 values, 6-bit scale sc and min m):
-          sum (d sc q - dmin m) x ~= d sc dx_j * sum q xq - dmin m * sum x
+          sum (d sc q - dmin m) x ~= d sc dx_j * sum q xq - dmin m * dx_j sum xq
           the nibbles of a word are split with one AND (low: sub-block 2c) or a shift and an AND (high: 2c + 1), and
-          sum x is the exact sum of the block's activations (as ggml's Q8_1 keeps it);
+          dx_j sum xq comes with the codes (ggml's Q8_1 `s`);
     Q8_0  block j: sum d q x ~= d dx_j * sum q xq (signed bytes on both sides).
-About a tenth of the FP32 GEMV's instructions a weight in the dot product itself. The error is the activations'
-8-bit rounding (about 0.3% of a dot product's size), which llama.cpp accepts for every quantized matmul on CUDA;
-the fp32 reference of that arithmetic is `gguf_gemv_q8_ref`.
+Both are the dot product of the weights with the dequantized activations, to fp32 rounding. (The exact sum of x in
+the min term would not be: the error would then be that of the all-positive d sc q part alone, which the min's
+cancellation magnifies several times over on a Q4_K row.)
+The compiled loop issues 1.4 (Q4_K) and 0.9 (Q8_0) instructions a weight, against 4.1 and 4.0 for the fp32 GEMV
+(BENCHMARKS.md). The error is the activations' 8-bit rounding (0.5% of the result on the tests' normal activations),
+which llama.cpp accepts for every quantized matmul on CUDA; the fp32 reference of that arithmetic is
+`gguf_gemv_q8_ref`.
 
-Used by the MoE's GEMM 1 (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path, Q4_K or Q8_0 gate and up),
-which writes its intermediate in fp32 with the group sums the FP32 GEMV kernel takes for GEMM 2. The launch
-arguments, the grid (PAIRS, DENSE, GATED, SPLIT_K) and the epilogue are the GEMV kernel's, one token a program.
+Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K or Q8_0 gate and up)
+and for GEMM 2 where down is Q4_K or Q8_0 (the intermediate quantized by one more q8_prep launch; Q4_K_M's Q6_K down
+stays on the fp32 GEMV, which takes the fp32 intermediate and its group sums). The launch arguments, the grid
+(PAIRS, DENSE, GATED, SPLIT_K, SLOT_SUM) and the epilogue are the GEMV kernel's, one token a program.
 
 Under Triton's interpreter (CPU tests) the `dp4a` is computed byte by byte; on a GPU it is the PTX instruction
 (compute capability 6.1 and up).
@@ -30,7 +35,7 @@ import triton.language as tl
 
 from .fp8_gemm import INTERPRETED, out_mantissa_bits, split_k_workspace, triton_kernel
 from .fp8_moe import block_rows, gemv_store, pair_rows
-from .gguf_gemm import QTYPE_IDS, SUPER, _f16, _q4k_scale_min, _routing_args, _scale_min_k4, _split4, dequantize_ref
+from .gguf_gemm import QTYPE_IDS, SUPER, _q4k_scale_min, _routing_args, _split4, dequantize_ref
 
 Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
 QK = 32  # activations' block: one scale and one sum per 32 values
@@ -39,7 +44,7 @@ _QK = tl.constexpr(QK)  # the same inside kernels
 
 def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
     """Row pid(0) of x, BLOCK values a program: int8 codes round(x / d) (half away from zero), d = amax / 127 per
-    block of 32 (1 / d taken first, as ggml), and the blocks' exact sums of x."""
+    block of 32 (1 / d taken first, as ggml), and d times the sum of each block's codes."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -55,15 +60,15 @@ def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexp
     offs_b = tl.program_id(1) * (BLOCK // _QK) + tl.arange(0, BLOCK // _QK)
     b_mask = offs_b < K // _QK
     tl.store(d_ptr + row * (K // _QK) + offs_b, d, mask=b_mask)
-    tl.store(s_ptr + row * (K // _QK) + offs_b, tl.sum(v2, axis=1), mask=b_mask)
+    tl.store(s_ptr + row * (K // _QK) + offs_b, d * tl.sum(q, axis=1), mask=b_mask)
 
 
 _q8_prep = triton_kernel(_q8_prep_kernel)
 
 
 def q8_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] (K a multiple of 256) -> (int8 codes [M, K], fp32 scales [M, K/32], fp32 exact sums [M, K/32]), one
-    launch."""
+    """x [M, K] (K a multiple of 256) -> (int8 codes [M, K], fp32 scales d [M, K/32], fp32 d * the sum of each
+    block's codes [M, K/32]), one launch."""
     m, k = x.shape
     if k % SUPER:
         raise ValueError(f"8-bit activations need K a multiple of {SUPER}, got {k}")
@@ -84,26 +89,16 @@ def q8_prep_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
     t = v * inv[..., None]
     q = torch.floor(t.abs() + 0.5) * torch.sign(t)
-    return q.to(torch.int8).reshape(m, k), d, v.sum(dim=-1)
+    return q.to(torch.int8).reshape(m, k), d, d * q.sum(dim=-1)
 
 
 def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torch.Tensor:
-    """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales, except for Q4_K's min
-    term, which takes the exact block sums (module docstring): fp32 [M, N]."""
-    q, d, s = q8_prep_ref(x)
+    """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales (module docstring):
+    fp32 [M, N]."""
+    q, d, _ = q8_prep_ref(x)
     m, k = x.shape
     xq = (q.float().reshape(m, k // QK, QK) * d[..., None]).reshape(m, k)
-    if qtype == "q8_0":
-        return xq @ dequantize_ref(w_bytes, qtype).t()
-    # Q4_K: w = d sc q - dmin m per sub-block; the d sc q part meets xq, the min part the exact sums
-    n = w_bytes.shape[0]
-    b = w_bytes.reshape(-1, 144)  # [N * K/256, 144]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])  # [nb, 1]
-    sc, mins = _scale_min_k4(b[:, 4:16])  # [nb, 8]
-    qs = b[:, 16:].int().view(-1, 4, 1, 32)
-    q = torch.cat([qs & 15, qs >> 4], dim=2).view(-1, 8, 32)  # sub-block 2c low nibbles, 2c + 1 high
-    wq = ((d * sc)[..., None] * q.float()).reshape(n, k)
-    return xq @ wq.t() - s @ (dmin * mins).reshape(n, k // QK).t()
+    return xq @ dequantize_ref(w_bytes, qtype).t()
 
 
 @triton_kernel
@@ -129,7 +124,7 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
 
 def _gguf_gemv_q8_kernel(
     xq_ptr,  # int8 activation codes [rows, K] viewed as int32 [rows, K/4]
-    xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale and its exact sum
+    xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale, and the scale times the sum of its codes
     w_ptr, u_ptr,  # GGUF rows [E, N, row bytes] as int32 (u: GATED, the up projection's)
     c_ptr, csum_ptr,  # [M_out, N]; SUMS_OUT: fp32 [M_out, N / SUMS_OUT]
     topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,

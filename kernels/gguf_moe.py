@@ -27,7 +27,8 @@ list, BLOCK_M tokens of an expert sharing each decoded weight. Three launches at
 "PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them. On the GEMV
 path, "SPLIT_K" / "SPLIT_K2" split each GEMM's K over programs, and "ACT_Q8" (BLOCK_M 1, Q4_K or Q8_0 gate and
 up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer dot products (kernels/gguf_gemv_q8.py, as
-llama.cpp's CUDA kernels do; a tuning candidate, within 1% of the fp32 result).
+llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K or Q8_0; a tuning candidate, within 1% of the fp32
+result.
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
@@ -200,52 +201,51 @@ def fused_moe_gguf(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
 def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
               topk_ids: torch.Tensor, qtypes: tuple[str, str, str], cfg: dict, alloc) -> torch.Tensor:
     """The GEMV path: GEMM 1 writes silu(gate) * up in fp32 with its sums over down's scale groups, which GEMM 2
-    takes as its activations and their sums; with PREP, x is converted and summed once too (one small launch)."""
+    takes as its activations and their sums; with PREP, x is converted and summed once too (one small launch).
+    ACT_Q8: GEMM 1 on x quantized to 8 bits (kernels/gguf_gemv_q8.py), and GEMM 2 too where down is Q4_K or Q8_0
+    (the intermediate quantized by one more small launch)."""
     m, h = x.shape
     e, i = gate.shape[0], gate.shape[1]
     topk = topk_ids.shape[1]
     g_in, g_dn = GEMV_QTYPES[qtypes[0]][1], GEMV_QTYPES[qtypes[2]][1]
     if cfg["BLOCK_N"] % g_dn:
         raise ValueError(f"the GEMV path's BLOCK_N must be a multiple of {g_dn} ({qtypes[2]}), got {cfg['BLOCK_N']}")
-    act_q8 = bool(cfg.get("ACT_Q8", False))  # GEMM 1 on 8-bit activations (kernels/gguf_gemv_q8.py)
+    act_q8 = bool(cfg.get("ACT_Q8", False))
     if act_q8 and not (cfg["BLOCK_M"] == 1 and q8_supported((gate, qtypes[0]), (up, qtypes[1]))):
         raise ValueError(f"ACT_Q8 takes BLOCK_M 1 and Q4_K or Q8_0 gate and up, got {cfg['BLOCK_M']} and {qtypes}")
-    if act_q8:
-        x_q8 = q8_prep(x)
-    else:
-        x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
+    down_q8 = act_q8 and q8_supported((down, qtypes[2]))
     inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
-    inter_sums = alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
+    inter_sums = None if down_q8 else alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
     # SPLIT_K and SPLIT_K2: GEMM 1's and GEMM 2's super-blocks of K over that many programs a tile (a slot, adding
     # slots), each falling to the largest divisor of its count not above it
     cfg = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K", 1), h // SUPER)}
     # as many weight rows a program as GEMM 1's gate + up
     cfg2 = {**cfg, "BLOCK_N": 2 * cfg["BLOCK_N"], "SPLIT_K": split_divisor(cfg.get("SPLIT_K2", 1), i // SUPER)}
-    if cfg["BLOCK_M"] == 1 and m * topk <= GEMV_PAIRS_MAX:  # no sort, GEMM 2 adds each token's slots
+    pairs = cfg["BLOCK_M"] == 1 and m * topk <= GEMV_PAIRS_MAX  # no sort, GEMM 2 adds each token's slots
+    if pairs:
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         routing = (weights, ids, ids, ids)
-        if act_q8:
-            launch_gguf_gemv_q8(x_q8, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                                pairs=e, c_sums=inter_sums)
-        else:
-            launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                             pairs=e, x_sums=x_sums, c_sums=inter_sums)
-        out = torch.empty_like(x)  # [M, H]
-        launch_gguf_gemv(inter, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
-                         mul_routed_weight=True, pairs=e, slot_sum=topk, x_sums=inter_sums)
-        return out
-    sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
-    routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
-    if act_q8:
-        launch_gguf_gemv_q8(x_q8, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                            c_sums=inter_sums)
+        extra1, extra2 = dict(pairs=e), dict(pairs=e, slot_sum=topk)
     else:
+        sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+        routing = (weights, sorted_token_ids, expert_ids, num_tokens_post_padded)
+        extra1 = extra2 = {}
+    if act_q8:
+        launch_gguf_gemv_q8(q8_prep(x), gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
+                            c_sums=inter_sums, **extra1)
+    else:
+        x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
         launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                         x_sums=x_sums, c_sums=inter_sums)
-    y = alloc((m * topk, h), dtype=x.dtype, device=x.device)  # [M*topk, H] each slot's weighted expert output
-    launch_gguf_gemv(inter, down, qtypes[2], y, h, i, cfg2, routing=routing, a_row_div=1, mul_routed_weight=True,
-                     x_sums=inter_sums)
-    return moe_sum(y, topk_ids, x, e)
+                         x_sums=x_sums, c_sums=inter_sums, **extra1)
+    # unsorted pairs: GEMM 2 writes the tokens' sums over their slots; sorted: each slot's output, summed after
+    out = torch.empty_like(x) if pairs else alloc((m * topk, h), dtype=x.dtype, device=x.device)
+    if down_q8:
+        launch_gguf_gemv_q8(q8_prep(inter), down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
+                            mul_routed_weight=True, **extra2)
+    else:
+        launch_gguf_gemv(inter, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
+                         mul_routed_weight=True, x_sums=inter_sums, **extra2)
+    return out if pairs else moe_sum(out, topk_ids, x, e)
 
 
 def fused_moe_gguf_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
