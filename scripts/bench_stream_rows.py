@@ -45,7 +45,7 @@ def _stream_rows_kernel(w_ptr, out_ptr, row_words, steps, ROWS: tl.constexpr, WI
     r = tile * ROWS + tl.arange(0, ROWS)
     c = tl.arange(0, WIDTH)
     ptrs = w_ptr + r.to(tl.int64)[:, None] * row_words + (part * steps * UNROLL * WIDTH + c)[None, :]
-    acc = tl.zeros((ROWS, WIDTH), dtype=tl.int32)
+    acc = tl.zeros((ROWS, WIDTH), dtype=w_ptr.dtype.element_ty)
     for s in range(steps):
         for u in tl.static_range(UNROLL):
             acc = acc ^ tl.load(ptrs + (s * UNROLL + u) * WIDTH)
@@ -57,7 +57,7 @@ _stream_rows = triton_kernel(_stream_rows_kernel)
 
 def stream_rows(w: torch.Tensor, rows_per_program: int, width: int, unroll: int, split: int,
                 num_warps: int) -> torch.Tensor:
-    """w int32 [R, row_words] -> XOR checksums [split, R] of each row's split-th share of words."""
+    """w int32 or int16 [R, row_words] -> XOR checksums [split, R] (int32) of each row's split-th share of words."""
     r, row_words = w.shape
     step = width * unroll
     if r % rows_per_program or row_words % (step * split):
@@ -78,21 +78,28 @@ def reference(w: torch.Tensor, width: int, split: int) -> torch.Tensor:
     x = out[..., 0].clone()
     for j in range(1, width):
         x ^= out[..., j]
-    return x.t().contiguous()  # [split, R]
+    return x.t().contiguous().to(torch.int32)  # [split, R]
 
 
-# name, rows a program, words a load, loads a step (per shape: the GEMV's bytes a row a step), split, warps
+# name, rows a program, words a load, loads a step (per shape: the GEMV's bytes a row a step; a shape not named
+# skips the variant), split, warps, word type
 VARIANTS = [
-    ("thread-row", 64, 4, {"q4_k": 9, "w4a16": 8}, 1, 2),
-    ("thread-row", 128, 4, {"q4_k": 9, "w4a16": 8}, 1, 4),
-    ("coalesced", 64, 16, {"q4_k": 3, "w4a16": 2}, 1, 2),
-    ("coalesced", 128, 16, {"q4_k": 3, "w4a16": 2}, 1, 4),
-    ("thread-row, split K 2", 64, 4, {"q4_k": 9, "w4a16": 8}, 2, 2),
-    ("thread-row, split K 4", 64, 4, {"q4_k": 9, "w4a16": 8}, 4, 2),
+    ("thread-row", 64, 4, {"q4_k": 9, "w4a16": 8}, 1, 2, torch.int32),
+    ("thread-row", 128, 4, {"q4_k": 9, "w4a16": 8}, 1, 4, torch.int32),
+    ("coalesced", 64, 16, {"q4_k": 3, "w4a16": 2}, 1, 2, torch.int32),
+    ("coalesced", 128, 16, {"q4_k": 3, "w4a16": 2}, 1, 4, torch.int32),
+    ("thread-row, split K 2", 64, 4, {"q4_k": 9, "w4a16": 8}, 2, 2, torch.int32),
+    ("thread-row, split K 4", 64, 4, {"q4_k": 9, "w4a16": 8}, 4, 2, torch.int32),
+    # Q6_K's 210-byte super-blocks keep 2-byte alignment: the GEMV kernel reads them 2 bytes a load (105 a
+    # super-block); two super-blocks (420 bytes) keep 4
+    ("thread-row, 2-byte loads", 64, 1, {"q6_k": 105}, 1, 2, torch.int16),
+    ("thread-row, 2-byte loads, split K 2", 64, 1, {"q6_k": 105}, 2, 2, torch.int16),
+    ("thread-row, 4-byte loads", 64, 1, {"q6_k": 105}, 1, 2, torch.int32),
+    ("thread-row, 4-byte loads, split K 3", 64, 1, {"q6_k": 105}, 3, 2, torch.int32),
 ]
 # rows of one token's 8 experts, gate + up: Q4_K's 1728 bytes a row (144 a super-block of 256), W4A16's 1536 (the
-# nibbles, 64 bytes a group of 128)
-SHAPES = {"q4_k": (8 * 3072, 1728 // 4), "w4a16": (8 * 3072, 1536 // 4)}
+# nibbles, 64 bytes a group of 128); down in Q6_K (Q4_K_M's): 3072 rows a token of 1260 bytes (6 x 210)
+SHAPES = {"q4_k": (8 * 3072, 1728 // 4), "w4a16": (8 * 3072, 1536 // 4), "q6_k": (8 * 3072, 1260 // 4)}
 
 
 def main() -> None:
@@ -102,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     g = torch.Generator().manual_seed(0)
-    shapes = {"q4_k": (256, 432), "w4a16": (128, 384)} if args.smoke else SHAPES
+    shapes = {"q4_k": (256, 432), "w4a16": (128, 384), "q6_k": (128, 315)} if args.smoke else SHAPES
     hbm = None
     if not args.smoke:
         x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
@@ -111,13 +118,16 @@ def main() -> None:
         del x
     rows = []
     for shape, (r, words) in shapes.items():
-        w = torch.randint(-2**31, 2**31 - 1, (r, words), generator=g, dtype=torch.int32).to(device)
-        for name, per, width, unrolls, split, warps in VARIANTS:
+        w32 = torch.randint(-2**31, 2**31 - 1, (r, words), generator=g, dtype=torch.int32).to(device)
+        for name, per, width, unrolls, split, warps, word in VARIANTS:
+            if shape not in unrolls:
+                continue
             unroll = unrolls[shape]
+            w = w32.view(word)
             got = stream_rows(w, per, width, unroll, split, warps)
             assert torch.equal(got.cpu(), reference(w.cpu(), width, split)), (shape, name)
             row = {"shape": shape, "variant": name, "programs": r // per * split, "warps": warps,
-                   "bytes_a_row_a_step": 4 * width * unroll, "bytes": w.numel() * 4}
+                   "bytes_a_row_a_step": w.element_size() * width * unroll, "bytes": w32.numel() * 4}
             if not args.smoke:
                 ms = triton.testing.do_bench_cudagraph(lambda: stream_rows(w, per, width, unroll, split, warps),
                                                        rep=100, return_mode="median")
