@@ -53,8 +53,10 @@ the 128 carried by each product until it comes off per group costs about 7 bits 
 with the reference to about 1e-6, not exactly. With PREFETCH (Q4_K) the next super-block's nine loads are issued
 before the current one is computed (131 registers against 94). One thread a row, a warp's 16-byte loads touch 32
 rows, 32 cache lines an instruction, which may hold L1 to about 16 bytes a cycle (some 3.7 TB/s over an H200's 132
-SMs); LANES = 2 gives a row two threads, one piece of each 32-byte chunk each (16 lines), and costs 4.7
-instructions a weight (each lane decodes its row's scales), against 4.1. Which wins is the tuner's to say.
+SMs); Q6_K's 2-byte loads would hold it to 2 bytes a cycle, so with Q6_WORDS (rows of an even number of super-blocks)
+Q6_K is read as int32 words, an odd super-block's words each merged from two (53 loads a super-block against 105);
+LANES = 2 gives a row two threads, one piece of each 32-byte chunk each (16 lines), and costs 4.7 instructions a
+weight (each lane decodes its row's scales), against 4.1. Which wins is the tuner's to say.
 
 Block configurations: `configs/gguf_gemm.json` (shape key "N=..,K=..,<qtype>") and `configs/gguf_moe.json` (see
 kernels/gguf_moe.py), by device and M bucket as the FP8 ones; defaults below.
@@ -763,6 +765,22 @@ def _q6k_run_word(src, wh, run: tl.constexpr, m_lo, m_hi):
     return (src & m_lo) | (wh & m_hi)
 
 
+@triton_kernel
+def _q6k_words(base, w: tl.constexpr, odd):
+    """Q6_K as int32 words (Q6_WORDS): the four words of super-block bytes 4w .. 4w + 15 from its first word `base`
+    [ROWS], the super-block starting 2 bytes into that word when `odd`: five loads, each word the high half of one
+    and the low half of the next there."""
+    v0 = tl.load(base + w)
+    v1 = tl.load(base + (w + 1))
+    v2 = tl.load(base + (w + 2))
+    v3 = tl.load(base + (w + 3))
+    v4 = tl.load(base + (w + 4))
+    return (tl.where(odd, ((v0 >> 16) & 0xFFFF) | (v1 << 16), v0),
+            tl.where(odd, ((v1 >> 16) & 0xFFFF) | (v2 << 16), v1),
+            tl.where(odd, ((v2 >> 16) & 0xFFFF) | (v3 << 16), v2),
+            tl.where(odd, ((v3 >> 16) & 0xFFFF) | (v4 << 16), v3))
+
+
 def _gguf_gemv_kernel(
     x_ptr,  # [rows, K] activations (fp32, or 16-bit), contiguous along K
     xsum_ptr,  # X_SUMS: fp32 [rows, K / XG], the sum of each group of XG activations (XG: the type's scale group)
@@ -785,6 +803,7 @@ def _gguf_gemv_kernel(
     DENSE: tl.constexpr = False,  # a plain linear: rows of x in order, expert 0
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
     SPLIT_K: tl.constexpr = 1,  # programs a tile (SLOT_SUM: a slot) along axis 1, each over K/256/SPLIT_K super-blocks
+    Q6_WORDS: tl.constexpr = False,  # Q6_K rows as int32 (K/256 even): 4-byte loads, a super-block 2 bytes in when odd
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
@@ -816,7 +835,7 @@ def _gguf_gemv_kernel(
         SB_WORDS: tl.constexpr = 68  # 256 values as int32: four pairs of 34-byte blocks, 17 words a pair
     else:
         SB_WORDS: tl.constexpr = 105  # 210 bytes as int16: ql[64], qh[32], scales[8], d
-    ROW_WORDS: tl.constexpr = K // 256 * SB_WORDS
+    ROW_WORDS: tl.constexpr = K // 256 * SB_WORDS // (2 if Q6_WORDS else 1)  # (Q6_WORDS: int32 words)
     row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * ROW_WORDS
     if GATED:
         row_base = tl.where(r < BLOCK_N, w_ptr + expert * stride_we + row64, u_ptr + expert * stride_ue + row64)
@@ -952,13 +971,26 @@ def _gguf_gemv_kernel(
             # h's value 128h + 32 run + l (l < 32): low bits from ql byte 64h + l (runs 0, 2: low, high nibble) or
             # 64h + 32 + l (runs 1, 3), two high bits at 2 run of qh byte 32h + l; scale (128h + 32 run + l) // 16.
             # Two int16 loads make the word of bytes l .. l + 3 (4-byte alignment is not given: blocks are 210 bytes)
-            s_base = row_base + sb * 105
             m6 = mask16 | (mask16 << 2)  # 0x003F0000, from the launch argument as the other masks
             m_lo = (mask16 >> 16) * 0x01010101  # 0x0F0F0F0F
             m_hi = ((mask16 >> 12) & 0x30) * 0x01010101  # 0x30303030
-            d = tl.load(s_base + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [ROWS]
+            if Q6_WORDS:  # int32 words: super-block sb starts at word (105 sb) // 2, 2 bytes into it when sb is odd;
+                # the word of bytes o .. o + 3 (o a multiple of 4) is word o / 4 there, or its high half and the next
+                # word's low half (_q6k_words: 5 loads for 4 words)
+                s_base = row_base + (105 * sb) // 2  # [ROWS] int32 pointers
+                odd = (sb % 2) == 1
+                dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
+                d = tl.where(odd, dw >> 16, dw).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                sc4 = _q6k_words(s_base, 48, odd)  # the 16 int8 scales, bytes 192 .. 207
+            else:
+                s_base = row_base + sb * 105
+                d = tl.load(s_base + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [ROWS]
             for h in tl.static_range(2):
                 for g in tl.static_range(2):  # l in [16 g, 16 g + 16): one scale per run
+                    if Q6_WORDS:  # ql bytes 64h + 16g .., 64h + 32 + 16g .., qh bytes 128 + 32h + 16g ..: 4 words each
+                        qa = _q6k_words(s_base, 16 * h + 4 * g, odd)
+                        qb = _q6k_words(s_base, 16 * h + 8 + 4 * g, odd)
+                        qh4 = _q6k_words(s_base, 32 + 8 * h + 4 * g, odd)
                     for t in tl.static_range(BLOCK_M):  # the weights' loads and decoding are shared
                         part0 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         part1 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
@@ -972,10 +1004,15 @@ def _gguf_gemv_kernel(
                         xs2 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         xs3 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         for q in tl.static_range(4):  # bytes l = 16 g + 4 q .. + 3
-                            o = 32 * h + 8 * g + 2 * q  # int16 index of ql byte 64 h + l
-                            wa = _ld_w16(s_base + o)  # [ROWS] ql bytes 64h + l .. + 3
-                            wb = _ld_w16(s_base + (o + 16))  # 64h + 32 + l ..
-                            wh = _ld_w16(s_base + (64 + 16 * h + 8 * g + 2 * q))  # qh bytes 32h + l ..
+                            if Q6_WORDS:
+                                wa = pick4(q, qa[0], qa[1], qa[2], qa[3])
+                                wb = pick4(q, qb[0], qb[1], qb[2], qb[3])
+                                wh = pick4(q, qh4[0], qh4[1], qh4[2], qh4[3])
+                            else:
+                                o = 32 * h + 8 * g + 2 * q  # int16 index of ql byte 64 h + l
+                                wa = _ld_w16(s_base + o)  # [ROWS] ql bytes 64h + l .. + 3
+                                wb = _ld_w16(s_base + (o + 16))  # 64h + 32 + l ..
+                                wh = _ld_w16(s_base + (64 + 16 * h + 8 * g + 2 * q))  # qh bytes 32h + l ..
                             for run in tl.static_range(4):
                                 # the run's four 6-bit values at bits 8b .. 8b + 5 of one word, then each moved to
                                 # bits 16-21 under the exponent of 2^7: 128 + q6
@@ -997,7 +1034,11 @@ def _gguf_gemv_kernel(
                         # scale j = 8h + 2 run + g: int8 byte j of the scales, in int16 96 + 4h + run
                         # sum d sc (q6 - 32) x = d sc sum (128 + q6) x - 160 d sc sum x
                         for run in tl.static_range(4):
-                            ds = d * _ld_s8(s_base + (96 + 4 * h + run), g)
+                            if Q6_WORDS:  # scale byte j = 8h + 2 run + g: byte j % 4 of word j // 4, signed
+                                sw = pick4((8 * h + 2 * run + g) // 4, sc4[0], sc4[1], sc4[2], sc4[3])
+                                ds = d * ((sw << (24 - 8 * ((2 * run + g) % 4))) >> 24).to(tl.float32)
+                            else:
+                                ds = d * _ld_s8(s_base + (96 + 4 * h + run), g)
                             if run == 0:
                                 pr, xr = part0, xs0
                             elif run == 1:
@@ -1055,6 +1096,9 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
     instead of added up by every program; c_sums: fp32 [rows of c, N / g] written with the sums of c over groups of
     g columns as stored (the next GEMM's x_sums; BLOCK_N must be a multiple of g)."""
     word, group = GEMV_QTYPES[qtype]
+    q6_words = bool(cfg.get("Q6_WORDS", False)) and qtype == "q6_k" and q6_words_supported(w, u, k)
+    if q6_words:
+        word = torch.int32
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(word)
     u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(word)) if u is not None else w3
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(x, c, routing, pairs, cfg["BLOCK_M"])
@@ -1085,5 +1129,12 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
-        DENSE=routing is None, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=1, **extra,
+        DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, num_warps=cfg["num_warps"], num_stages=1, **extra,
     )
+
+
+def q6_words_supported(w: torch.Tensor, u: torch.Tensor | None, k: int) -> bool:
+    """Whether Q6_K weights (gemv_supported already) can be read as int32 words (Q6_WORDS): an even number of
+    super-blocks a row, so that every row starts 4-byte aligned, as every tensor and stride does."""
+    return (k // SUPER) % 2 == 0 and all(t.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in t.stride()[:-1])
+                                         for t in (w, u) if t is not None)

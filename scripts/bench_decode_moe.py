@@ -69,6 +69,8 @@ def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
         both = [(f"{label}split {s}/{s2}", {**cfg, "SPLIT_K": s, "SPLIT_K2": s2}) for s, s2 in ((2, 2), (4, 2), (3, 3))]
         return one + both
     out = [("launcher", base)] + splits("", base)
+    if not w4 and base.get("PATH") == "gemv":  # Q6_K down read as int32 words (Q4_K_M)
+        out += [("q6 words", {**base, "Q6_WORDS": True})] + splits("q6 words ", {**base, "Q6_WORDS": True})[3:5]
     if not w4 and base.get("PATH") == "gemv":
         q8 = {**base, "ACT_Q8": True, "BLOCK_M": 1}
         out += [("act_q8", {**q8, "SPLIT_K": 1, "SPLIT_K2": 1})] + splits("act_q8 ", q8)

@@ -157,6 +157,8 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
             split = [{**gemv[i], "SPLIT_K": s1, "SPLIT_K2": s2} for i in (0, 2, 1, 4, 6)
                      for s1, s2 in ((4, 2), (2, 2), (3, 3), (2, 1))]
             gemv = split + gemv
+        if mix[2] == "q6_k":  # Q6_K down read as int32 words, first of all
+            gemv = [{**c, "Q6_WORDS": True} for c in gemv[:4]] + gemv
         if mix[0] in gguf_gemv_q8.Q8_QTYPES and m * TOPK <= gguf_moe.GEMV_PAIRS_MAX:  # GEMM 1 on 8-bit activations
             gemv = [{**gemv[-12], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
                     for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))] + gemv

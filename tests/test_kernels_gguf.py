@@ -25,7 +25,15 @@ import pytest
 import torch
 from kernel_devices import CUDA, DEVICES, IGNORE_EXP_OVERFLOW, INTERPRETED, gpu_only  # sets TRITON_INTERPRET first
 from quantkit.kernels import fp8_gemm, gguf_moe
-from quantkit.kernels.gguf_gemm import QTYPES, dequantize_ref, gemv_prep, gemv_supported, gguf_linear, gguf_linear_ref
+from quantkit.kernels.gguf_gemm import (
+    QTYPES,
+    dequantize_ref,
+    gemv_prep,
+    gemv_supported,
+    gguf_linear,
+    gguf_linear_ref,
+    q6_words_supported,
+)
 from quantkit.kernels.gguf_gemv_q8 import gguf_gemv_q8, gguf_gemv_q8_ref, q8_prep, q8_prep_ref
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
@@ -577,3 +585,25 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, monkeypatch):
     assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
         fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "BLOCK_M": 2})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [512, 1024, 768])  # 2 and 4 super-blocks a row; 3 (rows 2 bytes off 4: int16 kept)
+def test_gemv_q6k_words_same_bits(device, k):
+    """Q6_K on the GEMV path read as int32 words (Q6_WORDS: odd super-blocks 2 bytes into a word, merged from two)
+    gives the bits of the int16 reads: the same words meet the same arithmetic. A linear of 3 rows, and the MoE's
+    GEMM 2 (Q4_K_M's down) with its K split so that programs start on odd super-blocks."""
+    gen = gen_for("q6-words", k)
+    w = random_blocks(48, k, "q6_k", gen).to(device)
+    x = activations(3, k, torch.float32, gen).to(device)
+    cfg = dict(PATH="gemv", PREP=True, BLOCK_M=4, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1)
+    assert q6_words_supported(w, None, k) == (k == 512 or k == 1024)
+    out = gguf_linear(x, w, "q6_k", config={**cfg, "Q6_WORDS": True})
+    assert torch.equal(out, gguf_linear(x, w, "q6_k", config=cfg))
+    assert rel_err(out.cpu(), gguf_linear_ref(x.cpu(), w.cpu(), "q6_k")) < 1e-5
+    qtypes = ("q4_k", "q4_k", "q6_k")
+    x, gate, up, down, wt, ids = moe_case(8, 256, k, 2, 2, qtypes, torch.float32, device, drop=True)
+    moe = dict(PATH="gemv", PREP=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1,
+               SPLIT_K2=k // 256)
+    out = fused_moe_gguf(x, gate, up, down, wt, ids, qtypes, config={**moe, "Q6_WORDS": True})
+    assert torch.equal(out, fused_moe_gguf(x, gate, up, down, wt, ids, qtypes, config=moe))
