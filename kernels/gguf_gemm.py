@@ -1104,20 +1104,7 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(x, c, routing, pairs, cfg["BLOCK_M"])
     if x_sums is not None and tuple(x_sums.shape) != (x.shape[0], k // group):
         raise ValueError(f"x_sums must be [{x.shape[0]}, {k // group}], got {tuple(x_sums.shape)}")
-    sums_out = 0
-    if c_sums is not None:
-        sums_out = n // c_sums.shape[1]
-        if c_sums.shape[0] != c.shape[0] or n % sums_out or cfg["BLOCK_N"] % sums_out:
-            raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
-                             f"{cfg['BLOCK_N']}")
-    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    split = cfg.get("SPLIT_K", 1)
-    if split < 1 or (k // SUPER) % split:
-        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k}")
-    # gated, the split programs leave the raw gate and up sums (fp8_moe.gemv_store): partials 2N wide; adding slots,
-    # each slot's shares leave theirs
-    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if u is not None else n, tiles,
-                                       c.device)
+    sums_out, tiles, split, part, counters = gemv_grid(c, n, k, cfg, num_pid_m, u is not None, slot_sum, c_sums)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     xs = x_sums if x_sums is not None else part
     cs = c_sums if c_sums is not None else part
@@ -1131,6 +1118,26 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
         DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, num_warps=cfg["num_warps"], num_stages=1, **extra,
     )
+
+
+def gemv_grid(c: torch.Tensor, n: int, k: int, cfg: dict, num_pid_m: int, gated: bool, slot_sum: int,
+              c_sums: torch.Tensor | None) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """The GEMV kernels' (this module's and kernels/gguf_gemv_q8.py's) launch plan: (SUMS_OUT, tiles, SPLIT_K, fp32
+    partials, arrival counters). c_sums: [rows of c, N / g], g dividing BLOCK_N; SPLIT_K must divide the
+    super-blocks of K. Gated, the split programs leave the raw gate and up sums (fp8_moe.gemv_store): partials 2N
+    wide; adding slots, each slot's shares leave theirs."""
+    sums_out = 0
+    if c_sums is not None:
+        sums_out = n // c_sums.shape[1]
+        if c_sums.shape[0] != c.shape[0] or n % sums_out or cfg["BLOCK_N"] % sums_out:
+            raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
+                             f"{cfg['BLOCK_N']}")
+    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
+    split = cfg.get("SPLIT_K", 1)
+    if split < 1 or (k // SUPER) % split:
+        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k}")
+    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if gated else n, tiles, c.device)
+    return sums_out, tiles, split, part, counters
 
 
 def q6_words_supported(w: torch.Tensor, u: torch.Tensor | None, k: int) -> bool:

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import INTERPRETED, out_mantissa_bits, split_k_workspace, triton_kernel
+from .fp8_gemm import INTERPRETED, out_mantissa_bits, triton_kernel
 from .fp8_moe import block_rows, gemv_store, pair_rows
-from .gguf_gemm import QTYPE_IDS, SUPER, _q4k_scale_min, _routing_args, _split4, dequantize_ref
+from .gguf_gemm import QTYPE_IDS, SUPER, _q4k_scale_min, _routing_args, _split4, dequantize_ref, gemv_grid
 
 Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
 QK = 32  # activations' block: one scale and one sum per 32 values
@@ -261,18 +261,8 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(torch.int32)
     u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(torch.int32)) if u is not None else w3
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(q, c, routing, pairs, 1)
-    sums_out = 0
-    if c_sums is not None:
-        sums_out = n // c_sums.shape[1]
-        if c_sums.shape[0] != c.shape[0] or n % sums_out or cfg["BLOCK_N"] % sums_out:
-            raise ValueError(f"c_sums [{tuple(c_sums.shape)}] does not tile c [{c.shape[0]}, {n}] with BLOCK_N "
-                             f"{cfg['BLOCK_N']}")
-    tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    split = cfg.get("SPLIT_K", 1)
-    if split < 1 or (k // SUPER) % split:
-        raise ValueError(f"SPLIT_K={split} must divide the {k // SUPER} super-blocks of K={k}")
+    sums_out, tiles, split, part, counters = gemv_grid(c, n, k, cfg, num_pid_m, u is not None, slot_sum, c_sums)
     parts = max(slot_sum, 1) * split
-    part, counters = split_k_workspace(parts, c.shape[0], 2 * n if u is not None else n, tiles, c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     cs = c_sums if c_sums is not None else part
     _gguf_gemv_q8[(tiles, parts)](

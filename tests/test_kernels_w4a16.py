@@ -242,17 +242,24 @@ def test_fused_moe_paths_and_masked_edges(device, m, dtype, h, i, group, config)
     assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), dtype)
 
 
+def decode_case(device: str, gen: torch.Generator, e: int = 6, h: int = 192, i: int = 96, topk: int = 4,
+                group: int = 32, m: int = 3):
+    """A small decode-sized MoE: stacked K-major experts on the device, fp32 x [m, h] there, and the routing
+    (weights, ids) on the CPU for the test to edit."""
+    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
+    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
+    x = torch.randn(m, h, generator=gen).float().to(device)
+    tw, ids = routing(m, e, topk, gen)
+    return w13, w2, x, tw, ids
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monkeypatch):
     """Decode's two launches (GEMV on unsorted pairs, GEMM 2 adding the slots itself) against the sorted-list path
     with its separate slot sum, and the reference: ids outside [0, E) (-1 and E) add nothing."""
-    e, h, i, topk, group, m = 6, 192, 96, 4, 32, 3
-    gen = gen_for("moe-pairs", str(ids_dtype))
-    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
-    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
-    x = torch.randn(m, h, generator=gen).float().to(device)
-    tw, ids = routing(m, e, topk, gen)
+    e = 6
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-pairs", str(ids_dtype)), e)
     ids[2, 1] = e  # out of range above as well
     tw, ids = tw.to(device), ids.to(ids_dtype).to(device)
     cfg = {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "PREFETCH": 2}
@@ -308,12 +315,7 @@ def test_fused_moe_split_k(device, cfg):
     """SPLIT_K on the CUDA-core paths: each GEMM's groups over several programs, the last adding the fp32 partials
     in split order (the gated GEMM before its gating): the fp32 MoE to rounding, the same bits on a second run,
     every arrival counter back at zero."""
-    e, h, i, topk, group, m = 6, 192, 96, 4, 32, 3
-    gen = gen_for("moe-split", str(cfg))
-    w13 = [t.to(device) for t in stacked(e, 2 * i, h, group, gen)]
-    w2 = [t.to(device) for t in stacked(e, h, i, group, gen)]
-    x = torch.randn(m, h, generator=gen).float().to(device)
-    tw, ids = routing(m, e, topk, gen)
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-split", str(cfg)))
     ids[1, 2] = -1
     tw, ids = tw.to(device), ids.to(device)
     out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
