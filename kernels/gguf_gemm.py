@@ -766,6 +766,37 @@ def _q6k_run_word(src, wh, run: tl.constexpr, m_lo, m_hi):
 
 
 @triton_kernel
+def _q8_0_pair(wbase):
+    """A pair of Q8_0 blocks (68 bytes) as its 17 int32 words from pointers `wbase`: word 0 = d0 | q0[0, 2) << 16,
+    words 1-7 q0[2, 30), word 8 = q0[30, 32) | d1 << 16, words 9-16 q1."""
+    return (tl.load(wbase), tl.load(wbase + 1), tl.load(wbase + 2), tl.load(wbase + 3), tl.load(wbase + 4),
+            tl.load(wbase + 5), tl.load(wbase + 6), tl.load(wbase + 7), tl.load(wbase + 8), tl.load(wbase + 9),
+            tl.load(wbase + 10), tl.load(wbase + 11), tl.load(wbase + 12), tl.load(wbase + 13), tl.load(wbase + 14),
+            tl.load(wbase + 15), tl.load(wbase + 16))
+
+
+@triton_kernel
+def _q8_0_scale(wd, blk: tl.constexpr):
+    """Block blk's (0, 1) fp16 scale d of a pair's words (_q8_0_pair), as fp32."""
+    if blk == 0:
+        bits = wd[0] & 0xFFFF
+    else:
+        bits = wd[8] >> 16
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton_kernel
+def _q8_0_word(wd, blk: tl.constexpr, i: tl.constexpr):
+    """Codes 4i .. 4i + 3 of block blk of a pair's words (_q8_0_pair) as one int32: block 0's sit 2 bytes into its
+    words (bytes 2 + 4i .. 5 + 4i of the pair)."""
+    if blk == 0:
+        word = ((wd[i] >> 16) & 0xFFFF) | (wd[i + 1] << 16)
+    else:
+        word = wd[9 + i]
+    return word
+
+
+@triton_kernel
 def _q6k_words(base, w: tl.constexpr, odd):
     """Q6_K as int32 words (Q6_WORDS): the four words of super-block bytes 4w .. 4w + 15 from its first word `base`
     [ROWS], the super-block starting 2 bytes into that word when `odd`: five loads, each word the high half of one
@@ -938,15 +969,9 @@ def _gguf_gemv_kernel(
             m8 = (mask16 >> 1) | (mask16 << 3)  # 0x007F8000
             for pr in tl.static_range(4):
                 wbase = row_base + (sb * 68 + pr * 17)
-                wd = (tl.load(wbase), tl.load(wbase + 1), tl.load(wbase + 2), tl.load(wbase + 3), tl.load(wbase + 4),
-                      tl.load(wbase + 5), tl.load(wbase + 6), tl.load(wbase + 7), tl.load(wbase + 8),
-                      tl.load(wbase + 9), tl.load(wbase + 10), tl.load(wbase + 11), tl.load(wbase + 12),
-                      tl.load(wbase + 13), tl.load(wbase + 14), tl.load(wbase + 15), tl.load(wbase + 16))
+                wd = _q8_0_pair(wbase)
                 for blk in tl.static_range(2):
-                    if blk == 0:
-                        d = (wd[0] & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    else:
-                        d = (wd[8] >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    d = _q8_0_scale(wd, blk)
                     for t in tl.static_range(BLOCK_M):
                         xrow = _gemv_x_row(t, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, BLOCK_M,
                                            DENSE, PAIRS)
@@ -954,10 +979,7 @@ def _gguf_gemv_kernel(
                         part = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         xs = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         for i in tl.static_range(8):
-                            if blk == 0:  # bytes 2 + 4i .. 5 + 4i of the pair
-                                word = ((wd[i] >> 16) & 0xFFFF) | (wd[i + 1] << 16)
-                            else:
-                                word = wd[9 + i]
+                            word = _q8_0_word(wd, blk, i)
                             f = ((_bits_to(word[:, None], bytes_at, 15) & m8) ^ 0x43C00000).to(tl.float32,
                                                                                              bitcast=True)
                             xw = tl.load(x_ptrs + 4 * i).to(tl.float32)  # values 4i .. 4i + 3 of the block

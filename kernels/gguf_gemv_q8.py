@@ -35,7 +35,18 @@ import triton.language as tl
 
 from .fp8_gemm import INTERPRETED, out_mantissa_bits, triton_kernel
 from .fp8_moe import block_rows, gemv_store, pair_rows
-from .gguf_gemm import QTYPE_IDS, SUPER, _q4k_scale_min, _routing_args, _split4, dequantize_ref, gemv_grid
+from .gguf_gemm import (
+    QTYPE_IDS,
+    SUPER,
+    _q4k_scale_min,
+    _q8_0_pair,
+    _q8_0_scale,
+    _q8_0_word,
+    _routing_args,
+    _split4,
+    dequantize_ref,
+    gemv_grid,
+)
 
 Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
 QK = 32  # activations' block: one scale and one sum per 32 values
@@ -204,24 +215,15 @@ def _gguf_gemv_q8_kernel(
         else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
             for pr in tl.static_range(4):
                 wbase = row_base[:, None] + (sb * 68 + pr * 17)  # [ROWS, 1]
-                wd = (tl.load(wbase), tl.load(wbase + 1), tl.load(wbase + 2), tl.load(wbase + 3), tl.load(wbase + 4),
-                      tl.load(wbase + 5), tl.load(wbase + 6), tl.load(wbase + 7), tl.load(wbase + 8),
-                      tl.load(wbase + 9), tl.load(wbase + 10), tl.load(wbase + 11), tl.load(wbase + 12),
-                      tl.load(wbase + 13), tl.load(wbase + 14), tl.load(wbase + 15), tl.load(wbase + 16))
+                wd = _q8_0_pair(wbase)
                 for blk in tl.static_range(2):
-                    if blk == 0:
-                        d = (wd[0] & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    else:
-                        d = (wd[8] >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    d = _q8_0_scale(wd, blk)
                     j = sb * 8 + 2 * pr + blk
                     xa = _split4(tl.load(x3 + 8 * j))  # the block's 8 activation words
                     xb = _split4(tl.load(x3 + (8 * j + 4)))
                     isum = tl.zeros((ROWS, 1), dtype=tl.int32)
                     for i in tl.static_range(8):
-                        if blk == 0:  # bytes 2 + 4i .. 5 + 4i of the pair
-                            word = ((wd[i] >> 16) & 0xFFFF) | (wd[i + 1] << 16)
-                        else:
-                            word = wd[9 + i]
+                        word = _q8_0_word(wd, blk, i)
                         if i < 4:
                             xw = xa[i]
                         else:
