@@ -48,14 +48,15 @@ QUANT_IN_GEMM = True
 # K block (B_SCALE_TILE); False reads a scale per column as wider tiles must (kept to measure the two side by side)
 TILE_SCALES = True
 
+SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:
     """Whether column tiles of block_n starting at multiples of block_n (plus n_offset: the up rows of a gated
     GEMM lie N further down) each lie inside one group_n-row scale block: the launch's B_SCALE_TILE."""
     return TILE_SCALES and group_n % block_n == 0 and n_offset % block_n == 0
-SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
-ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # True when triton.language was imported with TRITON_INTERPRET=1: its standard-library functions are then

@@ -38,6 +38,7 @@ from .fp8_moe import block_rows, gemv_store, pair_rows
 from .gguf_gemm import (
     QTYPE_IDS,
     SUPER,
+    _gemv_x_row,
     _q4k_scale_min,
     _q8_0_pair,
     _q8_0_scale,
@@ -103,13 +104,17 @@ def q8_prep_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q.to(torch.int8).reshape(m, k), d, d * q.sum(dim=-1)
 
 
+def q8_dequant_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernels see it: its 8-bit codes times their scales (q8_prep_ref), fp32."""
+    q, d, _ = q8_prep_ref(x)
+    m, k = x.shape
+    return (q.float().reshape(m, k // QK, QK) * d[..., None]).reshape(m, k)
+
+
 def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torch.Tensor:
     """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales (module docstring):
     fp32 [M, N]."""
-    q, d, _ = q8_prep_ref(x)
-    m, k = x.shape
-    xq = (q.float().reshape(m, k // QK, QK) * d[..., None]).reshape(m, k)
-    return xq @ dequantize_ref(w_bytes, qtype).t()
+    return q8_dequant_ref(x) @ dequantize_ref(w_bytes, qtype).t()
 
 
 @triton_kernel
@@ -165,15 +170,10 @@ def _gguf_gemv_q8_kernel(
         pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, r,
                                                                   A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
         row_mask = row_mask & routed
-        tok = pair
     else:
         _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
                                                      1, DENSE)
-        if DENSE:
-            tok = pid_m
-        else:
-            tok = tl.minimum(tl.load(sorted_token_ids_ptr + pid_m), num_valid_tokens - 1)
-    xrow = (tok // A_ROW_DIV).to(tl.int64)
+    xrow = _gemv_x_row(0, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, 1, DENSE, PAIRS)
     SB_WORDS: tl.constexpr = 36 if QTYPE == 12 else 68
     row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * (K // 256 * SB_WORDS)
     if GATED:

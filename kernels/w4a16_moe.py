@@ -718,9 +718,7 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
     block_n = cfg["BLOCK_N"] if gated or cfg["PATH"] != "gemv" else 2 * cfg["BLOCK_N"]
     tiles = num_pid_m * triton.cdiv(n, block_n)
-    split = cfg.get("SPLIT_K", 1)
-    if (gated or slot_sum) and split > 1 and cfg["PATH"] != "gemv":
-        raise ValueError(f"block config {cfg}: the MoE splits K on the gemv and rows paths only")
+    split = cfg.get("SPLIT_K", 1)  # (moe_config admits a split of the MoE's GEMMs on the CUDA-core paths only)
     # gated, the split programs leave the raw gate and up sums (fp8_moe.gemv_store): partials 2N wide; adding slots,
     # each slot's shares leave theirs
     parts = max(slot_sum, 1) * split
@@ -868,7 +866,7 @@ def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: t
 # --------------------------------------------------------------------------------------------------------------------
 # a plain linear on the same kernels
 
-LINEAR_CONFIG_KEYS = MOE_CONFIG_KEYS[:-1]
+LINEAR_CONFIG_KEYS = tuple(k for k in MOE_CONFIG_KEYS if k != "SPLIT_K2")  # one GEMM: one split
 # "dequant" (prefill): the weight dequantized to x.dtype [N, K] by one kernel, then cuBLAS: at a few hundred rows
 # and more the matmul is compute-bound and cuBLAS's bf16 GEMM beats any kernel that unpacks in its inner loop, while
 # the dequantization costs one read of the 4-bit weight and one write (and read) of the 16-bit one

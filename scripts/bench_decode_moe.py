@@ -70,7 +70,9 @@ def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
         return one + both
     out = [("launcher", base)] + splits("", base)
     if not w4 and base.get("PATH") == "gemv":  # Q6_K down read as int32 words (Q4_K_M)
-        out += [("q6 words", {**base, "Q6_WORDS": True})] + splits("q6 words ", {**base, "Q6_WORDS": True})[3:5]
+        q6 = {**base, "Q6_WORDS": True}
+        out += [("q6 words", q6)] + [(f"q6 words split {s}/{s2}", {**q6, "SPLIT_K": s, "SPLIT_K2": s2})
+                                     for s, s2 in ((2, 2), (4, 2))]
     if not w4 and base.get("PATH") == "gemv":
         q8 = {**base, "ACT_Q8": True, "BLOCK_M": 1}
         out += [("act_q8", {**q8, "SPLIT_K": 1, "SPLIT_K2": 1})] + splits("act_q8 ", q8)

@@ -145,7 +145,7 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     first = [gguf_moe.moe_config(torch.device(DEVICE), m, TOPK, E, I, H, mix),
              gguf_moe._moe_default_config(m, TOPK, E, mix)]
     if gguf_moe.gemv_types(mix) and m * TOPK <= 4 * gguf_moe.GEMV_PAIRS_MAX:
-        gemv = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, LANES=lanes, BLOCK_M=bm, BLOCK_N=bn,
+        gemv = hand = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, LANES=lanes, BLOCK_M=bm, BLOCK_N=bn,
                      num_warps=nw * lanes, num_stages=1)
                 for bm, bn, nw, prep, pf, lanes in (
                     (1, 32, 2, True, True, 1), (1, 32, 2, True, True, 2), (1, 32, 2, True, False, 1),
@@ -160,7 +160,7 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
         if mix[2] == "q6_k":  # Q6_K down read as int32 words, first of all
             gemv = [{**c, "Q6_WORDS": True} for c in gemv[:4]] + gemv
         if mix[0] in gguf_gemv_q8.Q8_QTYPES and m * TOPK <= gguf_moe.GEMV_PAIRS_MAX:  # GEMM 1 on 8-bit activations
-            gemv = [{**gemv[-12], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
+            gemv = [{**hand[0], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
                     for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))] + gemv
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:

@@ -34,7 +34,7 @@ from quantkit.kernels.gguf_gemm import (
     gguf_linear_ref,
     q6_words_supported,
 )
-from quantkit.kernels.gguf_gemv_q8 import gguf_gemv_q8, gguf_gemv_q8_ref, q8_prep, q8_prep_ref
+from quantkit.kernels.gguf_gemv_q8 import gguf_gemv_q8, gguf_gemv_q8_ref, q8_dequant_ref, q8_prep, q8_prep_ref
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
 pytestmark = IGNORE_EXP_OVERFLOW
@@ -542,10 +542,7 @@ def test_gemv_q8_matches_its_ref(device, qtype, dtype):
 def moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8: bool) -> torch.Tensor:
     """The MoE as ACT_Q8 computes it, in fp32 on the CPU: x through its 8-bit codes (q8_prep_ref), and the
     intermediate too where GEMM 2 takes them (down_q8); slots routed nowhere add nothing."""
-    def q8(v):
-        q, d, _ = q8_prep_ref(v)
-        return (q.float().view(v.shape[0], -1, 32) * d[..., None]).view(v.shape)
-
+    q8 = q8_dequant_ref
     x, ids, w = x.cpu().float(), ids.cpu(), w.cpu().float()
     out = torch.zeros_like(x)
     xq = q8(x)
