@@ -84,7 +84,8 @@ def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
 
 
 def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: float, ms: list[int],
-               w4: bool) -> tuple[list[dict], dict]:
+               w4: bool, log: Path | None = None) -> tuple[list[dict], dict]:
+    """Each M's variants timed; (rows, {M: fastest config}). Each row is also appended to log as it comes."""
     rows, best_cfgs = [], {}
     for m in ms:
         inputs = ref_of(m)
@@ -111,6 +112,9 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
                    "rel_err": err}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if log is not None:
+                with open(log, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if best is None or t < best[0]:
                 best = (t, label, cfg)
         if best is None:
@@ -150,6 +154,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--write-configs", action="store_true")
     ap.add_argument("--formats", default="gguf,w4a16", help="which of gguf, w4a16 to run")
+    ap.add_argument("--mixes", default=",".join(MIXES), help="which GGUF mixes to run")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +166,9 @@ def main() -> None:
 
     formats = args.formats.split(",")
     experts = Experts(g) if "gguf" in formats else None
-    for name, mix in MIXES.items() if "gguf" in formats else ():
+    log = args.out / "rows.jsonl"
+    mixes = {k: v for k, v in MIXES.items() if k in args.mixes.split(",")}
+    for name, mix in mixes.items() if "gguf" in formats else ():
         gate, up, down = experts.of(mix)
 
         def ref_of(m: int, mix=mix, gate=gate, up=up, down=down) -> dict:
@@ -172,7 +179,7 @@ def main() -> None:
             return gguf_moe.fused_moe_gguf(inp["x"], gate, up, down, inp["w"], inp["ids"], mix, config=cfg)
 
         base_of = lambda m, mix=mix: gguf_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, mix)  # noqa: E731
-        r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False)
+        r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False, log)
         rows += r
         tables[("gguf_moe.json", gguf_moe.moe_shape_key(E, I, H, mix))] = best
     experts = None
@@ -192,7 +199,7 @@ def main() -> None:
         return w4a16_moe.fused_moe_w4a16(inp["x"], *w13, *w2, inp["w"], inp["ids"], config=cfg)
 
     w4_base = lambda m: w4a16_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, G)  # noqa: E731
-    r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True)
+    r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True, log)
     rows += r
     tables[("w4a16_moe.json", f"E={E},I={I},H={H},G={G}")] = best
     finish(args, device, bw, rows, tables)
