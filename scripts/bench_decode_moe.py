@@ -61,15 +61,16 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
     return [(k[:60], round(v, 2)) for k, v in out.items()]
 
 
-def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
+def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
     """The launcher's config, then GEMM 1 split 2-4 ways, then both GEMMs split (SPLIT_K / SPLIT_K2); GGUF: GEMM 1
-    on 8-bit activations (ACT_Q8) too."""
+    on 8-bit activations (ACT_Q8) too, and where the mix holds Q6_K, its rows read as words (Q6_WORDS) with and
+    without ACT_Q8."""
     def splits(label: str, cfg: dict) -> list[tuple[str, dict]]:
         one = [(f"{label}split {s}/1", {**cfg, "SPLIT_K": s, "SPLIT_K2": 1}) for s in SPLITS]
         both = [(f"{label}split {s}/{s2}", {**cfg, "SPLIT_K": s, "SPLIT_K2": s2}) for s, s2 in ((2, 2), (4, 2), (3, 3))]
         return one + both
     out = [("launcher", base)] + splits("", base)
-    if not w4 and base.get("PATH") == "gemv":  # Q6_K down read as int32 words (Q4_K_M)
+    if q6k and base.get("PATH") == "gemv":  # Q6_K down read as int32 words (Q4_K_M)
         q6 = {**base, "Q6_WORDS": True}
         out += [("q6 words", q6)] + [(f"q6 words split {s}/{s2}", {**q6, "SPLIT_K": s, "SPLIT_K2": s2})
                                      for s, s2 in ((2, 2), (4, 2))]
@@ -77,6 +78,10 @@ def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
         q8 = {**base, "ACT_Q8": True, "BLOCK_M": 1}
         out += [("act_q8", {**q8, "SPLIT_K": 1, "SPLIT_K2": 1})] + splits("act_q8 ", q8)
         out += [("act_q8 BLOCK_N 64 split 2/2", {**q8, "BLOCK_N": 64, "num_warps": 2, "SPLIT_K": 2, "SPLIT_K2": 2})]
+        if q6k:
+            q8w = {**q8, "Q6_WORDS": True}
+            out += [(f"act_q8 q6 words split {s}/{s2}", {**q8w, "SPLIT_K": s, "SPLIT_K2": s2})
+                    for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2))]
     if w4 and base.get("PATH") == "gemv":
         rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
         out += [("rows", rows)] + splits("rows ", rows)
@@ -84,7 +89,7 @@ def variants(base: dict, w4: bool) -> list[tuple[str, dict]]:
 
 
 def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: float, ms: list[int],
-               w4: bool, log: Path | None = None) -> tuple[list[dict], dict]:
+               w4: bool, log: Path | None = None, q6k: bool = False) -> tuple[list[dict], dict]:
     """Each M's variants timed; (rows, {M: fastest config}). Each row is also appended to log as it comes."""
     rows, best_cfgs = [], {}
     for m in ms:
@@ -94,7 +99,7 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
         touched = int(inputs["ids"].unique().numel())
         nbytes = touched * per_expert_bytes + 2 * m * H * 2
         best = None
-        for label, cfg in variants(base, w4):
+        for label, cfg in variants(base, w4, q6k):
             if m * TOPK > 64 and cfg.get("PATH") == "rows":
                 continue
             fn = lambda c=cfg: call(inputs, c)  # noqa: E731
@@ -179,7 +184,8 @@ def main() -> None:
             return gguf_moe.fused_moe_gguf(inp["x"], gate, up, down, inp["w"], inp["ids"], mix, config=cfg)
 
         base_of = lambda m, mix=mix: gguf_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, mix)  # noqa: E731
-        r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False, log)
+        r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False, log,
+                             "q6_k" in mix)
         rows += r
         tables[("gguf_moe.json", gguf_moe.moe_shape_key(E, I, H, mix))] = best
     experts = None
