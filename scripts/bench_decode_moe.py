@@ -89,7 +89,8 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
 
 
 def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: float, ms: list[int],
-               w4: bool, log: Path | None = None, q6k: bool = False) -> tuple[list[dict], dict]:
+               w4: bool, log: Path | None = None, q6k: bool = False,
+               only: set[str] | None = None) -> tuple[list[dict], dict]:
     """Each M's variants timed; (rows, {M: fastest config}). Each row is also appended to log as it comes."""
     rows, best_cfgs = [], {}
     for m in ms:
@@ -100,6 +101,8 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
         nbytes = touched * per_expert_bytes + 2 * m * H * 2
         best = None
         for label, cfg in variants(base, w4, q6k):
+            if only and label not in only:
+                continue
             if m * TOPK > 64 and cfg.get("PATH") == "rows":
                 continue
             fn = lambda c=cfg: call(inputs, c)  # noqa: E731
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--write-configs", action="store_true")
     ap.add_argument("--formats", default="gguf,w4a16", help="which of gguf, w4a16 to run")
     ap.add_argument("--mixes", default=",".join(MIXES), help="which GGUF mixes to run")
+    ap.add_argument("--only", default="", help="comma-separated variant labels to time (default: all)")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,7 @@ def main() -> None:
     formats = args.formats.split(",")
     experts = Experts(g) if "gguf" in formats else None
     log = args.out / "rows.jsonl"
+    only = set(filter(None, args.only.split(",")))
     mixes = {k: v for k, v in MIXES.items() if k in args.mixes.split(",")}
     for name, mix in mixes.items() if "gguf" in formats else ():
         gate, up, down = experts.of(mix)
@@ -185,7 +190,7 @@ def main() -> None:
 
         base_of = lambda m, mix=mix: gguf_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, mix)  # noqa: E731
         r, best = run_format(name, call, ref_of, base_of, Experts.bytes_per_expert(mix), bw, ms, False, log,
-                             "q6_k" in mix)
+                             "q6_k" in mix, only)
         rows += r
         tables[("gguf_moe.json", gguf_moe.moe_shape_key(E, I, H, mix))] = best
     experts = None
@@ -205,7 +210,7 @@ def main() -> None:
         return w4a16_moe.fused_moe_w4a16(inp["x"], *w13, *w2, inp["w"], inp["ids"], config=cfg)
 
     w4_base = lambda m: w4a16_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, G)  # noqa: E731
-    r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True, log)
+    r, best = run_format("W4A16", w4_call, w4_ref_of, w4_base, moe_bytes(1, 0), bw, ms, True, log, only=only)
     rows += r
     tables[("w4a16_moe.json", f"E={E},I={I},H={H},G={G}")] = best
     finish(args, device, bw, rows, tables)
