@@ -27,8 +27,9 @@ list, BLOCK_M tokens of an expert sharing each decoded weight. Three launches at
 "PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them. On the GEMV
 path, "SPLIT_K" / "SPLIT_K2" split each GEMM's K over programs, and "ACT_Q8" (BLOCK_M 1, Q4_K or Q8_0 gate and
 up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer dot products (kernels/gguf_gemv_q8.py, as
-llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K or Q8_0; a tuning candidate, within 1% of the fp32
-result.
+llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K or Q8_0: about 1% from the fp32 result on a
+MiniMax-M2 layer, taken by the H100 and H200 tables at one to eight tokens, not by the defaults. "Q6_WORDS" reads
+Q6_K rows of an even number of super-blocks as int32 words (the same bits; in the GEMV default).
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
@@ -144,9 +145,9 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
 
 
 def _path_default(path: str) -> dict:
-    if path == "gemv":
+    if path == "gemv":  # Q6_K rows as words where their length allows (the same bits; H100 and H200 both faster)
         return dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2,
-                    num_stages=1)
+                    num_stages=1, Q6_WORDS=True)
     return dict(PATH="tile", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
 
 
