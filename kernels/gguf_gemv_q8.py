@@ -9,8 +9,13 @@ codes in one `dp4a` (four byte products added into an int32):
           sum (d sc q - dmin m) x ~= d sc dx_j * sum q xq - dmin m * dx_j sum xq
           the nibbles of a word are split with one AND (low: sub-block 2c) or a shift and an AND (high: 2c + 1), and
           dx_j sum xq comes with the codes (ggml's Q8_1 `s`);
-    Q8_0  block j: sum d q x ~= d dx_j * sum q xq (signed bytes on both sides).
-Both are the dot product of the weights with the dequantized activations, to fp32 rounding. (The exact sum of x in
+    Q8_0  block j: sum d q x ~= d dx_j * sum q xq (signed bytes on both sides);
+    Q6_K  scale group of 16 (int8 scale sc): sum d sc (q - 32) x ~= d sc dx_j * (sum q xq - 32 sum xq), q the 6-bit
+          code rebuilt in each byte from its low nibble and two high bits (kernels/gguf_gemm._q6k_run_word), the
+          dot and the -32 term two `dp4a`s a word (the second of bytes -32), the two groups of a block of 32 added
+          in int32 under their scales; rows of an even number of super-blocks (4-byte aligned), read as words, an
+          odd super-block's each merged from the halves of two by one byte permute (`prmt`).
+All three are the dot product of the weights with the dequantized activations, to fp32 rounding. (The exact sum of x in
 the min term would not be: the error would then be that of the all-positive d sc q part alone, which the min's
 cancellation magnifies several times over on a Q4_K row.)
 The compiled loop issues 1.4 (Q4_K) and 0.9 (Q8_0) instructions a weight, against 4.1 and 4.0 for the fp32 GEMV
@@ -18,10 +23,11 @@ The compiled loop issues 1.4 (Q4_K) and 0.9 (Q8_0) instructions a weight, agains
 which llama.cpp accepts for every quantized matmul on CUDA; the fp32 reference of that arithmetic is
 `gguf_gemv_q8_ref`.
 
-Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K or Q8_0 gate and up)
-and for GEMM 2 where down is Q4_K or Q8_0 (the intermediate quantized by one more q8_prep launch; Q4_K_M's Q6_K down
-stays on the fp32 GEMV, which takes the fp32 intermediate and its group sums). The launch arguments, the grid
-(PAIRS, DENSE, GATED, SPLIT_K, SLOT_SUM) and the epilogue are the GEMV kernel's, one token a program.
+Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K, Q6_K or Q8_0 gate
+and up) and for GEMM 2 where down is Q4_K or Q8_0, or Q6_K with "Q6_Q8" (the intermediate quantized by one more
+q8_prep launch; otherwise GEMM 2 stays on the fp32 GEMV, which takes the fp32 intermediate and its group sums).
+The launch arguments, the grid (PAIRS, DENSE, GATED, SPLIT_K, SLOT_SUM) and the epilogue are the GEMV kernel's,
+one token a program.
 
 Under Triton's interpreter (CPU tests) the `dp4a` is computed byte by byte; on a GPU it is the PTX instruction
 (compute capability 6.1 and up).
@@ -34,12 +40,13 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import INTERPRETED, out_mantissa_bits, triton_kernel
-from .fp8_moe import block_rows, gemv_store, pair_rows
+from .fp8_moe import block_rows, gemv_store, pair_rows, pick4
 from .gguf_gemm import (
     QTYPE_IDS,
     SUPER,
     _gemv_x_row,
     _q4k_scale_min,
+    _q6k_run_word,
     _q8_0_pair,
     _q8_0_scale,
     _q8_0_word,
@@ -49,7 +56,8 @@ from .gguf_gemm import (
     gemv_grid,
 )
 
-Q8_QTYPES = {"q4_k": 36, "q8_0": 68}  # the types read, and the int32 words of one 256-value step of a row
+Q8_QTYPES = ("q4_k", "q6_k", "q8_0")  # the types read (Q6_K: rows of an even number of super-blocks)
+_NEG32 = tl.constexpr(-522133280)  # 0xE0E0E0E0: four bytes of -32, Q6_K's offset in a dp4a
 QK = 32  # activations' block: one scale and one sum per 32 values
 _QK = tl.constexpr(QK)  # the same inside kernels
 
@@ -118,6 +126,31 @@ def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torc
 
 
 @triton_kernel
+def _prmt(a, b, sel, EMULATE: tl.constexpr):
+    """The bytes of int32 words a (0-3) and b (4-7) that sel's four nibbles name, low byte first; sel 0x3210 (a) or
+    0x5432 (a's high half, then b's low half) under the interpreter."""
+    if EMULATE:
+        out = tl.where(sel == 0x5432, ((a >> 16) & 0xFFFF) | (b << 16), a)
+    else:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton_kernel
+def _q6k_words_prmt(base, w: tl.constexpr, sel, EMULATE: tl.constexpr):
+    """Q6_K super-block words w .. w + 3 (bytes 4w .. 4w + 15) from its first word `base`: five loads, each word
+    one byte permute of two (sel 0x5432 where the super-block starts 2 bytes into `base`, else 0x3210)."""
+    v0 = tl.load(base + w)
+    v1 = tl.load(base + (w + 1))
+    v2 = tl.load(base + (w + 2))
+    v3 = tl.load(base + (w + 3))
+    v4 = tl.load(base + (w + 4))
+    return (_prmt(v0, v1, sel, EMULATE), _prmt(v1, v2, sel, EMULATE), _prmt(v2, v3, sel, EMULATE),
+            _prmt(v3, v4, sel, EMULATE))
+
+
+@triton_kernel
 def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
     """c + the sum of the four byte products of int32 words a and b (b's bytes signed; a's signed or not)."""
     if EMULATE:
@@ -174,8 +207,9 @@ def _gguf_gemv_q8_kernel(
         _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
                                                      1, DENSE)
     xrow = _gemv_x_row(0, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, 1, DENSE, PAIRS)
-    SB_WORDS: tl.constexpr = 36 if QTYPE == 12 else 68
-    row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * (K // 256 * SB_WORDS)
+    # a row's int32 words: 36 a Q4_K super-block, 68 a pair of Q8_0 blocks... (256 values), 105 two Q6_K ones
+    ROW_WORDS: tl.constexpr = K // 256 * 36 if QTYPE == 12 else (K // 512 * 105 if QTYPE == 14 else K // 256 * 68)
+    row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * ROW_WORDS
     if GATED:
         row_base = tl.where(r < BLOCK_N, w_ptr + expert * stride_we + row64, u_ptr + expert * stride_ue + row64)
     else:
@@ -212,6 +246,51 @@ def _gguf_gemv_q8_kernel(
                     j = sb * 8 + 2 * c + p
                     isum = lo if p == 0 else hi
                     acc += ds * (isum.to(tl.float32) * tl.load(xd_row + j)) - dm * tl.load(xs_row + j)
+        elif QTYPE == 14:  # Q6_K: ql [0, 128), qh [128, 192), 16 int8 scales, d at 208; super-block sb from word
+            # (105 sb) // 2 of the row, 2 bytes into it when sb is odd. Half h's value 128h + 32 run + l: low bits from
+            # ql byte 64h + l (runs 0, 2) or 64h + 32 + l (1, 3), high bits 2 run of qh byte 32h + l, scale
+            # 8h + 2 run + l // 16 (kernels/gguf_gemm.py's Q6_K GEMV, the same words)
+            s_base = row_base[:, None] + (105 * sb) // 2  # [ROWS, 1]
+            sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros((ROWS, 1), dtype=tl.int32)
+            dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
+            d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            sc4 = _q6k_words_prmt(s_base, 48, sel, EMULATE)  # the 16 scales
+            neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
+            for h in tl.static_range(2):
+                i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
+                i1 = tl.zeros((ROWS, 1), dtype=tl.int32)
+                i2 = tl.zeros((ROWS, 1), dtype=tl.int32)
+                i3 = tl.zeros((ROWS, 1), dtype=tl.int32)
+                for g in tl.static_range(2):  # l in [16g, 16g + 16)
+                    qa = _q6k_words_prmt(s_base, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
+                    qb = _q6k_words_prmt(s_base, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
+                    qh4 = _q6k_words_prmt(s_base, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
+                    for run in tl.static_range(4):
+                        xw = _split4(tl.load(x3 + (sb * 64 + 32 * h + 8 * run + 4 * g)))  # its 16 activation codes
+                        isum = tl.zeros((ROWS, 1), dtype=tl.int32)
+                        for q in tl.static_range(4):
+                            if run % 2 == 0:
+                                src = pick4(q, qa[0], qa[1], qa[2], qa[3])
+                            else:
+                                src = pick4(q, qb[0], qb[1], qb[2], qb[3])
+                            z = _q6k_run_word(src, pick4(q, qh4[0], qh4[1], qh4[2], qh4[3]), run, 0x0F0F0F0F,
+                                              0x30303030)  # four codes 0 .. 63
+                            isum = _dp4a(z, xw[q], isum, False, EMULATE)
+                            isum = _dp4a(neg32, xw[q], isum, True, EMULATE)  # - 32 x each
+                        j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
+                        sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
+                        sc = (sw << (24 - 8 * (j % 4))) >> 24
+                        if run == 0:
+                            i0 += sc * isum
+                        elif run == 1:
+                            i1 += sc * isum
+                        elif run == 2:
+                            i2 += sc * isum
+                        else:
+                            i3 += sc * isum
+                for run in tl.static_range(4):
+                    isum = pick4(run, i0, i1, i2, i3)
+                    acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
         else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
             for pr in tl.static_range(4):
                 wbase = row_base[:, None] + (sb * 68 + pr * 17)  # [ROWS, 1]
@@ -242,7 +321,8 @@ _gguf_gemv_q8 = triton_kernel(_gguf_gemv_q8_kernel)
 
 
 def q8_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
-    """Whether this kernel reads these (weight, qtype) pairs: Q4_K or Q8_0, rows contiguous, viewable as int32."""
+    """Whether this kernel reads these (weight, qtype) pairs: Q4_K, Q6_K or Q8_0, rows contiguous, viewable as int32
+    (Q6_K: rows of an even number of super-blocks)."""
     for w, qtype in ws_qtypes:
         if qtype not in Q8_QTYPES:
             return False
@@ -282,7 +362,8 @@ def gguf_gemv_q8(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dic
     m, k = x.shape
     n = w_bytes.shape[0]
     if not q8_supported((w_bytes, qtype)):
-        raise ValueError(f"the 8-bit activation GEMV reads Q4_K and Q8_0 rows, contiguous and aligned; got {qtype}")
+        raise ValueError(f"the 8-bit activation GEMV reads Q4_K, Q6_K (an even number of super-blocks a row) and "
+                         f"Q8_0 rows, contiguous and aligned; got {qtype}")
     cfg = {"BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 1, **(config or {})}
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:

@@ -34,7 +34,14 @@ from quantkit.kernels.gguf_gemm import (
     gguf_linear_ref,
     q6_words_supported,
 )
-from quantkit.kernels.gguf_gemv_q8 import gguf_gemv_q8, gguf_gemv_q8_ref, q8_dequant_ref, q8_prep, q8_prep_ref
+from quantkit.kernels.gguf_gemv_q8 import (
+    gguf_gemv_q8,
+    gguf_gemv_q8_ref,
+    q8_dequant_ref,
+    q8_prep,
+    q8_prep_ref,
+    q8_supported,
+)
 from quantkit.kernels.gguf_moe import fused_moe_gguf, fused_moe_gguf_ref
 
 pytestmark = IGNORE_EXP_OVERFLOW
@@ -531,14 +538,14 @@ def test_q8_prep_matches_ref(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", ["q4_k", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     """The integer-dot GEMV against the fp32 product with the 8-bit activations (integer sums are exact: to fp32
     rounding) and against the fp32 GEMV within the activations' 8-bit rounding (1%). N = 80: a partial 32-row
-    tile."""
+    tile. Q6_K: four super-blocks a row, two of them starting 2 bytes into a word."""
     gen = gen_for("gemv-q8", qtype, dtype)
-    n, k = 80, 768
+    n, k = 80, (1024 if qtype == "q6_k" else 768)
     w = random_blocks(n, k, qtype, gen).to(device)
     x = activations(3, k, dtype, gen).to(device)
     out = gguf_gemv_q8(x, w, qtype)
@@ -546,6 +553,18 @@ def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     assert out.dtype == dtype
     assert rel_err(out.cpu(), ref) < (2e-6 if dtype == torch.float32 else 4e-3)
     assert rel_err(out.cpu(), gguf_linear_ref(x.cpu(), w.cpu(), qtype)) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_q8_q6k_rows_of_odd_super_blocks_refused(device):
+    """Q6_K rows of an odd number of super-blocks are not 4-byte aligned: not this kernel's (the MoE keeps the fp32
+    GEMV for them), and the linear says so."""
+    gen = gen_for("gemv-q8-odd")
+    w = random_blocks(8, 768, "q6_k", gen).to(device)
+    assert not q8_supported((w, "q6_k"))
+    assert q8_supported((random_blocks(8, 512, "q6_k", gen).to(device), "q6_k"))
+    with pytest.raises(ValueError, match="even number of super-blocks"):
+        gguf_gemv_q8(torch.zeros(1, 768, device=device), w, "q6_k")
 
 
 def moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8: bool) -> torch.Tensor:
@@ -569,12 +588,14 @@ def moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8: bool) -> torch.Tensor
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtypes,split,sort", [
-    (("q4_k", "q4_k", "q6_k"), 1, False),  # Q4_K_M: GEMM 2 (Q6_K) on the fp32 GEMV and its group sums
-    (("q8_0", "q8_0", "q8_0"), 2, False),  # both GEMMs on 8-bit activations, K split in both
-    (("q4_k", "q4_k", "q4_k"), 1, True),  # both, over the sorted list
+@pytest.mark.parametrize("qtypes,split,sort,q6q8", [
+    (("q4_k", "q4_k", "q6_k"), 1, False, False),  # Q4_K_M: GEMM 2 (Q6_K) on the fp32 GEMV and its group sums
+    (("q4_k", "q4_k", "q6_k"), 2, False, True),  # Q4_K_M with Q6_Q8: GEMM 2 too, shares from odd super-blocks
+    (("q6_k", "q6_k", "q6_k"), 1, True, True),  # Q6_K: both, over the sorted list
+    (("q8_0", "q8_0", "q8_0"), 2, False, False),  # both GEMMs on 8-bit activations, K split in both
+    (("q4_k", "q4_k", "q4_k"), 1, True, False),  # both, over the sorted list
 ])
-def test_fused_moe_act_q8(device, qtypes, split, sort, monkeypatch):
+def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     """The MoE on 8-bit activations (ACT_Q8): GEMM 1, and GEMM 2 where down is Q4_K or Q8_0; unsorted pairs or
     the sorted list, slots routed nowhere, K split or not. Against the fp32 MoE on the 8-bit activations
     (moe_q8_ref: to fp32 rounding, and the odd code an intermediate's rounding moves across a step) and, loosely,
@@ -582,11 +603,13 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, monkeypatch):
     activations' rounding several times over; the same bits twice; BLOCK_M above 1 refused."""
     if sort:
         monkeypatch.setattr(gguf_moe, "GEMV_PAIRS_MAX", 0)
-    x, gate, up, down, w, ids = moe_case(8, 512, 256, 3, 2, qtypes, torch.float32, device, drop=True)
+    inter = 512 if qtypes[2] == "q6_k" else 256  # Q6_K down: an even number of super-blocks a row
+    x, gate, up, down, w, ids = moe_case(8, 512, inter, 3, 2, qtypes, torch.float32, device, drop=True)
     cfg = dict(PATH="gemv", BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1, ACT_Q8=True,
-               SPLIT_K=split, SPLIT_K2=split)
+               SPLIT_K=split, SPLIT_K2=split, Q6_Q8=q6q8)
     out = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
-    assert rel_err(out.cpu(), moe_q8_ref(x, gate, up, down, w, ids, qtypes, qtypes[2] != "q6_k")) < 1e-3
+    down_q8 = qtypes[2] != "q6_k" or q6q8
+    assert rel_err(out.cpu(), moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8)) < 1e-3
     assert rel_err(out, fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)) < 6e-2
     assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
