@@ -160,8 +160,11 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
         if mix[2] == "q6_k":  # Q6_K down read as int32 words, first of all
             gemv = [{**c, "Q6_WORDS": True} for c in gemv[:4]] + gemv
         if mix[0] in gguf_gemv_q8.Q8_QTYPES and m * TOPK <= gguf_moe.GEMV_PAIRS_MAX:  # GEMM 1 on 8-bit activations
-            gemv = [{**hand[0], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
-                    for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))] + gemv
+            q8 = [{**hand[0], "ACT_Q8": True, "SPLIT_K": s1, "SPLIT_K2": s2}
+                  for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))]
+            if mix[2] == "q6_k":  # a Q6_K down as words on fp32 activations (what won), or on 8-bit ones (Q6_Q8)
+                q8 = [{**c, "Q6_WORDS": True} for c in q8] + [{**c, "Q6_Q8": True} for c in q8]
+            gemv = q8 + gemv
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
