@@ -270,14 +270,17 @@ block_rows = triton_kernel(_block_rows)
 def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
                 tok_mask, N, num_valid_tokens, stride_cm, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, SLOT_SUM: tl.constexpr,
-                SPLIT_K: tl.constexpr, OUT_MANT: tl.constexpr, SUMS_OUT: tl.constexpr):
+                SPLIT_K: tl.constexpr, OUT_MANT: tl.constexpr, SUMS_OUT: tl.constexpr, Q8_OUT: tl.constexpr = False):
     """The CUDA-core GEMV kernels' epilogue (kernels/gguf_gemm.py, kernels/w4a16_moe.py's GEMV and rows paths): acc
     [BLOCK_M, ROWS] fp32 sums of the program's weight rows (GATED: BLOCK_N gate rows, then BLOCK_N up rows) ->
     silu(gate) * up; SLOT_SUM: times the pair's router weight, the token's slots added in slot order (split_k_sum);
     SPLIT_K: the K shares added (with SLOT_SUM, each slot's shares in turn); MUL_ROUTED_WEIGHT (sorted list): times
     each row's router weight. Stores C's tile [BLOCK_M, BLOCK_N] and, SUMS_OUT > 0, the sums of each SUMS_OUT stored
     values of a row (the next GEMV's group sums). GATED with SPLIT_K > 1: the raw gate and up sums are added up first
-    (partials [SPLIT_K, rows, 2N], the gate columns then the up ones), the gating is the last program's."""
+    (partials [SPLIT_K, rows, 2N], the gate columns then the up ones), the gating is the last program's. Q8_OUT:
+    the tile as kernels/gguf_gemv_q8.q8_prep would make it of the fp32 values (int8 codes into c, per 32 columns
+    the scale and the scale times the codes' sum into csum_ptr [2, num_valid_tokens, N / 32]; BLOCK_N a multiple
+    of 32): the next GEMV's 8-bit activations without a launch of their own."""
     last = True
     if GATED and SPLIT_K > 1 and not SLOT_SUM:
         offs_raw = tl.arange(0, 2 * BLOCK_N)
@@ -307,16 +310,33 @@ def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid
     if last:
         if MUL_ROUTED_WEIGHT and not SLOT_SUM:
             out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
-        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-            out = round_to_out_grid(out, OUT_MANT)
-        stored = out.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
-        if SUMS_OUT:  # whole groups of the stored values (the launchers check the tiling)
-            G: tl.constexpr = BLOCK_N // SUMS_OUT
-            sums = tl.sum(tl.reshape(stored.to(tl.float32), (BLOCK_M, G, SUMS_OUT)), axis=2)  # [BLOCK_M, G]
-            offs_g = pid_n * G + tl.arange(0, G)
-            tl.store(csum_ptr + offs_tok64[:, None] * (N // SUMS_OUT) + offs_g[None, :], sums,
-                     mask=tok_mask[:, None] & (offs_g < N // SUMS_OUT)[None, :])
+        if Q8_OUT:  # q8_prep's operations, in its order (the same bits)
+            v = tl.reshape(out, (BLOCK_M, BLOCK_N // 32, 32))
+            amax = tl.max(tl.abs(v), axis=2)  # [BLOCK_M, BLOCK_N / 32]
+            d = tl.math.div_rn(amax, 127.0)
+            inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
+            t = v * inv[:, :, None]
+            q = tl.floor(tl.abs(t) + 0.5)
+            q = tl.where(t < 0, -q, q)
+            tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :],
+                     tl.reshape(q, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=c_mask)
+            G32: tl.constexpr = BLOCK_N // 32
+            offs_g32 = pid_n * G32 + tl.arange(0, G32)
+            g_mask = tok_mask[:, None] & (offs_g32 < N // 32)[None, :]
+            ds_ptrs = csum_ptr + offs_tok64[:, None] * (N // 32) + offs_g32[None, :]
+            tl.store(ds_ptrs, d, mask=g_mask)
+            tl.store(ds_ptrs + num_valid_tokens * (N // 32), d * tl.sum(q, axis=2), mask=g_mask)
+        else:
+            if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+                out = round_to_out_grid(out, OUT_MANT)
+            stored = out.to(c_ptr.dtype.element_ty)
+            tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :], stored, mask=c_mask)
+            if SUMS_OUT:  # whole groups of the stored values (the launchers check the tiling)
+                G: tl.constexpr = BLOCK_N // SUMS_OUT
+                sums = tl.sum(tl.reshape(stored.to(tl.float32), (BLOCK_M, G, SUMS_OUT)), axis=2)  # [BLOCK_M, G]
+                offs_g = pid_n * G + tl.arange(0, G)
+                tl.store(csum_ptr + offs_tok64[:, None] * (N // SUMS_OUT) + offs_g[None, :], sums,
+                         mask=tok_mask[:, None] & (offs_g < N // SUMS_OUT)[None, :])
 
 
 gemv_store = triton_kernel(_gemv_store)

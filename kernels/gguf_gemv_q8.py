@@ -185,6 +185,7 @@ def _gguf_gemv_q8_kernel(
     BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr, EMULATE: tl.constexpr,
     SUMS_OUT: tl.constexpr = 0, DENSE: tl.constexpr = False, PAIRS: tl.constexpr = False,
     SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
+    Q8_OUT: tl.constexpr = False,  # c: int8 codes, csum_ptr: [2, rows, N / 32] scales and scaled sums (gemv_store)
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
@@ -314,7 +315,7 @@ def _gguf_gemv_q8_kernel(
     acc = tl.reshape(acc, (1, ROWS))
     gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
                tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K,
-               OUT_MANT, SUMS_OUT)
+               OUT_MANT, SUMS_OUT, Q8_OUT)
 
 
 _gguf_gemv_q8 = triton_kernel(_gguf_gemv_q8_kernel)
@@ -337,22 +338,29 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
                         c: torch.Tensor, n: int, k: int, cfg: dict, u: torch.Tensor | None = None,
                         routing: tuple[torch.Tensor, ...] | None = None, a_row_div: int = 1,
                         mul_routed_weight: bool = False, pairs: int = 0, slot_sum: int = 0,
-                        c_sums: torch.Tensor | None = None) -> None:
-    """One launch: xq = q8_prep(x); the rest as kernels/gguf_gemm.launch_gguf_gemv's (BLOCK_M 1)."""
+                        c_sums: torch.Tensor | None = None, c_q8: torch.Tensor | None = None) -> None:
+    """One launch: xq = q8_prep(x); the rest as kernels/gguf_gemm.launch_gguf_gemv's (BLOCK_M 1). c_q8: c holds
+    int8 codes and c_q8 fp32 [2, rows of c, N / 32] the scales and scaled sums: the output as q8_prep would make
+    it of the fp32 result (the next GEMV's activations; BLOCK_N a multiple of 32)."""
     q, d, s = xq
+    if c_q8 is not None and (c.dtype != torch.int8 or cfg["BLOCK_N"] % QK or n % QK
+                             or tuple(c_q8.shape) != (2, c.shape[0], n // QK)):
+        raise ValueError(f"8-bit output: int8 c [rows, {n}] and c_q8 [2, rows, {n // QK}] with BLOCK_N a multiple "
+                         f"of {QK}; got {c.dtype}, {tuple(c_q8.shape)}, BLOCK_N {cfg['BLOCK_N']}")
     w3 = (w if w.dim() == 3 else w.unsqueeze(0)).view(torch.int32)
     u3 = ((u if u.dim() == 3 else u.unsqueeze(0)).view(torch.int32)) if u is not None else w3
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(q, c, routing, pairs, 1)
     sums_out, tiles, split, part, counters = gemv_grid(c, n, k, cfg, num_pid_m, u is not None, slot_sum, c_sums)
     parts = max(slot_sum, 1) * split
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
-    cs = c_sums if c_sums is not None else part
+    cs = c_sums if c_sums is not None else (c_q8 if c_q8 is not None else part)
     _gguf_gemv_q8[(tiles, parts)](
         q.view(torch.int32), d, s, w3, u3, c, cs, weights, sorted_ids, expert_ids, total, part, counters,
         n, m_rows, num_pid_m, w3.stride(0), u3.stride(0), c.stride(0),
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
-        BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype), EMULATE=INTERPRETED, SUMS_OUT=sums_out,
-        DENSE=routing is None, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=1, **extra,
+        BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
+        SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
+        num_stages=1, **extra,
     )
 
 

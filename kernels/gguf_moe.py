@@ -55,7 +55,7 @@ from .gguf_gemm import (
     launch_gguf_gemv,
     launch_gguf_matmul,
 )
-from .gguf_gemv_q8 import launch_gguf_gemv_q8, q8_prep, q8_supported
+from .gguf_gemv_q8 import QK, launch_gguf_gemv_q8, q8_prep, q8_supported
 
 # single-token steps (up to this many tokens) with a CUDA-core config (BLOCK_M < 16) take the pairs unsorted, one a
 # row block, and GEMM 2 adds each token's slots: two launches instead of four (kernels/fp8_moe.py says why one token)
@@ -64,7 +64,7 @@ PAIRS_MAX_TOKENS = 1
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
 MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages",
-                   "SPLIT_K", "SPLIT_K2", "ACT_Q8", "Q6_Q8", "Q6_WORDS")
+                   "SPLIT_K", "SPLIT_K2", "ACT_Q8", "Q6_Q8", "EPI_Q8", "Q6_WORDS")
 PATHS = ("tile", "gemv")
 
 
@@ -205,7 +205,7 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     """The GEMV path: GEMM 1 writes silu(gate) * up in fp32 with its sums over down's scale groups, which GEMM 2
     takes as its activations and their sums; with PREP, x is converted and summed once too (one small launch).
     ACT_Q8: GEMM 1 on x quantized to 8 bits (kernels/gguf_gemv_q8.py), and GEMM 2 too where down is Q4_K or Q8_0,
-    or Q6_K with Q6_Q8 (the intermediate quantized by one more small launch)."""
+    or Q6_K with Q6_Q8 (the intermediate quantized by one more launch, or with EPI_Q8 in GEMM 1's epilogue)."""
     m, h = x.shape
     e, i = gate.shape[0], gate.shape[1]
     topk = topk_ids.shape[1]
@@ -218,7 +218,15 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
                          f"{qtypes}")
     # GEMM 2 on 8-bit activations where down is Q4_K or Q8_0, and Q6_K with Q6_Q8
     down_q8 = act_q8 and q8_supported((down, qtypes[2])) and (qtypes[2] != "q6_k" or bool(cfg.get("Q6_Q8", False)))
-    inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
+    # EPI_Q8: GEMM 1 quantizes its output for GEMM 2 itself (the same bits as q8_prep of the fp32 output, one launch
+    # fewer; where BLOCK_N is a multiple of the activations' block of 32)
+    epi_q8 = down_q8 and bool(cfg.get("EPI_Q8", False)) and cfg["BLOCK_N"] % QK == 0
+    if epi_q8:
+        inter = alloc((m * topk, i), dtype=torch.int8, device=x.device)  # codes of silu(gate) * up
+        inter_q8 = alloc((2, m * topk, i // QK), dtype=torch.float32, device=x.device)  # their scales, scaled sums
+    else:
+        inter = alloc((m * topk, i), dtype=torch.float32, device=x.device)  # [M*topk, I] silu(gate) * up
+        inter_q8 = None
     inter_sums = None if down_q8 else alloc((m * topk, i // g_dn), dtype=torch.float32, device=x.device)
     # SPLIT_K and SPLIT_K2: GEMM 1's and GEMM 2's super-blocks of K over that many programs a tile (a slot, adding
     # slots), each falling to the largest divisor of its count not above it
@@ -236,7 +244,7 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
         extra1 = extra2 = {}
     if act_q8:
         launch_gguf_gemv_q8(q8_prep(x), gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
-                            c_sums=inter_sums, **extra1)
+                            c_sums=inter_sums, c_q8=inter_q8, **extra1)
     else:
         x_in, x_sums = gemv_prep(x, g_in) if cfg.get("PREP", True) else (x, None)
         launch_gguf_gemv(x_in, gate, qtypes[0], inter, i, h, cfg, u=up, routing=routing, a_row_div=topk,
@@ -244,7 +252,8 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
     # unsorted pairs: GEMM 2 writes the tokens' sums over their slots; sorted: each slot's output, summed after
     out = torch.empty_like(x) if pairs else alloc((m * topk, h), dtype=x.dtype, device=x.device)
     if down_q8:
-        launch_gguf_gemv_q8(q8_prep(inter), down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
+        xq2 = (inter, inter_q8[0], inter_q8[1]) if epi_q8 else q8_prep(inter)
+        launch_gguf_gemv_q8(xq2, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,
                             mul_routed_weight=True, **extra2)
     else:
         launch_gguf_gemv(inter, down, qtypes[2], out, h, i, cfg2, routing=routing, a_row_div=1,

@@ -64,7 +64,8 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
 def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
     """The launcher's config, then GEMM 1 split 2-4 ways, then both GEMMs split (SPLIT_K / SPLIT_K2); GGUF: GEMM 1
     on 8-bit activations (ACT_Q8) too, and where the mix holds Q6_K, its rows read as words (Q6_WORDS) with and
-    without ACT_Q8, and GEMM 2 on 8-bit activations too (Q6_Q8)."""
+    without ACT_Q8, and GEMM 2 on 8-bit activations too (Q6_Q8); GEMM 2's 8-bit activations from GEMM 1's
+    epilogue (EPI_Q8)."""
     def splits(label: str, cfg: dict) -> list[tuple[str, dict]]:
         one = [(f"{label}split {s}/1", {**cfg, "SPLIT_K": s, "SPLIT_K2": 1}) for s in SPLITS]
         both = [(f"{label}split {s}/{s2}", {**cfg, "SPLIT_K": s, "SPLIT_K2": s2}) for s, s2 in ((2, 2), (4, 2), (3, 3))]
@@ -84,6 +85,11 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2))]
             out += [(f"act_q8 q6q8 split {s}/{s2}", {**q8, "Q6_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2))]
+            out += [(f"act_q8 q6q8 epi split {s}/{s2}", {**q8, "Q6_Q8": True, "EPI_Q8": True, "SPLIT_K": s,
+                                                          "SPLIT_K2": s2}) for s, s2 in ((1, 1), (2, 2), (4, 2))]
+        else:  # GEMM 2 on 8-bit activations already: made in GEMM 1's epilogue
+            out += [(f"act_q8 epi split {s}/{s2}", {**q8, "EPI_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
+                    for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]
     if w4 and base.get("PATH") == "gemv":
         rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
         out += [("rows", rows)] + splits("rows ", rows)

@@ -164,6 +164,8 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
                   for s1, s2 in ((1, 1), (2, 1), (4, 2), (2, 2))]
             if mix[2] == "q6_k":  # a Q6_K down as words on fp32 activations (what won), or on 8-bit ones (Q6_Q8)
                 q8 = [{**c, "Q6_WORDS": True} for c in q8] + [{**c, "Q6_Q8": True} for c in q8]
+            # GEMM 2's 8-bit activations made in GEMM 1's epilogue
+            q8 += [{**c, "EPI_Q8": True} for c in q8 if mix[2] != "q6_k" or c.get("Q6_Q8")]
             gemv = q8 + gemv
         first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
     if per_expert <= 4:

@@ -597,7 +597,8 @@ def moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8: bool) -> torch.Tensor
 ])
 def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     """The MoE on 8-bit activations (ACT_Q8): GEMM 1, and GEMM 2 where down is Q4_K or Q8_0; unsorted pairs or
-    the sorted list, slots routed nowhere, K split or not. Against the fp32 MoE on the 8-bit activations
+    the sorted list, slots routed nowhere, K split or not; GEMM 2's activations quantized in GEMM 1's epilogue or
+    by a launch of their own (EPI_Q8), the same bits. Against the fp32 MoE on the 8-bit activations
     (moe_q8_ref: to fp32 rounding, and the odd code an intermediate's rounding moves across a step) and, loosely,
     against the fp32 reference: the tests' random Q4_K rows (a large positive part less a large min) magnify the
     activations' rounding several times over; the same bits twice; BLOCK_M above 1 refused."""
@@ -612,6 +613,8 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     assert rel_err(out.cpu(), moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8)) < 1e-3
     assert rel_err(out, fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)) < 6e-2
     assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
+    if down_q8:  # GEMM 2's activations from GEMM 1's epilogue are q8_prep's of the fp32 intermediate, bit for bit
+        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "EPI_Q8": True}), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
         fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "BLOCK_M": 2})
 
