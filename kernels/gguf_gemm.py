@@ -797,19 +797,29 @@ def _q8_0_word(wd, blk: tl.constexpr, i: tl.constexpr):
 
 
 @triton_kernel
-def _q6k_words(base, w: tl.constexpr, odd):
+def _prmt(a, b, sel, EMULATE: tl.constexpr):
+    """The bytes of int32 words a (0-3) and b (4-7) that sel's four nibbles name, low byte first (PTX prmt: one
+    instruction); sel 0x3210 (a) or 0x5432 (a's high half, then b's low half) under the interpreter."""
+    if EMULATE:
+        out = tl.where(sel == 0x5432, ((a >> 16) & 0xFFFF) | (b << 16), a)
+    else:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton_kernel
+def _q6k_words(base, w: tl.constexpr, sel, EMULATE: tl.constexpr):
     """Q6_K as int32 words (Q6_WORDS): the four words of super-block bytes 4w .. 4w + 15 from its first word `base`
-    [ROWS], the super-block starting 2 bytes into that word when `odd`: five loads, each word the high half of one
-    and the low half of the next there."""
+    [ROWS]: five loads, each word one byte permute of two (sel 0x5432 where the super-block starts 2 bytes into
+    `base`, its words the high half of one and the low half of the next; else 0x3210)."""
     v0 = tl.load(base + w)
     v1 = tl.load(base + (w + 1))
     v2 = tl.load(base + (w + 2))
     v3 = tl.load(base + (w + 3))
     v4 = tl.load(base + (w + 4))
-    return (tl.where(odd, ((v0 >> 16) & 0xFFFF) | (v1 << 16), v0),
-            tl.where(odd, ((v1 >> 16) & 0xFFFF) | (v2 << 16), v1),
-            tl.where(odd, ((v2 >> 16) & 0xFFFF) | (v3 << 16), v2),
-            tl.where(odd, ((v3 >> 16) & 0xFFFF) | (v4 << 16), v3))
+    return (_prmt(v0, v1, sel, EMULATE), _prmt(v1, v2, sel, EMULATE), _prmt(v2, v3, sel, EMULATE),
+            _prmt(v3, v4, sel, EMULATE))
 
 
 def _gguf_gemv_kernel(
@@ -835,6 +845,7 @@ def _gguf_gemv_kernel(
     PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0,  # as _gguf_matmul_kernel
     SPLIT_K: tl.constexpr = 1,  # programs a tile (SLOT_SUM: a slot) along axis 1, each over K/256/SPLIT_K super-blocks
     Q6_WORDS: tl.constexpr = False,  # Q6_K rows as int32 (K/256 even): 4-byte loads, a super-block 2 bytes in when odd
+    EMULATE: tl.constexpr = False,  # the interpreter: PTX (Q6_WORDS' byte permutes) computed in plain operations
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
@@ -1000,19 +1011,19 @@ def _gguf_gemv_kernel(
                 # the word of bytes o .. o + 3 (o a multiple of 4) is word o / 4 there, or its high half and the next
                 # word's low half (_q6k_words: 5 loads for 4 words)
                 s_base = row_base + (105 * sb) // 2  # [ROWS] int32 pointers
-                odd = (sb % 2) == 1
+                sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros((ROWS,), dtype=tl.int32)
                 dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
-                d = tl.where(odd, dw >> 16, dw).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                sc4 = _q6k_words(s_base, 48, odd)  # the 16 int8 scales, bytes 192 .. 207
+                d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                sc4 = _q6k_words(s_base, 48, sel, EMULATE)  # the 16 int8 scales, bytes 192 .. 207
             else:
                 s_base = row_base + sb * 105
                 d = tl.load(s_base + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [ROWS]
             for h in tl.static_range(2):
                 for g in tl.static_range(2):  # l in [16 g, 16 g + 16): one scale per run
                     if Q6_WORDS:  # ql bytes 64h + 16g .., 64h + 32 + 16g .., qh bytes 128 + 32h + 16g ..: 4 words each
-                        qa = _q6k_words(s_base, 16 * h + 4 * g, odd)
-                        qb = _q6k_words(s_base, 16 * h + 8 + 4 * g, odd)
-                        qh4 = _q6k_words(s_base, 32 + 8 * h + 4 * g, odd)
+                        qa = _q6k_words(s_base, 16 * h + 4 * g, sel, EMULATE)
+                        qb = _q6k_words(s_base, 16 * h + 8 + 4 * g, sel, EMULATE)
+                        qh4 = _q6k_words(s_base, 32 + 8 * h + 4 * g, sel, EMULATE)
                     for t in tl.static_range(BLOCK_M):  # the weights' loads and decoding are shared
                         part0 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
                         part1 = tl.full((ROWS, 4), -0.0, dtype=tl.float32)
@@ -1138,7 +1149,8 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], OUT_MANT=out_mantissa_bits(c.dtype),
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
-        DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, num_warps=cfg["num_warps"], num_stages=1, **extra,
+        DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, EMULATE=INTERPRETED, num_warps=cfg["num_warps"],
+        num_stages=1, **extra,
     )
 
 

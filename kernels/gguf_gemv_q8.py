@@ -45,8 +45,10 @@ from .gguf_gemm import (
     QTYPE_IDS,
     SUPER,
     _gemv_x_row,
+    _prmt,
     _q4k_scale_min,
     _q6k_run_word,
+    _q6k_words,
     _q8_0_pair,
     _q8_0_scale,
     _q8_0_word,
@@ -123,31 +125,6 @@ def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torc
     """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales (module docstring):
     fp32 [M, N]."""
     return q8_dequant_ref(x) @ dequantize_ref(w_bytes, qtype).t()
-
-
-@triton_kernel
-def _prmt(a, b, sel, EMULATE: tl.constexpr):
-    """The bytes of int32 words a (0-3) and b (4-7) that sel's four nibbles name, low byte first; sel 0x3210 (a) or
-    0x5432 (a's high half, then b's low half) under the interpreter."""
-    if EMULATE:
-        out = tl.where(sel == 0x5432, ((a >> 16) & 0xFFFF) | (b << 16), a)
-    else:
-        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
-                                        is_pure=True, pack=1)
-    return out
-
-
-@triton_kernel
-def _q6k_words_prmt(base, w: tl.constexpr, sel, EMULATE: tl.constexpr):
-    """Q6_K super-block words w .. w + 3 (bytes 4w .. 4w + 15) from its first word `base`: five loads, each word
-    one byte permute of two (sel 0x5432 where the super-block starts 2 bytes into `base`, else 0x3210)."""
-    v0 = tl.load(base + w)
-    v1 = tl.load(base + (w + 1))
-    v2 = tl.load(base + (w + 2))
-    v3 = tl.load(base + (w + 3))
-    v4 = tl.load(base + (w + 4))
-    return (_prmt(v0, v1, sel, EMULATE), _prmt(v1, v2, sel, EMULATE), _prmt(v2, v3, sel, EMULATE),
-            _prmt(v3, v4, sel, EMULATE))
 
 
 @triton_kernel
@@ -255,7 +232,7 @@ def _gguf_gemv_q8_kernel(
             sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros((ROWS, 1), dtype=tl.int32)
             dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
             d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            sc4 = _q6k_words_prmt(s_base, 48, sel, EMULATE)  # the 16 scales
+            sc4 = _q6k_words(s_base, 48, sel, EMULATE)  # the 16 scales
             neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
             for h in tl.static_range(2):
                 i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
@@ -263,9 +240,9 @@ def _gguf_gemv_q8_kernel(
                 i2 = tl.zeros((ROWS, 1), dtype=tl.int32)
                 i3 = tl.zeros((ROWS, 1), dtype=tl.int32)
                 for g in tl.static_range(2):  # l in [16g, 16g + 16)
-                    qa = _q6k_words_prmt(s_base, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
-                    qb = _q6k_words_prmt(s_base, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
-                    qh4 = _q6k_words_prmt(s_base, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
+                    qa = _q6k_words(s_base, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
+                    qb = _q6k_words(s_base, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
+                    qh4 = _q6k_words(s_base, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
                     for run in tl.static_range(4):
                         xw = _split4(tl.load(x3 + (sb * 64 + 32 * h + 8 * run + 4 * g)))  # its 16 activation codes
                         isum = tl.zeros((ROWS, 1), dtype=tl.int32)
