@@ -9,13 +9,14 @@ codes in one `dp4a` (four byte products added into an int32):
           sum (d sc q - dmin m) x ~= d sc dx_j * sum q xq - dmin m * dx_j sum xq
           the nibbles of a word are split with one AND (low: sub-block 2c) or a shift and an AND (high: 2c + 1), and
           dx_j sum xq comes with the codes (ggml's Q8_1 `s`);
+    Q5_K  as Q4_K, each code's bit 4 from its qh bit moved into the byte (one shift, AND and OR a word);
     Q8_0  block j: sum d q x ~= d dx_j * sum q xq (signed bytes on both sides);
     Q6_K  scale group of 16 (int8 scale sc): sum d sc (q - 32) x ~= d sc dx_j * (sum q xq - 32 sum xq), q the 6-bit
           code rebuilt in each byte from its low nibble and two high bits (kernels/gguf_gemm._q6k_run_word), the
           dot and the -32 term two `dp4a`s a word (the second of bytes -32), the two groups of a block of 32 added
           in int32 under their scales; rows of an even number of super-blocks (4-byte aligned), read as words, an
           odd super-block's each merged from the halves of two by one byte permute (`prmt`).
-All three are the dot product of the weights with the dequantized activations, to fp32 rounding. (The exact sum of x in
+All four are the dot product of the weights with the dequantized activations, to fp32 rounding. (The exact sum of x in
 the min term would not be: the error would then be that of the all-positive d sc q part alone, which the min's
 cancellation magnifies several times over on a Q4_K row.)
 The compiled loop issues 1.4 (Q4_K) and 0.9 (Q8_0) instructions a weight, against 4.1 and 4.0 for the fp32 GEMV
@@ -23,9 +24,10 @@ The compiled loop issues 1.4 (Q4_K) and 0.9 (Q8_0) instructions a weight, agains
 which llama.cpp accepts for every quantized matmul on CUDA; the fp32 reference of that arithmetic is
 `gguf_gemv_q8_ref`.
 
-Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K, Q6_K or Q8_0 gate
-and up) and for GEMM 2 where down is Q4_K or Q8_0, or Q6_K with "Q6_Q8" (the intermediate quantized by one more
-q8_prep launch; otherwise GEMM 2 stays on the fp32 GEMV, which takes the fp32 intermediate and its group sums).
+Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K, Q5_K, Q6_K or Q8_0
+gate and up) and for GEMM 2 where down is Q4_K, Q5_K or Q8_0, or Q6_K with "Q6_Q8" (the intermediate quantized by
+one more q8_prep launch or in GEMM 1's epilogue; otherwise GEMM 2 stays on the fp32 GEMV, which takes the fp32
+intermediate and its group sums).
 The launch arguments, the grid (PAIRS, DENSE, GATED, SPLIT_K, SLOT_SUM) and the epilogue are the GEMV kernel's,
 one token a program.
 
@@ -58,7 +60,7 @@ from .gguf_gemm import (
     gemv_grid,
 )
 
-Q8_QTYPES = ("q4_k", "q6_k", "q8_0")  # the types read (Q6_K: rows of an even number of super-blocks)
+Q8_QTYPES = ("q4_k", "q5_k", "q6_k", "q8_0")  # the types read (Q6_K: rows of an even number of super-blocks)
 _NEG32 = tl.constexpr(-522133280)  # 0xE0E0E0E0: four bytes of -32, Q6_K's offset in a dp4a
 QK = 32  # activations' block: one scale and one sum per 32 values
 _QK = tl.constexpr(QK)  # the same inside kernels
@@ -185,8 +187,10 @@ def _gguf_gemv_q8_kernel(
         _, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
                                                      1, DENSE)
     xrow = _gemv_x_row(0, pid_m, pair, sorted_token_ids_ptr, num_valid_tokens, A_ROW_DIV, 1, DENSE, PAIRS)
-    # a row's int32 words: 36 a Q4_K super-block, 68 a pair of Q8_0 blocks... (256 values), 105 two Q6_K ones
-    ROW_WORDS: tl.constexpr = K // 256 * 36 if QTYPE == 12 else (K // 512 * 105 if QTYPE == 14 else K // 256 * 68)
+    # a row's int32 words: 36 a Q4_K super-block, 44 a Q5_K one, 68 four Q8_0 blocks (256 values), 105 two Q6_K
+    # super-blocks
+    SB_WORDS: tl.constexpr = 36 if QTYPE == 12 else (44 if QTYPE == 13 else 68)  # (Q6_K: unused)
+    ROW_WORDS: tl.constexpr = K // 512 * 105 if QTYPE == 14 else K // 256 * SB_WORDS
     row64 = tl.minimum(offs_n, N - 1).to(tl.int64) * ROW_WORDS
     if GATED:
         row_base = tl.where(r < BLOCK_N, w_ptr + expert * stride_we + row64, u_ptr + expert * stride_ue + row64)
@@ -201,13 +205,19 @@ def _gguf_gemv_q8_kernel(
     SB_PER: tl.constexpr = K // 256 // SPLIT_K
     sb0 = (pid_s % SPLIT_K) * SB_PER if SPLIT_K > 1 else 0
     for sb in range(sb0, sb0 + SB_PER):
-        if QTYPE == 12:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words: low nibbles
-            # sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b
-            off = sb * 36
+        if QTYPE == 12 or QTYPE == 13:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words:
+            # low nibbles sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b. Q5_K: the same
+            # with qh's 8 words between (value l of sub-block s: bit s of qh byte l, the code's bit 4)
+            SBW: tl.constexpr = 36 if QTYPE == 12 else 44
+            QS0: tl.constexpr = 4 if QTYPE == 12 else 12
+            off = sb * SBW
             h0, h1, h2, h3 = _split4(tl.load(w3 + off))  # [ROWS, 1]
+            if QTYPE == 13:
+                qa = _split4(tl.load(w3 + (off + 4)))  # qh bytes 0 .. 15
+                qb = _split4(tl.load(w3 + (off + 8)))  # 16 .. 31
             for c in tl.static_range(4):
-                wa = _split4(tl.load(w3 + (off + 4 + 8 * c)))
-                wb = _split4(tl.load(w3 + (off + 8 + 8 * c)))
+                wa = _split4(tl.load(w3 + (off + QS0 + 8 * c)))
+                wb = _split4(tl.load(w3 + (off + QS0 + 4 + 8 * c)))
                 xa = _split4(tl.load(x3 + (sb * 64 + 16 * c)))  # activation words of sub-block 2c
                 xb = _split4(tl.load(x3 + (sb * 64 + 16 * c + 4)))
                 ya = _split4(tl.load(x3 + (sb * 64 + 16 * c + 8)))  # of sub-block 2c + 1
@@ -215,10 +225,19 @@ def _gguf_gemv_q8_kernel(
                 lo = tl.zeros((ROWS, 1), dtype=tl.int32)
                 hi = tl.zeros((ROWS, 1), dtype=tl.int32)
                 for i in tl.static_range(4):
-                    lo = _dp4a(wa[i] & 0x0F0F0F0F, xa[i], lo, False, EMULATE)
-                    hi = _dp4a((wa[i] >> 4) & 0x0F0F0F0F, ya[i], hi, False, EMULATE)
-                    lo = _dp4a(wb[i] & 0x0F0F0F0F, xb[i], lo, False, EMULATE)
-                    hi = _dp4a((wb[i] >> 4) & 0x0F0F0F0F, yb[i], hi, False, EMULATE)
+                    la = wa[i] & 0x0F0F0F0F
+                    ha = (wa[i] >> 4) & 0x0F0F0F0F
+                    lb = wb[i] & 0x0F0F0F0F
+                    hb = (wb[i] >> 4) & 0x0F0F0F0F
+                    if QTYPE == 13:  # each code's bit 4
+                        la = la | (((qa[i] >> (2 * c)) & 0x01010101) << 4)
+                        ha = ha | (((qa[i] >> (2 * c + 1)) & 0x01010101) << 4)
+                        lb = lb | (((qb[i] >> (2 * c)) & 0x01010101) << 4)
+                        hb = hb | (((qb[i] >> (2 * c + 1)) & 0x01010101) << 4)
+                    lo = _dp4a(la, xa[i], lo, False, EMULATE)
+                    hi = _dp4a(ha, ya[i], hi, False, EMULATE)
+                    lo = _dp4a(lb, xb[i], lo, False, EMULATE)
+                    hi = _dp4a(hb, yb[i], hi, False, EMULATE)
                 for p in tl.static_range(2):
                     ds, dm = _q4k_scale_min(h0, h1, h2, h3, 2 * c + p)  # [ROWS, 1]
                     j = sb * 8 + 2 * c + p
@@ -299,14 +318,14 @@ _gguf_gemv_q8 = triton_kernel(_gguf_gemv_q8_kernel)
 
 
 def q8_supported(*ws_qtypes: tuple[torch.Tensor, str]) -> bool:
-    """Whether this kernel reads these (weight, qtype) pairs: Q4_K, Q6_K or Q8_0, rows contiguous, viewable as int32
-    (Q6_K: rows of an even number of super-blocks)."""
+    """Whether this kernel reads these (weight, qtype) pairs: Q4_K, Q5_K, Q6_K or Q8_0, rows contiguous, viewable as
+    int32 (Q6_K: rows of an even number of super-blocks)."""
     for w, qtype in ws_qtypes:
         if qtype not in Q8_QTYPES:
             return False
         if w.stride(-1) != 1 or (w.dim() > 1 and w.stride(-2) != w.shape[-1]) or w.shape[-1] % 4:
             return False
-        if w.data_ptr() % (16 if qtype == "q4_k" else 4) or any(st % 4 for st in w.stride()[:-1]):
+        if w.data_ptr() % (16 if qtype in ("q4_k", "q5_k") else 4) or any(st % 4 for st in w.stride()[:-1]):
             return False
     return True
 
@@ -347,8 +366,8 @@ def gguf_gemv_q8(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str, config: dic
     m, k = x.shape
     n = w_bytes.shape[0]
     if not q8_supported((w_bytes, qtype)):
-        raise ValueError(f"the 8-bit activation GEMV reads Q4_K, Q6_K (an even number of super-blocks a row) and "
-                         f"Q8_0 rows, contiguous and aligned; got {qtype}")
+        raise ValueError(f"the 8-bit activation GEMV reads Q4_K, Q5_K, Q6_K (an even number of super-blocks a row) "
+                         f"and Q8_0 rows, contiguous and aligned; got {qtype}")
     cfg = {"BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 1, **(config or {})}
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:

@@ -25,9 +25,9 @@ its group sums once (PREP, one small launch), GEMM 1 on the pairs as they come w
 the sums over down's scale groups, GEMM 2 adding each token's slots (BLOCK_M = 1), or both GEMMs over the sorted
 list, BLOCK_M tokens of an expert sharing each decoded weight. Three launches at one token. Tuned entries without a
 "PATH" were chosen among tile configs only; where the default is the GEMV path, it stands over them. On the GEMV
-path, "SPLIT_K" / "SPLIT_K2" split each GEMM's K over programs, and "ACT_Q8" (BLOCK_M 1, Q4_K, Q6_K or Q8_0 gate
-and up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer dot products (kernels/gguf_gemv_q8.py,
-as llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K or Q8_0, or Q6_K with "Q6_Q8" (a Q6_K down
+path, "SPLIT_K" / "SPLIT_K2" split each GEMM's K over programs, and "ACT_Q8" (BLOCK_M 1, Q4_K, Q5_K, Q6_K or Q8_0
+gate and up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer dot products (kernels/gguf_gemv_q8.py,
+as llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K, Q5_K or Q8_0, or Q6_K with "Q6_Q8" (a Q6_K down
 stays on the fp32 GEMV without it, as the tables measured it): about 1% from the fp32 result on a
 MiniMax-M2 layer, taken by the H100 and H200 tables at one to eight tokens, not by the defaults. "Q6_WORDS" reads
 Q6_K rows of an even number of super-blocks as int32 words (the same bits; in the GEMV default).
@@ -204,7 +204,7 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
               topk_ids: torch.Tensor, qtypes: tuple[str, str, str], cfg: dict, alloc) -> torch.Tensor:
     """The GEMV path: GEMM 1 writes silu(gate) * up in fp32 with its sums over down's scale groups, which GEMM 2
     takes as its activations and their sums; with PREP, x is converted and summed once too (one small launch).
-    ACT_Q8: GEMM 1 on x quantized to 8 bits (kernels/gguf_gemv_q8.py), and GEMM 2 too where down is Q4_K or Q8_0,
+    ACT_Q8: GEMM 1 on x quantized to 8 bits (kernels/gguf_gemv_q8.py), and GEMM 2 too where down is Q4_K, Q5_K or Q8_0,
     or Q6_K with Q6_Q8 (the intermediate quantized by one more launch, or with EPI_Q8 in GEMM 1's epilogue)."""
     m, h = x.shape
     e, i = gate.shape[0], gate.shape[1]
@@ -214,9 +214,9 @@ def _moe_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
         raise ValueError(f"the GEMV path's BLOCK_N must be a multiple of {g_dn} ({qtypes[2]}), got {cfg['BLOCK_N']}")
     act_q8 = bool(cfg.get("ACT_Q8", False))
     if act_q8 and not (cfg["BLOCK_M"] == 1 and q8_supported((gate, qtypes[0]), (up, qtypes[1]))):
-        raise ValueError(f"ACT_Q8 takes BLOCK_M 1 and Q4_K, Q6_K or Q8_0 gate and up, got {cfg['BLOCK_M']} and "
+        raise ValueError(f"ACT_Q8 takes BLOCK_M 1 and Q4_K, Q5_K, Q6_K or Q8_0 gate and up, got {cfg['BLOCK_M']} and "
                          f"{qtypes}")
-    # GEMM 2 on 8-bit activations where down is Q4_K or Q8_0, and Q6_K with Q6_Q8
+    # GEMM 2 on 8-bit activations where down is Q4_K, Q5_K or Q8_0, and Q6_K with Q6_Q8
     down_q8 = act_q8 and q8_supported((down, qtypes[2])) and (qtypes[2] != "q6_k" or bool(cfg.get("Q6_Q8", False)))
     # EPI_Q8: GEMM 1 quantizes its output for GEMM 2 itself (the same bits as q8_prep of the fp32 output, one launch
     # fewer; where BLOCK_N is a multiple of the activations' block of 32)

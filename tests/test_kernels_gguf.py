@@ -538,7 +538,7 @@ def test_q8_prep_matches_ref(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k", "q5_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     """The integer-dot GEMV against the fp32 product with the 8-bit activations (integer sums are exact: to fp32
@@ -592,12 +592,14 @@ def moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8: bool) -> torch.Tensor
     (("q4_k", "q4_k", "q6_k"), 1, False, False),  # Q4_K_M: GEMM 2 (Q6_K) on the fp32 GEMV and its group sums
     (("q4_k", "q4_k", "q6_k"), 2, False, True),  # Q4_K_M with Q6_Q8: GEMM 2 too, shares from odd super-blocks
     (("q6_k", "q6_k", "q6_k"), 1, True, True),  # Q6_K: both, over the sorted list
+    (("q5_k", "q5_k", "q6_k"), 2, False, True),  # Q5_K_M: both
     (("q8_0", "q8_0", "q8_0"), 2, False, False),  # both GEMMs on 8-bit activations, K split in both
     (("q4_k", "q4_k", "q4_k"), 1, True, False),  # both, over the sorted list
 ])
 def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
-    """The MoE on 8-bit activations (ACT_Q8): GEMM 1, and GEMM 2 where down is Q4_K or Q8_0; unsorted pairs or
-    the sorted list, slots routed nowhere, K split or not; GEMM 2's activations quantized in GEMM 1's epilogue or
+    """The MoE on 8-bit activations (ACT_Q8): GEMM 1, and GEMM 2 where down is Q4_K, Q5_K or Q8_0 (Q6_K with
+    Q6_Q8); unsorted pairs or the sorted list, slots routed nowhere, K split or not; GEMM 2's activations quantized
+    in GEMM 1's epilogue or
     by a launch of their own (EPI_Q8), the same bits. Against the fp32 MoE on the 8-bit activations
     (moe_q8_ref: to fp32 rounding, and the odd code an intermediate's rounding moves across a step) and, loosely,
     against the fp32 reference: the tests' random Q4_K rows (a large positive part less a large min) magnify the
