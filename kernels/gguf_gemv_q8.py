@@ -20,9 +20,9 @@ All four are the dot product of the weights with the dequantized activations, to
 the min term would not be: the error would then be that of the all-positive d sc q part alone, which the min's
 cancellation magnifies several times over on a Q4_K row.)
 The compiled loop issues 1.4 (Q4_K), 1.9 (Q5_K), 2.3 (Q6_K) and 0.9 (Q8_0) instructions a weight, against 4.1,
-4.6, 4.8 and 4.0 for the fp32 GEMV (BENCHMARKS.md). The error is the activations' 8-bit rounding (0.5% of the result on the tests' normal activations),
-which llama.cpp accepts for every quantized matmul on CUDA; the fp32 reference of that arithmetic is
-`gguf_gemv_q8_ref`.
+4.6, 4.8 and 4.0 for the fp32 GEMV (BENCHMARKS.md). The error is the activations' 8-bit rounding (0.5% of the
+result on the tests' normal activations), which llama.cpp accepts for every quantized matmul on CUDA; the fp32
+reference of that arithmetic is `gguf_gemv_q8_ref`.
 
 Used by the MoE (kernels/gguf_moe.py, config "ACT_Q8": True on the GEMV path) for GEMM 1 (Q4_K, Q5_K, Q6_K or Q8_0
 gate and up) and for GEMM 2 where down is Q4_K, Q5_K or Q8_0, or Q6_K with "Q6_Q8" (the intermediate quantized by
