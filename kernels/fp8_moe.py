@@ -267,6 +267,20 @@ def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, B
 block_rows = triton_kernel(_block_rows)
 
 
+def _q8_blocks(v):
+    """fp32 v [R, G, 32] -> (codes [R, G, 32] as fp32 integers, scales [R, G]): per block of 32, d = amax / 127 and
+    codes round(v / d) half away from zero, 1 / d taken first (ggml's Q8_1; kernels/gguf_gemv_q8.py's activations)."""
+    amax = tl.max(tl.abs(v), axis=2)
+    d = tl.math.div_rn(amax, 127.0)
+    inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
+    t = v * inv[:, :, None]
+    q = tl.floor(tl.abs(t) + 0.5)
+    return tl.where(t < 0, -q, q), d
+
+
+q8_blocks = triton_kernel(_q8_blocks)
+
+
 def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
                 tok_mask, N, num_valid_tokens, stride_cm, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, SLOT_SUM: tl.constexpr,
@@ -310,14 +324,8 @@ def _gemv_store(acc, c_ptr, csum_ptr, topk_weights_ptr, part_ptr, count_ptr, pid
     if last:
         if MUL_ROUTED_WEIGHT and not SLOT_SUM:
             out = out * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
-        if Q8_OUT:  # q8_prep's operations, in its order (the same bits)
-            v = tl.reshape(out, (BLOCK_M, BLOCK_N // 32, 32))
-            amax = tl.max(tl.abs(v), axis=2)  # [BLOCK_M, BLOCK_N / 32]
-            d = tl.math.div_rn(amax, 127.0)
-            inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
-            t = v * inv[:, :, None]
-            q = tl.floor(tl.abs(t) + 0.5)
-            q = tl.where(t < 0, -q, q)
+        if Q8_OUT:  # q8_prep's quantizer (the same bits)
+            q, d = q8_blocks(tl.reshape(out, (BLOCK_M, BLOCK_N // 32, 32)))  # [BLOCK_M, BLOCK_N / 32, 32], [.., ..]
             tl.store(c_ptr + offs_tok64[:, None] * stride_cm + offs_out[None, :],
                      tl.reshape(q, (BLOCK_M, BLOCK_N)).to(tl.int8), mask=c_mask)
             G32: tl.constexpr = BLOCK_N // 32

@@ -822,6 +822,17 @@ def _q6k_words(base, w: tl.constexpr, sel, EMULATE: tl.constexpr):
             _prmt(v3, v4, sel, EMULATE))
 
 
+@triton_kernel
+def _q6k_head(s_base, sb, EMULATE: tl.constexpr):
+    """Q6_K super-block sb as int32 words from its first word `s_base` (a tensor of pointers): the byte permute
+    selector of its words (_q6k_words), d as fp32 (bytes 208 .. 209) and the four words of its 16 int8 scales
+    (bytes 192 .. 207)."""
+    sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros(s_base.shape, dtype=tl.int32)
+    dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
+    d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return sel, d, _q6k_words(s_base, 48, sel, EMULATE)
+
+
 def _gguf_gemv_kernel(
     x_ptr,  # [rows, K] activations (fp32, or 16-bit), contiguous along K
     xsum_ptr,  # X_SUMS: fp32 [rows, K / XG], the sum of each group of XG activations (XG: the type's scale group)
@@ -1011,10 +1022,7 @@ def _gguf_gemv_kernel(
                 # the word of bytes o .. o + 3 (o a multiple of 4) is word o / 4 there, or its high half and the next
                 # word's low half (_q6k_words: 5 loads for 4 words)
                 s_base = row_base + (105 * sb) // 2  # [ROWS] int32 pointers
-                sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros((ROWS,), dtype=tl.int32)
-                dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
-                d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                sc4 = _q6k_words(s_base, 48, sel, EMULATE)  # the 16 int8 scales, bytes 192 .. 207
+                sel, d, sc4 = _q6k_head(s_base, sb, EMULATE)
             else:
                 s_base = row_base + sb * 105
                 d = tl.load(s_base + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [ROWS]

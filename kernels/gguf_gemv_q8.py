@@ -42,13 +42,13 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import INTERPRETED, out_mantissa_bits, triton_kernel
-from .fp8_moe import block_rows, gemv_store, pair_rows, pick4
+from .fp8_moe import block_rows, gemv_store, pair_rows, pick4, q8_blocks
 from .gguf_gemm import (
     QTYPE_IDS,
     SUPER,
     _gemv_x_row,
-    _prmt,
     _q4k_scale_min,
+    _q6k_head,
     _q6k_run_word,
     _q6k_words,
     _q8_0_pair,
@@ -72,13 +72,9 @@ def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexp
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-    v2 = tl.reshape(v, (BLOCK // _QK, _QK))
-    amax = tl.max(tl.abs(v2), axis=1)  # [BLOCK / 32]
-    d = tl.math.div_rn(amax, 127.0)
-    inv = tl.where(d > 0, tl.math.div_rn(1.0, tl.where(d > 0, d, 1.0)), 0.0)
-    t = v2 * inv[:, None]
-    q = tl.floor(tl.abs(t) + 0.5)
-    q = tl.where(t < 0, -q, q)
+    q3, d3 = q8_blocks(tl.reshape(v, (1, BLOCK // _QK, _QK)))
+    q = tl.reshape(q3, (BLOCK // _QK, _QK))
+    d = tl.reshape(d3, (BLOCK // _QK,))
     tl.store(q_ptr + row * K + tl.reshape(offs, (BLOCK // _QK, _QK)), q.to(tl.int8),
              mask=tl.reshape(offs < K, (BLOCK // _QK, _QK)))
     offs_b = tl.program_id(1) * (BLOCK // _QK) + tl.arange(0, BLOCK // _QK)
@@ -127,6 +123,12 @@ def gguf_gemv_q8_ref(x: torch.Tensor, w_bytes: torch.Tensor, qtype: str) -> torc
     """x [M, K] @ dequantized w [N, K]^T with x taken as its 8-bit codes times their scales (module docstring):
     fp32 [M, N]."""
     return q8_dequant_ref(x) @ dequantize_ref(w_bytes, qtype).t()
+
+
+@triton_kernel
+def _qh_bit4(qh, bit: tl.constexpr):
+    """Q5_K: bit `bit` of each byte of a word of qh bytes, moved to bit 4 (a code's fifth bit)."""
+    return ((qh >> bit) & 0x01010101) << 4
 
 
 @triton_kernel
@@ -229,11 +231,11 @@ def _gguf_gemv_q8_kernel(
                     ha = (wa[i] >> 4) & 0x0F0F0F0F
                     lb = wb[i] & 0x0F0F0F0F
                     hb = (wb[i] >> 4) & 0x0F0F0F0F
-                    if QTYPE == 13:  # each code's bit 4
-                        la = la | (((qa[i] >> (2 * c)) & 0x01010101) << 4)
-                        ha = ha | (((qa[i] >> (2 * c + 1)) & 0x01010101) << 4)
-                        lb = lb | (((qb[i] >> (2 * c)) & 0x01010101) << 4)
-                        hb = hb | (((qb[i] >> (2 * c + 1)) & 0x01010101) << 4)
+                    if QTYPE == 13:  # each code's bit 4: bit 2c (low nibbles) or 2c + 1 (high) of its qh byte
+                        la = la | _qh_bit4(qa[i], 2 * c)
+                        ha = ha | _qh_bit4(qa[i], 2 * c + 1)
+                        lb = lb | _qh_bit4(qb[i], 2 * c)
+                        hb = hb | _qh_bit4(qb[i], 2 * c + 1)
                     lo = _dp4a(la, xa[i], lo, False, EMULATE)
                     hi = _dp4a(ha, ya[i], hi, False, EMULATE)
                     lo = _dp4a(lb, xb[i], lo, False, EMULATE)
@@ -248,10 +250,7 @@ def _gguf_gemv_q8_kernel(
             # ql byte 64h + l (runs 0, 2) or 64h + 32 + l (1, 3), high bits 2 run of qh byte 32h + l, scale
             # 8h + 2 run + l // 16 (kernels/gguf_gemm.py's Q6_K GEMV, the same words)
             s_base = row_base[:, None] + (105 * sb) // 2  # [ROWS, 1]
-            sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros((ROWS, 1), dtype=tl.int32)
-            dw = tl.load(s_base + 52)  # bytes 208 .. 211 (even) or 206 .. 209 (odd) of the super-block
-            d = _prmt(dw, dw, sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            sc4 = _q6k_words(s_base, 48, sel, EMULATE)  # the 16 scales
+            sel, d, sc4 = _q6k_head(s_base, sb, EMULATE)
             neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
             for h in tl.static_range(2):
                 i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
