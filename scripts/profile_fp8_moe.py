@@ -33,16 +33,17 @@ def timed(fn) -> float:
 
 
 def tiles(gated: bool) -> list[dict]:
-    """GEMM 1 holds two accumulators: at most 128 x 128 per program; GEMM 2 one, up to 128 x 256."""
+    """Tiles of 64 or 128 rows (the sort's block) on 8 warps: GEMM 1 holds two accumulators, so at most 128 x 128 a
+    program; GEMM 2 one, up to 128 x 256. Two stages for the largest only (room for the accumulators)."""
     out = []
-    for bm, bn, nw, ns in itertools.product([64, 128], [64, 128, 256], [4, 8], [2, 3, 4]):
+    for bm, bn, ns in itertools.product([64, 128], [64, 128, 256], [2, 3, 4]):
         acc = bm * bn * (2 if gated else 1)
         smem = ns * 128 * (bm + bn * (2 if gated else 1))
-        if bn == 256 and gated or acc > 128 * 256 or smem > 220 * 1024 or acc // (nw * 32) > 128:
+        if bn == 256 and gated or acc > 128 * 256 or smem > 200 * 1024 or ns == 2 and acc < 128 * 256:
             continue
-        if nw == 4 and bm * bn >= 128 * 128 or ns == 2 and acc < 128 * 256:  # two stages: the largest tiles only
+        if bm == 128 and bn == 64:
             continue
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns))
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=ns))
     return out
 
 
