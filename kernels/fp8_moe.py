@@ -15,7 +15,8 @@ Usage:
 
 Steps: quantize x (per token per 128 group, or per token); sort the (token, slot) pairs by expert and pad each
 expert's group to a multiple of BLOCK_M (`moe_align_block_size`); GEMM 1 over that list, one launch for all experts,
-each program computing a gate tile and the matching up tile and writing silu(gate) * up [M*topk, I]; quantize that;
+each program computing a gate tile and the matching up tile and writing silu(gate) * up [M*topk, I]; quantize that
+(with block scales and 128-column tiles, GEMM 1's epilogue writes the FP8 codes and scales itself, QUANT_OUT);
 GEMM 2 [M*topk, I] x w2^T with the router weight multiplied in the epilogue [M*topk, H]; sum over the topk slots
 (a Triton reduction, no atomics). No host sync anywhere: the padded list lives in a worst-case-sized buffer and its
 length stays on the device, so the layer can be captured in a CUDA graph. For few pairs (decode) the sort is one
@@ -53,6 +54,7 @@ from .fp8_gemm import (
     per_token_group_quant_fp8_ref,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
+    quant_groups,
     quant_row_operand,
     round_to_out_grid,
     select_config,
@@ -73,6 +75,10 @@ PAIRS_MAX_TOKENS = 1
 # there, with block scales, GEMM 2 quantizes the intermediate itself (each program its pair's row, a group per K
 # step: the same bits per_token_group_quant_fp8 makes, one launch fewer)
 QUANT_IN_GEMM = True
+# sorted lists, block scales, a column tile of one scale block (BLOCK_N = 128): GEMM 1's epilogue writes the
+# intermediate as GEMM 2's FP8 A and scales (QUANT_OUT; bf16 or fp32 activations: an fp16 intermediate's range would
+# differ), the quantization launch and the 16-bit intermediate's write and read saved, the same bits
+QUANT_OUT_GEMM = True
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
 
 # Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
@@ -370,6 +376,7 @@ def _fused_moe_fp8_kernel(
     a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
     b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
     c_ptr,  # C [M*topk, N]
+    cs_ptr,  # QUANT_OUT: C's scales fp32 [M*topk, N / GROUP_N] (C being fp8)
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
     num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
@@ -378,7 +385,7 @@ def _fused_moe_fp8_kernel(
     q_eps,  # QUANT_A: the smallest amax a scale is made from (fp8_gemm.SCALE_EPS)
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
-    stride_cm, stride_cn,
+    stride_cm, stride_cn, stride_csm,
     K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
     A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
     GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
@@ -397,6 +404,10 @@ def _fused_moe_fp8_kernel(
     B_SCALE_TILE: tl.constexpr = False,  # block scales, a column tile inside one scale block (BLOCK_N divides GROUP_N,
     # and N for GATED): one weight scale a K block for the whole tile, folded into the rows' scales, so the tile takes
     # one FMA an element a K block where a [BLOCK_N] vector of scales took a multiply more (and its loads)
+    QUANT_OUT: tl.constexpr = False,  # sorted GEMM 1, block scales, BLOCK_N = GROUP_N: each row of the tile is one
+    # 128-group of GEMM 2's A, written as FP8 codes and a scale, the bits per_token_group_quant_fp8 makes of the
+    # 16-bit intermediate (rounded to INTER_BF16's grid first), its launch and the 16-bit round trip saved
+    INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -510,6 +521,15 @@ def _fused_moe_fp8_kernel(
     if SLOT_SUM > 1:  # partials [SLOT_SUM, M, N]
         acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_n64, c_mask,
                                 num_valid_tokens, N, SLOT_SUM)
+    if QUANT_OUT:
+        tl.static_assert(GATED and BLOCK_SCALED and BLOCK_N == GROUP_N and not PAIRS)
+        if INTER_BF16:  # the value the 16-bit intermediate would hold
+            if UPCAST:
+                acc = round_to_out_grid(acc, 7)
+            else:
+                acc = acc.to(tl.bfloat16).to(tl.float32)
+        acc, scale = quant_groups(acc, q_eps, UPCAST)  # [BLOCK_M, BLOCK_N], [BLOCK_M]
+        tl.store(cs_ptr + offs_tok64 * stride_csm + pid_n, scale, mask=tok_mask)
     if last:
         if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
             acc = round_to_out_grid(acc, OUT_MANT)
@@ -578,9 +598,11 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
                      mul_routed_weight: bool, block_scaled: bool, cfg: dict, pairs: int = 0,
-                     slot_sum: int = 0, quant_a: bool = False) -> None:
+                     slot_sum: int = 0, quant_a: bool = False, c_scale: torch.Tensor | None = None,
+                     inter_dtype: torch.dtype = torch.bfloat16) -> None:
     """One GEMM of the layer; pairs = E: the pairs unsorted, one a row block (expert_ids being topk_ids), GEMM 2
-    adding its slot_sum slots itself (rows of c: tokens)."""
+    adding its slot_sum slots itself (rows of c: tokens). c_scale: GEMM 1 writes c as FP8 codes and these scales
+    (QUANT_OUT), what per_token_group_quant_fp8 makes of the inter_dtype intermediate."""
     num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (tiles, max(slot_sum, 1))
@@ -588,17 +610,19 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a) if pairs else {}
     if block_scaled and fp8_gemm.tile_scales(SCALE_BLOCK, cfg["BLOCK_N"], n if gated else 0):
         extra["B_SCALE_TILE"] = True
+    if c_scale is not None:
+        extra.update(QUANT_OUT=True, INTER_BF16=inter_dtype == torch.bfloat16)
     _fused_moe_fp8[grid](
-        a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
+        a, a_s, b, b_s, c, c if c_scale is None else c_scale, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
         n, c.shape[0], num_pid_m, SCALE_EPS,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
-        c.stride(0), c.stride(1),
+        c.stride(0), c.stride(1), 0 if c_scale is None else c_scale.stride(0),
         K=k, A_ROW_DIV=a_row_div, GATED=gated, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_SCALED=block_scaled, GROUP_N=SCALE_BLOCK if block_scaled else 1,
         GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
+        UPCAST=INTERPRETED, OUT_MANT=0 if c_scale is not None else out_mantissa_bits(c.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
 
@@ -683,10 +707,19 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 
-    inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
-    _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg)
-    hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
+    if block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16:
+        # GEMM 1 writes GEMM 2's A itself: [M*topk, I] FP8 codes of silu(gate) * up and their group scales
+        hq = alloc((m * topk, i), dtype=FP8_DTYPE, device=device)
+        hs = alloc((m * topk, i // SCALE_BLOCK), dtype=torch.float32, device=device)
+        _launch_moe_gemm(xq, xs, w13, w13_scale, hq, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                         n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=True, cfg=cfg,
+                         c_scale=hs, inter_dtype=x.dtype)
+    else:
+        inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
+        _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids,
+                         num_tokens_post_padded, n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False,
+                         block_scaled=block, cfg=cfg)
+        hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
                      n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)

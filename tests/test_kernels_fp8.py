@@ -630,6 +630,28 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,drop", [(torch.bfloat16, 0.2), (torch.float32, 0.0), (torch.float16, 0.0)])
+def test_fused_moe_gemm1_writes_the_fp8_intermediate(device, dtype, drop, monkeypatch):
+    """Sorted list, block scales, 128-column tiles: GEMM 1's epilogue writes GEMM 2's FP8 A and its scales
+    (QUANT_OUT), the bits of quantizing the 16-bit (or fp32) intermediate in a launch of its own; an fp16
+    intermediate keeps that launch."""
+    args = moe_case(37, 8, 2, 256, 256, "block", dtype, gen_for("moe_qout", dtype, drop), device, drop=drop)
+    cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
+    monkeypatch.setattr(fp8_moe, "moe_config", lambda *a: dict(cfg))
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    quants = []
+    quant = fp8_moe.per_token_group_quant_fp8
+    monkeypatch.setattr(fp8_moe, "per_token_group_quant_fp8", lambda *a: quants.append(a[0].shape) or quant(*a))
+    fused = fused_moe_fp8(*args)
+    assert len(quants) == (2 if dtype == torch.float16 else 1)  # x (and the fp16 intermediate)
+    monkeypatch.setattr(fp8_moe, "QUANT_OUT_GEMM", False)
+    quants.clear()
+    assert torch.equal(fused, fused_moe_fp8(*args))
+    assert len(quants) == 2
+    assert_close(fused, fused_moe_fp8_ref(*args), *TOL_MOE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_takes_x_already_quantized(device):
     """x_quant (the block scheme's quantization of x, made elsewhere) gives the bits of quantizing x here; a pair of
     the wrong shape is refused in one line."""
