@@ -613,7 +613,8 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     if c_scale is not None:
         extra.update(QUANT_OUT=True, INTER_BF16=inter_dtype == torch.bfloat16)
     _fused_moe_fp8[grid](
-        a, a_s, b, b_s, c, c if c_scale is None else c_scale, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, part, counters,
+        a, a_s, b, b_s, c, c if c_scale is None else c_scale, topk_weights, sorted_token_ids, expert_ids,
+        num_tokens_post_padded, part, counters,
         n, c.shape[0], num_pid_m, SCALE_EPS,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),

@@ -77,12 +77,18 @@ def main() -> None:
         counts = torch.bincount(topk_ids.flatten(), minlength=E)
         pairs = m * TOPK
         layer = lambda x=x, tw=topk_w, ti=topk_ids: fp8_moe.fused_moe_fp8(x, w13, w13_s, w2, w2_s, tw, ti)  # noqa: E731
-        layer()
+        layer_out = layer()
         t = timed(layer)
         flops = 2 * pairs * 3 * H * I
         cfg = fp8_moe.moe_config(dev, m, TOPK, E, I, H, "block")
         emit({"M": m, "what": "layer", "config": cfg, "ms": round(t, 4), "tflops": round(flops / t / 1e9, 1),
               "pct_peak": round(100 * flops / t / 1e9 / peak, 1), "kernels_us": kernel_times(layer)})
+        fp8_moe.QUANT_OUT_GEMM = False  # A/B: the intermediate quantized by a launch of its own
+        same = torch.equal(layer(), layer_out)
+        t2, ks = timed(layer), kernel_times(layer)
+        fp8_moe.QUANT_OUT_GEMM = True
+        emit({"M": m, "what": "layer, separate quantization", "ms": round(t2, 4), "bit_identical": same,
+              "kernels_us": ks})
 
         xq, xs = fp8_gemm.per_token_group_quant_fp8(x, S)
         w = topk_w.view(-1)
