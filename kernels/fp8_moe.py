@@ -42,6 +42,7 @@ import triton.language as tl
 from . import fp8_gemm
 from .fp8_gemm import (
     ACT_DTYPES,
+    CONFIG_KEYS,
     FP8_DTYPE,
     INTERPRETED,
     SCALE_EPS,
@@ -584,14 +585,22 @@ def _moe_default_config(m: int, topk: int, num_experts: int) -> dict:
 
 def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int,
                scheme: str) -> dict:
-    """Block configuration for both GEMMs: configs/fp8_moe.json, else the defaults."""
+    """Block configuration for both GEMMs: configs/fp8_moe.json, else the defaults. An entry's "GEMM2" dict gives
+    the down GEMM its own tile (BLOCK_N, BLOCK_K, GROUP_M, warps, stages) over the shared one; BLOCK_M is the sorted
+    list's block, the same for both. Returns GEMM 1's config, with GEMM 2's whole under "GEMM2"."""
     cfg = select_config(load_config_table("fp8_moe.json"), device_key(device),
                         f"E={num_experts},I={inter},H={hidden},{scheme}", m, _moe_default_config(m, topk, num_experts))
-    if scheme == "block":
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], SCALE_BLOCK)
-        if SCALE_BLOCK % cfg["BLOCK_K"]:
-            raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {SCALE_BLOCK}")
-    return cfg
+    own = dict(cfg.pop("GEMM2", None) or {})
+    if own.get("BLOCK_M", cfg["BLOCK_M"]) != cfg["BLOCK_M"]:
+        raise ValueError(f"fp8_moe.json: GEMM2's BLOCK_M={own['BLOCK_M']} differs from the entry's "
+                         f"{cfg['BLOCK_M']} (both GEMMs walk one sorted list)")
+    cfg2 = {**cfg, **{k: v for k, v in own.items() if k in CONFIG_KEYS and k != "GEMM2"}}
+    for c in (cfg, cfg2):
+        if scheme == "block":
+            c["BLOCK_K"] = min(c["BLOCK_K"], SCALE_BLOCK)
+            if SCALE_BLOCK % c["BLOCK_K"]:
+                raise ValueError(f"BLOCK_K={c['BLOCK_K']} does not divide the scale block {SCALE_BLOCK}")
+    return {**cfg, "GEMM2": cfg2}
 
 
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
@@ -679,6 +688,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return torch.empty_like(x)
     block = scheme == "block"
     cfg = moe_config(device, m, topk, e, i, h, scheme)
+    cfg2 = cfg.get("GEMM2", cfg)  # the down GEMM's tile
 
     if x_quant is not None:
         xq, xs = x_quant
@@ -696,14 +706,14 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, ids, ids, ids, n=i, k=h, a_row_div=topk,
                          gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg, pairs=e)
-        quant_a = block and QUANT_IN_GEMM and cfg["BLOCK_K"] == SCALE_BLOCK
+        quant_a = block and QUANT_IN_GEMM and cfg2["BLOCK_K"] == SCALE_BLOCK
         if quant_a:  # GEMM 2 quantizes its pair's row itself
             hq, hs = inter, weights.view(-1, 1)  # (the scales' pointer and strides go unused)
         else:
             hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
         out = torch.empty_like(x)  # [M, H]
         _launch_moe_gemm(hq, hs, w2, w2_scale, out, weights, ids, ids, ids, n=h, k=i, a_row_div=1, gated=False,
-                         mul_routed_weight=True, block_scaled=block, cfg=cfg, pairs=e, slot_sum=topk,
+                         mul_routed_weight=True, block_scaled=block, cfg=cfg2, pairs=e, slot_sum=topk,
                          quant_a=quant_a)
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
@@ -723,7 +733,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg)
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg2)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     return moe_sum(y, topk_ids, x, e)

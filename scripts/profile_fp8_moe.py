@@ -98,7 +98,7 @@ def main() -> None:
         for gemm, gated in ((1, True), (2, False)):
             n, k = (I, H) if gated else (H, I)
             gflop = 2 * pairs * n * k * (2 if gated else 1) / 1e9
-            for i, c in enumerate([cfg] + tiles(gated)):
+            for i, c in enumerate([cfg if gated else cfg.get("GEMM2", cfg)] + tiles(gated)):
                 sorted_ids, expert_ids, npost = fp8_moe._route(topk_ids, c["BLOCK_M"], E)
                 padded = int((((counts + c["BLOCK_M"] - 1) // c["BLOCK_M"]) * c["BLOCK_M"]).sum())
                 out = torch.empty((pairs, n), dtype=x.dtype, device=dev)

@@ -652,6 +652,44 @@ def test_fused_moe_gemm1_writes_the_fp8_intermediate(device, dtype, drop, monkey
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
+    """A table entry's GEMM2 dict tiles the down GEMM apart from gate + up (same sorted list, so the same BLOCK_M);
+    the layer is the one-tile layer's, and a GEMM2 with another BLOCK_M is refused in one line."""
+    args = moe_case(37, 8, 2, 256, 256, "block", torch.bfloat16, gen_for("moe_gemm2"), device)
+    one = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
+    own = dict(BLOCK_N=64, GROUP_M=2, num_warps=4, num_stages=1)
+    key = "E=8,I=256,H=256,block"
+    dev = fp8_moe.device_key(torch.device(device))
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    monkeypatch.setattr(fp8_moe, "load_config_table", lambda name: {dev: {key: {"64": dict(one)}}})
+    base = fused_moe_fp8(*args)
+    monkeypatch.setattr(fp8_moe, "load_config_table", lambda name: {dev: {key: {"64": {**one, "GEMM2": own}}}})
+    cfg = fp8_moe.moe_config(torch.device(device), 37, 2, 8, 256, 256, "block")
+    assert cfg["BLOCK_N"] == 128 and cfg["GEMM2"] == {**one, **own}
+    launches = []
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Grids(fp8_moe._fused_moe_fp8, launches))
+    assert torch.equal(fused_moe_fp8(*args), base)
+    assert [kw["BLOCK_N"] for kw in launches] == [128, 64] and launches[1]["num_stages"] == 1
+    monkeypatch.setattr(fp8_moe, "load_config_table",
+                        lambda name: {dev: {key: {"64": {**one, "GEMM2": {**own, "BLOCK_M": 32}}}}})
+    with pytest.raises(ValueError, match="GEMM2's BLOCK_M=32"):
+        fused_moe_fp8(*args)
+
+
+class _Grids:
+    """Stands in for a launcher: records each launch's keyword arguments and launches the kernel."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_takes_x_already_quantized(device):
     """x_quant (the block scheme's quantization of x, made elsewhere) gives the bits of quantizing x here; a pair of
     the wrong shape is refused in one line."""
