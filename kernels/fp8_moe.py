@@ -86,7 +86,8 @@ SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block s
 # ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 256 tokens. One program sorts all pairs in registers
 # (a bitonic sort, n log^2 n compare-exchanges on 128 threads), so its time grows with the pairs while the torch
 # path's hardly does. H200, CUDA-graph replays, E = 256: torch 48 us at 8 pairs, 76 us at 1024, 79 us at 2048 and
-# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us.
+# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us. More pairs take `_align_chunked`: three launches, each program
+# a chunk of 256 pairs (one for the offsets), in place of the torch kernels.
 ALIGN_KERNEL_MAX_PAIRS = 2048
 
 
@@ -202,12 +203,126 @@ def _align_small(topk_ids: torch.Tensor, block_m: int,
     return sorted_token_ids, expert_ids, total
 
 
+def _align_count_kernel(
+    ids_ptr,  # [M, topk] int expert ids (any integer dtype, any strides)
+    counts_ptr,  # int32 [chunks, E_PAD] out: each chunk's pairs per expert (bin E: unrouted)
+    sorted_token_ids_ptr,  # int32 [P_max] out: this program's span of it set to the sentinel
+    numel, topk, num_experts, p_max, span,
+    stride_im, stride_ik,
+    CHUNK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr,
+):
+    """`_align_chunked`, step 1 of 3: one program a chunk of CHUNK pairs counts them per expert, and sets its
+    span of the padded list to the sentinel (numel)."""
+    c = tl.program_id(0)
+    pair = c * CHUNK + tl.arange(0, CHUNK)
+    valid = pair < numel
+    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
+    key = tl.where(valid & (ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    tl.store(counts_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(key, E_PAD))
+    end = (c + 1) * span
+    for q0 in range(c * span, end, FILL):
+        q = q0 + tl.arange(0, FILL)
+        tl.store(sorted_token_ids_ptr + q, tl.full([FILL], 0, tl.int32) + numel, mask=(q < p_max) & (q < end))
+
+
+def _align_offsets_kernel(
+    counts_ptr,  # int32 [chunks, E_PAD]: step 1's counts
+    shift_ptr,  # int32 [chunks, E_PAD] out: a chunk's r-th pair in sorted (expert, index) order goes to shift + r
+    expert_ids_ptr,  # int32 [P_max / BLOCK_M] out
+    total_ptr,  # int32 [1] out: P
+    chunks, num_experts, p_max,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CG: tl.constexpr, NB_PAD: tl.constexpr,
+):
+    """Step 2 of 3, one program: each expert's padded run (as `_align`: experts ascending, runs padded to
+    BLOCK_M), the expert of each row block, P, and for each chunk and expert where its pairs start."""
+    expert = tl.arange(0, E_PAD)
+    live = expert < num_experts
+    totals = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, chunks, CG):  # pass 1: pairs per expert
+        rows = c0 + tl.arange(0, CG)
+        tile = tl.load(counts_ptr + rows[:, None] * E_PAD + expert[None, :], mask=(rows < chunks)[:, None], other=0)
+        totals += tl.sum(tile, 0)
+    totals = tl.where(live, totals, 0)
+    padded = (totals + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M  # [E_PAD]
+    end_padded = tl.cumsum(padded, 0)
+    tl.store(total_ptr, tl.sum(padded, 0))
+    block = tl.arange(0, NB_PAD)  # expert_ids: as in _align_small_kernel
+    ends = tl.where(live, end_padded // BLOCK_M, NB_PAD - 1)
+    tl.store(expert_ids_ptr + block, tl.cumsum(tl.histogram(ends, NB_PAD), 0), mask=block < p_max // BLOCK_M)
+    # pass 2: a chunk's pairs of expert e start at e's padded start plus the earlier chunks' pairs of e; in the
+    # chunk's sorted order they start at its pairs of experts below e, which the shift takes off
+    running = end_padded - padded  # [E_PAD]
+    for c0 in range(0, chunks, CG):
+        rows = c0 + tl.arange(0, CG)
+        m = (rows < chunks)[:, None] & (expert[None, :] < E_PAD)
+        tile = tl.load(counts_ptr + rows[:, None] * E_PAD + expert[None, :], mask=m, other=0)  # [CG, E_PAD]
+        routed = tl.where(live[None, :], tile, 0)
+        start = running[None, :] + tl.cumsum(routed, 0) - routed  # [CG, E_PAD]
+        below = tl.cumsum(tile, 1) - tile  # pairs of smaller keys in the chunk
+        tl.store(shift_ptr + rows[:, None] * E_PAD + expert[None, :], start - below, mask=m)
+        running += tl.sum(routed, 0)
+
+
+def _align_place_kernel(
+    ids_ptr, shift_ptr, sorted_token_ids_ptr,
+    numel, topk, num_experts,
+    stride_im, stride_ik,
+    CHUNK: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """Step 3 of 3: a chunk's pairs sorted by (expert, index) and written at their places."""
+    c = tl.program_id(0)
+    local = tl.arange(0, CHUNK)
+    pair = c * CHUNK + local
+    valid = pair < numel
+    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
+    key = tl.where(valid & (ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    order = tl.sort(key * CHUNK + local)  # [CHUNK] unique keys: an expert's pairs keep their order
+    key_sorted = order // CHUNK
+    shift = tl.load(shift_ptr + c * E_PAD + key_sorted)
+    tl.store(sorted_token_ids_ptr + shift + local, c * CHUNK + order % CHUNK, mask=key_sorted < num_experts)
+
+
+_align_count = triton_kernel(_align_count_kernel)
+_align_offsets = triton_kernel(_align_offsets_kernel)
+_align_place = triton_kernel(_align_place_kernel)
+ALIGN_CHUNK = 256  # pairs a program in _align_chunked's steps 1 and 3
+
+
+def _align_chunked(topk_ids: torch.Tensor, block_m: int,
+                   num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_align` in three Triton launches over chunks of ALIGN_CHUNK pairs (count, offsets, place): the same outputs,
+    element for element, for any number of pairs."""
+    numel = topk_ids.numel()
+    device = topk_ids.device
+    p_max = (numel // block_m + min(numel, num_experts)) * block_m
+    chunks = triton.cdiv(numel, ALIGN_CHUNK)
+    e_pad = max(triton.next_power_of_2(num_experts + 1), 128)
+    nb_pad = max(triton.next_power_of_2(p_max // block_m + 1), 32)
+    fill = 256
+    span = triton.cdiv(triton.cdiv(p_max, chunks), fill) * fill
+    sorted_token_ids = torch.empty((p_max,), dtype=torch.int32, device=device)
+    expert_ids = torch.empty((p_max // block_m,), dtype=torch.int32, device=device)
+    total = torch.empty((1,), dtype=torch.int32, device=device)
+    counts = torch.empty((chunks, e_pad), dtype=torch.int32, device=device)
+    shift = torch.empty((chunks, e_pad), dtype=torch.int32, device=device)
+    strides = (topk_ids.stride(0), topk_ids.stride(1))
+    _align_count[(chunks,)](topk_ids, counts, sorted_token_ids, numel, topk_ids.shape[1], num_experts, p_max, span,
+                            *strides, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, FILL=fill, num_warps=4)
+    _align_offsets[(1,)](counts, shift, expert_ids, total, chunks, num_experts, p_max, BLOCK_M=block_m, E_PAD=e_pad,
+                         CG=16, NB_PAD=nb_pad, num_warps=8)
+    _align_place[(chunks,)](topk_ids, shift, sorted_token_ids, numel, topk_ids.shape[1], num_experts, *strides,
+                            CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
+    return sorted_token_ids, expert_ids, total
+
+
 def _route(topk_ids: torch.Tensor, block_m: int,
            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_align`'s result: one Triton program for up to ALIGN_KERNEL_MAX_PAIRS pairs, else the torch kernels."""
-    if 0 < topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS:
+    """`_align`'s result: one Triton program for up to ALIGN_KERNEL_MAX_PAIRS pairs, else three over chunks."""
+    if topk_ids.numel() == 0:
+        return _align(topk_ids, block_m, num_experts)
+    if topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS:
         return _align_small(topk_ids, block_m, num_experts)
-    return _align(topk_ids, block_m, num_experts)
+    return _align_chunked(topk_ids, block_m, num_experts)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,

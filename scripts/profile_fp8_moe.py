@@ -69,6 +69,15 @@ def main() -> None:
     w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
     w13_s = torch.rand(E, 2 * I // S, H // S, device="cuda", generator=g) * 1e-4 + 1e-4
     w2_s = torch.rand(E, H // S, I // S, device="cuda", generator=g) * 1e-4 + 1e-4
+    for m in (256, 512, 1024, 4096):  # the sort by expert: torch kernels against the chunked Triton launches
+        ids = torch.topk(torch.rand(m, E, device="cuda", generator=g), TOPK, dim=-1)[1]
+        for bm in (64, 128):
+            same = all(torch.equal(a, b)
+                       for a, b in zip(fp8_moe._align(ids, bm, E), fp8_moe._align_chunked(ids, bm, E)))
+            emit({"M": m, "what": "align", "BLOCK_M": bm, "identical": same,
+                  "torch_us": round(1e3 * timed(lambda ids=ids, bm=bm: fp8_moe._align(ids, bm, E)), 1),
+                  "chunked_us": round(1e3 * timed(lambda ids=ids, bm=bm: fp8_moe._align_chunked(ids, bm, E)), 1),
+                  "route_us": round(1e3 * timed(lambda ids=ids, bm=bm: fp8_moe._route(ids, bm, E)), 1)})
     for m in (int(v) for v in args.ms.split(",")):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
         scores = torch.sigmoid(torch.randn(m, E, device="cuda", generator=g))

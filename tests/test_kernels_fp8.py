@@ -476,11 +476,35 @@ def test_align_kernel_is_identical_to_torch(device, m, topk, e, block_m):
                 assert torch.equal(g, w), (kind, layout, name, g.cpu(), w.cpu())
 
 
-def test_route_takes_the_kernel_for_few_pairs(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,topk,e,block_m", [(300, 8, 256, 16), (40, 8, 256, 128), (33, 3, 5, 32), (1, 1, 1, 16),
+                                              (64, 1, 4, 1), (97, 6, 3, 64)])
+def test_chunked_align_is_identical_to_torch(device, m, topk, e, block_m):
+    """The three-launch alignment over chunks of pairs (_align_chunked, what fused_moe_fp8 runs past
+    ALIGN_KERNEL_MAX_PAIRS) gives `_align`'s buffers element for element, chunk boundaries inside experts' runs
+    included."""
+    gen = gen_for("align_chunked", m, topk, e, block_m)
+    for kind, ids in routings(m, topk, e, gen).items():
+        if m * topk > 1024 and kind not in ("dropped", "skewed"):
+            continue
+        layouts = {"int64": ids}
+        if kind == "dropped":
+            layouts["transposed int32"] = ids.to(torch.int32).t().contiguous().t()
+        for layout, topk_ids in layouts.items():
+            topk_ids = topk_ids.to(device)
+            want = fp8_moe._align(topk_ids, block_m, e)
+            got = fp8_moe._align_chunked(topk_ids, block_m, e)
+            for name, g, w in zip(("sorted_token_ids", "expert_ids", "P"), got, want):
+                assert g.dtype == w.dtype == torch.int32 and g.shape == w.shape, (kind, layout, name)
+                assert torch.equal(g, w), (kind, layout, name, g.cpu(), w.cpu())
+
+
+def test_route_takes_the_kernels(monkeypatch):
     calls = []
-    monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: calls.append("kernel") or fp8_moe._align(*a))
+    monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: calls.append("small") or fp8_moe._align(*a))
+    monkeypatch.setattr(fp8_moe, "_align_chunked", lambda *a: calls.append("chunked") or fp8_moe._align(*a))
     limit = fp8_moe.ALIGN_KERNEL_MAX_PAIRS
-    for rows, want in ((1, ["kernel"]), (limit // 8, ["kernel"]), (limit // 8 + 1, [])):
+    for rows, want in ((0, []), (1, ["small"]), (limit // 8, ["small"]), (limit // 8 + 1, ["chunked"])):
         calls.clear()
         fp8_moe._route(torch.zeros(rows, 8, dtype=torch.int64), 16, 4)
         assert calls == want, rows
@@ -613,7 +637,8 @@ def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
     (64, 8, 8, torch.bfloat16, 0.1),
 ])
 def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dtype, drop, monkeypatch):
-    """For few pairs fused_moe_fp8 aligns in one Triton program; its output is the torch alignment's, bit for bit."""
+    """For few pairs fused_moe_fp8 aligns in one Triton program, for more in three over chunks of pairs; both give
+    the same output, bit for bit."""
     args = moe_case(m, e, topk, 256, 128, scheme, dtype, gen_for("moe_small", scheme, m, e, topk, dtype), device,
                     drop=drop)
     monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)  # the sorted list at any M
