@@ -30,7 +30,7 @@ one group per K step, bit for bit per_token_group_quant_fp8's result): two launc
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
 configurations here are in `configs/fp8_moe.json` under shape keys "E=..,I=..,H=..,block|channel", one config for
-both GEMMs (they must share BLOCK_M: both walk the same padded list).
+both GEMMs, or GEMM 2's own under "GEMM2" (with another BLOCK_M, GEMM 2 walks a padded list of its own).
 """
 
 from __future__ import annotations
@@ -701,14 +701,11 @@ def _moe_default_config(m: int, topk: int, num_experts: int) -> dict:
 def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter: int, hidden: int,
                scheme: str) -> dict:
     """Block configuration for both GEMMs: configs/fp8_moe.json, else the defaults. An entry's "GEMM2" dict gives
-    the down GEMM its own tile (BLOCK_N, BLOCK_K, GROUP_M, warps, stages) over the shared one; BLOCK_M is the sorted
-    list's block, the same for both. Returns GEMM 1's config, with GEMM 2's whole under "GEMM2"."""
+    the down GEMM its own tile over the shared one; with another BLOCK_M it walks a sorted list of its own (the
+    intermediate's rows are pairs, in any order). Returns GEMM 1's config, with GEMM 2's whole under "GEMM2"."""
     cfg = select_config(load_config_table("fp8_moe.json"), device_key(device),
                         f"E={num_experts},I={inter},H={hidden},{scheme}", m, _moe_default_config(m, topk, num_experts))
     own = dict(cfg.pop("GEMM2", None) or {})
-    if own.get("BLOCK_M", cfg["BLOCK_M"]) != cfg["BLOCK_M"]:
-        raise ValueError(f"fp8_moe.json: GEMM2's BLOCK_M={own['BLOCK_M']} differs from the entry's "
-                         f"{cfg['BLOCK_M']} (both GEMMs walk one sorted list)")
     cfg2 = {**cfg, **{k: v for k, v in own.items() if k in CONFIG_KEYS and k != "GEMM2"}}
     for c in (cfg, cfg2):
         if scheme == "block":
@@ -847,6 +844,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                          block_scaled=block, cfg=cfg)
         hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
+    if cfg2["BLOCK_M"] != cfg["BLOCK_M"]:  # GEMM 2's own row blocks
+        sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg2["BLOCK_M"], e)
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
                      n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg2)
 

@@ -678,8 +678,8 @@ def test_fused_moe_gemm1_writes_the_fp8_intermediate(device, dtype, drop, monkey
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
-    """A table entry's GEMM2 dict tiles the down GEMM apart from gate + up (same sorted list, so the same BLOCK_M);
-    the layer is the one-tile layer's, and a GEMM2 with another BLOCK_M is refused in one line."""
+    """A table entry's GEMM2 dict tiles the down GEMM apart from gate + up, with another BLOCK_M on a sorted list of
+    its own; the layer is the one-tile layer's."""
     args = moe_case(37, 8, 2, 256, 256, "block", torch.bfloat16, gen_for("moe_gemm2"), device)
     one = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
     own = dict(BLOCK_N=64, GROUP_M=2, num_warps=4, num_stages=1)
@@ -697,8 +697,12 @@ def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
     assert [kw["BLOCK_N"] for kw in launches] == [128, 64] and launches[1]["num_stages"] == 1
     monkeypatch.setattr(fp8_moe, "load_config_table",
                         lambda name: {dev: {key: {"64": {**one, "GEMM2": {**own, "BLOCK_M": 32}}}}})
-    with pytest.raises(ValueError, match="GEMM2's BLOCK_M=32"):
-        fused_moe_fp8(*args)
+    routes = []
+    route = fp8_moe._route
+    monkeypatch.setattr(fp8_moe, "_route", lambda ids, bm, e: routes.append(bm) or route(ids, bm, e))
+    launches.clear()
+    assert torch.equal(fused_moe_fp8(*args), base)
+    assert routes == [16, 32] and [kw["BLOCK_M"] for kw in launches] == [16, 32]
 
 
 class _Grids:
