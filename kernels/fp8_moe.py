@@ -309,7 +309,7 @@ def _align_chunked(topk_ids: torch.Tensor, block_m: int,
     _align_count[(chunks,)](topk_ids, counts, sorted_token_ids, numel, topk_ids.shape[1], num_experts, p_max, span,
                             *strides, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, FILL=fill, num_warps=4)
     _align_offsets[(1,)](counts, shift, expert_ids, total, chunks, num_experts, p_max, BLOCK_M=block_m, E_PAD=e_pad,
-                         CG=16, NB_PAD=nb_pad, num_warps=8)
+                         CG=16, NB_PAD=nb_pad, num_warps=4)  # 4 warps: no histogram lane held twice (_align_small)
     _align_place[(chunks,)](topk_ids, shift, sorted_token_ids, numel, topk_ids.shape[1], num_experts, *strides,
                             CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
     return sorted_token_ids, expert_ids, total

@@ -97,7 +97,7 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     align = {"ids_ptr": "*i64", "counts_ptr": "*i32", "shift_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "total_ptr": "*i32"}  # the MoE alignment over chunks of pairs
     jobs += [("fp8_moe", "_align_count", dict(CHUNK=256, E_PAD=512, FILL=256), align, 4),
-             ("fp8_moe", "_align_offsets", dict(BLOCK_M=64, E_PAD=512, CG=16, NB_PAD=1024), align, 8),
+             ("fp8_moe", "_align_offsets", dict(BLOCK_M=64, E_PAD=512, CG=16, NB_PAD=1024), align, 4),
              ("fp8_moe", "_align_place", dict(CHUNK=256, E_PAD=512), align, 4)]
     qk = {"y_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rstd_ptr": "*bf16",
           "out_ptr": "*bf16", "y2_ptr": "*bf16", "w2_ptr": "*bf16", "out2_ptr": "*bf16", "eps": "fp32"}
