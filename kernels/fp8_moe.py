@@ -79,16 +79,18 @@ QUANT_IN_GEMM = True
 # sorted lists, block scales, a column tile of one scale block (BLOCK_N = 128): GEMM 1's epilogue writes the
 # intermediate as GEMM 2's FP8 A and scales (QUANT_OUT; bf16 or fp32 activations: an fp16 intermediate's range would
 # differ), the quantization launch and the 16-bit intermediate's write and read saved, the same bits
-QUANT_OUT_GEMM = True
+QUANT_OUT_GEMM = False  # off by default until timed on a GPU (scripts/profile_fp8_moe.py times both)
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
 
 # Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
 # ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 256 tokens. One program sorts all pairs in registers
 # (a bitonic sort, n log^2 n compare-exchanges on 128 threads), so its time grows with the pairs while the torch
 # path's hardly does. H200, CUDA-graph replays, E = 256: torch 48 us at 8 pairs, 76 us at 1024, 79 us at 2048 and
-# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us. More pairs take `_align_chunked`: three launches, each program
-# a chunk of 256 pairs (one for the offsets), in place of the torch kernels.
+# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us. With ALIGN_CHUNKED, more pairs take `_align_chunked`: three
+# launches, each program a chunk of 256 pairs (one for the offsets), in place of the torch kernels (off by default
+# until timed on a GPU; scripts/profile_fp8_moe.py times both).
 ALIGN_KERNEL_MAX_PAIRS = 2048
+ALIGN_CHUNKED = False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -317,12 +319,13 @@ def _align_chunked(topk_ids: torch.Tensor, block_m: int,
 
 def _route(topk_ids: torch.Tensor, block_m: int,
            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_align`'s result: one Triton program for up to ALIGN_KERNEL_MAX_PAIRS pairs, else three over chunks."""
-    if topk_ids.numel() == 0:
-        return _align(topk_ids, block_m, num_experts)
-    if topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS:
+    """`_align`'s result: one Triton program for up to ALIGN_KERNEL_MAX_PAIRS pairs, else three over chunks
+    (ALIGN_CHUNKED) or the torch kernels."""
+    if 0 < topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS:
         return _align_small(topk_ids, block_m, num_experts)
-    return _align_chunked(topk_ids, block_m, num_experts)
+    if ALIGN_CHUNKED and topk_ids.numel():
+        return _align_chunked(topk_ids, block_m, num_experts)
+    return _align(topk_ids, block_m, num_experts)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,

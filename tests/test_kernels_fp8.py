@@ -500,6 +500,7 @@ def test_chunked_align_is_identical_to_torch(device, m, topk, e, block_m):
 
 
 def test_route_takes_the_kernels(monkeypatch):
+    monkeypatch.setattr(fp8_moe, "ALIGN_CHUNKED", True)
     calls = []
     monkeypatch.setattr(fp8_moe, "_align_small", lambda *a: calls.append("small") or fp8_moe._align(*a))
     monkeypatch.setattr(fp8_moe, "_align_chunked", lambda *a: calls.append("chunked") or fp8_moe._align(*a))
@@ -648,6 +649,7 @@ def test_fused_moe_small_m_path_is_bit_identical(device, scheme, m, e, topk, dty
     small = fused_moe_fp8(*args, scheme=scheme)
     assert seen == [1]
     monkeypatch.setattr(fp8_moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
+    monkeypatch.setattr(fp8_moe, "ALIGN_CHUNKED", True)
     large = fused_moe_fp8(*args, scheme=scheme)
     assert seen == [1]
     assert torch.equal(small, large)
@@ -664,6 +666,7 @@ def test_fused_moe_gemm1_writes_the_fp8_intermediate(device, dtype, drop, monkey
     cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2)
     monkeypatch.setattr(fp8_moe, "moe_config", lambda *a: dict(cfg))
     monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    monkeypatch.setattr(fp8_moe, "QUANT_OUT_GEMM", True)
     quants = []
     quant = fp8_moe.per_token_group_quant_fp8
     monkeypatch.setattr(fp8_moe, "per_token_group_quant_fp8", lambda *a: quants.append(a[0].shape) or quant(*a))
