@@ -127,6 +127,17 @@ def _align(topk_ids: torch.Tensor, block_m: int,
     return sorted_token_ids[:p_max], expert_ids, end_padded[-1:].to(torch.int32)
 
 
+def _pair_keys(ids_ptr, pair, numel, topk, num_experts, stride_im, stride_ik):
+    """The alignment kernels' sort keys of flattened pairs t * topk + s: the expert id, or num_experts for a pair
+    routed nowhere (an id outside [0, E)) and for lanes past numel; int32 like `pair`."""
+    valid = pair < numel
+    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
+    return tl.where(valid & (ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+
+
+pair_keys = triton_kernel(_pair_keys)
+
+
 def _align_small_kernel(
     ids_ptr,  # [M, topk] int expert ids (any integer dtype, any strides)
     sorted_token_ids_ptr,  # int32 [P_max] out
@@ -149,10 +160,7 @@ def _align_small_kernel(
         tl.store(sorted_token_ids_ptr + q, tl.full([FILL], 0, tl.int32) + sentinel, mask=q < p_max)
 
     pair = tl.arange(0, PAIRS)  # [PAIRS] flattened index t * topk + s
-    valid = pair < numel
-    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
-    routed = valid & (ids >= 0) & (ids < num_experts)
-    key = tl.where(routed, ids, num_experts).to(tl.int32)  # [PAIRS] unrouted pairs (and padding lanes) in bin E
+    key = pair_keys(ids_ptr, pair, numel, topk, num_experts, stride_im, stride_ik)  # [PAIRS] unrouted: bin E
 
     expert = tl.arange(0, E_PAD)  # [E_PAD]
     counts = tl.where(expert < num_experts, tl.histogram(key, E_PAD), 0)  # [E_PAD] pairs per expert
@@ -216,10 +224,7 @@ def _align_count_kernel(
     """`_align_chunked`, step 1 of 3: one program a chunk of CHUNK pairs counts them per expert, and sets its
     span of the padded list to the sentinel (numel)."""
     c = tl.program_id(0)
-    pair = c * CHUNK + tl.arange(0, CHUNK)
-    valid = pair < numel
-    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
-    key = tl.where(valid & (ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    key = pair_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), numel, topk, num_experts, stride_im, stride_ik)
     tl.store(counts_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(key, E_PAD))
     end = (c + 1) * span
     for q0 in range(c * span, end, FILL):
@@ -274,10 +279,7 @@ def _align_place_kernel(
     """Step 3 of 3: a chunk's pairs sorted by (expert, index) and written at their places."""
     c = tl.program_id(0)
     local = tl.arange(0, CHUNK)
-    pair = c * CHUNK + local
-    valid = pair < numel
-    ids = tl.load(ids_ptr + (pair // topk) * stride_im + (pair % topk) * stride_ik, mask=valid, other=0)
-    key = tl.where(valid & (ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    key = pair_keys(ids_ptr, c * CHUNK + local, numel, topk, num_experts, stride_im, stride_ik)
     order = tl.sort(key * CHUNK + local)  # [CHUNK] unique keys: an expert's pairs keep their order
     key_sorted = order // CHUNK
     shift = tl.load(shift_ptr + c * E_PAD + key_sorted)
@@ -833,18 +835,16 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 
-    if block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16:
-        # GEMM 1 writes GEMM 2's A itself: [M*topk, I] FP8 codes of silu(gate) * up and their group scales
-        hq = alloc((m * topk, i), dtype=FP8_DTYPE, device=device)
-        hs = alloc((m * topk, i // SCALE_BLOCK), dtype=torch.float32, device=device)
-        _launch_moe_gemm(xq, xs, w13, w13_scale, hq, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                         n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=True, cfg=cfg,
-                         c_scale=hs, inter_dtype=x.dtype)
+    # [M*topk, I] silu(gate) * up; with QUANT_OUT, GEMM 1 writes it as GEMM 2's A: FP8 codes and group scales
+    quant_out = block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16
+    inter = alloc((m * topk, i), dtype=FP8_DTYPE if quant_out else x.dtype, device=device)
+    inter_s = alloc((m * topk, i // SCALE_BLOCK), dtype=torch.float32, device=device) if quant_out else None
+    _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                     n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg,
+                     c_scale=inter_s, inter_dtype=x.dtype)
+    if quant_out:
+        hq, hs = inter, inter_s
     else:
-        inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
-        _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids,
-                         num_tokens_post_padded, n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False,
-                         block_scaled=block, cfg=cfg)
         hq, hs = per_token_group_quant_fp8(inter, SCALE_BLOCK) if block else per_token_quant_fp8(inter)
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     if cfg2["BLOCK_M"] != cfg["BLOCK_M"]:  # GEMM 2's own row blocks

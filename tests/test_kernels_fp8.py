@@ -223,14 +223,15 @@ def test_block_matmul_column_tiles_in_and_across_scale_blocks(device, block_n, m
 
 
 class _Spy:
-    """Stands in for a launcher: records each launch's B_SCALE_TILE and launches the kernel."""
+    """Stands in for a launcher: records record(the launch's keyword arguments), by default its B_SCALE_TILE, and
+    launches the kernel."""
 
-    def __init__(self, kernel, seen: list):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, kernel, seen: list, record=lambda kw: kw.get("B_SCALE_TILE", False)):
+        self.kernel, self.seen, self.record = kernel, seen, record
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append(kwargs.get("B_SCALE_TILE", False))
+            self.seen.append(self.record(kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -695,7 +696,7 @@ def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
     cfg = fp8_moe.moe_config(torch.device(device), 37, 2, 8, 256, 256, "block")
     assert cfg["BLOCK_N"] == 128 and cfg["GEMM2"] == {**one, **own}
     launches = []
-    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Grids(fp8_moe._fused_moe_fp8, launches))
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, launches, record=lambda kw: kw))
     assert torch.equal(fused_moe_fp8(*args), base)
     assert [kw["BLOCK_N"] for kw in launches] == [128, 64] and launches[1]["num_stages"] == 1
     monkeypatch.setattr(fp8_moe, "load_config_table",
@@ -706,19 +707,6 @@ def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
     launches.clear()
     assert torch.equal(fused_moe_fp8(*args), base)
     assert routes == [16, 32] and [kw["BLOCK_M"] for kw in launches] == [16, 32]
-
-
-class _Grids:
-    """Stands in for a launcher: records each launch's keyword arguments and launches the kernel."""
-
-    def __init__(self, kernel, seen: list):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
 
 
 @pytest.mark.parametrize("device", DEVICES)
