@@ -500,6 +500,80 @@ def test_chunked_align_is_identical_to_torch(device, m, topk, e, block_m):
                 assert torch.equal(g, w), (kind, layout, name, g.cpu(), w.cpu())
 
 
+def tail_blocks_ref(sorted_ids: torch.Tensor, total: int, block_m: int, tail_m: int, sentinel: int) -> list[int]:
+    """The tail_m-row blocks of the list's short last blocks that hold a pair, by a loop."""
+    ids = sorted_ids.tolist()
+    out = []
+    for b in range(total // block_m):
+        if ids[b * block_m + block_m - tail_m] < sentinel:
+            continue  # runs whole on the main tile
+        r = block_m // tail_m
+        out += [b * r + j for j in range(r) if ids[b * block_m + j * tail_m] < sentinel]
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,topk,e,block_m,tail_m", [(300, 8, 256, 64, 16), (512, 8, 256, 128, 32),
+                                                     (97, 6, 3, 64, 32), (33, 3, 5, 32, 16), (1, 1, 1, 16, 8),
+                                                     (40, 8, 256, 128, 64)])
+def test_tail_blocks_lists_the_short_last_blocks(device, m, topk, e, block_m, tail_m):
+    """tail_blocks lists, in list order, the tail_m-row blocks holding a pair of each block whose row
+    block_m - tail_m is padding (an expert's short last block); its cap bounds the count; the main launch's skip
+    rule (TAIL_M) and the tail's cover every pair exactly once."""
+    gen = gen_for("tail_blocks", m, topk, e, block_m, tail_m)
+    for kind, ids in routings(m, topk, e, gen).items():
+        sorted_ids, expert_ids, total = fp8_moe._align(ids.to(device), block_m, e)
+        sentinel = ids.numel()
+        tail, count = fp8_moe.tail_blocks(sorted_ids, total, block_m, tail_m, sentinel, e)
+        want = tail_blocks_ref(sorted_ids.cpu(), int(total), block_m, tail_m, sentinel)
+        assert int(count) == len(want) <= tail.numel(), (kind, int(count), len(want), tail.numel())
+        assert tail[:len(want)].tolist() == want, kind
+        # every routed pair in exactly one launch's rows
+        rows = sorted_ids.cpu().view(-1, block_m)[:int(total) // block_m]
+        main = rows[rows[:, block_m - tail_m] < sentinel].flatten().tolist()
+        small = sorted_ids.cpu().view(-1, tail_m)[torch.tensor(want, dtype=torch.long)].flatten().tolist()
+        pairs = sorted(p for p in main + small if p < sentinel)
+        flat = ids.flatten()
+        assert pairs == [p for p in range(sentinel) if 0 <= flat[p] < e], kind
+    with pytest.raises(ValueError, match="must divide"):
+        fp8_moe.tail_blocks(sorted_ids, total, 64, 48, sentinel, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_tail_launch(device, monkeypatch):
+    """A table entry's TAIL runs each expert's short last row block as a second launch on a smaller tile (GEMM 2
+    inheriting it, or not with "TAIL": null); the layer is the one-tile layer's, bit for bit."""
+    args = moe_case(150, 8, 3, 256, 256, "block", torch.bfloat16, gen_for("moe_tail"), device)
+    one = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+    key = "E=8,I=256,H=256,block"
+    dev = fp8_moe.device_key(torch.device(device))
+    monkeypatch.setattr(fp8_moe, "load_config_table", lambda name: {dev: {key: {"64": dict(one)}}})
+    base = fused_moe_fp8(*args)
+    sorted_ids, _, total = fp8_moe._align(args[-1], 64, 8)
+    assert int(fp8_moe.tail_blocks(sorted_ids, total, 64, 32, 450, 8)[1]) >= 2  # experts with 64 + a few pairs
+    launches = []
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, launches, record=lambda kw: kw))
+    for quant_out, entry, want in (
+            (False, {**one, "TAIL": {"BLOCK_M": 16}}, [(64, 16, 0), (16, 0, 4), (64, 16, 0), (16, 0, 4)]),
+            (False, {**one, "TAIL": {"BLOCK_M": 32, "num_warps": 2}, "GEMM2": {"TAIL": None}},
+             [(64, 32, 0), (32, 0, 2), (64, 0, 0)]),
+            (False, {**one, "GEMM2": {"TAIL": {"BLOCK_M": 16}}}, [(64, 0, 0), (64, 16, 0), (16, 0, 4)]),
+            (True, {**one, "TAIL": {"BLOCK_M": 32}}, [(64, 32, 0), (32, 0, 2), (64, 32, 0), (32, 0, 2)])):
+        monkeypatch.setattr(fp8_moe, "QUANT_OUT_GEMM", quant_out)
+        monkeypatch.setattr(fp8_moe, "load_config_table", lambda name, entry=entry: {dev: {key: {"64": entry}}})
+        launches.clear()
+        assert torch.equal(fused_moe_fp8(*args), base), entry
+        assert [(kw["BLOCK_M"], kw.get("TAIL_M", 0), kw.get("TAIL_OF", 0)) for kw in launches] == want, entry
+        assert [kw.get("QUANT_OUT", False) for kw in launches[:2]] == [quant_out] * 2
+        if entry.get("TAIL", {}).get("num_warps"):
+            assert [kw["num_warps"] for kw in launches] == [4, 2, 4]  # the tail's keys over its GEMM's
+    for bad in (24, 8):
+        monkeypatch.setattr(fp8_moe, "load_config_table",
+                            lambda name, bad=bad: {dev: {key: {"64": {**one, "TAIL": {"BLOCK_M": bad}}}}})
+        with pytest.raises(ValueError, match="TAIL BLOCK_M"):
+            fused_moe_fp8(*args)
+
+
 def test_route_takes_the_kernels(monkeypatch):
     monkeypatch.setattr(fp8_moe, "ALIGN_CHUNKED", True)
     calls = []
