@@ -90,7 +90,7 @@ SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block s
 # launches, each program a chunk of 256 pairs (one for the offsets), in place of the torch kernels (off by default
 # until timed on a GPU; scripts/profile_fp8_moe.py times both).
 ALIGN_KERNEL_MAX_PAIRS = 2048
-ALIGN_CHUNKED = False
+ALIGN_CHUNKED = True
 
 
 # --------------------------------------------------------------------------------------------------------------------
