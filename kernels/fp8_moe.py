@@ -396,7 +396,7 @@ def tail_blocks(sorted_token_ids: torch.Tensor, total: torch.Tensor, block_m: in
     cap = max(min(sentinel, num_experts) * (r - 1), 1)
     tail = torch.zeros((cap,), dtype=torch.int32, device=sorted_token_ids.device)
     count = torch.empty((1,), dtype=torch.int32, device=sorted_token_ids.device)
-    cb = max(1024 // r, 16)  # a thousand loads in flight an iteration: a few iterations at prefill sizes
+    cb = max(128 // r, 16)
     _tail_blocks_op[(1,)](sorted_token_ids, total, tail, count, sentinel, BLOCK_M=block_m, TAIL_M=tail_m, CB=cb,
                           num_warps=4)
     return tail, count
@@ -598,24 +598,21 @@ def _fused_moe_fp8_kernel(
             expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M)
         n_mask = n_mask & routed
     else:
-        # the grid covers the worst case; row blocks past the padded list's end (or the tail's) have nothing to do.
-        # The loads go out together, before either test: every row block of the grid lies in the buffer
-        blk = pid_m
-        parent = pid_m
-        if TAIL_OF:
-            blk = tl.load(tail_ptr + pid_m)  # past the tail's count: 0, read and left
-            parent = blk // TAIL_OF
-        offs_tok = tl.load(sorted_token_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
-        if TAIL_M:
-            probe = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + (BLOCK_M - TAIL_M))
+        # the grid covers the worst case; row blocks past the padded list's end (or the tail's) have nothing to do
         if TAIL_OF:
             if pid_m >= tl.load(num_tokens_post_padded_ptr):
                 return
         elif pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
+        blk = pid_m
+        parent = pid_m
+        if TAIL_OF:
+            blk = tl.load(tail_ptr + pid_m)
+            parent = blk // TAIL_OF
         if TAIL_M:  # an expert's short last block: the tail launch's
-            if probe >= num_valid_tokens:
+            if tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + (BLOCK_M - TAIL_M)) >= num_valid_tokens:
                 return
+        offs_tok = tl.load(sorted_token_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
         tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
         offs_tok64 = offs_tok.to(tl.int64)
         a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
