@@ -51,8 +51,7 @@ TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages",
-               "GEMM2", "TAIL")  # fp8_moe: GEMM2 the down GEMM's own tile over the shared one; TAIL the tile of
-# a second launch that takes each expert's short last row block (fp8_moe.tail_blocks)
+               "GEMM2")  # GEMM2 (fp8_moe): the down GEMM's own tile over the shared one
 
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:

@@ -351,57 +351,6 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
     return sorted_token_ids[:total], expert_ids[:total // block_m], total
 
 
-def _tail_blocks_kernel(
-    sorted_token_ids_ptr,  # int32 [P_max]: the padded list of BLOCK_M-row blocks
-    total_ptr,  # int32 [1]: P
-    tail_ptr,  # int32 [cap] out: the tail blocks (TAIL_M rows each) in list order, as indices of TAIL_M-row blocks
-    tail_count_ptr,  # int32 [1] out: how many
-    sentinel,
-    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, CB: tl.constexpr,
-):
-    """One program: the row blocks of the list whose row BLOCK_M - TAIL_M is padding (an expert's last block,
-    holding at most BLOCK_M - TAIL_M pairs) split into TAIL_M-row blocks, those holding a pair listed."""
-    R: tl.constexpr = BLOCK_M // TAIL_M
-    nb = tl.load(total_ptr) // BLOCK_M
-    j = tl.arange(0, R)  # [R]
-    count = tl.sum(j * 0, 0)  # int32 zero, a loop-carried scalar
-    for b0 in range(0, nb, CB):
-        b = b0 + tl.arange(0, CB)  # [CB] row blocks of the list
-        live = b < nb
-        probe = tl.load(sorted_token_ids_ptr + b * BLOCK_M + (BLOCK_M - TAIL_M), mask=live, other=sentinel)
-        first = tl.load(sorted_token_ids_ptr + b[:, None] * BLOCK_M + j[None, :] * TAIL_M, mask=live[:, None],
-                        other=sentinel)  # [CB, R] each tail block's first row
-        act = ((probe[:, None] >= sentinel) & (first < sentinel)).to(tl.int32)  # [CB, R]
-        per_block = tl.sum(act, 1)  # [CB]
-        pos = count + (tl.cumsum(per_block, 0) - per_block)[:, None] + (tl.cumsum(act, 1) - act)  # [CB, R]
-        tl.store(tail_ptr + pos, b[:, None] * R + j[None, :], mask=act > 0)
-        count += tl.sum(per_block, 0)
-    tl.store(tail_count_ptr, count)
-
-
-_tail_blocks_op = triton_kernel(_tail_blocks_kernel)
-
-
-def tail_blocks(sorted_token_ids: torch.Tensor, total: torch.Tensor, block_m: int, tail_m: int, sentinel: int,
-                num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The padded list's short last blocks, for a second launch on tail_m-row tiles (TAIL): an expert's last
-    block_m-row block whose row block_m - tail_m is padding holds at most block_m - tail_m pairs, which fewer
-    tail_m-row blocks hold with less padding. Returns (tail int32 [cap]: indices of tail_m-row blocks of the list,
-    those holding a pair, in list order; count int32 [1]), on the device, no host sync. The main launch skips
-    exactly those blocks (TAIL_M). cap bounds the count: at most one such block an expert, block_m / tail_m - 1
-    tail blocks each."""
-    if tail_m < 1 or block_m % tail_m or block_m // tail_m < 2 or (block_m // tail_m) & (block_m // tail_m - 1):
-        raise ValueError(f"TAIL BLOCK_M={tail_m} must divide BLOCK_M={block_m} by a power of two >= 2")
-    r = block_m // tail_m
-    cap = max(min(sentinel, num_experts) * (r - 1), 1)
-    tail = torch.zeros((cap,), dtype=torch.int32, device=sorted_token_ids.device)
-    count = torch.empty((1,), dtype=torch.int32, device=sorted_token_ids.device)
-    cb = max(128 // r, 16)
-    _tail_blocks_op[(1,)](sorted_token_ids, total, tail, count, sentinel, BLOCK_M=block_m, TAIL_M=tail_m, CB=cb,
-                          num_warps=4)
-    return tail, count
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the grouped GEMM
 
@@ -551,8 +500,7 @@ def _fused_moe_fp8_kernel(
     cs_ptr,  # QUANT_OUT: C's scales fp32 [M*topk, N / GROUP_N] (C being fp8)
     topk_weights_ptr,  # fp32 [M*topk]
     sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
-    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length (TAIL_OF: the tail blocks' count)
-    tail_ptr,  # TAIL_OF: int32 the tail blocks, as indices of BLOCK_M-row blocks of the list (tail_blocks)
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
     part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
     N, num_valid_tokens, num_pid_m,
     q_eps,  # QUANT_A: the smallest amax a scale is made from (fp8_gemm.SCALE_EPS)
@@ -581,10 +529,6 @@ def _fused_moe_fp8_kernel(
     # 128-group of GEMM 2's A, written as FP8 codes and a scale, the bits per_token_group_quant_fp8 makes of the
     # 16-bit intermediate (rounded to INTER_BF16's grid first), its launch and the 16-bit round trip saved
     INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
-    TAIL_M: tl.constexpr = 0,  # sorted list: skip the row blocks whose row BLOCK_M - TAIL_M is padding; a TAIL_OF
-    # launch on TAIL_M-row tiles takes them (tail_blocks)
-    TAIL_OF: tl.constexpr = 0,  # the tail launch: program row block pid_m is tail block tail[pid_m] (one of TAIL_OF
-    # BLOCK_M-row blocks to a row block of the list, whose expert it takes); pid_m past the count does nothing
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -598,26 +542,15 @@ def _fused_moe_fp8_kernel(
             expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M)
         n_mask = n_mask & routed
     else:
-        # the grid covers the worst case; row blocks past the padded list's end (or the tail's) have nothing to do
-        if TAIL_OF:
-            if pid_m >= tl.load(num_tokens_post_padded_ptr):
-                return
-        elif pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        # the grid covers the worst case; row blocks past the padded list's end have nothing to do
+        if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
-        blk = pid_m
-        parent = pid_m
-        if TAIL_OF:
-            blk = tl.load(tail_ptr + pid_m)
-            parent = blk // TAIL_OF
-        if TAIL_M:  # an expert's short last block: the tail launch's
-            if tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + (BLOCK_M - TAIL_M)) >= num_valid_tokens:
-                return
-        offs_tok = tl.load(sorted_token_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
+        offs_tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] pair indices
         tok_mask = offs_tok < num_valid_tokens  # padding holds the sentinel num_valid_tokens
         offs_tok64 = offs_tok.to(tl.int64)
         a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
         # int64: E * 2I * H elements of w13 pass 2^31 at MiniMax-M2's size
-        expert = tl.load(expert_ids_ptr + parent).to(tl.int64)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
@@ -777,34 +710,14 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
     intermediate's rows are pairs, in any order). Returns GEMM 1's config, with GEMM 2's whole under "GEMM2"."""
     cfg = select_config(load_config_table("fp8_moe.json"), device_key(device),
                         f"E={num_experts},I={inter},H={hidden},{scheme}", m, _moe_default_config(m, topk, num_experts))
-    return resolve_moe_config(cfg, scheme)
-
-
-def resolve_moe_config(entry: dict, scheme: str) -> dict:
-    """A table entry as the launcher runs it: GEMM 1's config with GEMM 2's whole under "GEMM2" (the entry's keys,
-    its own over them; "TAIL": null there turns an inherited tail off), each TAIL checked."""
-    cfg = dict(entry)
     own = dict(cfg.pop("GEMM2", None) or {})
-    cfg2 = {**cfg, **{k: v for k, v in own.items() if k in CONFIG_KEYS and k != "GEMM2"}}  # "TAIL": null: none
+    cfg2 = {**cfg, **{k: v for k, v in own.items() if k in CONFIG_KEYS and k != "GEMM2"}}
     for c in (cfg, cfg2):
         if scheme == "block":
             c["BLOCK_K"] = min(c["BLOCK_K"], SCALE_BLOCK)
             if SCALE_BLOCK % c["BLOCK_K"]:
                 raise ValueError(f"BLOCK_K={c['BLOCK_K']} does not divide the scale block {SCALE_BLOCK}")
-        if c.get("TAIL"):
-            t = c["TAIL"]["BLOCK_M"]
-            if t < 16 or c["BLOCK_M"] % t or (c["BLOCK_M"] // t) & (c["BLOCK_M"] // t - 1) or c["BLOCK_M"] == t:
-                raise ValueError(f"TAIL BLOCK_M={t} must be >= 16 (tl.dot's least) and divide BLOCK_M="
-                                 f"{c['BLOCK_M']} by a power of two >= 2")
-        else:
-            c.pop("TAIL", None)
     return {**cfg, "GEMM2": cfg2}
-
-
-def tail_config(cfg: dict) -> dict:
-    """The tail launch's tile: cfg["TAIL"]'s keys over cfg's (its BLOCK_M a power-of-two part of cfg's)."""
-    return {**{k: v for k, v in cfg.items() if k not in ("TAIL", "GEMM2")},
-            **{k: v for k, v in cfg["TAIL"].items() if k in CONFIG_KEYS and k not in ("TAIL", "GEMM2")}}
 
 
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
@@ -812,38 +725,11 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
                      mul_routed_weight: bool, block_scaled: bool, cfg: dict, pairs: int = 0,
                      slot_sum: int = 0, quant_a: bool = False, c_scale: torch.Tensor | None = None,
-                     inter_dtype: torch.dtype = torch.bfloat16,
-                     tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                     inter_dtype: torch.dtype = torch.bfloat16) -> None:
     """One GEMM of the layer; pairs = E: the pairs unsorted, one a row block (expert_ids being topk_ids), GEMM 2
     adding its slot_sum slots itself (rows of c: tokens). c_scale: GEMM 1 writes c as FP8 codes and these scales
-    (QUANT_OUT), what per_token_group_quant_fp8 makes of the inter_dtype intermediate. tail: `tail_blocks` of the
-    list for cfg["TAIL"]'s row blocks: the experts' short last blocks go to a second launch on that tile."""
-    args = dict(n=n, k=k, a_row_div=a_row_div, gated=gated, mul_routed_weight=mul_routed_weight,
-                block_scaled=block_scaled, c_scale=c_scale, inter_dtype=inter_dtype)
-    if tail is not None and not pairs:
-        tcfg = tail_config(cfg)
-        _launch_moe_gemm_once(a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids,
-                              num_tokens_post_padded, cfg=cfg, tail_m=tcfg["BLOCK_M"], **args)
-        _launch_moe_gemm_once(a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, tail[1], cfg=tcfg,
-                              tail_list=tail[0], tail_of=cfg["BLOCK_M"] // tcfg["BLOCK_M"], **args)
-        return
-    _launch_moe_gemm_once(a, a_s, b, b_s, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                          cfg=cfg, pairs=pairs, slot_sum=slot_sum, quant_a=quant_a, **args)
-
-
-def _launch_moe_gemm_once(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
-                          topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
-                          num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
-                          mul_routed_weight: bool, block_scaled: bool, cfg: dict, pairs: int = 0,
-                          slot_sum: int = 0, quant_a: bool = False, c_scale: torch.Tensor | None = None,
-                          inter_dtype: torch.dtype = torch.bfloat16, tail_m: int = 0,
-                          tail_list: torch.Tensor | None = None, tail_of: int = 0) -> None:
-    """One launch of `_launch_moe_gemm`: tail_m, the main launch of a split list; tail_list and tail_of, its tail
-    launch (num_tokens_post_padded then the tail's count)."""
-    if tail_of:
-        num_pid_m = tail_list.numel()
-    else:
-        num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
+    (QUANT_OUT), what per_token_group_quant_fp8 makes of the inter_dtype intermediate."""
+    num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (tiles, max(slot_sum, 1))
     part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
@@ -852,13 +738,9 @@ def _launch_moe_gemm_once(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b
         extra["B_SCALE_TILE"] = True
     if c_scale is not None:
         extra.update(QUANT_OUT=True, INTER_BF16=inter_dtype == torch.bfloat16)
-    if tail_m:
-        extra["TAIL_M"] = tail_m
-    if tail_of:
-        extra["TAIL_OF"] = tail_of
     _fused_moe_fp8[grid](
         a, a_s, b, b_s, c, c if c_scale is None else c_scale, topk_weights, sorted_token_ids, expert_ids,
-        num_tokens_post_padded, sorted_token_ids if tail_list is None else tail_list, part, counters,
+        num_tokens_post_padded, part, counters,
         n, c.shape[0], num_pid_m, SCALE_EPS,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
         b.stride(0), b.stride(1), b.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
@@ -954,17 +836,12 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
 
     # [M*topk, I] silu(gate) * up; with QUANT_OUT, GEMM 1 writes it as GEMM 2's A: FP8 codes and group scales
-    quant_out = (block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16
-                 and (not cfg.get("TAIL") or tail_config(cfg)["BLOCK_N"] == SCALE_BLOCK))
+    quant_out = block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16
     inter = alloc((m * topk, i), dtype=FP8_DTYPE if quant_out else x.dtype, device=device)
     inter_s = alloc((m * topk, i // SCALE_BLOCK), dtype=torch.float32, device=device) if quant_out else None
-    tail = None
-    if cfg.get("TAIL"):  # the experts' short last blocks on a smaller tile
-        tail = tail_blocks(sorted_token_ids, num_tokens_post_padded, cfg["BLOCK_M"], cfg["TAIL"]["BLOCK_M"],
-                           m * topk, e)
     _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
                      n=i, k=h, a_row_div=topk, gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg,
-                     c_scale=inter_s, inter_dtype=x.dtype, tail=tail)
+                     c_scale=inter_s, inter_dtype=x.dtype)
     if quant_out:
         hq, hs = inter, inter_s
     else:
@@ -972,13 +849,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     y = torch.empty((m * topk, h), dtype=x.dtype, device=device)  # [M*topk, H] each slot's weighted expert output
     if cfg2["BLOCK_M"] != cfg["BLOCK_M"]:  # GEMM 2's own row blocks
         sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg2["BLOCK_M"], e)
-        tail = None
-    tail2 = cfg2.get("TAIL")
-    if tail2 and (tail is None or tail2["BLOCK_M"] != cfg["TAIL"]["BLOCK_M"]):
-        tail = tail_blocks(sorted_token_ids, num_tokens_post_padded, cfg2["BLOCK_M"], tail2["BLOCK_M"], m * topk, e)
     _launch_moe_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg2,
-                     tail=tail if tail2 else None)
+                     n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg2)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     return moe_sum(y, topk_ids, x, e)

@@ -7,9 +7,8 @@ For each M (default 1024 and 4096 tokens; MiniMax-M2's E=256, top-8, H=3072, I=1
 layer with the launcher's config (median of CUDA-graph replays) and each of its launches timed by the profiler;
 then GEMM 1 (gate + up, SiLU * mul) and GEMM 2 (down, router weight) alone over a grid of tiles, each checked
 against the launcher config's output first. TFLOP/s count the routed pairs' FLOPs ("useful") and the padded
-row blocks' ("issued": every block of the sorted list runs whole), so the padding's share is visible; the
-launcher's tile is also timed with each expert's short last block on a smaller tile (TAIL), layer and GEMMs. Rows
-go to stdout as JSON and to OUT/rows.jsonl.
+row blocks' ("issued": every block of the sorted list runs whole), so the padding's share is visible. Rows go to
+stdout as JSON and to OUT/rows.jsonl.
 """
 
 from __future__ import annotations
@@ -45,16 +44,6 @@ def tiles(gated: bool) -> list[dict]:
         if bm == 128 and bn == 64:
             continue
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=ns))
-    return out
-
-
-def tails(cfg: dict) -> list[dict | None]:
-    """TAIL choices for a tile: none, half or a quarter of its row block (at least 16 rows)."""
-    out: list[dict | None] = [None]
-    for div in (2, 4):
-        if cfg["BLOCK_M"] // div >= 16:
-            bm = cfg["BLOCK_M"] // div
-            out.append(dict(BLOCK_M=bm, num_warps=4 if bm * cfg["BLOCK_N"] < 64 * 128 else cfg["num_warps"]))
     return out
 
 
@@ -110,22 +99,6 @@ def main() -> None:
             emit({"M": m, "what": f"layer, QUANT_OUT {quant_out}, ALIGN_CHUNKED {chunked}", "ms": round(t2, 4),
                   "bit_identical": same, "kernels_us": ks})
         fp8_moe.QUANT_OUT_GEMM = fp8_moe.ALIGN_CHUNKED = False
-        picker = fp8_moe.moe_config
-        for t1, t2 in itertools.product(tails(cfg), tails(cfg["GEMM2"])):  # short last blocks apart
-            if not (t1 or t2):
-                continue
-            entry = {**{k: v for k, v in cfg.items() if k != "GEMM2"}, "TAIL": t1,
-                     "GEMM2": {**cfg["GEMM2"], "TAIL": t2}}
-            fp8_moe.moe_config = lambda *a, entry=entry, **kw: fp8_moe.resolve_moe_config(entry, "block")
-            try:
-                err = rel_err(layer(), layer_out)
-                t2_ms = timed(layer)
-                emit({"M": m, "what": f"layer, TAIL {t1} / {t2}", "ms": round(t2_ms, 4), "rel_err": err,
-                      "kernels_us": kernel_times(layer)})
-            except Exception as e:
-                emit({"M": m, "what": f"layer, TAIL {t1} / {t2}", "error": f"{type(e).__name__}: {str(e)[:100]}"})
-            finally:
-                fp8_moe.moe_config = picker
 
         xq, xs = fp8_gemm.per_token_group_quant_fp8(x, S)
         w = topk_w.view(-1)
@@ -135,27 +108,17 @@ def main() -> None:
         for gemm, gated in ((1, True), (2, False)):
             n, k = (I, H) if gated else (H, I)
             gflop = 2 * pairs * n * k * (2 if gated else 1) / 1e9
-            own = {k: v for k, v in (cfg if gated else cfg["GEMM2"]).items() if k not in ("GEMM2", "TAIL")}
-            variants = [{**own, "TAIL": t} for t in tails(own) if t]
-            for i, c in enumerate([own] + variants + tiles(gated)):
+            for i, c in enumerate([cfg if gated else cfg.get("GEMM2", cfg)] + tiles(gated)):
                 sorted_ids, expert_ids, npost = fp8_moe._route(topk_ids, c["BLOCK_M"], E)
-                tail = None
-                if c.get("TAIL"):
-                    tm = c["TAIL"]["BLOCK_M"]
-                    tail = fp8_moe.tail_blocks(sorted_ids, npost, c["BLOCK_M"], tm, pairs, E)
-                    full, rest = counts // c["BLOCK_M"] * c["BLOCK_M"], counts % c["BLOCK_M"]
-                    rows = torch.where(rest > c["BLOCK_M"] - tm, c["BLOCK_M"], (rest + tm - 1) // tm * tm)
-                    padded = int((full + rows).sum())
-                else:
-                    padded = int((((counts + c["BLOCK_M"] - 1) // c["BLOCK_M"]) * c["BLOCK_M"]).sum())
+                padded = int((((counts + c["BLOCK_M"] - 1) // c["BLOCK_M"]) * c["BLOCK_M"]).sum())
                 out = torch.empty((pairs, n), dtype=x.dtype, device=dev)
                 a, a_s, b, b_s = (xq, xs, w13, w13_s) if gated else (hq, hs, w2, w2_s)
 
                 def run(c=c, sorted_ids=sorted_ids, expert_ids=expert_ids, npost=npost, out=out, a=a, a_s=a_s, b=b,
-                        b_s=b_s, n=n, k=k, gated=gated, w=w, tail=tail):
+                        b_s=b_s, n=n, k=k, gated=gated, w=w):
                     fp8_moe._launch_moe_gemm(a, a_s, b, b_s, out, w, sorted_ids, expert_ids, npost, n=n, k=k,
                                              a_row_div=TOPK if gated else 1, gated=gated,
-                                             mul_routed_weight=not gated, block_scaled=True, cfg=c, tail=tail)
+                                             mul_routed_weight=not gated, block_scaled=True, cfg=c)
                 try:
                     run()
                     if i == 0:  # the launcher's tile: the reference for the others

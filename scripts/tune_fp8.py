@@ -42,25 +42,6 @@ def candidates(m_rows: float) -> list[dict]:
     return out
 
 
-def tails(cfg: dict) -> list[dict | None]:
-    """TAIL candidates for a GEMM's tile: none, or a half or a quarter of its row block (at least 16 rows)."""
-    out: list[dict | None] = [None]
-    for div in (2, 4):
-        bm = cfg["BLOCK_M"] // div
-        if bm >= 16:
-            out.append(dict(BLOCK_M=bm, num_warps=4 if bm * cfg["BLOCK_N"] < 64 * 128 else cfg["num_warps"]))
-    return out
-
-
-def entry_of(cfg: dict) -> dict:
-    """moe_config's resolved config back as a table entry: GEMM 2's keys that differ from GEMM 1's."""
-    entry = {k: v for k, v in cfg.items() if k != "GEMM2"}
-    own = {k: v for k, v in cfg.get("GEMM2", {}).items() if entry.get(k) != v}
-    if entry.get("TAIL") and "TAIL" not in cfg.get("GEMM2", {}):
-        own["TAIL"] = None
-    return {**entry, "GEMM2": own} if own else entry
-
-
 def timed(fn) -> float:
     """Median milliseconds of CUDA-graph replays: without a graph, this machine's launch overhead (about 40 us a
     kernel) would decide the small-M choices instead of the kernels."""
@@ -81,18 +62,13 @@ def quant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
 
 
-def fastest(cands: list[dict], module, picker: str, ref: torch.Tensor, run,
-            moe_scheme: str | None = None) -> tuple[float, dict]:
+def fastest(cands: list[dict], module, picker: str, ref: torch.Tensor, run) -> tuple[float, dict]:
     """(ms, config) of the fastest candidate whose output matches ref, each forced through module.<picker> (the
-    launcher's config lookup), which is restored afterwards. Candidates that fail to compile or run are skipped.
-    moe_scheme: the candidates are fp8_moe table entries, resolved as the table's are."""
+    launcher's config lookup), which is restored afterwards. Candidates that fail to compile or run are skipped."""
     original, best = getattr(module, picker), None
     try:
         for cfg in cands:
-            if moe_scheme:
-                setattr(module, picker, lambda *a, _c=cfg, **kw: fp8_moe.resolve_moe_config(_c, moe_scheme))
-            else:
-                setattr(module, picker, lambda *a, _c=cfg, **kw: dict(_c))
+            setattr(module, picker, lambda *a, _c=cfg, **kw: dict(_c))
             try:
                 if rel_err(run(), ref) > 1e-2:
                     continue
@@ -128,19 +104,11 @@ def tune_moe(device: str) -> dict:
             ref = fp8_moe.fused_moe_fp8_ref(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
             now = fp8_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, scheme)  # never file a slower one
             run = lambda: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)  # noqa: E731
-            now = entry_of(now)
-            best = fastest([now] + candidates(m * TOPK / E), fp8_moe, "moe_config", ref, run, scheme)
+            best = fastest([now] + candidates(m * TOPK / E), fp8_moe, "moe_config", ref, run)
             if m >= 256:  # sorted lists at prefill sizes: then the down GEMM's own tile (and row block), gate + up kept
-                shared = {k: v for k, v in best[1].items() if k not in ("GEMM2", "TAIL")}
-                own = [{k: v for k, v in c.items() if k != "TAIL"} for c in candidates(m * TOPK / E)]
-                best = fastest([best[1]] + [{**shared, "GEMM2": c} for c in own], fp8_moe, "moe_config", ref, run,
-                               scheme)
-            if m >= 1024:  # then each GEMM's short last blocks on a smaller tile (TAIL), or not
-                base = {k: v for k, v in best[1].items() if k != "TAIL"}
-                g2 = {**base, **base.get("GEMM2", {})}
-                best = fastest([best[1]] + [{**base, "TAIL": t1, "GEMM2": {**base.get("GEMM2", {}), "TAIL": t2}}
-                                            for t1 in tails(base) for t2 in tails(g2) if t1 or t2],
-                               fp8_moe, "moe_config", ref, run, scheme)
+                shared = {k: v for k, v in best[1].items() if k != "GEMM2"}
+                best = fastest([best[1]] + [{**shared, "GEMM2": c} for c in candidates(m * TOPK / E)], fp8_moe,
+                               "moe_config", ref, run)
             entries[str(m)] = best[1]
             print(f"moe {scheme} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
         table[f"E={E},I={I},H={H},{scheme}"] = entries

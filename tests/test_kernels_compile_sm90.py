@@ -22,8 +22,8 @@ W4 = {"a_ptr": "*bf16", "b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "c_pt
       "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
 FP8 = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
        "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-       "num_tokens_post_padded_ptr": "*i32", "tail_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32",
-       "cs_ptr": "*fp32", "q_eps": "fp32"}
+       "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp32",
+       "q_eps": "fp32"}
 GGUF = {"x_ptr": "*bf16", "w_ptr": "*u8", "u_ptr": "*u8", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32",
         "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32",
         "part_ptr": "*fp32", "count_ptr": "*i32"}
@@ -91,18 +91,14 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                       GROUP_K=128, EVEN_K=True, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, UPCAST=False,
                       OUT_MANT=0, B_SCALE_TILE=tile_scale)
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, FP8, 8))
-        if tile_scale:  # and writing GEMM 2's FP8 A itself; a split list's main launch and its tail launch
+        if tile_scale:  # and writing GEMM 2's FP8 A itself
             jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "QUANT_OUT": True},
                          {**FP8, "c_ptr": "*fp8e4nv", "cs_ptr": "*fp32"}, 8))
-            jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "BLOCK_M": 128, "TAIL_M": 32}, FP8, 8))
-            jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "BLOCK_M": 32, "TAIL_OF": 4}, FP8, 4))
     align = {"ids_ptr": "*i64", "counts_ptr": "*i32", "shift_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "total_ptr": "*i32"}  # the MoE alignment over chunks of pairs
     jobs += [("fp8_moe", "_align_count", dict(CHUNK=256, E_PAD=512, FILL=256), align, 4),
              ("fp8_moe", "_align_offsets", dict(BLOCK_M=64, E_PAD=512, CG=16, NB_PAD=1024), align, 4),
-             ("fp8_moe", "_align_place", dict(CHUNK=256, E_PAD=512), align, 4),
-             ("fp8_moe", "_tail_blocks_op", dict(BLOCK_M=128, TAIL_M=32, CB=32),
-              {**align, "tail_ptr": "*i32", "tail_count_ptr": "*i32"}, 4)]
+             ("fp8_moe", "_align_place", dict(CHUNK=256, E_PAD=512), align, 4)]
     qk = {"y_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rstd_ptr": "*bf16",
           "out_ptr": "*bf16", "y2_ptr": "*bf16", "w2_ptr": "*bf16", "out2_ptr": "*bf16", "eps": "fp32"}
     for pair in (False, True):  # QK-norm + rotary, q and k in one launch or one each
