@@ -16,16 +16,17 @@ Usage:
 Steps: quantize x (per token per 128 group, or per token); sort the (token, slot) pairs by expert and pad each
 expert's group to a multiple of BLOCK_M (`moe_align_block_size`); GEMM 1 over that list, one launch for all experts,
 each program computing a gate tile and the matching up tile and writing silu(gate) * up [M*topk, I]; quantize that
-(with block scales and 128-column tiles, GEMM 1's epilogue writes the FP8 codes and scales itself, QUANT_OUT);
+(with block scales and 128-column tiles GEMM 1's epilogue can write the FP8 codes and scales itself, QUANT_OUT);
 GEMM 2 [M*topk, I] x w2^T with the router weight multiplied in the epilogue [M*topk, H]; sum over the topk slots
 (a Triton reduction, no atomics). No host sync anywhere: the padded list lives in a worst-case-sized buffer and its
-length stays on the device, so the layer can be captured in a CUDA graph. For few pairs (decode) the sort is one
-Triton program instead of ~15 torch kernels (`_align_small`, up to ALIGN_KERNEL_MAX_PAIRS pairs), with the same
-result element for element. For single-token steps there is no sort at all: each row block of the GEMMs holds one
-pair as it comes (its expert read from topk_ids), and GEMM 2 puts a token's slots on the grid's second axis and adds
-their weighted outputs in fp32, in slot order, in the last program of each tile (fp8_gemm.split_k_sum), so the slot
-sum is its epilogue; with block scales GEMM 2 also quantizes the intermediate itself (each program its pair's row,
-one group per K step, bit for bit per_token_group_quant_fp8's result): two launches instead of five.
+length stays on the device, so the layer can be captured in a CUDA graph. The sort is one Triton program up to
+ALIGN_KERNEL_MAX_PAIRS pairs (`_align_small`) and three launches over chunks of pairs past it (`_align_chunked`),
+each with `_align`'s result (~15 torch kernels) element for element. For single-token steps there is no sort at all:
+each row block of the GEMMs holds one pair as it comes (its expert read from topk_ids), and GEMM 2 puts a token's
+slots on the grid's second axis and adds their weighted outputs in fp32, in slot order, in the last program of each
+tile (fp8_gemm.split_k_sum), so the slot sum is its epilogue; with block scales GEMM 2 also quantizes the
+intermediate itself (each program its pair's row, one group per K step, bit for bit per_token_group_quant_fp8's
+result): two launches instead of five.
 
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
@@ -79,17 +80,18 @@ QUANT_IN_GEMM = True
 # sorted lists, block scales, a column tile of one scale block (BLOCK_N = 128): GEMM 1's epilogue writes the
 # intermediate as GEMM 2's FP8 A and scales (QUANT_OUT; bf16 or fp32 activations: an fp16 intermediate's range would
 # differ), the quantization launch and the 16-bit intermediate's write and read saved, the same bits
-QUANT_OUT_GEMM = False  # off by default until timed on a GPU (scripts/profile_fp8_moe.py times both)
+QUANT_OUT_GEMM = False  # measured slower: at M = 4096 on an H100 GEMM 1 took 250 us more than the 50 us it saves
 SCALE_BLOCK = 128  # weight_scale_inv tiles and activation groups of the block scheme
 
-# Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`) instead of `_align`'s
-# ~15 small torch kernels; MiniMax-M2's top-8 reaches it at M = 256 tokens. One program sorts all pairs in registers
-# (a bitonic sort, n log^2 n compare-exchanges on 128 threads), so its time grows with the pairs while the torch
-# path's hardly does. H200, CUDA-graph replays, E = 256: torch 48 us at 8 pairs, 76 us at 1024, 79 us at 2048 and
-# 83 us at 4096; the kernel 4.1, 13.5, 37 and 90 us. With ALIGN_CHUNKED, more pairs take `_align_chunked`: three
-# launches, each program a chunk of 256 pairs (one for the offsets), in place of the torch kernels (off by default
-# until timed on a GPU; scripts/profile_fp8_moe.py times both).
-ALIGN_KERNEL_MAX_PAIRS = 2048
+# Up to this many (token, slot) pairs the alignment runs as one Triton program (`_align_small`); past it, as three
+# launches over chunks of 256 pairs (`_align_chunked`: counts, offsets in one program, places), or with ALIGN_CHUNKED
+# off as `_align`'s ~15 small torch kernels. One program sorts all its pairs in registers (a bitonic sort over the
+# next power of two), so its time grows with the pairs; the chunked form's hardly does. H200, CUDA-graph replays,
+# E = 256, top-8: one program 4.1 us at 64 pairs, 6.5-7.4 at 512, 13.3-14.1 at 768 and 1024, 37-38 at 2048; chunked
+# 6.6, 8.7-9.1, 8.7-9.0 and 8.7-8.9; torch 48-83 us at any size. So one program up to 512 pairs (M = 64 at top-8).
+# Chunked against torch on the whole layer (bit for bit the same): 2.5-9.5% faster at M = 1024-4096 on an H100 and
+# an H200 (evals/results/fp8_moe_prefill-2026-12-06-NVIDIA_H100_H200/).
+ALIGN_KERNEL_MAX_PAIRS = 512
 ALIGN_CHUNKED = True
 
 

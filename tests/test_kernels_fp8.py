@@ -764,9 +764,14 @@ def test_shipped_config_tables_are_valid(name):
             for bucket, cfg in buckets.items():
                 int(bucket)
                 assert set(cfg) <= set(fp8_gemm.CONFIG_KEYS), (device, shape, bucket)
-                assert all(isinstance(v, int) and v > 0 for v in cfg.values()), (device, shape, bucket)
-                if shape.endswith(",block"):
-                    assert 128 % cfg.get("BLOCK_K", 128) == 0, (device, shape, bucket)
+                own = cfg.get("GEMM2", {})  # fp8_moe: the down GEMM's keys over the entry's
+                assert name == "fp8_moe.json" or not own, (device, shape, bucket)
+                assert set(own) <= set(fp8_gemm.CONFIG_KEYS) - {"GEMM2"}, (device, shape, bucket)
+                for c in (cfg, {**cfg, **own}):
+                    assert all(isinstance(v, int) and v > 0 for k, v in c.items() if k != "GEMM2"), \
+                        (device, shape, bucket)
+                    if shape.endswith(",block"):
+                        assert 128 % c.get("BLOCK_K", 128) == 0, (device, shape, bucket)
 
 
 TUNED = [  # configs other than the defaults: several K steps per scale block, swizzled row groups, narrow tiles
