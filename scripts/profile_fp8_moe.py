@@ -92,13 +92,14 @@ def main() -> None:
         cfg = fp8_moe.moe_config(dev, m, TOPK, E, I, H, "block")
         emit({"M": m, "what": "layer", "config": cfg, "ms": round(t, 4), "tflops": round(flops / t / 1e9, 1),
               "pct_peak": round(100 * flops / t / 1e9 / peak, 1), "kernels_us": kernel_times(layer)})
+        defaults = fp8_moe.QUANT_OUT_GEMM, fp8_moe.ALIGN_CHUNKED
         for quant_out, chunked in ((True, False), (False, True), (True, True)):  # the launches around the GEMMs
             fp8_moe.QUANT_OUT_GEMM, fp8_moe.ALIGN_CHUNKED = quant_out, chunked
             same = torch.equal(layer(), layer_out)
             t2, ks = timed(layer), kernel_times(layer)
             emit({"M": m, "what": f"layer, QUANT_OUT {quant_out}, ALIGN_CHUNKED {chunked}", "ms": round(t2, 4),
                   "bit_identical": same, "kernels_us": ks})
-        fp8_moe.QUANT_OUT_GEMM = fp8_moe.ALIGN_CHUNKED = False
+        fp8_moe.QUANT_OUT_GEMM, fp8_moe.ALIGN_CHUNKED = defaults
 
         xq, xs = fp8_gemm.per_token_group_quant_fp8(x, S)
         w = topk_w.view(-1)
