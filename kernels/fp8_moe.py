@@ -531,6 +531,8 @@ def _fused_moe_fp8_kernel(
     # 128-group of GEMM 2's A, written as FP8 codes and a scale, the bits per_token_group_quant_fp8 makes of the
     # 16-bit intermediate (rounded to INTER_BF16's grid first), its launch and the 16-bit round trip saved
     INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
+    SPLIT_K: tl.constexpr = 1,  # PAIRS: programs a tile (SLOT_SUM: a slot; pid_s = slot * SPLIT_K + share) along axis
+    # 1, each over its share of the K blocks; their fp32 sums are added in the tile's last program (gemv_store)
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -538,10 +540,14 @@ def _fused_moe_fp8_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
+    share = 0  # of K, SPLIT_K > 1
     if PAIRS:
         pid_s = tl.program_id(1)
         pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(
-            expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M)
+            expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M,
+            SPLIT_K)
+        if SPLIT_K > 1:
+            share = pid_s % SPLIT_K
         n_mask = n_mask & routed
     else:
         # the grid covers the worst case; row blocks past the padded list's end have nothing to do
@@ -554,8 +560,10 @@ def _fused_moe_fp8_kernel(
         # int64: E * 2I * H elements of w13 pass 2^31 at MiniMax-M2's size
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
+    KB_PER: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K  # the launcher makes SPLIT_K divide the blocks
+    offs_kf = share * KB_PER * BLOCK_K + offs_k  # [BLOCK_K] the program's first K block
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_kf[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + expert * stride_be + offs_n64[None, :] * stride_bn + offs_kf[:, None] * stride_bk  # [BK, BN]
     as_ptrs = as_ptr + a_rows * stride_asm  # [BLOCK_M]
     if B_SCALE_TILE:
         tl.static_assert(BLOCK_SCALED and GROUP_N % BLOCK_N == 0)
@@ -577,9 +585,10 @@ def _fused_moe_fp8_kernel(
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if QUANT_A:  # the pair's row, a group ahead: its load in flight while the previous group is computed
-        row_ptr = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + offs_k * stride_ak  # [BLOCK_K]
+        row_ptr = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + offs_kf * stride_ak  # [BLOCK_K]
         xr_next = tl.load(row_ptr)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for i in range(0, KB_PER):
+        kb = share * KB_PER + i
         if EVEN_K:
             a_mask = tok_mask[:, None]
             b_mask = n_mask[None, :]
@@ -591,7 +600,8 @@ def _fused_moe_fp8_kernel(
         if QUANT_A:  # the pair's row, one group: quantized once, placed in the block's first row
             tl.static_assert(PAIRS and BLOCK_SCALED and BLOCK_K == GROUP_K and EVEN_K)
             xr = xr_next
-            xr_next = tl.load(row_ptr + (kb + 1) * BLOCK_K * stride_ak, mask=(kb + 1) * BLOCK_K + offs_k < K, other=0.0)
+            ahead = (i + 1) * BLOCK_K + offs_k < KB_PER * BLOCK_K  # this program's share of K only
+            xr_next = tl.load(row_ptr + (i + 1) * BLOCK_K * stride_ak, mask=ahead, other=0.0)
             a, a_s_row = quant_row_operand(xr, q_eps, b_ptr.dtype.element_ty, BLOCK_M, UPCAST)
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
@@ -631,33 +641,44 @@ def _fused_moe_fp8_kernel(
         acc = acc * a_s[:, None] * tl.load(bs_ptrs, mask=n_mask, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * a_s[:, None] * tl.load(bus_ptrs, mask=n_mask, other=0.0)[None, :]
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-    if MUL_ROUTED_WEIGHT:
-        if PAIRS:
-            acc = acc * tl.load(topk_weights_ptr + pair)
+    if SPLIT_K > 1:  # PAIRS: the shares' fp32 sums added in split order by the tile's last program, which gates,
+        # weighs, adds the slots and stores (gated: the raw gate and up sums, side by side)
+        tl.static_assert(PAIRS and not QUANT_OUT)
+        if GATED:
+            both = tl.reshape(tl.permute(tl.join(acc, acc_up), (0, 2, 1)), (BLOCK_M, 2 * BLOCK_N))
         else:
-            w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-            acc = acc * w[:, None]
-    c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
-    last = True
-    if SLOT_SUM > 1:  # partials [SLOT_SUM, M, N]
-        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_n64, c_mask,
-                                num_valid_tokens, N, SLOT_SUM)
-    if QUANT_OUT:
-        tl.static_assert(GATED and BLOCK_SCALED and BLOCK_N == GROUP_N and not PAIRS)
-        if INTER_BF16:  # the value the 16-bit intermediate would hold
-            if UPCAST:
-                acc = round_to_out_grid(acc, 7)
+            both = acc
+        gemv_store(both, c_ptr, cs_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair, offs_tok64,
+                   tok_mask, N, num_valid_tokens, stride_cm, GATED, BLOCK_M, BLOCK_N, MUL_ROUTED_WEIGHT, SLOT_SUM,
+                   SPLIT_K, OUT_MANT, 0)
+    else:
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+        if MUL_ROUTED_WEIGHT:
+            if PAIRS:
+                acc = acc * tl.load(topk_weights_ptr + pair)
             else:
-                acc = acc.to(tl.bfloat16).to(tl.float32)
-        acc, scale = quant_groups(acc, q_eps, UPCAST)  # [BLOCK_M, BLOCK_N], [BLOCK_M]
-        tl.store(cs_ptr + offs_tok64 * stride_csm + pid_n, scale, mask=tok_mask)
-    if last:
-        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-            acc = round_to_out_grid(acc, OUT_MANT)
-        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+                w = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+                acc = acc * w[:, None]
+        c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
+        last = True
+        if SLOT_SUM > 1:  # partials [SLOT_SUM, M, N]
+            acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_tok64, offs_n64, c_mask,
+                                    num_valid_tokens, N, SLOT_SUM)
+        if QUANT_OUT:
+            tl.static_assert(GATED and BLOCK_SCALED and BLOCK_N == GROUP_N and not PAIRS)
+            if INTER_BF16:  # the value the 16-bit intermediate would hold
+                if UPCAST:
+                    acc = round_to_out_grid(acc, 7)
+                else:
+                    acc = acc.to(tl.bfloat16).to(tl.float32)
+            acc, scale = quant_groups(acc, q_eps, UPCAST)  # [BLOCK_M, BLOCK_N], [BLOCK_M]
+            tl.store(cs_ptr + offs_tok64 * stride_csm + pid_n, scale, mask=tok_mask)
+        if last:
+            if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+                acc = round_to_out_grid(acc, OUT_MANT)
+            c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 _fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
@@ -733,9 +754,12 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     (QUANT_OUT), what per_token_group_quant_fp8 makes of the inter_dtype intermediate."""
     num_pid_m = c.shape[0] if pairs else sorted_token_ids.numel() // cfg["BLOCK_M"]
     tiles = num_pid_m * triton.cdiv(n, cfg["BLOCK_N"])
-    grid = (tiles, max(slot_sum, 1))
-    part, counters = split_k_workspace(max(slot_sum, 1), c.shape[0], n, tiles, c.device)
-    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a) if pairs else {}
+    # K shares a tile (unsorted pairs only): the largest divisor of the K blocks not above the config's SPLIT_K
+    split = fp8_gemm.split_divisor(cfg.get("SPLIT_K", 1), triton.cdiv(k, cfg["BLOCK_K"])) if pairs else 1
+    grid = (tiles, max(slot_sum, 1) * split)
+    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if gated and split > 1 else n,
+                                       tiles, c.device)
+    extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a, SPLIT_K=split) if pairs else {}
     if block_scaled and fp8_gemm.tile_scales(SCALE_BLOCK, cfg["BLOCK_N"], n if gated else 0):
         extra["B_SCALE_TILE"] = True
     if c_scale is not None:

@@ -86,6 +86,8 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
             consts.update(PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, QUANT_A=not gated)
         a_type = "*bf16" if pairs and not gated else "*fp8e4nv"  # QUANT_A: the 16-bit intermediate
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
+        if pairs:  # and K split over programs
+            jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "SPLIT_K": 3}, {**FP8, "a_ptr": a_type}, 4))
     for block_n, tile_scale in ((128, True), (256, False)):  # large M: a scale a tile, or a scale a column
         consts = dict(K=3072, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False, BLOCK_SCALED=True, GROUP_N=128,
                       GROUP_K=128, EVEN_K=True, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, UPCAST=False,

@@ -612,6 +612,36 @@ def test_fused_moe_unsorted_pairs(device, scheme, m, e, topk, dtype, drop, monke
     assert torch.equal(fused_moe_fp8(*args, scheme=scheme), pairs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+@pytest.mark.parametrize("m,e,topk,drop", [(1, 16, 8, 0.0), (3, 6, 2, 0.3)])
+def test_fused_moe_unsorted_pairs_split_k(device, scheme, m, e, topk, drop, monkeypatch):
+    """SPLIT_K on unsorted pairs: each tile's K blocks shared by programs whose fp32 sums the last adds (GEMM 1 its
+    raw gate and up sums, then gates; GEMM 2 each slot's shares in turn), as many shares as divide the K blocks; the
+    layer within rounding of one program a tile, and with block scales GEMM 2 quantizing its own A gives the same
+    bits."""
+    args = list(moe_case(m, e, topk, 512, 256, scheme, torch.bfloat16,
+                         gen_for("moe_pairs_split", scheme, m, e, topk), device, drop=drop))
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 8)
+    base_cfg = fp8_moe.moe_config(torch.device(device), m, topk, e, 256, 512, scheme)
+    one = fused_moe_fp8(*args, scheme=scheme)
+    launches = []
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, launches,
+                                                        record=lambda kw: kw.get("SPLIT_K")))
+    for s1, s2, want in ((2, 2, [2, 2]), (3, 1, [2, 1]), (4, 8, [4, 2])):  # K blocks: 4 (GEMM 1), 2 (GEMM 2)
+        cfg = {**base_cfg, "SPLIT_K": s1, "GEMM2": {**base_cfg["GEMM2"], "SPLIT_K": s2}}
+        monkeypatch.setattr(fp8_moe, "moe_config", lambda *a, cfg=cfg: cfg)
+        launches.clear()
+        out = fused_moe_fp8(*args, scheme=scheme)
+        assert launches == want, (s1, s2)
+        assert_close(out, one, *TOL_MOE)
+        assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
+        monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", False)
+        assert torch.equal(fused_moe_fp8(*args, scheme=scheme), out)
+        monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", True)
+    assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
+
+
 @pytest.mark.parametrize("scheme", ["block", "channel"])
 def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
     """The looser comparison: the reference (hence the kernel) against fp32 math on the dequantized weights, with x and
