@@ -733,6 +733,13 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
     intermediate's rows are pairs, in any order). Returns GEMM 1's config, with GEMM 2's whole under "GEMM2"."""
     cfg = select_config(load_config_table("fp8_moe.json"), device_key(device),
                         f"E={num_experts},I={inter},H={hidden},{scheme}", m, _moe_default_config(m, topk, num_experts))
+    return resolve_moe_config(cfg, scheme)
+
+
+def resolve_moe_config(entry: dict, scheme: str) -> dict:
+    """A table entry (GEMM 1's keys, GEMM 2's own under "GEMM2") as the launcher runs it: GEMM 1's config with GEMM
+    2's whole under "GEMM2", BLOCK_K checked against the scale block."""
+    cfg = {k: v for k, v in entry.items() if k in CONFIG_KEYS}
     own = dict(cfg.pop("GEMM2", None) or {})
     cfg2 = {**cfg, **{k: v for k, v in own.items() if k in CONFIG_KEYS and k != "GEMM2"}}
     for c in (cfg, cfg2):
@@ -820,17 +827,22 @@ def _check_moe_args(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  scheme: str = "block", x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  scheme: str = "block", x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  config: dict | None = None) -> torch.Tensor:
     """MoE layer with FP8 experts: x [M, H] -> [M, H] in x.dtype. Shapes and layout: module docstring.
 
     x_quant: x already quantized as per_token_group_quant_fp8(x, 128) would (block scheme; e.g. by the RMSNorm that
-    made x), which saves that launch."""
+    made x), which saves that launch. config: a table entry to run instead of the table's (over the defaults, as
+    one is; benchmarks and tuning)."""
     m, h, e, i, topk = _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, scheme)
     device = check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     if m == 0:
         return torch.empty_like(x)
     block = scheme == "block"
-    cfg = moe_config(device, m, topk, e, i, h, scheme)
+    if config is None:
+        cfg = moe_config(device, m, topk, e, i, h, scheme)
+    else:  # over the defaults, as a table entry is
+        cfg = resolve_moe_config({**_moe_default_config(m, topk, e), **config}, scheme)
     cfg2 = cfg.get("GEMM2", cfg)  # the down GEMM's tile
 
     if x_quant is not None:

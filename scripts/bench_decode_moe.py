@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The decode MoE kernels (GGUF Q4_K_M and Q8_0, W4A16) with K split over programs, against the launcher's config.
+"""The decode MoE kernels (GGUF Q4_K_M and Q8_0, W4A16, block FP8) with K split over programs, against the launcher's
+config.
 
     python scripts/bench_decode_moe.py --out evals/results/decode_moe          # on an H100/H200, about 2 minutes
     python scripts/bench_decode_moe.py --out DIR --write-configs               # and file the winners (see below)
@@ -13,7 +14,10 @@ W4A16 also its rows path), each checked against the reference before it is timed
 and, at M = 1, each launch of the launcher's config and of the fastest split timed by the profiler, so the table
 says where the time goes. "% BW" counts the bytes of
 the experts touched over the HBM read rate measured in the same run. --write-configs merges each bucket's fastest
-config into kernels/configs/gguf_moe.json and w4a16_moe.json under this GPU's name (and copies both to --out).
+config into kernels/configs/gguf_moe.json, w4a16_moe.json and fp8_moe.json under this GPU's name (and copies them
+to --out); the tuners' other buckets missing from the GPU's table are first filed with what the launcher runs there
+now, so that no other M changes. FP8 ("--formats fp8"): x comes quantized (the norm's launch does that in a
+decode step), the unsorted pairs at one token take SPLIT_K (GEMM 2's under "GEMM2"), and BLOCK_N 32-128 is tried.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from bench_gguf_kernels import Experts, ceilings
 from bench_gguf_kernels import routing as gguf_routing
 from bench_w4a16 import kmajor_weights, moe_bytes
 from bench_w4a16 import routing as w4_routing
-from quantkit.kernels import fp8_gemm, gguf_moe, w4a16_moe
+from quantkit.kernels import fp8_gemm, fp8_moe, gguf_moe, w4a16_moe
 
 ROOT = Path(__file__).resolve().parents[1]
 H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
@@ -38,6 +42,8 @@ MS = [1, 2, 4, 8]
 SPLITS = [2, 3, 4]  # GEMM 1's splits tried alone
 GGUF_BUCKETS = [1, 4, 16, 64, 256]  # scripts/bench_gguf_kernels.py's tuned buckets
 W4A16_BUCKETS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]  # scripts/bench_w4a16.py's
+FP8_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096]  # scripts/tune_fp8.py's
+FP8_SHAPE = f"E={E},I={I},H={H},block"
 MIXES = {"Q4_K_M": ("q4_k", "q4_k", "q6_k"), "Q8_0": ("q8_0",) * 3}
 
 
@@ -59,6 +65,25 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             out[ev.name] = out.get(ev.name, 0.0) + ev.device_time / reps
     return [(k[:60], round(v, 2)) for k, v in out.items()]
+
+
+def fp8_entry(cfg: dict) -> dict:
+    """fp8_moe.moe_config's resolved config as a table entry: GEMM 2's keys where they differ from GEMM 1's."""
+    entry = {k: v for k, v in cfg.items() if k != "GEMM2"}
+    own = {k: v for k, v in cfg.get("GEMM2", {}).items() if entry.get(k) != v}
+    return {**entry, "GEMM2": own} if own else entry
+
+
+def fp8_variants(base: dict, m: int) -> list[tuple[str, dict]]:
+    """FP8 entries: the launcher's, then 16-row tiles of 32, 64 and 128 columns on 4 warps; at one token (unsorted
+    pairs) each with GEMM 1 split 2, 3, 4 or 6 ways and GEMM 2 1, 2 or 3 (split_divisor keeps what divides K)."""
+    out = [("launcher", base)]
+    splits = ((1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (3, 3), (6, 3)) if m == 1 else ((1, 1),)
+    for bn in (32, 64, 128):
+        tile = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        out += [(f"BLOCK_N {bn} split {s1}/{s2}", {**tile, "SPLIT_K": s1, "GEMM2": {"SPLIT_K": s2}})
+                for s1, s2 in splits]
+    return out
 
 
 def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
@@ -98,8 +123,9 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
 
 def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: float, ms: list[int],
                w4: bool, log: Path | None = None, q6k: bool = False,
-               only: set[str] | None = None) -> tuple[list[dict], dict]:
-    """Each M's variants timed; (rows, {M: fastest config}). Each row is also appended to log as it comes."""
+               only: set[str] | None = None, variants_of=None) -> tuple[list[dict], dict]:
+    """Each M's variants timed; (rows, {M: fastest config}). Each row is also appended to log as it comes.
+    variants_of(base, m): the variants, for another format than `variants` knows."""
     rows, best_cfgs = [], {}
     for m in ms:
         inputs = ref_of(m)
@@ -108,7 +134,7 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
         touched = int(inputs["ids"].unique().numel())
         nbytes = touched * per_expert_bytes + 2 * m * H * 2
         best = None
-        for label, cfg in variants(base, w4, q6k):
+        for label, cfg in (variants_of(base, m) if variants_of else variants(base, w4, q6k)):
             if only and label not in only:
                 continue
             if m * TOPK > 64 and cfg.get("PATH") == "rows":
@@ -149,14 +175,14 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
 
 
 def merge(table_name: str, shape: str, device: str, entries: dict, defaults: dict, out: Path) -> None:
-    """entries {bucket: config} into the table under device and shape. A shape new to the device is first given the
-    launcher's defaults at the tuners' buckets (`defaults`), so that larger M keep their own path rather than taking
-    the nearest decode bucket."""
+    """entries {bucket: config} into the table under device and shape. The tuners' buckets the device lacks are
+    first given what the launcher ran there before this run (`defaults`), so that other M keep their config rather
+    than taking the nearest new bucket."""
     path = ROOT / "kernels" / "configs" / table_name
     table = json.loads(path.read_text())
     buckets = table.setdefault(device, {}).setdefault(shape, {})
-    if not buckets:
-        buckets.update(defaults)
+    for bucket, cfg in defaults.items():
+        buckets.setdefault(bucket, cfg)
     buckets.update(entries)
     table[device][shape] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
     path.write_text(json.dumps(table, indent=1) + "\n")
@@ -169,7 +195,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--write-configs", action="store_true")
-    ap.add_argument("--formats", default="gguf,w4a16", help="which of gguf, w4a16 to run")
+    ap.add_argument("--formats", default="gguf,w4a16", help="which of gguf, w4a16, fp8 to run")
     ap.add_argument("--mixes", default=",".join(MIXES), help="which GGUF mixes to run")
     ap.add_argument("--only", default="", help="comma-separated variant labels to time (default: all)")
     args = ap.parse_args()
@@ -203,6 +229,32 @@ def main() -> None:
         tables[("gguf_moe.json", gguf_moe.moe_shape_key(E, I, H, mix))] = best
     experts = None
     torch.cuda.empty_cache()
+
+    if "fp8" in formats:
+        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+        w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+        s13 = torch.rand(E, 2 * I // G, H // G, device="cuda", generator=g) * 1e-4 + 1e-4
+        s2 = torch.rand(E, H // G, I // G, device="cuda", generator=g) * 1e-4 + 1e-4
+        fp8_args = (w13, s13, w2, s2)
+
+        def fp8_ref_of(m: int) -> dict:
+            x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+            tw, ids = torch.topk(torch.sigmoid(torch.randn(m, E, device="cuda", generator=g)), TOPK, dim=-1)
+            tw = (tw / tw.sum(-1, keepdim=True)).contiguous()
+            ref = fp8_moe.fused_moe_fp8_ref(x, *fp8_args, tw, ids)
+            return {"x": x, "xq": fp8_gemm.per_token_group_quant_fp8(x, G), "w": tw, "ids": ids, "ref": ref}
+
+        def fp8_call(inp: dict, cfg: dict) -> torch.Tensor:
+            return fp8_moe.fused_moe_fp8(inp["x"], *fp8_args, inp["w"], inp["ids"], x_quant=inp["xq"], config=cfg)
+
+        fp8_base = lambda m: fp8_entry(fp8_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, "block"))  # noqa
+        per_expert = 3 * H * I + 4 * (2 * I // G * (H // G) + H // G * (I // G))  # codes and block scales
+        r, best = run_format("FP8", fp8_call, fp8_ref_of, fp8_base, per_expert, bw, ms, False, log, only=only,
+                             variants_of=fp8_variants)
+        rows += r
+        tables[("fp8_moe.json", FP8_SHAPE)] = best
+        w13 = w2 = s13 = s2 = fp8_args = None
+        torch.cuda.empty_cache()
 
     if "w4a16" not in formats:
         return finish(args, device, bw, rows, tables)
@@ -243,11 +295,15 @@ def finish(args, device: str, bw: float, rows: list[dict], tables: dict) -> None
 
 
 def default_buckets(table_name: str, shape: str) -> dict:
-    """The launcher's defaults on a GPU at the buckets its tuner files."""
+    """What the launcher runs on this GPU at the buckets its tuner files, from the tables as this run read them
+    (the tables are read once, so a table written earlier in the run does not count)."""
+    dev = torch.device("cuda")
     if table_name == "gguf_moe.json":
         mix = next(m for m in MIXES.values() if gguf_moe.moe_shape_key(E, I, H, m) == shape)
-        return {str(m): gguf_moe._moe_default_config(m, TOPK, E, mix) for m in GGUF_BUCKETS}
-    return {str(m): w4a16_moe._moe_default_config(m, TOPK, E, G) for m in W4A16_BUCKETS}
+        return {str(m): gguf_moe.moe_config(dev, m, TOPK, E, I, H, mix) for m in GGUF_BUCKETS}
+    if table_name == "fp8_moe.json":
+        return {str(m): fp8_entry(fp8_moe.moe_config(dev, m, TOPK, E, I, H, "block")) for m in FP8_BUCKETS}
+    return {str(m): w4a16_moe.moe_config(dev, m, TOPK, E, I, H, G) for m in W4A16_BUCKETS}
 
 
 if __name__ == "__main__":

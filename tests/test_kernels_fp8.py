@@ -629,16 +629,19 @@ def test_fused_moe_unsorted_pairs_split_k(device, scheme, m, e, topk, drop, monk
     monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, launches,
                                                         record=lambda kw: kw.get("SPLIT_K")))
     for s1, s2, want in ((2, 2, [2, 2]), (3, 1, [2, 1]), (4, 8, [4, 2])):  # K blocks: 4 (GEMM 1), 2 (GEMM 2)
-        cfg = {**base_cfg, "SPLIT_K": s1, "GEMM2": {**base_cfg["GEMM2"], "SPLIT_K": s2}}
-        monkeypatch.setattr(fp8_moe, "moe_config", lambda *a, cfg=cfg: cfg)
+        entry = {**{k: v for k, v in base_cfg.items() if k != "GEMM2"}, "SPLIT_K": s1, "GEMM2": {"SPLIT_K": s2}}
         launches.clear()
-        out = fused_moe_fp8(*args, scheme=scheme)
+        out = fused_moe_fp8(*args, scheme=scheme, config=entry)  # an entry given: as the table's would run
         assert launches == want, (s1, s2)
         assert_close(out, one, *TOL_MOE)
         assert_close(out, fused_moe_fp8_ref(*args, scheme=scheme), *TOL_MOE)
         monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", False)
-        assert torch.equal(fused_moe_fp8(*args, scheme=scheme), out)
+        assert torch.equal(fused_moe_fp8(*args, scheme=scheme, config=entry), out)
         monkeypatch.setattr(fp8_moe, "QUANT_IN_GEMM", True)
+        picker = fp8_moe.moe_config
+        monkeypatch.setattr(fp8_moe, "moe_config", lambda *a, entry=entry: fp8_moe.resolve_moe_config(entry, scheme))
+        assert torch.equal(fused_moe_fp8(*args, scheme=scheme), out)
+        monkeypatch.setattr(fp8_moe, "moe_config", picker)
     assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
 
 
