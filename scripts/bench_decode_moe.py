@@ -190,6 +190,34 @@ def merge(table_name: str, shape: str, device: str, entries: dict, defaults: dic
     print(f"wrote {path} and {out / table_name}", flush=True)
 
 
+def run_fp8(g: torch.Generator, device: str, bw: float, ms: list[int], log: Path | None,
+            only: set[str] | None) -> tuple[list[dict], dict]:
+    """Block-FP8 experts (random codes, block scales) through `run_format`: x quantized by the caller as a decode
+    step's norm does, each entry passed to fused_moe_fp8 as `config`."""
+    w13 = (torch.randn(E, 2 * I, H, device=device, generator=g) * 64).to(torch.float8_e4m3fn)
+    w2 = (torch.randn(E, H, I, device=device, generator=g) * 64).to(torch.float8_e4m3fn)
+    s13 = torch.rand(E, 2 * I // G, H // G, device=device, generator=g) * 1e-4 + 1e-4
+    s2 = torch.rand(E, H // G, I // G, device=device, generator=g) * 1e-4 + 1e-4
+    weights = (w13, s13, w2, s2)
+
+    def ref_of(m: int) -> dict:
+        x = torch.randn(m, H, device=device, dtype=torch.bfloat16, generator=g)
+        tw, ids = torch.topk(torch.sigmoid(torch.randn(m, E, device=device, generator=g)), TOPK, dim=-1)
+        tw = (tw / tw.sum(-1, keepdim=True)).contiguous()
+        ref = fp8_moe.fused_moe_fp8_ref(x, *weights, tw, ids)
+        return {"x": x, "xq": fp8_gemm.per_token_group_quant_fp8(x, G), "w": tw, "ids": ids, "ref": ref}
+
+    def call(inp: dict, cfg: dict) -> torch.Tensor:
+        return fp8_moe.fused_moe_fp8(inp["x"], *weights, inp["w"], inp["ids"], x_quant=inp["xq"], config=cfg)
+
+    def base_of(m: int) -> dict:
+        return fp8_entry(fp8_moe.moe_config(torch.device(device), m, TOPK, E, I, H, "block"))
+
+    per_expert = 3 * H * I + 4 * (2 * I // G * (H // G) + H // G * (I // G))  # codes and block scales
+    return run_format("FP8", call, ref_of, base_of, per_expert, bw, ms, False, log, only=only,
+                      variants_of=fp8_variants)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -231,29 +259,9 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     if "fp8" in formats:
-        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
-        w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
-        s13 = torch.rand(E, 2 * I // G, H // G, device="cuda", generator=g) * 1e-4 + 1e-4
-        s2 = torch.rand(E, H // G, I // G, device="cuda", generator=g) * 1e-4 + 1e-4
-        fp8_args = (w13, s13, w2, s2)
-
-        def fp8_ref_of(m: int) -> dict:
-            x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
-            tw, ids = torch.topk(torch.sigmoid(torch.randn(m, E, device="cuda", generator=g)), TOPK, dim=-1)
-            tw = (tw / tw.sum(-1, keepdim=True)).contiguous()
-            ref = fp8_moe.fused_moe_fp8_ref(x, *fp8_args, tw, ids)
-            return {"x": x, "xq": fp8_gemm.per_token_group_quant_fp8(x, G), "w": tw, "ids": ids, "ref": ref}
-
-        def fp8_call(inp: dict, cfg: dict) -> torch.Tensor:
-            return fp8_moe.fused_moe_fp8(inp["x"], *fp8_args, inp["w"], inp["ids"], x_quant=inp["xq"], config=cfg)
-
-        fp8_base = lambda m: fp8_entry(fp8_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, "block"))  # noqa
-        per_expert = 3 * H * I + 4 * (2 * I // G * (H // G) + H // G * (I // G))  # codes and block scales
-        r, best = run_format("FP8", fp8_call, fp8_ref_of, fp8_base, per_expert, bw, ms, False, log, only=only,
-                             variants_of=fp8_variants)
+        r, best = run_fp8(g, "cuda", bw, ms, log, only)
         rows += r
         tables[("fp8_moe.json", FP8_SHAPE)] = best
-        w13 = w2 = s13 = s2 = fp8_args = None
         torch.cuda.empty_cache()
 
     if "w4a16" not in formats:
