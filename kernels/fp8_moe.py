@@ -750,6 +750,14 @@ def resolve_moe_config(entry: dict, scheme: str) -> dict:
     return {**cfg, "GEMM2": cfg2}
 
 
+def table_entry(cfg: dict) -> dict:
+    """The inverse of resolve_moe_config: a resolved config as a table entry, GEMM 2's keys only where they differ
+    from GEMM 1's."""
+    entry = {k: v for k, v in cfg.items() if k != "GEMM2"}
+    own = {k: v for k, v in cfg.get("GEMM2", {}).items() if entry.get(k) != v}
+    return {**entry, "GEMM2": own} if own else entry
+
+
 def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                      num_tokens_post_padded: torch.Tensor, n: int, k: int, a_row_div: int, gated: bool,
@@ -764,8 +772,7 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     # K shares a tile (unsorted pairs only): the largest divisor of the K blocks not above the config's SPLIT_K
     split = fp8_gemm.split_divisor(cfg.get("SPLIT_K", 1), triton.cdiv(k, cfg["BLOCK_K"])) if pairs else 1
     grid = (tiles, max(slot_sum, 1) * split)
-    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if gated and split > 1 else n,
-                                       tiles, c.device)
+    part, counters = split_k_workspace(max(slot_sum, 1) * split, c.shape[0], 2 * n if gated else n, tiles, c.device)
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs, QUANT_A=quant_a, SPLIT_K=split) if pairs else {}
     if block_scaled and fp8_gemm.tile_scales(SCALE_BLOCK, cfg["BLOCK_N"], n if gated else 0):
         extra["B_SCALE_TILE"] = True

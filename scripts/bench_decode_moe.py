@@ -67,13 +67,6 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
     return [(k[:60], round(v, 2)) for k, v in out.items()]
 
 
-def fp8_entry(cfg: dict) -> dict:
-    """fp8_moe.moe_config's resolved config as a table entry: GEMM 2's keys where they differ from GEMM 1's."""
-    entry = {k: v for k, v in cfg.items() if k != "GEMM2"}
-    own = {k: v for k, v in cfg.get("GEMM2", {}).items() if entry.get(k) != v}
-    return {**entry, "GEMM2": own} if own else entry
-
-
 def fp8_variants(base: dict, m: int) -> list[tuple[str, dict]]:
     """FP8 entries: the launcher's, then 16-row tiles of 32, 64 and 128 columns on 4 warps; at one token (unsorted
     pairs) each with GEMM 1 split 2, 3, 4 or 6 ways and GEMM 2 1, 2 or 3 (split_divisor keeps what divides K)."""
@@ -211,7 +204,7 @@ def run_fp8(g: torch.Generator, device: str, bw: float, ms: list[int], log: Path
         return fp8_moe.fused_moe_fp8(inp["x"], *weights, inp["w"], inp["ids"], x_quant=inp["xq"], config=cfg)
 
     def base_of(m: int) -> dict:
-        return fp8_entry(fp8_moe.moe_config(torch.device(device), m, TOPK, E, I, H, "block"))
+        return fp8_moe.table_entry(fp8_moe.moe_config(torch.device(device), m, TOPK, E, I, H, "block"))
 
     per_expert = 3 * H * I + 4 * (2 * I // G * (H // G) + H // G * (I // G))  # codes and block scales
     return run_format("FP8", call, ref_of, base_of, per_expert, bw, ms, False, log, only=only,
@@ -310,7 +303,7 @@ def default_buckets(table_name: str, shape: str) -> dict:
         mix = next(m for m in MIXES.values() if gguf_moe.moe_shape_key(E, I, H, m) == shape)
         return {str(m): gguf_moe.moe_config(dev, m, TOPK, E, I, H, mix) for m in GGUF_BUCKETS}
     if table_name == "fp8_moe.json":
-        return {str(m): fp8_entry(fp8_moe.moe_config(dev, m, TOPK, E, I, H, "block")) for m in FP8_BUCKETS}
+        return {str(m): fp8_moe.table_entry(fp8_moe.moe_config(dev, m, TOPK, E, I, H, "block")) for m in FP8_BUCKETS}
     return {str(m): w4a16_moe.moe_config(dev, m, TOPK, E, I, H, G) for m in W4A16_BUCKETS}
 
 
