@@ -617,11 +617,13 @@ def _moe_default_config(m: int, topk: int, num_experts: int, g: int) -> dict:
     # programs for each GEMM at M = 1, all resident at once. Then every row of the
     # 8 experts is being read and the bytes in flight are rows x groups ahead x 64: 24576 x 2 x 64 = 3.1 MB at
     # PREFETCH = 2, about what 4.2 TB/s needs over a DRAM latency of ~700 ns (Little's law); PREFETCH = 1 halves it.
-    if per_expert <= 1 or g < 128:  # (the dot path's tl.dot needs K = G/8 >= 16)
+    # From a quarter of a pair per expert on average (MiniMax-M2 from M = 16) the touched experts get several pairs
+    # each and a GEMV program per pair re-reads their rows: the tensor-core paths, as the H200's tuning chose them
+    # from M = 16 on (mma, and dot at 32).
+    if per_expert <= 0.25 or g < 128:  # (the tensor-core paths' tl.dot needs K = G/8 >= 16)
         return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
-    if per_expert <= 4:
-        return dict(PATH="gemv", BLOCK_M=2 if per_expert <= 2 else 4, BLOCK_N=16, GROUP_M=1, PREFETCH=2,
-                    num_warps=2, num_stages=1)
+    if per_expert <= 8:
+        return dict(PATH="mma", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=2)
     if per_expert <= 32:
         return dict(PATH="dot", BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=4)
     return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)

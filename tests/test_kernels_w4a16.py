@@ -381,6 +381,18 @@ def test_moe_config_path_is_data():
         w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv", "PREFETCH": 3})
 
 
+def test_moe_default_takes_tensor_cores_from_a_quarter_pair_per_expert(monkeypatch):
+    """On a GPU without a table entry, MiniMax-M2's MoE (top-8 of 256) takes the GEMV path up to 8 tokens and the
+    tensor-core paths from 16 (a GEMV program per pair re-reads a shared expert's rows); a group below 128 keeps the
+    GEMV path, whose tl.dot-free loop has no K minimum."""
+    monkeypatch.setattr(w4a16_moe_mod, "INTERPRETED", False)
+    default = w4a16_moe_mod._moe_default_config
+    assert [default(m, 8, 256, 128)["PATH"] for m in (1, 8, 16, 32, 256, 1024, 4096)] == \
+        ["gemv", "gemv", "mma", "mma", "mma", "dot", "dot"]
+    assert default(32, 8, 256, 64)["PATH"] == "gemv"
+    assert default(16, 8, 256, 128)["BLOCK_M"] == 16
+
+
 def test_fused_moe_refuses_mismatched_experts():
     gen = gen_for("moe-bad")
     w13 = stacked(2, 256, 128, 64, gen)
