@@ -51,7 +51,7 @@ TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages",
-               "GEMM2")  # GEMM2 (fp8_moe): the down GEMM's own tile over the shared one
+               "GEMM2", "WS")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one; WS: the TMA GEMMs
 
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:
@@ -263,18 +263,27 @@ def _gemm_config(device: torch.device, n: int, k: int, m: int, scheme: str, bloc
 
 
 def _per_token_group_quant_kernel(
-    x_ptr, q_ptr, s_ptr,  # [M, K] in, [M, K] fp8 out, [M, K/GROUP] fp32 out
-    M, stride_xm, stride_qm, stride_sm,
+    x_ptr, q_ptr, s_ptr,  # [M, K] in, [M, K] fp8 out, [M, K/GROUP] fp32 out (ROW_DIV: M output rows of x's M_X)
+    idx_ptr,  # ROW_DIV: int32 [M], output row r quantizes x row idx[r] // ROW_DIV, clamped to [0, M_X)
+    limit_ptr,  # LIMIT: int32 [1], output rows from this one on are left as they are
+    M, M_X, stride_xm, stride_qm, stride_sm,
     eps,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+    ROW_DIV: tl.constexpr = 0, LIMIT: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = g * GROUP + tl.arange(0, GROUP)  # [GROUP]
     rmask = rows < M
+    if LIMIT:
+        rmask = rmask & (rows < tl.load(limit_ptr))
     rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
+    src = rows64
+    if ROW_DIV:
+        src = tl.load(idx_ptr + rows64, mask=rmask, other=0).to(tl.int64) // ROW_DIV
+        src = tl.minimum(tl.maximum(src, 0), M_X - 1)
+    x = tl.load(x_ptr + src[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
     y, scale = quant_groups(x.to(tl.float32), eps, UPCAST)  # [BLOCK_M, GROUP], [BLOCK_M]
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(s_ptr + rows64 * stride_sm + g, scale, mask=rmask)
@@ -345,8 +354,36 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
         return xq, xs
     block_m = 64 if INTERPRETED else 16
     grid = (triton.cdiv(m, block_m), k // group_size)
-    _per_token_group_quant[grid](x, xq, xs, m, x.stride(0), xq.stride(0), xs.stride(0), SCALE_EPS,
+    _per_token_group_quant[grid](x, xq, xs, x, x, m, m, x.stride(0), xq.stride(0), xs.stride(0), SCALE_EPS,
                                  GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED, num_warps=4)
+    return xq, xs
+
+
+def per_token_group_quant_fp8_rows(x: torch.Tensor, group_size: int, limit: torch.Tensor,
+                                   index: torch.Tensor | None = None,
+                                   row_div: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_token_group_quant_fp8 of the rows x[clamp(index[r] // row_div, 0, M_x - 1)] (index None: x's own rows),
+    for output rows r < limit[0] (an int32 on the device: no host sync); the rows past it are left unwritten
+    (zeros under the interpreter). Each row written holds the bits per_token_group_quant_fp8 gives that row. The
+    MoE's TMA path quantizes x in its padded list's order with it (index: the sorted pairs, row_div: topk)."""
+    _check_activation(x)
+    p = x.shape[0] if index is None else index.numel()
+    k = x.shape[1]
+    if k % group_size or group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}, a power of two >= 16")
+    if index is not None and (row_div < 1 or index.dtype != torch.int32):
+        raise ValueError(f"index must be int32 and row_div >= 1, got {index.dtype} and {row_div}")
+    device = check_device(x, limit, *(() if index is None else (index,)))
+    alloc = torch.zeros if INTERPRETED else torch.empty
+    xq = alloc((p, k), dtype=FP8_DTYPE, device=device)
+    xs = alloc((p, k // group_size), dtype=torch.float32, device=device)
+    if p == 0 or k == 0:
+        return xq, xs
+    block_m = 64 if INTERPRETED else 16
+    _per_token_group_quant[(triton.cdiv(p, block_m), k // group_size)](
+        x, xq, xs, x if index is None else index, limit, p, x.shape[0], x.stride(0), xq.stride(0), xs.stride(0),
+        SCALE_EPS, GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED, ROW_DIV=0 if index is None else row_div,
+        LIMIT=True, num_warps=4)
     return xq, xs
 
 

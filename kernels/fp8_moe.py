@@ -28,6 +28,12 @@ tile (fp8_gemm.split_k_sum), so the slot sum is its epilogue; with block scales 
 intermediate itself (each program its pair's row, one group per K step, bit for bit per_token_group_quant_fp8's
 result): two launches instead of five.
 
+With block scales, a table entry holding "WS" runs the sorted list's two GEMMs on TMA descriptors instead
+(`_moe_fp8_ws`): x's quantized rows are gathered into the list's order first, GEMM 1 keeps the intermediate in that
+order and GEMM 2 reads it block by block, so every A and B tile is one descriptor box and Triton can split the K loop
+into a producer warp group (the TMA loads) and two consumer groups (the wgmma and the per-K-block scaled sums);
+the same products and sums as the pointer GEMMs, K block by K block. Off unless an entry asks for it.
+
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
 configurations here are in `configs/fp8_moe.json` under shape keys "E=..,I=..,H=..,block|channel", one config for
@@ -54,6 +60,7 @@ from .fp8_gemm import (
     out_mantissa_bits,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
+    per_token_group_quant_fp8_rows,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
     quant_groups,
@@ -684,6 +691,85 @@ def _fused_moe_fp8_kernel(
 _fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
 
 
+def _moe_fp8_ws_kernel(
+    a_ptr, as_ptr,  # A fp8 [P, K] in the padded list's order (row p: pair sorted_token_ids[p]); scales [P, K/GROUP_K]
+    b_ptr, bs_ptr,  # B fp8 [E * NB, K] (each expert's NB rows: 2N gated, else N); scales [E, NB/GROUP_N, K/GROUP_K]
+    c_ptr,  # SORTED_OUT: [P, N], rows in list order (padding rows included); else [M*topk, N], rows of pairs
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P], [P / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: the list's length
+    N, NB, num_valid_tokens, num_pid_m, P, B_ROWS,
+    stride_am, stride_asm, stride_bn, stride_bse, stride_bsn, stride_cm,
+    K: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, SORTED_OUT: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    WS: tl.constexpr,  # the K loop warp-specialized: a producer warp group issuing the TMA loads, consumer groups
+    # the wgmma and the scaled sums (Hopper; needs every operand of the loop's dots loaded through descriptors)
+):
+    """One GEMM of the sorted-list MoE with block scales, its A and B tiles loaded through TMA descriptors, so the
+    K loop can be warp-specialized. A is contiguous in list order (GEMM 1: x's rows gathered by the launcher;
+    GEMM 2: GEMM 1's SORTED_OUT intermediate, quantized), so each row block is one descriptor box; BLOCK_N divides
+    the weight's scale block (one scale a tile and K block, B_SCALE_TILE's arithmetic) and BLOCK_K = GROUP_K."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    # the grid covers the worst case; row blocks past the list's end run no K step and store nothing (an early
+    # return would put the loop under a branch the warp specialization does not take)
+    total = tl.load(num_tokens_post_padded_ptr)  # a multiple of BLOCK_M
+    k_steps = tl.where(pid_m * BLOCK_M < total, K // BLOCK_K, 0)
+    tl.static_assert(GROUP_N % BLOCK_N == 0 and BLOCK_K == GROUP_K and K % BLOCK_K == 0)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[P, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[B_ROWS, K], strides=[stride_bn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    expert = tl.load(expert_ids_ptr + pid_m)
+    row0 = pid_m * BLOCK_M
+    offs_r = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] list positions
+    b_row = expert * NB + pid_n * BLOCK_N
+    bs_row = bs_ptr + expert.to(tl.int64) * stride_bse
+    bs_ptrs = bs_row + (pid_n * BLOCK_N // GROUP_N) * stride_bsn  # the tile's one scale a K block
+    as_ptrs = as_ptr + offs_r.to(tl.int64) * stride_asm  # [BLOCK_M]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        bus_ptrs = bs_row + ((pid_n * BLOCK_N + N) // GROUP_N) * stride_bsn
+    for kb in tl.range(0, k_steps, warp_specialize=WS):
+        a = a_desc.load([row0, kb * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        b = b_desc.load([b_row, kb * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+        if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        a_s = tl.load(as_ptrs + kb)  # [BLOCK_M] (GROUP_K = BLOCK_K: K block kb is scale group kb)
+        acc += tl.dot(a, tl.trans(b)) * (a_s * tl.load(bs_ptrs + kb))[:, None]
+        if GATED:
+            bu = b_desc.load([b_row + N, kb * BLOCK_K])
+            if UPCAST:
+                bu = bu.to(tl.float32)
+            acc_up += tl.dot(a, tl.trans(bu)) * (a_s * tl.load(bus_ptrs + kb))[:, None]
+
+    offs_tok = tl.load(sorted_token_ids_ptr + offs_r)  # [BLOCK_M] pair indices; padding: num_valid_tokens
+    live = offs_r < total  # [BLOCK_M]: the whole block or none of it
+    tok_mask = (offs_tok < num_valid_tokens) & live
+    offs_tok64 = offs_tok.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if MUL_ROUTED_WEIGHT:
+        acc = acc * tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
+    if SORTED_OUT:  # every row of the block, so GEMM 2's quantization reads no uninitialized row
+        c_ptrs = c_ptr + offs_r.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        c_mask = ((offs_r < P) & live)[:, None] & (offs_n < N)[None, :]
+    else:
+        c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
+        c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+_moe_fp8_ws = triton_kernel(_moe_fp8_ws_kernel)
+
+
 def _moe_sum_kernel(
     y_ptr,  # [M*topk, H]: each (token, slot)'s weighted expert output; rows of unrouted pairs were never written
     ids_ptr,  # [M, topk] expert ids
@@ -852,11 +938,15 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         cfg = resolve_moe_config({**_moe_default_config(m, topk, e), **config}, scheme)
     cfg2 = cfg.get("GEMM2", cfg)  # the down GEMM's tile
 
+    # the TMA GEMMs (an entry's "WS", sorted lists) quantize x themselves, in the list's order
+    ws = m > PAIRS_MAX_TOKENS and bool(cfg.get("WS")) and _ws_applies(cfg, cfg2, block, w13, w2)
     if x_quant is not None:
         xq, xs = x_quant
         if not block or xq.dtype != FP8_DTYPE or xq.shape != x.shape or tuple(xs.shape) != (m, h // SCALE_BLOCK):
             raise ValueError(f"x_quant must be (fp8 {tuple(x.shape)}, fp32 [{m}, {h // SCALE_BLOCK}]) for the block "
                              f"scheme, got {tuple(xq.shape)} {xq.dtype}, {tuple(xs.shape)} ({scheme} scheme)")
+    elif ws:
+        xq = xs = None
     else:
         xq, xs = per_token_group_quant_fp8(x, SCALE_BLOCK) if block else per_token_quant_fp8(x)  # [M, H], [M, *]
     weights = topk_weights.contiguous().view(-1)  # [M*topk]
@@ -879,6 +969,9 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                          quant_a=quant_a)
         return out
     sorted_token_ids, expert_ids, num_tokens_post_padded = _route(topk_ids, cfg["BLOCK_M"], e)  # no host sync
+    if ws:
+        return _moe_ws_layer(x, w13, w13_scale, w2, w2_scale, weights, topk_ids, sorted_token_ids,
+                             expert_ids, num_tokens_post_padded, cfg, cfg2, alloc)
 
     # [M*topk, I] silu(gate) * up; with QUANT_OUT, GEMM 1 writes it as GEMM 2's A: FP8 codes and group scales
     quant_out = block and QUANT_OUT_GEMM and cfg["BLOCK_N"] == SCALE_BLOCK and x.dtype != torch.float16
@@ -898,6 +991,61 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
                      n=h, k=i, a_row_div=1, gated=False, mul_routed_weight=True, block_scaled=block, cfg=cfg2)
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
+    return moe_sum(y, topk_ids, x, e)
+
+
+def _ws_applies(cfg: dict, cfg2: dict, block: bool, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether a config asking for the TMA / warp-specialized GEMMs ("WS") can have them: block scales, both GEMMs
+    on one padded list (GEMM 2 reads GEMM 1's rows by position), K blocks of one scale group, column tiles inside a
+    scale block, weights contiguous (viewed as [E * rows, K] descriptors). Otherwise the launcher's usual GEMMs run."""
+    return (block and cfg2["BLOCK_M"] == cfg["BLOCK_M"] and w13.is_contiguous() and w2.is_contiguous()
+            and all(c["BLOCK_K"] == SCALE_BLOCK and SCALE_BLOCK % c["BLOCK_N"] == 0 for c in (cfg, cfg2)))
+
+
+def _tma_scratch(device: torch.device):
+    """triton.set_allocator's function: the global scratch a launch writes its in-kernel TMA descriptors to."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
+                    weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
+                    num_tokens_post_padded: torch.Tensor, n: int, gated: bool, sorted_out: bool, cfg: dict,
+                    num_valid: int) -> None:
+    e, nb, k = b.shape
+    num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
+    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _moe_fp8_ws[grid](
+        a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
+        a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0),
+        K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, GROUP_N=SCALE_BLOCK,
+        GROUP_K=SCALE_BLOCK, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype), WS=not INTERPRETED,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _moe_ws_layer(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                  w2: torch.Tensor, w2_scale: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
+                  sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor,
+                  cfg: dict, cfg2: dict, alloc) -> torch.Tensor:
+    """The sorted-list layer on the TMA GEMMs: x quantized in list order (one launch, up to the list's length), GEMM
+    1 writing the intermediate in list order, its quantization (up to the same length), GEMM 2 storing each pair's
+    row, the slot sum. The same arithmetic as the pointer GEMMs, K block by K block."""
+    m, topk = topk_ids.shape
+    e, two_i, h = w13.shape
+    i = two_i // 2
+    # x quantized in list order up to the list's length (the bits of x's own quantization, row for row: x_quant is
+    # not needed); padding rows take the last token's row, their results are never stored
+    a1, a1_s = per_token_group_quant_fp8_rows(x, SCALE_BLOCK, num_tokens_post_padded, sorted_token_ids, topk)
+    triton.set_allocator(_tma_scratch(x.device))
+    inter = alloc((a1.shape[0], i), dtype=x.dtype, device=x.device)  # [P, I] in list order
+    _launch_ws_gemm(a1, a1_s, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                    n=i, gated=True, sorted_out=True, cfg=cfg, num_valid=m * topk)
+    hq, hs = per_token_group_quant_fp8_rows(inter, SCALE_BLOCK, num_tokens_post_padded)  # [P, I], [P, I/128]
+    y = torch.empty((m * topk, h), dtype=x.dtype, device=x.device)  # [M*topk, H]
+    _launch_ws_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                    n=h, gated=False, sorted_out=False, cfg=cfg2, num_valid=m * topk)
     return moe_sum(y, topk_ids, x, e)
 
 

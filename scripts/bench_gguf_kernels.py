@@ -144,14 +144,15 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     per_expert = m * TOPK / E
     first = [gguf_moe.moe_config(torch.device(DEVICE), m, TOPK, E, I, H, mix),
              gguf_moe._moe_default_config(m, TOPK, E, mix)]
-    if gguf_moe.gemv_types(mix) and m * TOPK <= 4 * gguf_moe.GEMV_PAIRS_MAX:
+    if gguf_moe.gemv_types(mix) and m * TOPK <= 16 * gguf_moe.GEMV_PAIRS_MAX:  # up to 2-4 pairs an expert
         gemv = hand = [dict(PATH="gemv", PREP=prep, PREFETCH=pf, LANES=lanes, BLOCK_M=bm, BLOCK_N=bn,
                      num_warps=nw * lanes, num_stages=1)
                 for bm, bn, nw, prep, pf, lanes in (
                     (1, 32, 2, True, True, 1), (1, 32, 2, True, True, 2), (1, 32, 2, True, False, 1),
                     (1, 32, 2, False, True, 1), (1, 16, 1, True, True, 1), (1, 16, 1, True, True, 2),
                     (1, 64, 4, True, True, 1), (1, 64, 2, True, True, 1), (2, 32, 2, True, True, 1),
-                    (2, 32, 2, True, True, 2), (4, 32, 2, True, True, 1), (2, 64, 4, True, True, 1))]
+                    (2, 32, 2, True, True, 2), (4, 32, 2, True, True, 1), (2, 64, 4, True, True, 1),
+                    (8, 32, 2, True, True, 1), (8, 32, 4, True, True, 1), (4, 64, 4, True, True, 1))]
         if m <= 2:  # K split over programs (GEMM 1 / GEMM 2; more warps at the fewest rows), before the rest: it
             # is what won at one and two tokens (evals/results/decode_moe-2026-12-05-*)
             split = [{**gemv[i], "SPLIT_K": s1, "SPLIT_K2": s2} for i in (0, 2, 1, 4, 6)

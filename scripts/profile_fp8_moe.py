@@ -5,8 +5,9 @@
 
 For each M (default 1024 and 4096 tokens; MiniMax-M2's E=256, top-8, H=3072, I=1536, block scales): the whole
 layer with the launcher's config (median of CUDA-graph replays) and each of its launches timed by the profiler;
-then GEMM 1 (gate + up, SiLU * mul) and GEMM 2 (down, router weight) alone over a grid of tiles, each checked
-against the launcher config's output first. TFLOP/s count the routed pairs' FLOPs ("useful") and the padded
+the whole layer on the TMA GEMMs warp-specialized ("WS" entries of 64- and 128-row blocks); then GEMM 1 (gate + up,
+SiLU * mul) and GEMM 2 (down, router weight) alone over a grid of tiles, each checked against the launcher config's
+output first. TFLOP/s count the routed pairs' FLOPs ("useful") and the padded
 row blocks' ("issued": every block of the sorted list runs whole), so the padding's share is visible. Rows go to
 stdout as JSON and to OUT/rows.jsonl.
 """
@@ -100,6 +101,18 @@ def main() -> None:
             emit({"M": m, "what": f"layer, QUANT_OUT {quant_out}, ALIGN_CHUNKED {chunked}", "ms": round(t2, 4),
                   "bit_identical": same, "kernels_us": ks})
         fp8_moe.QUANT_OUT_GEMM, fp8_moe.ALIGN_CHUNKED = defaults
+        for bm, ns in itertools.product((64, 128), (3, 4)):  # the TMA GEMMs, warp-specialized, on the same list
+            entry = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=ns, WS=True)
+            ws_layer = lambda x=x, tw=topk_w, ti=topk_ids, entry=entry: fp8_moe.fused_moe_fp8(  # noqa: E731
+                x, w13, w13_s, w2, w2_s, tw, ti, config=entry)
+            try:
+                err = rel_err(ws_layer(), layer_out)
+                t2 = timed(ws_layer)
+                emit({"M": m, "what": "layer, WS", "config": entry, "ms": round(t2, 4), "rel_err": err,
+                      "tflops": round(flops / t2 / 1e9, 1), "pct_peak": round(100 * flops / t2 / 1e9 / peak, 1),
+                      "kernels_us": kernel_times(ws_layer)})
+            except Exception as e:  # a tile this GPU or Triton cannot compile or hold
+                emit({"M": m, "what": "layer, WS", "config": entry, "error": f"{type(e).__name__}: {str(e)[:160]}"})
 
         xq, xs = fp8_gemm.per_token_group_quant_fp8(x, S)
         w = topk_w.view(-1)

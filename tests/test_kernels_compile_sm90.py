@@ -60,10 +60,11 @@ for module, kernel, consts, types, warps in jobs:
     fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm,
                   "fp8_gemm": fp8_gemm}[module], kernel)
     try:
-        compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
-                                        "stride_ue", "stride_asm"} & set(fn.arg_names),
-                    num_warps=warps)
-        print("ok", kernel, json.dumps(consts), flush=True)
+        k = compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
+                                            "stride_ue", "stride_asm"} & set(fn.arg_names),
+                        num_warps=warps)
+        # the warp-specialized regions the compiler made (a K loop asked for one that it could not split gets none)
+        print("ok", kernel, json.dumps(consts), k.asm["ttgir"].count("ttg.warp_specialize("), flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
 """
@@ -96,6 +97,12 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         if tile_scale:  # and writing GEMM 2's FP8 A itself
             jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "QUANT_OUT": True},
                          {**FP8, "c_ptr": "*fp8e4nv", "cs_ptr": "*fp32"}, 8))
+    for gated in (True, False):  # the TMA GEMMs of the sorted list, warp-specialized (and GEMM 1 on 64-row blocks)
+        for block_m in ((128, 64) if gated else (128,)):
+            consts = dict(K=3072 if gated else 1536, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=gated,
+                          GROUP_N=128, GROUP_K=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                          UPCAST=False, OUT_MANT=0, WS=True)
+            jobs.append(("fp8_moe", "_moe_fp8_ws", consts, FP8, 4))
     align = {"ids_ptr": "*i64", "counts_ptr": "*i32", "shift_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "total_ptr": "*i32"}  # the MoE alignment over chunks of pairs
     jobs += [("fp8_moe", "_align_count", dict(CHUNK=256, E_PAD=512, FILL=256), align, 4),
@@ -149,6 +156,9 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                                                      MUL_ROUTED_WEIGHT=False, BLOCK_M=1, BLOCK_N=32, OUT_MANT=0,
                                                      X_SUMS=True, DENSE=True, SPLIT_K=2, PREFETCH=qtype == 12),
                      {**types, "x_ptr": "*fp32"}, 1))
+    jobs.append(("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=12, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
+                                                 BLOCK_M=8, BLOCK_N=32, OUT_MANT=0, X_SUMS=True, SUMS_OUT=16,
+                                                 PREFETCH=True), {**gemv, "x_ptr": "*fp32"}, 2))  # 8 tokens a block
     rows = {**W4, "a_ptr": "*fp32", "asum_ptr": "*fp32", "csum_ptr": "*fp32", "expert_ids_ptr": "*i64"}
     for gated in (True, False):  # the W4A16 MoE's rows path, both GEMMs as the launcher runs them
         jobs.append(("w4a16_moe", "_moe_rows", dict(K=3072 if gated else 1536, GROUP=128, A_ROW_DIV=8 if gated else 1,
@@ -158,6 +168,9 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     jobs.append(("w4a16_moe", "_moe_rows", dict(K=3072, GROUP=128, A_ROW_DIV=1, GATED=False, BLOCK_N=32, OUT_MANT=0,
                                                 SLOT_SUM=0, NUM_EXPERTS=0, DENSE=True, SPLIT_K=2),
                  {**rows, "c_ptr": "*bf16"}, 1))  # the rows path of w4a16_kmajor_linear
+    jobs.append(("fp8_gemm", "_per_token_group_quant", dict(GROUP=128, BLOCK_M=16, UPCAST=False, ROW_DIV=8, LIMIT=True),
+                 {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "idx_ptr": "*i32", "limit_ptr": "*i32",
+                  "eps": "fp32"}, 4))  # x quantized in the MoE's list order
     jobs.append(("fp8_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
                                                                         "s_ptr": "*fp32"}, 4))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -166,3 +179,5 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     lines = proc.stdout.splitlines()
     failed = [line for line in lines if line.startswith("FAILED")]
     assert proc.returncode == 0 and not failed and len(lines) == len(jobs), (failed, proc.stderr[-3000:])
+    ws = [line for line in lines if line.startswith("ok _moe_fp8_ws ")]
+    assert ws and all(line.endswith(" 1") for line in ws), ws  # the K loop split into producer and consumers

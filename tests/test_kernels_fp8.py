@@ -157,6 +157,31 @@ def test_per_token_group_quant_is_bit_exact(device, dtype, m, k, group):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,limit", [(torch.bfloat16, 70), (torch.float32, 5), (torch.float16, 96)])
+def test_group_quant_of_indexed_rows_up_to_a_device_limit(device, dtype, limit):
+    """Output row r < limit holds per_token_group_quant_fp8's bits of x row clamp(index[r] // row_div) (a sentinel
+    past the pairs takes the last row); rows from the limit on are not written; without an index, x's own rows."""
+    gen = gen_for("group_rows", dtype, limit)
+    m, topk, k = 12, 4, 256
+    x = activations(m, k, dtype, gen).to(device)
+    index = torch.randint(0, m * topk, (96,), generator=gen, dtype=torch.int32)
+    index[::7] = m * topk  # padding sentinels
+    index[-5:] = -3  # a tail the list never reached
+    index = index.to(device)
+    lim = torch.tensor([limit], dtype=torch.int32, device=device)
+    q, s = fp8_gemm.per_token_group_quant_fp8_rows(x, 128, lim, index, topk)
+    rq, rs = per_token_group_quant_fp8(x, 128)
+    src = (index.long() // topk).clamp(0, m - 1)[:limit]
+    assert q.shape == (96, k) and s.shape == (96, k // 128)
+    assert torch.equal(q[:limit].float(), rq[src].float()) and torch.equal(s[:limit], rs[src])
+    if INTERPRETED:  # zeros where nothing was written
+        assert not q[limit:].float().any() and not s[limit:].any()
+    own_q, own_s = fp8_gemm.per_token_group_quant_fp8_rows(x, 128, torch.tensor([7], dtype=torch.int32,
+                                                                                   device=device))
+    assert torch.equal(own_q[:7].float(), rq[:7].float()) and torch.equal(own_s[:7], rs[:7])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m,k", [(1, 256), (37, 200), (130, 384)])
 def test_per_token_quant_is_bit_exact(device, dtype, m, k):
@@ -740,6 +765,38 @@ def test_fused_moe_down_gemm_takes_its_own_tile(device, monkeypatch):
     launches.clear()
     assert torch.equal(fused_moe_fp8(*args), base)
     assert routes == [16, 32] and [kw["BLOCK_M"] for kw in launches] == [16, 32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,block_n,dtype,drop", [(37, 128, torch.bfloat16, 0.2), (70, 64, torch.float16, 0.0),
+                                                  (130, 128, torch.float32, 0.1)])
+def test_fused_moe_tma_gemms_give_the_pointer_gemms_layer(device, m, block_n, dtype, drop, monkeypatch):
+    """An entry with WS runs both GEMMs on TMA descriptors (x's rows gathered into list order, GEMM 1's
+    intermediate kept in that order): the layer of the pointer GEMMs on the same tiles, bit for bit on the
+    interpreter (each K block's product and scaled sum the same); a config it cannot serve (GEMM 2 on another
+    BLOCK_M, or column tiles across scale blocks) runs the pointer GEMMs."""
+    args = moe_case(m, 8, 2, 256, 256, "block", dtype, gen_for("moe_ws", m, block_n, dtype), device, drop=drop)
+    # on a GPU, 64-row blocks: the compiler splits the loop into producer and consumers from 64 rows on
+    cfg = dict(BLOCK_M=16 if device == "cpu" else 64, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=2, num_warps=4,
+               num_stages=2)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    base = fused_moe_fp8(*args, config=cfg)
+    ws_launches, launches = [], []
+    monkeypatch.setattr(fp8_moe, "_moe_fp8_ws", _Spy(fp8_moe._moe_fp8_ws, ws_launches, record=lambda kw: kw))
+    monkeypatch.setattr(fp8_moe, "_fused_moe_fp8", _Spy(fp8_moe._fused_moe_fp8, launches, record=lambda kw: kw))
+    out = fused_moe_fp8(*args, config={**cfg, "WS": True})
+    assert [kw["GATED"] for kw in ws_launches] == [True, False] and not launches
+    assert [kw["SORTED_OUT"] for kw in ws_launches] == [True, False]
+    if device == "cpu":
+        assert torch.equal(out, base)
+    else:  # the TMA tiles' MMA order may differ
+        assert_close(out, base, *TOL_MOE)
+    assert_close(out, fused_moe_fp8_ref(*args), *TOL_MOE)
+    for other in ({"GEMM2": {"BLOCK_M": 32}}, {"BLOCK_N": 256}):
+        ws_launches.clear()
+        launches.clear()
+        fused_moe_fp8(*args, config={**cfg, "WS": True, **other})
+        assert not ws_launches and len(launches) == 2, other
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -343,7 +343,7 @@ def test_fused_moe_fma_path_matches_ref(device, block_m, pairs_max, monkeypatch)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtypes", [("q4_k", "q4_k", "q6_k"), ("q5_k", "q5_k", "q8_0"), ("q8_0", "q8_0", "q4_k")])
-@pytest.mark.parametrize("block_m,prep", [(1, True), (2, False)])  # unsorted pairs; the sorted list, 2 tokens a block
+@pytest.mark.parametrize("block_m,prep", [(1, True), (2, False), (8, True)])  # unsorted; sorted, 2 or 8 a block
 def test_fused_moe_gemv_path_matches_ref(device, qtypes, block_m, prep, monkeypatch):
     """The GEMV path keeps the intermediate in fp32 (with its group sums for GEMM 2): with fp32 activations it is
     the fp32 reference to rounding; slots routed nowhere (-1, E) add zeros."""
