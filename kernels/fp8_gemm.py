@@ -534,6 +534,62 @@ def _w8a8_fp8_matmul_kernel(
 _w8a8_fp8_matmul = triton_kernel(_w8a8_fp8_matmul_kernel)
 
 
+def _w8a8_ws_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,  # A [M, K] fp8, its scales [M, K/GROUP_K], B [N, K] fp8, its block scales
+    M, N,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    K: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    WS: tl.constexpr,  # the K loop warp-specialized (Hopper: a producer warp group issuing the TMA loads, consumers)
+):
+    """The block-scaled GEMM with its A and B tiles loaded through TMA descriptors (rows and columns past M and N
+    read as zeros), so that Triton can warp-specialize the K loop; a column tile inside one scale block (one weight
+    scale a tile and K block), BLOCK_K = GROUP_K. The same products and scaled sums as _w8a8_fp8_matmul_kernel's
+    B_SCALE_TILE path, K block by K block."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    tl.static_assert(GROUP_N % BLOCK_N == 0 and BLOCK_K == GROUP_K and K % BLOCK_K == 0)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_mask = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    as_ptrs = as_ptr + offs_m64 * stride_asm  # [BLOCK_M]
+    bs_ptrs = bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn  # the tile's one scale a K block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(0, K // BLOCK_K, warp_specialize=WS):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+        if UPCAST:  # the interpreter multiplies fp8 wrongly; on the GPU fp8 goes to the tensor cores as is
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)  # [BLOCK_M]
+        acc += tl.dot(a, tl.trans(b)) * (a_s * tl.load(bs_ptrs + kb))[:, None]
+    if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+        acc = round_to_out_grid(acc, OUT_MANT)
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+_w8a8_ws = triton_kernel(_w8a8_ws_kernel)
+
+
+def tma_scratch(device: torch.device):
+    """triton.set_allocator's function: the global scratch a launch writes its in-kernel TMA descriptors to."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ws_applies(cfg: dict, group_n: int, group_k: int, *tensors: torch.Tensor) -> bool:
+    """Whether a config asking for the TMA GEMM ("WS") can have it: K blocks of one scale group, column tiles inside
+    a scale block, each operand contiguous along K with rows of whole 16-byte units (TMA's alignment)."""
+    return (bool(cfg.get("WS")) and cfg["BLOCK_K"] == group_k and group_n % cfg["BLOCK_N"] == 0
+            and all(t.stride(-1) == 1 and t.stride(-2) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors))
+
+
 def _check_fp8_operands(xq: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
     if xq.dim() != 2 or w.dim() != 2:
         raise ValueError(f"xq must be [M, K] and w [N, K], got {tuple(xq.shape)} and {tuple(w.shape)}")
@@ -631,6 +687,14 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
     if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
         raise ValueError(f"quantizing in the GEMM takes one row and BLOCK_K = {bk}, got {m} rows and {cfg}")
+    if not quant_a and ws_applies(cfg, bn, bk, xq, w):  # the TMA GEMM
+        triton.set_allocator(tma_scratch(device))
+        _w8a8_ws[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+            xq, xs, w, ws, out, m, n, xq.stride(0), xs.stride(0), w.stride(0), ws.stride(0), out.stride(0),
+            K=k, GROUP_N=bn, GROUP_K=bk, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED, OUT_MANT=out_mant, WS=not INTERPRETED,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
     grid, part, counters = _split_k_grid(cfg, m, n, k, device)
     _w8a8_fp8_matmul[grid](
         xq, xs, w, ws, out, part, counters, m, n, k,

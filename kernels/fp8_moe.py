@@ -29,10 +29,11 @@ intermediate itself (each program its pair's row, one group per K step, bit for 
 result): two launches instead of five.
 
 With block scales, a table entry holding "WS" runs the sorted list's two GEMMs on TMA descriptors instead
-(`_moe_fp8_ws`): x's quantized rows are gathered into the list's order first, GEMM 1 keeps the intermediate in that
-order and GEMM 2 reads it block by block, so every A and B tile is one descriptor box and Triton can split the K loop
+(`_moe_fp8_ws`): x is quantized straight into the list's order first, GEMM 1 keeps the intermediate in that order
+and GEMM 2 reads it block by block, so every A and B tile is one descriptor box and Triton can split the K loop
 into a producer warp group (the TMA loads) and two consumer groups (the wgmma and the per-K-block scaled sums);
-the same products and sums as the pointer GEMMs, K block by K block. Off unless an entry asks for it.
+the same products and sums as the pointer GEMMs, K block by K block. GEMM 2 may walk GEMM 1's list in smaller
+blocks (its BLOCK_M dividing GEMM 1's; blocks of padding only are skipped). Off unless an entry asks for it.
 
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
@@ -706,9 +707,11 @@ def _moe_fp8_ws_kernel(
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
     WS: tl.constexpr,  # the K loop warp-specialized: a producer warp group issuing the TMA loads, consumer groups
     # the wgmma and the scaled sums (Hopper; needs every operand of the loop's dots loaded through descriptors)
+    LIST_M: tl.constexpr = 0,  # the list's row block when BLOCK_M divides it (GEMM 2 on GEMM 1's list with smaller
+    # blocks): a block's expert is that of the list block holding it, and a block of padding only is skipped
 ):
     """One GEMM of the sorted-list MoE with block scales, its A and B tiles loaded through TMA descriptors, so the
-    K loop can be warp-specialized. A is contiguous in list order (GEMM 1: x's rows gathered by the launcher;
+    K loop can be warp-specialized. A is contiguous in list order (GEMM 1: x quantized in that order;
     GEMM 2: GEMM 1's SORTED_OUT intermediate, quantized), so each row block is one descriptor box; BLOCK_N divides
     the weight's scale block (one scale a tile and K block, B_SCALE_TILE's arithmetic) and BLOCK_K = GROUP_K."""
     pid = tl.program_id(0)
@@ -717,13 +720,21 @@ def _moe_fp8_ws_kernel(
     # the grid covers the worst case; row blocks past the list's end run no K step and store nothing (an early
     # return would put the loop under a branch the warp specialization does not take)
     total = tl.load(num_tokens_post_padded_ptr)  # a multiple of BLOCK_M
-    k_steps = tl.where(pid_m * BLOCK_M < total, K // BLOCK_K, 0)
+    row0 = pid_m * BLOCK_M
+    live_block = row0 < total
+    if LIST_M:
+        tl.static_assert(LIST_M % BLOCK_M == 0)
+        # padding closes each expert's run, so a block is padding only if its first row is
+        live_block = live_block & (tl.load(sorted_token_ids_ptr + row0) < num_valid_tokens)
+    k_steps = tl.where(live_block, K // BLOCK_K, 0)
     tl.static_assert(GROUP_N % BLOCK_N == 0 and BLOCK_K == GROUP_K and K % BLOCK_K == 0)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[P, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[B_ROWS, K], strides=[stride_bn, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
-    expert = tl.load(expert_ids_ptr + pid_m)
-    row0 = pid_m * BLOCK_M
+    if LIST_M:
+        expert = tl.load(expert_ids_ptr + pid_m * BLOCK_M // LIST_M)
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m)
     offs_r = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] list positions
     b_row = expert * NB + pid_n * BLOCK_N
     bs_row = bs_ptr + expert.to(tl.int64) * stride_bse
@@ -996,21 +1007,19 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
 
 def _ws_applies(cfg: dict, cfg2: dict, block: bool, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether a config asking for the TMA / warp-specialized GEMMs ("WS") can have them: block scales, both GEMMs
-    on one padded list (GEMM 2 reads GEMM 1's rows by position), K blocks of one scale group, column tiles inside a
-    scale block, weights contiguous (viewed as [E * rows, K] descriptors). Otherwise the launcher's usual GEMMs run."""
-    return (block and cfg2["BLOCK_M"] == cfg["BLOCK_M"] and w13.is_contiguous() and w2.is_contiguous()
+    on GEMM 1's padded list (GEMM 2 reads GEMM 1's rows by position, in blocks of its BLOCK_M, which must divide GEMM
+    1's), K blocks of one scale group, column tiles inside a scale block, weights contiguous (viewed as [E * rows, K]
+    descriptors). Otherwise the launcher's usual GEMMs run."""
+    return (block and cfg["BLOCK_M"] % cfg2["BLOCK_M"] == 0 and w13.is_contiguous() and w2.is_contiguous()
+            and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0
             and all(c["BLOCK_K"] == SCALE_BLOCK and SCALE_BLOCK % c["BLOCK_N"] == 0 for c in (cfg, cfg2)))
-
-
-def _tma_scratch(device: torch.device):
-    """triton.set_allocator's function: the global scratch a launch writes its in-kernel TMA descriptors to."""
-    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
 
 
 def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
                     weights: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                     num_tokens_post_padded: torch.Tensor, n: int, gated: bool, sorted_out: bool, cfg: dict,
-                    num_valid: int) -> None:
+                    num_valid: int, list_m: int) -> None:
+    """One TMA GEMM over the padded list of row blocks of list_m (cfg's BLOCK_M dividing it)."""
     e, nb, k = b.shape
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -1021,7 +1030,7 @@ def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
         K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, GROUP_N=SCALE_BLOCK,
         GROUP_K=SCALE_BLOCK, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype), WS=not INTERPRETED,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        LIST_M=list_m if list_m != cfg["BLOCK_M"] else 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -1038,14 +1047,14 @@ def _moe_ws_layer(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     # x quantized in list order up to the list's length (the bits of x's own quantization, row for row: x_quant is
     # not needed); padding rows take the last token's row, their results are never stored
     a1, a1_s = per_token_group_quant_fp8_rows(x, SCALE_BLOCK, num_tokens_post_padded, sorted_token_ids, topk)
-    triton.set_allocator(_tma_scratch(x.device))
+    triton.set_allocator(fp8_gemm.tma_scratch(x.device))
     inter = alloc((a1.shape[0], i), dtype=x.dtype, device=x.device)  # [P, I] in list order
     _launch_ws_gemm(a1, a1_s, w13, w13_scale, inter, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                    n=i, gated=True, sorted_out=True, cfg=cfg, num_valid=m * topk)
+                    n=i, gated=True, sorted_out=True, cfg=cfg, num_valid=m * topk, list_m=cfg["BLOCK_M"])
     hq, hs = per_token_group_quant_fp8_rows(inter, SCALE_BLOCK, num_tokens_post_padded)  # [P, I], [P, I/128]
     y = torch.empty((m * topk, h), dtype=x.dtype, device=x.device)  # [M*topk, H]
     _launch_ws_gemm(hq, hs, w2, w2_scale, y, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                    n=h, gated=False, sorted_out=False, cfg=cfg2, num_valid=m * topk)
+                    n=h, gated=False, sorted_out=False, cfg=cfg2, num_valid=m * topk, list_m=cfg["BLOCK_M"])
     return moe_sum(y, topk_ids, x, e)
 
 

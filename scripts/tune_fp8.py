@@ -29,9 +29,9 @@ PROJ = {"q_proj": (6144, 3072), "kv_proj": (1024, 3072), "o_proj": (3072, 6144)}
 
 
 def candidates(m_rows: float, ws: bool = False) -> list[dict]:
-    """A grid around what suits m_rows rows per expert (MoE) or per GEMM; ws (block-scaled MoE, prefill sizes):
-    with the TMA GEMMs warp-specialized too (fp8_moe._moe_fp8_ws: 4 warps a consumer group, two consumers and a
-    producer per program)."""
+    """A grid around what suits m_rows rows per expert (MoE) or per GEMM; ws (block scales, prefill sizes):
+    with the TMA GEMMs warp-specialized too (fp8_moe._moe_fp8_ws, fp8_gemm._w8a8_ws: 4 warps a program, which the
+    compiler makes a producer and two consumer warp groups)."""
     block_m = [16, 32, 64] if m_rows <= 64 else [32, 64, 128]
     out = []
     stages = [3, 4] if m_rows <= 64 else [2, 3, 4]  # two stages: room for two programs a multiprocessor
@@ -41,7 +41,7 @@ def candidates(m_rows: float, ws: bool = False) -> list[dict]:
         nw = 8 if bm * bn >= 64 * 128 else 4
         gm = 8 if m_rows > 64 else 1
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=gm, num_warps=nw, num_stages=ns))
-    if ws and m_rows > 64:
+    if ws:
         out += [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=ns, WS=True)
                 for bm, ns in itertools.product((64, 128), (3, 4))]
     return out
@@ -109,11 +109,13 @@ def tune_moe(device: str) -> dict:
             ref = fp8_moe.fused_moe_fp8_ref(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)
             now = fp8_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, scheme)  # never file a slower one
             run = lambda: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, topk_w, topk_ids, scheme=scheme)  # noqa: E731
-            best = fastest([now] + candidates(m * TOPK / E, ws=scheme == "block"), fp8_moe, "moe_config", ref, run)
+            cands = candidates(m * TOPK / E, ws=scheme == "block" and m >= 1024)
+            best = fastest([now] + cands, fp8_moe, "moe_config", ref, run)
             if m >= 256:  # sorted lists at prefill sizes: then the down GEMM's own tile (and row block), gate + up kept
                 shared = {k: v for k, v in best[1].items() if k != "GEMM2"}
-                best = fastest([best[1]] + [{**shared, "GEMM2": c} for c in candidates(m * TOPK / E)], fp8_moe,
-                               "moe_config", ref, run)
+                halves = [{**c, "BLOCK_M": shared["BLOCK_M"] // 2} for c in cands if c.get("WS")]  # WS: GEMM 1's list
+                best = fastest([best[1]] + [{**shared, "GEMM2": c} for c in candidates(m * TOPK / E) + halves],
+                               fp8_moe, "moe_config", ref, run)
             entries[str(m)] = best[1]
             print(f"moe {scheme} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
         table[f"E={E},I={I},H={H},{scheme}"] = entries
@@ -135,7 +137,7 @@ def tune_gemm(device: str) -> dict:
                 run = lambda: fp8_gemm.fp8_channel_linear(x, w, ws)  # noqa: E731
                 ref = fp8_gemm.fp8_channel_linear_ref(x, w, ws)
             now = fp8_gemm._gemm_config(torch.device("cuda"), n, k, m, scheme, 128)  # never file a slower one
-            best = fastest([now] + candidates(m), fp8_gemm, "_gemm_config", ref, run)
+            best = fastest([now] + candidates(m, ws=scheme == "block" and m >= 256), fp8_gemm, "_gemm_config", ref, run)
             entries[str(m)] = best[1]
             print(f"gemm {scheme} N={n} K={k} M={m}: {best[0]:.4f} ms {best[1]}", flush=True)
         table[f"N={n},K={k},{scheme}"] = entries

@@ -103,6 +103,8 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                           GROUP_N=128, GROUP_K=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                           UPCAST=False, OUT_MANT=0, WS=True)
             jobs.append(("fp8_moe", "_moe_fp8_ws", consts, FP8, 4))
+            if not gated:  # GEMM 2 in 64-row halves of GEMM 1's 128-row list
+                jobs.append(("fp8_moe", "_moe_fp8_ws", {**consts, "BLOCK_M": 64, "LIST_M": 128}, FP8, 4))
     align = {"ids_ptr": "*i64", "counts_ptr": "*i32", "shift_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "total_ptr": "*i32"}  # the MoE alignment over chunks of pairs
     jobs += [("fp8_moe", "_align_count", dict(CHUNK=256, E_PAD=512, FILL=256), align, 4),
@@ -132,6 +134,9 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     large = dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
                  BLOCK_K=128, GROUP_M=8, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True)  # large M: a scale a tile
     jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", large, {**types, "a_ptr": "*fp8e4nv"}, 8))
+    jobs.append(("fp8_gemm", "_w8a8_ws", dict(K=3072, GROUP_N=128, GROUP_K=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
+                                              GROUP_M=8, UPCAST=False, OUT_MANT=0, WS=True),
+                 {**types, "a_ptr": "*fp8e4nv"}, 4))  # the TMA GEMM, warp-specialized
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
         consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
                       A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,
@@ -179,5 +184,5 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     lines = proc.stdout.splitlines()
     failed = [line for line in lines if line.startswith("FAILED")]
     assert proc.returncode == 0 and not failed and len(lines) == len(jobs), (failed, proc.stderr[-3000:])
-    ws = [line for line in lines if line.startswith("ok _moe_fp8_ws ")]
-    assert ws and all(line.endswith(" 1") for line in ws), ws  # the K loop split into producer and consumers
+    ws = [line for line in lines if line.startswith(("ok _moe_fp8_ws ", "ok _w8a8_ws "))]
+    assert len(ws) == 5 and all(line.endswith(" 1") for line in ws), ws  # K loops split: producer, consumers

@@ -230,6 +230,35 @@ def test_block_matmul_matches_ref(device, m, n, k, out_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,out_dtype", BLOCK_GEMM_CASES)
+def test_block_matmul_on_tma_descriptors_gives_the_pointer_gemm(device, m, n, k, out_dtype, monkeypatch):
+    """A config with WS runs the TMA GEMM (rows and columns past M and N read as zeros by the descriptors): the
+    pointer GEMM's result on the same tile, bit for bit on the interpreter; a tile across scale blocks or a K block
+    short of the scale group keeps the pointer GEMM."""
+    gen = gen_for("block_mm_ws", m, n, k, out_dtype)
+    xq, xs = per_token_group_quant_fp8_ref(activations(m, k, torch.float32, gen))
+    w, ws = quantize_block(weights(n, k, gen))
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    tile = dict(BLOCK_M=16 if device == "cpu" else 64, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, SPLIT_K=1, num_warps=4,
+                num_stages=3)
+    base = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=tile)
+    ws_seen, seen = [], []
+    monkeypatch.setattr(fp8_gemm, "_w8a8_ws", _Spy(fp8_gemm._w8a8_ws, ws_seen, record=lambda kw: kw["BLOCK_N"]))
+    monkeypatch.setattr(fp8_gemm, "_w8a8_fp8_matmul", _Spy(fp8_gemm._w8a8_fp8_matmul, seen))
+    out = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True})
+    assert ws_seen == [64] and not seen
+    if device == "cpu":
+        assert torch.equal(out, base)
+    else:  # the TMA tiles' MMA order may differ
+        assert_close(out, base, *TOL[out_dtype])
+    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+    for other in ({"BLOCK_N": 256}, {"BLOCK_K": 64}):
+        w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True, **other})
+        assert len(ws_seen) == 1 and len(seen) == 1, other
+        seen.clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_n", [32, 128, 256])
 def test_block_matmul_column_tiles_in_and_across_scale_blocks(device, block_n, monkeypatch):
     """A column tile inside one 128-row scale block takes that block's one scale (folded into the rows' scales); a
@@ -792,11 +821,24 @@ def test_fused_moe_tma_gemms_give_the_pointer_gemms_layer(device, m, block_n, dt
     else:  # the TMA tiles' MMA order may differ
         assert_close(out, base, *TOL_MOE)
     assert_close(out, fused_moe_fp8_ref(*args), *TOL_MOE)
-    for other in ({"GEMM2": {"BLOCK_M": 32}}, {"BLOCK_N": 256}):
+    for other in ({"GEMM2": {"BLOCK_M": 2 * cfg["BLOCK_M"]}}, {"BLOCK_N": 256}):
         ws_launches.clear()
         launches.clear()
         fused_moe_fp8(*args, config={**cfg, "WS": True, **other})
         assert not ws_launches and len(launches) == 2, other
+    # GEMM 2 in half blocks of GEMM 1's list (the halves of padding only skipped): the pointer GEMMs' layer with
+    # GEMM 2 on a list of its own
+    big = {**cfg, "BLOCK_M": 2 * cfg["BLOCK_M"], "GEMM2": {"BLOCK_M": cfg["BLOCK_M"]}}
+    base = fused_moe_fp8(*args, config=big)
+    ws_launches.clear()
+    launches.clear()
+    out = fused_moe_fp8(*args, config={**big, "WS": True})
+    assert [kw["BLOCK_M"] for kw in ws_launches] == [big["BLOCK_M"], cfg["BLOCK_M"]] and not launches
+    assert [kw["LIST_M"] for kw in ws_launches] == [0, big["BLOCK_M"]]
+    if device == "cpu":
+        assert torch.equal(out, base)
+    else:
+        assert_close(out, base, *TOL_MOE)
 
 
 @pytest.mark.parametrize("device", DEVICES)
