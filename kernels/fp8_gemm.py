@@ -335,6 +335,28 @@ def _check_activation(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be contiguous along K (stride {x.stride()})")
 
 
+def _group_quant(x: torch.Tensor, group_size: int, rows: int, alloc, index: torch.Tensor | None = None,
+                 limit: torch.Tensor | None = None, row_div: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch behind per_token_group_quant_fp8 and its indexed / limited form, for checked arguments: `rows`
+    output rows (x's own, or x[index // row_div] with row_div > 0), those from limit[0] on left unwritten."""
+    k = x.shape[1]
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}")
+    device = check_device(x, *(t for t in (index, limit) if t is not None))
+    xq = alloc((rows, k), dtype=FP8_DTYPE, device=device)  # [rows, K]
+    xs = alloc((rows, k // group_size), dtype=torch.float32, device=device)  # [rows, K/G]
+    if rows == 0 or k == 0:
+        return xq, xs
+    block_m = 64 if INTERPRETED else 16
+    _per_token_group_quant[(triton.cdiv(rows, block_m), k // group_size)](
+        x, xq, xs, x if index is None else index, x if limit is None else limit, rows, x.shape[0], x.stride(0),
+        xq.stride(0), xs.stride(0), SCALE_EPS, GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED,
+        ROW_DIV=row_div if index is not None else 0, LIMIT=limit is not None, num_warps=4)
+    return xq, xs
+
+
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations to FP8 with one scale per token per `group_size` columns.
 
@@ -342,21 +364,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
     xs = max(amax, 1e-10) / 448 and xq = clamp(x / xs, -448, 448) rounded to nearest even; x ~= xq * xs.
     """
     _check_activation(x)
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
-    m, k = x.shape
-    if k % group_size:
-        raise ValueError(f"K={k} must be a multiple of group_size={group_size}")
-    device = check_device(x)
-    xq = torch.empty((m, k), dtype=FP8_DTYPE, device=device)  # [M, K]
-    xs = torch.empty((m, k // group_size), dtype=torch.float32, device=device)  # [M, K/G]
-    if m == 0 or k == 0:
-        return xq, xs
-    block_m = 64 if INTERPRETED else 16
-    grid = (triton.cdiv(m, block_m), k // group_size)
-    _per_token_group_quant[grid](x, xq, xs, x, x, m, m, x.stride(0), xq.stride(0), xs.stride(0), SCALE_EPS,
-                                 GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED, num_warps=4)
-    return xq, xs
+    return _group_quant(x, group_size, x.shape[0], torch.empty)
 
 
 def per_token_group_quant_fp8_rows(x: torch.Tensor, group_size: int, limit: torch.Tensor,
@@ -367,24 +375,10 @@ def per_token_group_quant_fp8_rows(x: torch.Tensor, group_size: int, limit: torc
     (zeros under the interpreter). Each row written holds the bits per_token_group_quant_fp8 gives that row. The
     MoE's TMA path quantizes x in its padded list's order with it (index: the sorted pairs, row_div: topk)."""
     _check_activation(x)
-    p = x.shape[0] if index is None else index.numel()
-    k = x.shape[1]
-    if k % group_size or group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"K={k} must be a multiple of group_size={group_size}, a power of two >= 16")
     if index is not None and (row_div < 1 or index.dtype != torch.int32):
         raise ValueError(f"index must be int32 and row_div >= 1, got {index.dtype} and {row_div}")
-    device = check_device(x, limit, *(() if index is None else (index,)))
-    alloc = torch.zeros if INTERPRETED else torch.empty
-    xq = alloc((p, k), dtype=FP8_DTYPE, device=device)
-    xs = alloc((p, k // group_size), dtype=torch.float32, device=device)
-    if p == 0 or k == 0:
-        return xq, xs
-    block_m = 64 if INTERPRETED else 16
-    _per_token_group_quant[(triton.cdiv(p, block_m), k // group_size)](
-        x, xq, xs, x if index is None else index, limit, p, x.shape[0], x.stride(0), xq.stride(0), xs.stride(0),
-        SCALE_EPS, GROUP=group_size, BLOCK_M=block_m, UPCAST=INTERPRETED, ROW_DIV=0 if index is None else row_div,
-        LIMIT=True, num_warps=4)
-    return xq, xs
+    rows = x.shape[0] if index is None else index.numel()
+    return _group_quant(x, group_size, rows, torch.zeros if INTERPRETED else torch.empty, index, limit, row_div)
 
 
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -578,8 +572,10 @@ def _w8a8_ws_kernel(
 _w8a8_ws = triton_kernel(_w8a8_ws_kernel)
 
 
+@functools.cache
 def tma_scratch(device: torch.device):
-    """triton.set_allocator's function: the global scratch a launch writes its in-kernel TMA descriptors to."""
+    """triton.set_allocator's function (one a device): the global scratch a launch writes its in-kernel TMA
+    descriptors to."""
     return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
 
 

@@ -950,7 +950,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     cfg2 = cfg.get("GEMM2", cfg)  # the down GEMM's tile
 
     # the TMA GEMMs (an entry's "WS", sorted lists) quantize x themselves, in the list's order
-    ws = m > PAIRS_MAX_TOKENS and bool(cfg.get("WS")) and _ws_applies(cfg, cfg2, block, w13, w2)
+    ws = m > PAIRS_MAX_TOKENS and _ws_applies(cfg, cfg2, block, w13, w2)
     if x_quant is not None:
         xq, xs = x_quant
         if not block or xq.dtype != FP8_DTYPE or xq.shape != x.shape or tuple(xs.shape) != (m, h // SCALE_BLOCK):
@@ -1011,8 +1011,8 @@ def _ws_applies(cfg: dict, cfg2: dict, block: bool, w13: torch.Tensor, w2: torch
     1's), K blocks of one scale group, column tiles inside a scale block, weights contiguous (viewed as [E * rows, K]
     descriptors). Otherwise the launcher's usual GEMMs run."""
     return (block and cfg["BLOCK_M"] % cfg2["BLOCK_M"] == 0 and w13.is_contiguous() and w2.is_contiguous()
-            and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0
-            and all(c["BLOCK_K"] == SCALE_BLOCK and SCALE_BLOCK % c["BLOCK_N"] == 0 for c in (cfg, cfg2)))
+            and fp8_gemm.ws_applies(cfg, SCALE_BLOCK, SCALE_BLOCK, w13)
+            and fp8_gemm.ws_applies(cfg2, SCALE_BLOCK, SCALE_BLOCK, w2))
 
 
 def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
