@@ -97,14 +97,16 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         if tile_scale:  # and writing GEMM 2's FP8 A itself
             jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "QUANT_OUT": True},
                          {**FP8, "c_ptr": "*fp8e4nv", "cs_ptr": "*fp32"}, 8))
-    for gated in (True, False):  # the TMA GEMMs of the sorted list, warp-specialized (and GEMM 1 on 64-row blocks)
-        for block_m in ((128, 64) if gated else (128,)):
+    # the TMA GEMMs of the sorted list as launched: warp-specialized where fp8_gemm.ws_split allows it (one dot,
+    # 64-row blocks), plain pipelined loops on the descriptors otherwise
+    for gated in (True, False):
+        for block_m in (128, 64):
             consts = dict(K=3072 if gated else 1536, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=gated,
                           GROUP_N=128, GROUP_K=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
-                          UPCAST=False, OUT_MANT=0, WS=True)
+                          UPCAST=False, OUT_MANT=0, WS=not gated and block_m == 64)
             jobs.append(("fp8_moe", "_moe_fp8_ws", consts, FP8, 4))
-            if not gated:  # GEMM 2 in 64-row halves of GEMM 1's 128-row list
-                jobs.append(("fp8_moe", "_moe_fp8_ws", {**consts, "BLOCK_M": 64, "LIST_M": 128}, FP8, 4))
+            if not gated and block_m == 64:  # GEMM 2 in 64-row halves of GEMM 1's 128-row list
+                jobs.append(("fp8_moe", "_moe_fp8_ws", {**consts, "LIST_M": 128}, FP8, 4))
     align = {"ids_ptr": "*i64", "counts_ptr": "*i32", "shift_ptr": "*i32", "sorted_token_ids_ptr": "*i32",
              "expert_ids_ptr": "*i32", "total_ptr": "*i32"}  # the MoE alignment over chunks of pairs
     jobs += [("fp8_moe", "_align_count", dict(CHUNK=256, E_PAD=512, FILL=256), align, 4),
@@ -134,9 +136,10 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     large = dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
                  BLOCK_K=128, GROUP_M=8, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True)  # large M: a scale a tile
     jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", large, {**types, "a_ptr": "*fp8e4nv"}, 8))
-    jobs.append(("fp8_gemm", "_w8a8_ws", dict(K=3072, GROUP_N=128, GROUP_K=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
-                                              GROUP_M=8, UPCAST=False, OUT_MANT=0, WS=True),
-                 {**types, "a_ptr": "*fp8e4nv"}, 4))  # the TMA GEMM, warp-specialized
+    for block_m in (128, 64):  # the TMA GEMM, warp-specialized on 64-row blocks
+        jobs.append(("fp8_gemm", "_w8a8_ws", dict(K=3072, GROUP_N=128, GROUP_K=128, BLOCK_M=block_m, BLOCK_N=128,
+                                                  BLOCK_K=128, GROUP_M=8, UPCAST=False, OUT_MANT=0, WS=block_m == 64),
+                     {**types, "a_ptr": "*fp8e4nv"}, 4))
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # GGUF MoE, CUDA-core path
         consts = dict(K=3072 if gated else 1536, QTYPE=12, QTYPE_UP=12 if gated else 14, ROUTED=True,
                       A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated, EVEN_K=True,
@@ -185,4 +188,6 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     failed = [line for line in lines if line.startswith("FAILED")]
     assert proc.returncode == 0 and not failed and len(lines) == len(jobs), (failed, proc.stderr[-3000:])
     ws = [line for line in lines if line.startswith(("ok _moe_fp8_ws ", "ok _w8a8_ws "))]
-    assert len(ws) == 5 and all(line.endswith(" 1") for line in ws), ws  # K loops split: producer, consumers
+    assert len(ws) == 7 and sum('"WS": true' in line for line in ws) == 3, ws
+    # the K loops asked for it are split into a producer and consumers; the others are not
+    assert all(line.endswith(" 1") == ('"WS": true' in line) for line in ws), ws

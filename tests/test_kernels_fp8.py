@@ -239,23 +239,37 @@ def test_block_matmul_on_tma_descriptors_gives_the_pointer_gemm(device, m, n, k,
     xq, xs = per_token_group_quant_fp8_ref(activations(m, k, torch.float32, gen))
     w, ws = quantize_block(weights(n, k, gen))
     xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
-    tile = dict(BLOCK_M=16 if device == "cpu" else 64, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, SPLIT_K=1, num_warps=4,
-                num_stages=3)
-    base = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=tile)
     ws_seen, seen = [], []
-    monkeypatch.setattr(fp8_gemm, "_w8a8_ws", _Spy(fp8_gemm._w8a8_ws, ws_seen, record=lambda kw: kw["BLOCK_N"]))
+    monkeypatch.setattr(fp8_gemm, "_w8a8_ws", _Spy(fp8_gemm._w8a8_ws, ws_seen,
+                                                    record=lambda kw: (kw["BLOCK_N"], kw["WS"])))
     monkeypatch.setattr(fp8_gemm, "_w8a8_fp8_matmul", _Spy(fp8_gemm._w8a8_fp8_matmul, seen))
-    out = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True})
-    assert ws_seen == [64] and not seen
-    if device == "cpu":
-        assert torch.equal(out, base)
-    else:  # the TMA tiles' MMA order may differ
-        assert_close(out, base, *TOL[out_dtype])
-    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
-    for other in ({"BLOCK_N": 256}, {"BLOCK_K": 64}):
-        w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True, **other})
-        assert len(ws_seen) == 1 and len(seen) == 1, other
+    # on a GPU, 64-row blocks warp-specialized and 128-row blocks as a plain loop (fp8_gemm.ws_split)
+    for block_m in (16,) if device == "cpu" else (64, 128):
+        tile = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, SPLIT_K=1, num_warps=4, num_stages=3)
+        base = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=tile)
+        ws_seen.clear()
         seen.clear()
+        out = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True})
+        assert ws_seen == [(64, block_m == 64 and device != "cpu")] and not seen
+        if device == "cpu":
+            assert torch.equal(out, base)
+        else:  # the TMA tiles' MMA order may differ
+            assert_close(out, base, *TOL[out_dtype])
+        assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+    ws_seen.clear()
+    for other in ({"BLOCK_N": 256}, {"BLOCK_K": 64}):
+        seen.clear()
+        w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config={**tile, "WS": True, **other})
+        assert not ws_seen and len(seen) == 1, other
+
+
+def test_warp_specialization_only_where_measured_right(monkeypatch):
+    """The compiled TMA GEMMs split their K loop only for one dot on 64-row blocks (what gave the unsplit loop's
+    results on an H100); never under the interpreter."""
+    assert not fp8_gemm.ws_split(64, 1) or not INTERPRETED
+    monkeypatch.setattr(fp8_gemm, "INTERPRETED", False)
+    assert fp8_gemm.ws_split(64, 1)
+    assert not any(fp8_gemm.ws_split(m, d) for m, d in ((128, 1), (32, 1), (64, 2), (128, 2)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -816,6 +830,8 @@ def test_fused_moe_tma_gemms_give_the_pointer_gemms_layer(device, m, block_n, dt
     out = fused_moe_fp8(*args, config={**cfg, "WS": True})
     assert [kw["GATED"] for kw in ws_launches] == [True, False] and not launches
     assert [kw["SORTED_OUT"] for kw in ws_launches] == [True, False]
+    # on a GPU, GEMM 2's loop (one dot, 64 rows) warp-specialized, GEMM 1's (two dots) a plain loop
+    assert [kw["WS"] for kw in ws_launches] == [False, device != "cpu"]
     if device == "cpu":
         assert torch.equal(out, base)
     else:  # the TMA tiles' MMA order may differ
