@@ -140,7 +140,26 @@ def _quant_row_operand(xr, eps, dtype, BLOCK_M: tl.constexpr, UPCAST: tl.constex
     return a, tl.where(first, tl.sum(ys, axis=0), 0.0)
 
 
+def _pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper on): where a kernel launched with `pdl_kwargs` first needs what the
+    kernels before it wrote. Waits for the previous kernel to finish and its writes to show, then lets the next
+    kernel's programs launch while this one runs (they run up to their own wait: reading weights, which no kernel
+    writes, is all a kernel does before it). Every program calls it before it returns. No-op when PDL is off."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def _prefetch_l2(ptrs):
+    """An L2 prefetch of the 128-byte line holding each address (valid addresses only): the weights a program will
+    read, fetched while the previous kernel finishes (before _pdl_enter)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
+pdl_enter = triton_kernel(_pdl_enter)
+prefetch_l2 = triton_kernel(_prefetch_l2)
 quant_groups = triton_kernel(_quant_groups)
 split_k_sum = triton_kernel(_split_k_sum)
 quant_row_operand = triton_kernel(_quant_row_operand)
@@ -177,6 +196,21 @@ def check_device(*tensors: torch.Tensor, min_capability: tuple[int, int] | None 
             raise ValueError(f"{need} need compute capability {min_capability[0]}.{min_capability[1]}+; {name} has "
                              f"{capability}")
     return dev
+
+
+PDL_ENV = "QUANTKIT_PDL"  # "1": the decode path's kernels launch with programmatic dependent launch (Hopper on)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on device launch with programmatic dependent launch: compiled mode, a CUDA GPU of compute
+    capability 9.0 or more, and QUANTKIT_PDL=1 (off by default until the decode benchmark shows it pays)."""
+    return (not INTERPRETED and device.type == "cuda" and os.environ.get(PDL_ENV, "0") == "1"
+            and _cuda_device_info(_cuda_index(device))[1] >= (9, 0))
+
+
+def pdl_kwargs(device: torch.device) -> dict:
+    """A PDL-capable kernel's launch arguments: its PDL constexpr and, when on, Triton's launch_pdl."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
 
 
 def out_mantissa_bits(dtype: torch.dtype) -> int:
@@ -443,6 +477,7 @@ def _w8a8_fp8_matmul_kernel(
     Q_EPS: tl.constexpr = 0.0,  # QUANT_A: SCALE_EPS
     B_SCALE_TILE: tl.constexpr = False,  # block scales, BLOCK_N dividing GROUP_N: the column tile lies in one scale
     # block, whose one scale a K block is folded into the rows' (one FMA an element where a vector took two ops)
+    PDL: tl.constexpr = False,  # programmatic dependent launch: the program's weights toward L2 first (pdl_enter)
 ):
     # GROUP_M row tiles share each column sweep, so the B tiles they read stay in L2
     pid = tl.program_id(0)
@@ -470,6 +505,11 @@ def _w8a8_fp8_matmul_kernel(
         bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
     else:
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
+    if PDL:  # this program's share of the weight rows (one byte a code), a line a row and 128 codes along K
+        rows = b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn  # [BLOCK_N]
+        for i in range(0, (KB_PER * BLOCK_K + 127) // 128):
+            prefetch_l2(rows + tl.minimum(k_first + i * 128, K - 1) * stride_bk)
+    pdl_enter(PDL)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if QUANT_A:  # the row, a group ahead: its load in flight while the previous group is computed
@@ -707,7 +747,7 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         BLOCK_SCALED=True, GROUP_N=bn, GROUP_K=bk, EVEN_K=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], B_SCALE_TILE=tile_scales(bn, cfg["BLOCK_N"]),
+        num_stages=cfg["num_stages"], B_SCALE_TILE=tile_scales(bn, cfg["BLOCK_N"]), **pdl_kwargs(device),
         **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}),
     )
     return out
@@ -737,7 +777,7 @@ def w8a8_channel_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor,
         BLOCK_SCALED=False, GROUP_N=1, GROUP_K=1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=out_mant, SPLIT_K=grid[1], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], **pdl_kwargs(device),
     )
     return out
 

@@ -62,11 +62,13 @@ from .fp8_gemm import (
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
+    pdl_enter,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
     per_token_group_quant_fp8_rows,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
+    prefetch_l2,
     quant_groups,
     quant_row_operand,
     round_to_out_grid,
@@ -544,6 +546,8 @@ def _fused_moe_fp8_kernel(
     INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
     SPLIT_K: tl.constexpr = 1,  # PAIRS: programs a tile (SLOT_SUM: a slot; pid_s = slot * SPLIT_K + share) along axis
     # 1, each over its share of the K blocks; their fp32 sums are added in the tile's last program (gemv_store)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); PAIRS GEMM 2: the pair's
+    # expert rows toward L2 first
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -552,6 +556,18 @@ def _fused_moe_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
     share = 0  # of K, SPLIT_K > 1
+    if PDL and PAIRS and SLOT_SUM and not GATED:
+        # GEMM 2 launches once every program of GEMM 1 has passed its wait, so the router that wrote topk_ids
+        # (read through L2: .cg) has finished; a stale id would only prefetch another expert's rows
+        p_pair = pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K
+        p_expert = tl.load(expert_ids_ptr + p_pair, cache_modifier=".cg").to(tl.int64)
+        p_expert = tl.minimum(tl.maximum(p_expert, 0), NUM_EXPERTS - 1)
+        P_KB: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K
+        p_rows = b_ptr + p_expert * stride_be + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_bn  # [BLOCK_N]
+        p_first = (tl.program_id(1) % SPLIT_K) * P_KB * BLOCK_K
+        for i in range(0, (P_KB * BLOCK_K + 127) // 128):  # one byte a code: a line a row and 128 codes along K
+            prefetch_l2(p_rows + tl.minimum(p_first + i * 128, K - 1) * stride_bk)
+    pdl_enter(PDL)  # every operand but the weights is the previous kernels' output, and the experts are too
     if PAIRS:
         pid_s = tl.program_id(1)
         pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(
@@ -890,7 +906,7 @@ def _launch_moe_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         GROUP_K=SCALE_BLOCK if block_scaled else 1, EVEN_K=k % cfg["BLOCK_K"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         UPCAST=INTERPRETED, OUT_MANT=0 if c_scale is not None else out_mantissa_bits(c.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra, **fp8_gemm.pdl_kwargs(c.device),
     )
 
 

@@ -35,6 +35,8 @@ from quantkit.kernels.fp8_gemm import (
     arrival_counters,
     check_device,
     out_mantissa_bits,
+    pdl_enter,
+    pdl_kwargs,
     per_token_group_quant_fp8_ref,
     quant_groups,
     round_to_out_grid,
@@ -89,7 +91,9 @@ def _rms_norm_kernel(
     N, stride_x, stride_r, stride_o, stride_s, stride_q, stride_qs, eps,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, OUT_MANT: tl.constexpr,
     QUANT: tl.constexpr = False, GROUP: tl.constexpr = 128, UPCAST: tl.constexpr = False, q_eps=1e-10,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
 ):
+    pdl_enter(PDL)  # x and r are the previous kernels' output
     # a program per row; with QUANT a program per row and GROUP columns (program_id 1): each computes the row's
     # 1/rms itself (the same reduction, so the same value) and normalizes and quantizes its group, so that the
     # divisions of one row spread over the GPU instead of one program
@@ -155,7 +159,7 @@ def _launch_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
                         s.stride(0), q.stride(0), qs.stride(0), float(eps), HAS_RES=r is not None, BLOCK=block,
                         OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0,
                         QUANT=bool(group), GROUP=max(group, 16), UPCAST=INTERPRETED, q_eps=SCALE_EPS,
-                        num_warps=8 if n >= 2048 else 4)
+                        num_warps=8 if n >= 2048 else 4, **pdl_kwargs(x.device))
     return (s.view(x.shape) if r is not None else None), out.view(x.shape), (q if group else None), \
         (qs if group else None)
 
@@ -410,6 +414,7 @@ def _router_kernel(
     H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     GEMV: tl.constexpr = False,  # a few rows (decode): products and row sums on the CUDA cores, no tl.dot
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter): GEMV loads its gate rows first
 ):
     # program (experts block eb, rows block nb): logits of BLOCK_N rows x BLOCK_EG experts in fp32; the last program
     # of the row block to finish (an arrival counter, as fp8_gemm.split_k_sum) takes the top-k of its rows
@@ -427,12 +432,15 @@ def _router_kernel(
         hmask = cols < H
         g_all = tl.load(gate_ptr + ex.to(tl.int64)[:, None] * stride_g + cols[None, :],
                         mask=xmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_EG, BLOCK_H]
+        pdl_enter(PDL)  # h is the previous kernel's output; the gate's rows were not
         sel = tl.arange(0, BLOCK_N)[:, None]
         for i_row in tl.static_range(BLOCK_N):
             n_row = nb.to(tl.int64) * BLOCK_N + i_row
             h_row = tl.load(h_ptr + n_row * stride_h + cols, mask=hmask & (cols * 0 + n_row < N),
                             other=0.0).to(tl.float32)  # [BLOCK_H]
             acc += tl.where(sel == i_row, tl.sum(g_all * h_row[None, :], axis=1)[None, :], 0.0)
+    else:
+        pdl_enter(PDL)
     for k0 in range(0, H if not GEMV else 0, BLOCK_H):
         hv = tl.load(h_ptr + rows64[:, None] * stride_h + (k0 + cols)[None, :],
                      mask=rmask[:, None] & (k0 + cols < H)[None, :], other=0.0).to(tl.float32)
@@ -489,7 +497,8 @@ def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> t
         _router[grid](h2, g2, bias.float().contiguous(), logits, ids, w, counters, N, E, h2.stride(0), g2.stride(0),
                       logits.stride(0), ids.stride(0), w.stride(0), H=H, TOP_K=k, BLOCK_N=block_n,
                       BLOCK_EG=block_eg, BLOCK_H=block_h, BLOCK_E=triton.next_power_of_2(E),
-                      BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, GEMV=gemv, num_warps=4)
+                      BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, GEMV=gemv, num_warps=4,
+                      **pdl_kwargs(h.device))
     return ids, w
 
 
@@ -581,7 +590,9 @@ def _decode_attention_kernel(
     NORM: tl.constexpr = False,  # q, k as projected: the QK-norm over all heads and the rotary first (as qk_norm_rope)
     BLOCK_HQ: tl.constexpr = 16, BLOCK_HK: tl.constexpr = 16, OUT_MANT: tl.constexpr = 0,
     HAS_RSTD: tl.constexpr = False,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
 ):
+    pdl_enter(PDL)  # q, k, v, the cache, its slots and columns: all written before this kernel
     # program (row b and kv head, split sp): the G query heads of the kv head against cached columns
     # [sp * CHUNK, sp * CHUNK + CHUNK) below the new token's column, online softmax in fp32 (exp2); the split that
     # holds the new column takes the new key and value from k, v and writes them into the cache (the other splits
@@ -772,5 +783,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         D=D, CHUNK=chunk, SPLITS=splits, BLOCK_G=block_g, BLOCK_C=DECODE_BLOCK_C,
         IEEE=INTERPRETED or q.dtype == torch.float32, NORM=norm, BLOCK_HQ=triton.next_power_of_2(NH),
         BLOCK_HK=triton.next_power_of_2(NKV), OUT_MANT=out_mantissa_bits(q.dtype) if q.dtype != torch.float32 else 0,
-        HAS_RSTD=bool(rstds), num_warps=4)
+        HAS_RSTD=bool(rstds), num_warps=4, **pdl_kwargs(q.device))
     return out

@@ -120,6 +120,9 @@ from .fp8_gemm import (
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
+    pdl_enter,
+    pdl_kwargs,
+    prefetch_l2,
     round_to_out_grid,
     split_divisor,
     split_k_sum,
@@ -200,12 +203,22 @@ def _moe_gemv_kernel(
     SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (this many), rows of C are tokens, and the slots'
     # weighted outputs are added in fp32 in slot order by split_k_sum: the slot sum is this launch's epilogue
     NUM_EXPERTS: tl.constexpr = 0,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); DENSE: the program's weight
+    # words toward L2 first
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
     # the same time, so the second read hits L2
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
+    if DENSE and PDL:  # the rows of this program's column tile over its share of K, a line (32 words) at a time
+        HROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
+        hr = tl.arange(0, HROWS)
+        prow = tl.minimum(pid_n * BLOCK_N + hr % BLOCK_N, N - 1) + (hr // BLOCK_N) * N  # [HROWS]
+        words0 = b_ptr + prow.to(tl.int64) * stride_bn + (tl.program_id(1) % SPLIT_K) * (K // 8 // SPLIT_K)
+        for i in range(0, (K // 8 // SPLIT_K + 31) // 32):
+            prefetch_l2(words0 + tl.minimum(i * 32, K // 8 // SPLIT_K - 1))
+    pdl_enter(PDL)  # the activations (and the routing) are the previous kernels' output
     # the grid covers the worst case; row blocks past the padded list's end have nothing to do
     if not (DENSE or PAIRS):
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
@@ -740,7 +753,7 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
         common.update(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs)
     if cfg["PATH"] == "gemv":
         _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=a.dtype == torch.float32,
-                        **common)  # nibble_mask
+                        **common, **pdl_kwargs(c.device))  # nibble_mask
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
                        UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)

@@ -4,7 +4,8 @@
 # into kernels/configs/fp8_gemm.json and copied to OUT), the kernels of a decode step (scripts/profile_decode.py) and `quantkit bench --per-layer` on a
 # generated 2-layer real-width FP8 slice, the last two with the configs just tuned.
 # Usage: scripts/gpu_decode_check.sh OUT     (BACKENDS=fp8,awq for the profile and the bench; TUNE=0 skips tuning;
-# GEMM_TESTS=0 skips the GEMMs' GPU tests; CONFIGS=DIR copies tuned tables from DIR into kernels/configs first)
+# GEMM_TESTS=0 skips the GEMMs' GPU tests; CONFIGS=DIR copies tuned tables from DIR into kernels/configs first;
+# PDL_AB=1 runs the bench again with QUANTKIT_PDL=1, programmatic dependent launch, into bench_<backend>-pdl.json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_decode_check.sh OUT}
@@ -15,6 +16,7 @@ BACKENDS=${BACKENDS:-fp8}
 TUNE=${TUNE:-1}
 GEMM_TESTS=${GEMM_TESTS:-1}
 CONFIGS=${CONFIGS:-}
+PDL_AB=${PDL_AB:-0}
 WORK=${WORK:-/tmp/quantkit-profile}
 export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
@@ -40,6 +42,12 @@ for b in ${BACKENDS//,/ }; do
     --concurrency 1,4,32,128 --input-len 128 --output-len 64 --per-layer --dtype bf16 --device cuda &&
     cp "$WORK/bench_$b/bench.json" "$OUT/bench_$b.json" &&
     { echo; echo "## bench $b"; echo; cat "$WORK/bench_$b/bench.md"; } >>"$SUMMARY"
+  if [ "$PDL_AB" = 1 ]; then
+    QUANTKIT_PDL=1 stage "bench $b per layer, PDL" 150 $PY -m quantkit.cli bench "$WORK/m2-2layers-$b" \
+      -o "$WORK/bench_$b-pdl" --backend "$b" --concurrency 1,4,32,128 --input-len 128 --output-len 64 --per-layer \
+      --dtype bf16 --device cuda && cp "$WORK/bench_$b-pdl/bench.json" "$OUT/bench_$b-pdl.json" &&
+      { echo; echo "## bench $b, QUANTKIT_PDL=1"; echo; cat "$WORK/bench_$b-pdl/bench.md"; } >>"$SUMMARY"
+  fi
 done
 echo "exit $status" | tee -a "$LOG"
 exit $status

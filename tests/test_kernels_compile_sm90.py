@@ -64,7 +64,13 @@ for module, kernel, consts, types, warps in jobs:
                                             "stride_ue", "stride_asm"} & set(fn.arg_names),
                         num_warps=warps)
         # the warp-specialized regions the compiler made (a K loop asked for one that it could not split gets none)
-        print("ok", kernel, json.dumps(consts), k.asm["ttgir"].count("ttg.warp_specialize("), flush=True)
+        # programmatic dependent launch: the waits, the L2 prefetches and the global loads issued before the wait
+        ptx = k.asm["ptx"]
+        wait = ptx.find("griddepcontrol.wait")
+        pdl = (ptx.count("griddepcontrol.wait"), ptx.count("prefetch.global.L2"),
+               ptx[:wait].count("ld.global") if wait >= 0 else -1)
+        print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d" % pdl, k.asm["ttgir"].count("ttg.warp_specialize("),
+              flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
 """
@@ -191,3 +197,63 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     assert len(ws) == 7 and sum('"WS": true' in line for line in ws) == 3, ws
     # the K loops asked for it are split into a producer and consumers; the others are not
     assert all(line.endswith(" 1") == ('"WS": true' in line) for line in ws), ws
+
+
+@pytest.mark.slow
+def test_pdl_variants_compile_for_sm90():
+    """The decode path's kernels with programmatic dependent launch: each waits once for the kernels before it
+    (griddepcontrol.wait, then launch_dependents); the dense GEMVs prefetch their weights into L2 before it and the
+    single-token router loads its gate rows before it, every other load coming after."""
+    pdl = dict(PDL=True)
+    jobs = [
+        ("fp8_gemm", "_w8a8_fp8_matmul", dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True,
+                                              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, UPCAST=False,
+                                              OUT_MANT=0, SPLIT_K=3, QUANT_A=True, Q_EPS=1e-10, B_SCALE_TILE=True,
+                                              **pdl),
+         {"a_ptr": "*bf16", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+          "part_ptr": "*fp32", "count_ptr": "*i32"}, 4),
+        ("fp8_moe", "_fused_moe_fp8", dict(K=3072, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False, BLOCK_SCALED=True,
+                                           GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+                                           GROUP_M=1, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True, PAIRS=True,
+                                           NUM_EXPERTS=256, **pdl), FP8, 4),
+        ("fp8_moe", "_fused_moe_fp8", dict(K=1536, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=True,
+                                           BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16,
+                                           BLOCK_N=64, BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0,
+                                           B_SCALE_TILE=True, PAIRS=True, SLOT_SUM=8, NUM_EXPERTS=256, QUANT_A=True,
+                                           SPLIT_K=3, **pdl), {**FP8, "a_ptr": "*bf16"}, 4),
+        ("fused_ops", "_router", dict(H=3072, TOP_K=8, BLOCK_E=256, BLOCK_K=8, IEEE=True, GEMV=True, BLOCK_N=1,
+                                      BLOCK_EG=2, BLOCK_H=4096, **pdl), ROUTER, 4),
+        ("fused_ops", "_rms_norm", dict(HAS_RES=True, BLOCK=4096, OUT_MANT=0, **pdl),
+         {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*bf16",
+          "q_ptr": "*bf16", "qs_ptr": "*bf16", "eps": "fp32", "q_eps": "fp32"}, 8),
+        ("fused_ops", "_decode_attention", dict(D=128, CHUNK=64, SPLITS=3, BLOCK_G=16, BLOCK_C=64, IEEE=False,
+                                                NORM=True, BLOCK_HQ=64, BLOCK_HK=8, OUT_MANT=0, HAS_RSTD=False, **pdl),
+         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+          "slots_ptr": "*i64", "cols_ptr": "*i64", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
+          "count_ptr": "*i32", "qk_scale": "fp32", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "cos_ptr": "*fp32",
+          "sin_ptr": "*fp32", "eps": "fp32", "rq_ptr": "*fp32", "rk_ptr": "*fp32"}, 4),
+        ("w4a16_moe", "_moe_gemv", dict(K=3072, GROUP=128, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=False,
+                                        OUT_MANT=0, DENSE=True, SPLIT_K=4, BLOCK_M=1, BLOCK_N=16, PREFETCH=2,
+                                        EXACT=False, **pdl), W4, 2),
+        ("w4a16_moe", "_moe_gemv", dict(K=3072, GROUP=128, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
+                                        OUT_MANT=0, PAIRS=True, NUM_EXPERTS=256, BLOCK_M=1, BLOCK_N=16, PREFETCH=2,
+                                        EXACT=False, **pdl), W4, 2),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == len(jobs) and all(line.startswith("ok ") for line in lines), \
+        (lines, proc.stderr[-3000:])
+    counts = {}
+    for line, (_, kernel, consts, _, _) in zip(lines, jobs):
+        wait, prefetch, before = (int(v) for v in line.split(" pdl=")[1].split()[0].split(","))
+        counts[(kernel, consts.get("DENSE", False) or bool(consts.get("SLOT_SUM")))] = (wait, prefetch, before)
+    assert len(counts) == len(jobs) and all(c[0] == 1 for c in counts.values()), counts  # one wait each
+    # weights toward L2 before the wait: the dense GEMVs and the decode MoE's GEMM 2
+    assert {k for k, c in counts.items() if c[1]} == {("_w8a8_fp8_matmul", False), ("_moe_gemv", True),
+                                                       ("_fused_moe_fp8", True)}, counts
+    # read before the wait: the single-token router's gate rows, GEMM 2's expert ids (one a program); nothing else
+    assert counts[("_router", False)][2] > 0 and counts[("_fused_moe_fp8", True)][2] == 1, counts
+    assert all(c[2] == 0 for k, c in counts.items() if k not in {("_router", False), ("_fused_moe_fp8", True)}), \
+        counts

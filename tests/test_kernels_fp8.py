@@ -263,6 +263,24 @@ def test_block_matmul_on_tma_descriptors_gives_the_pointer_gemm(device, m, n, k,
         assert not ws_seen and len(seen) == 1, other
 
 
+def test_programmatic_dependent_launch_is_opt_in_and_compiled_only(monkeypatch):
+    """QUANTKIT_PDL=1 asks for it; never under the interpreter or on the CPU, off by default."""
+    monkeypatch.delenv(fp8_gemm.PDL_ENV, raising=False)
+    assert fp8_gemm.pdl_kwargs(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "1")
+    assert not fp8_gemm.pdl(torch.device("cpu"))
+    if INTERPRETED:
+        assert not fp8_gemm.pdl(torch.device("cuda"))
+    monkeypatch.setattr(fp8_gemm, "INTERPRETED", False)
+    monkeypatch.setattr(fp8_gemm, "_cuda_device_info", lambda index: ("GPU", (9, 0), 132))
+    assert fp8_gemm.pdl_kwargs(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(fp8_gemm, "_cuda_device_info", lambda index: ("GPU", (8, 9), 132))
+    assert not fp8_gemm.pdl(torch.device("cuda", 0))
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "0")
+    monkeypatch.setattr(fp8_gemm, "_cuda_device_info", lambda index: ("GPU", (9, 0), 132))
+    assert not fp8_gemm.pdl(torch.device("cuda", 0))
+
+
 def test_warp_specialization_only_where_measured_right(monkeypatch):
     """The compiled TMA GEMMs split their K loop only for one dot on 64-row blocks (what gave the unsplit loop's
     results on an H100); never under the interpreter."""

@@ -237,6 +237,24 @@ def test_cuda_graph_decode_equals_eager(tiny_fp8):
     assert [c.tokens for c in graphs] == [c.tokens for c in eager]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper or newer GPU")
+def test_programmatic_dependent_launch_serves_the_same_tokens(tiny_fp8, monkeypatch):
+    """QUANTKIT_PDL=1: the decode kernels wait for the kernels before them in the kernel (griddepcontrol) instead of
+    at the launch, eager and in CUDA graphs; the tokens are those of the plain launches."""
+    from quantkit.kernels import fp8_gemm
+
+    gpu = load_model(tiny_fp8, dtype=torch.bfloat16, backend="fp8", device="cuda")
+    reqs = [Request(p, max_new_tokens=8) for p in prompts([4, 11, 2, 7, 9], seed=5)]
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "0")
+    plain = [c.tokens for c in serve(gpu, reqs, slots=4, cuda_graphs=True)]
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "1")
+    assert fp8_gemm.pdl(torch.device("cuda"))
+    assert [c.tokens for c in serve(gpu, reqs, slots=4, cuda_graphs=False)] == plain
+    assert [c.tokens for c in serve(gpu, reqs, slots=4, cuda_graphs=True)] == plain
+
+
 def test_scaling_table_from_bench_results(tmp_path):
     """scripts/scaling_table.py: speed-up and efficiency against the same machine's one-GPU run of the backend."""
     import importlib.util
