@@ -112,8 +112,13 @@ def _moe_default_config(m: int, topk: int, num_experts: int, qtypes: tuple[str, 
     if qtypes is not None and gemv_types(qtypes) and m * topk <= GEMV_PAIRS_MAX:
         return _path_default("gemv")
     # BLOCK_M follows the expected pairs per expert, so decode pads little. At one or two pairs per expert
-    # (MiniMax-M2 up to M = 64) the fp32 FMA path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
+    # (MiniMax-M2 up to M = 64) the GEMV kernel on the sorted list, two pairs a program, for the k-quant mixes (on
+    # an H100: Q4_K_M 0.80 ms at 16 tokens and 2.30 at 64, where the fp32 FMA tiles took about twice and 2.7x that,
+    # BENCHMARKS.md), and for Q8_0 up to half a pair per expert (its tiles won at 64 tokens); else the fp32 FMA
+    # path (BLOCK_M < 16, see kernels/gguf_gemm.py); tl.dot above
     per_expert = m * topk / max(num_experts, 1)
+    if qtypes is not None and gemv_types(qtypes) and per_expert <= (0.5 if set(qtypes) == {"q8_0"} else 2):
+        return {**_path_default("gemv"), "BLOCK_M": 2}
     if per_expert <= 2:
         return dict(PATH="tile", BLOCK_M=2, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2)
     if per_expert <= 16:

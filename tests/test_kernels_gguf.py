@@ -401,7 +401,12 @@ def test_gemv_path_is_the_decode_default(monkeypatch):
     assert gguf_moe._moe_default_config(1, 8, 256, q4km)["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(1, 8, 256, q4km)["Q6_WORDS"]  # bit-identical, where K allows
     assert gguf_moe._moe_default_config(8, 8, 256, q4km)["PATH"] == "gemv"
-    assert gguf_moe._moe_default_config(9, 8, 256, q4km)["PATH"] == "tile"
+    # past the unsorted pairs, the sorted list's GEMV two pairs a program up to two pairs an expert (Q8_0: half)
+    for m, q8_path, q4_path in ((9, "gemv", "gemv"), (16, "gemv", "gemv"), (17, "tile", "gemv"),
+                                (64, "tile", "gemv"), (65, "tile", "tile"), (256, "tile", "tile")):
+        assert gguf_moe._moe_default_config(m, 8, 256, q4km)["PATH"] == q4_path, m
+        assert gguf_moe._moe_default_config(m, 8, 256, ("q8_0",) * 3)["PATH"] == q8_path, m
+    assert gguf_moe._moe_default_config(16, 8, 256, q4km)["BLOCK_M"] == 2
     assert gguf_moe._moe_default_config(1, 8, 256, ("q8_0",) * 3)["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(1, 8, 256, ("q5_k", "q5_k", "q6_k"))["PATH"] == "gemv"
     assert gguf_moe._moe_default_config(1, 8, 256, ("q4_k", "q6_k", "q6_k"))["PATH"] == "tile"  # gate != up
@@ -410,7 +415,7 @@ def test_gemv_path_is_the_decode_default(monkeypatch):
     monkeypatch.setattr(gguf_moe, "load_config_table", lambda name: table)
     monkeypatch.setattr(gguf_moe, "device_key", lambda device: "cpu")
     assert gguf_moe.moe_config(torch.device("cpu"), 1, 8, 256, 1536, 3072, q4km)["PATH"] == "gemv"
-    far = gguf_moe.moe_config(torch.device("cpu"), 64, 8, 256, 1536, 3072, q4km)
+    far = gguf_moe.moe_config(torch.device("cpu"), 256, 8, 256, 1536, 3072, q4km)
     assert far["PATH"] == "tile" and far["BLOCK_M"] == 16 and far["num_warps"] == 4
     table["cpu"][key]["1"] = {"PATH": "tile", "BLOCK_M": 16, "BLOCK_N": 64}
     assert gguf_moe.moe_config(torch.device("cpu"), 1, 8, 256, 1536, 3072, q4km)["PATH"] == "tile"
