@@ -203,19 +203,29 @@ def _moe_gemv_kernel(
     SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (this many), rows of C are tokens, and the slots'
     # weighted outputs are added in fp32 in slot order by split_k_sum: the slot sum is this launch's epilogue
     NUM_EXPERTS: tl.constexpr = 0,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); DENSE: the program's weight
-    # words toward L2 first
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); DENSE and the decode GEMM 2
+    # (PAIRS, SLOT_SUM): the program's weight words toward L2 first
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
     # the same time, so the second read hits L2
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
-    if DENSE and PDL:  # the rows of this program's column tile over its share of K, a line (32 words) at a time
+    if PDL and (DENSE or (PAIRS and SLOT_SUM and not GATED)):
+        # the rows of this program's column tile over its share of K, a line (32 words) at a time; GEMM 2's expert
+        # is the router's, written before GEMM 1 let this kernel launch (read through L2; a stale id would only
+        # prefetch another expert's rows)
+        if DENSE:
+            p_expert = (pid * 0).to(tl.int64)
+        else:
+            p_expert = tl.load(expert_ids_ptr + pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K,
+                               cache_modifier=".cg").to(tl.int64)
+            p_expert = tl.minimum(tl.maximum(p_expert, 0), NUM_EXPERTS - 1)
         HROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
         hr = tl.arange(0, HROWS)
         prow = tl.minimum(pid_n * BLOCK_N + hr % BLOCK_N, N - 1) + (hr // BLOCK_N) * N  # [HROWS]
-        words0 = b_ptr + prow.to(tl.int64) * stride_bn + (tl.program_id(1) % SPLIT_K) * (K // 8 // SPLIT_K)
+        words0 = b_ptr + p_expert * stride_be + prow.to(tl.int64) * stride_bn + \
+            (tl.program_id(1) % SPLIT_K) * (K // 8 // SPLIT_K)
         for i in range(0, (K // 8 // SPLIT_K + 31) // 32):
             prefetch_l2(words0 + tl.minimum(i * 32, K // 8 // SPLIT_K - 1))
     pdl_enter(PDL)  # the activations (and the routing) are the previous kernels' output

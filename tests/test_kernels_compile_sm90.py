@@ -238,6 +238,9 @@ def test_pdl_variants_compile_for_sm90():
         ("w4a16_moe", "_moe_gemv", dict(K=3072, GROUP=128, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
                                         OUT_MANT=0, PAIRS=True, NUM_EXPERTS=256, BLOCK_M=1, BLOCK_N=16, PREFETCH=2,
                                         EXACT=False, **pdl), W4, 2),
+        ("w4a16_moe", "_moe_gemv", dict(K=1536, GROUP=128, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=True,
+                                        OUT_MANT=0, PAIRS=True, SLOT_SUM=8, NUM_EXPERTS=256, SPLIT_K=2, BLOCK_M=1,
+                                        BLOCK_N=32, PREFETCH=2, EXACT=False, **pdl), W4, 2),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
@@ -248,12 +251,14 @@ def test_pdl_variants_compile_for_sm90():
     counts = {}
     for line, (_, kernel, consts, _, _) in zip(lines, jobs):
         wait, prefetch, before = (int(v) for v in line.split(" pdl=")[1].split()[0].split(","))
-        counts[(kernel, consts.get("DENSE", False) or bool(consts.get("SLOT_SUM")))] = (wait, prefetch, before)
+        kind = "dense" if consts.get("DENSE") else "gemm2" if consts.get("SLOT_SUM") else ""
+        counts[(kernel, kind)] = (wait, prefetch, before)
     assert len(counts) == len(jobs) and all(c[0] == 1 for c in counts.values()), counts  # one wait each
-    # weights toward L2 before the wait: the dense GEMVs and the decode MoE's GEMM 2
-    assert {k for k, c in counts.items() if c[1]} == {("_w8a8_fp8_matmul", False), ("_moe_gemv", True),
-                                                       ("_fused_moe_fp8", True)}, counts
+    # weights toward L2 before the wait: the dense GEMVs and the decode MoEs' GEMM 2
+    assert {k for k, c in counts.items() if c[1]} == {("_w8a8_fp8_matmul", ""), ("_moe_gemv", "dense"),
+                                                       ("_fused_moe_fp8", "gemm2"), ("_moe_gemv", "gemm2")}, counts
     # read before the wait: the single-token router's gate rows, GEMM 2's expert ids (one a program); nothing else
-    assert counts[("_router", False)][2] > 0 and counts[("_fused_moe_fp8", True)][2] == 1, counts
-    assert all(c[2] == 0 for k, c in counts.items() if k not in {("_router", False), ("_fused_moe_fp8", True)}), \
-        counts
+    early = {("_router", ""), ("_fused_moe_fp8", "gemm2"), ("_moe_gemv", "gemm2")}
+    assert counts[("_router", "")][2] > 0 and counts[("_fused_moe_fp8", "gemm2")][2] == 1, counts
+    assert counts[("_moe_gemv", "gemm2")][2] == 1, counts
+    assert all(c[2] == 0 for k, c in counts.items() if k not in early), counts
