@@ -66,7 +66,8 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def metadata(ckpt: str | Path, model, spec, backend: str, dtype: str) -> dict:
-    """What a result needs beside it: checkpoint, device, world and degrees, backend, commit, date."""
+    """What a result needs beside it: checkpoint, device, world and degrees, backend, commit, date, and whether the
+    kernels launched with programmatic dependent launch (QUANTKIT_PDL)."""
     import subprocess
 
     device = model.device
@@ -87,7 +88,14 @@ def metadata(ckpt: str | Path, model, spec, backend: str, dtype: str) -> dict:
         "world": max(tp, ep), "tp": tp, "ep": ep, "setup": f"TP{tp}/EP{ep}", "backend": backend, "dtype": dtype,
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "experts": cfg.num_local_experts,
         "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "pdl": device.type == "cuda" and _pdl(device),
     }
+
+
+def _pdl(device: torch.device) -> bool:
+    from quantkit.kernels.fp8_gemm import pdl
+
+    return pdl(device)
 
 
 def serving_run(model, concurrency: int, input_len: int, output_len: int, world: int = 1,
@@ -287,7 +295,8 @@ def per_layer_run(model, concurrency: int, context: int, bandwidth: float, seed:
 def format_serving(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Serving on {meta['device']} x {meta['world']} ({meta['setup']}), {meta['backend']} backend, "
-        f"input {rows[0]['input_len'] if rows else '-'} / output {rows[0]['output_len'] if rows else '-'} tokens",
+        f"input {rows[0]['input_len'] if rows else '-'} / output {rows[0]['output_len'] if rows else '-'} tokens"
+        f"{', programmatic dependent launch' if meta.get('pdl') else ''}",
         "",
         "| concurrency | requests | output tokens | wall s | output tok/s | tok/s per GPU | TTFT mean / p50 / p99 ms "
         "| TPOT mean / p50 / p99 ms |",
@@ -305,7 +314,8 @@ def format_serving(rows: list[dict], meta: dict) -> str:
 def format_layers(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Decode per layer on {meta['device']} x {meta['world']} ({meta['setup']}), context {rows[0]['context']}, "
-        f"HBM read {meta['bandwidth_gb_s']:.0f} GB/s measured; floor = bytes read per layer per step / that",
+        f"HBM read {meta['bandwidth_gb_s']:.0f} GB/s measured; floor = bytes read per layer per step / that"
+        f"{'; programmatic dependent launch' if meta.get('pdl') else ''}",
         "",
         "| concurrency | experts hit | MB read / layer | layer ms | floor ms | x floor | GB/s | head ms "
         "| TPOT at 62 layers ms | floor at 62 layers ms |",

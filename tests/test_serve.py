@@ -168,6 +168,7 @@ def test_bench_table_counts_what_was_requested(tiny_fp8, tmp_path):
                    "--per-layer", "--device", "cpu", "--dtype", "fp32", check=True)
     res = json.loads((out / "bench.json").read_text())
     assert res["meta"]["backend"] == "fp8" and res["meta"]["world"] == 1
+    assert res["meta"]["pdl"] is False  # the CPU launches plainly, whatever QUANTKIT_PDL says
     assert [r["concurrency"] for r in res["serving"]] == [1, 3]
     for r in res["serving"]:
         assert r["requests"] == r["concurrency"]
