@@ -505,10 +505,12 @@ def _w8a8_fp8_matmul_kernel(
         bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
     else:
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
-    if PDL:  # this program's share of the weight rows (one byte a code), a line a row and 128 codes along K
-        rows = b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn  # [BLOCK_N]
-        for i in range(0, (KB_PER * BLOCK_K + 127) // 128):
-            prefetch_l2(rows + tl.minimum(k_first + i * 128, K - 1) * stride_bk)
+    if PDL:  # this program's share of the weight rows (one byte a code), a line a row and 128 codes along K; the
+        # first row block's programs only (the others read the same rows)
+        if pid_m == 0:
+            rows = b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn  # [BLOCK_N]
+            for i in range(0, (KB_PER * BLOCK_K + 127) // 128):
+                prefetch_l2(rows + tl.minimum(k_first + i * 128, K - 1) * stride_bk)
     pdl_enter(PDL)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
