@@ -855,8 +855,10 @@ def fp8_channel_linear_ref(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-def _gemv_prep_kernel(x_ptr, y_ptr, s_ptr, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _gemv_prep_kernel(x_ptr, y_ptr, s_ptr, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """Row pid(0) of x in fp32 (y) and its sums over groups of GROUP (s), BLOCK values per program."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)  # [BLOCK]
@@ -878,5 +880,6 @@ def gemv_prep(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
     if m:
         block = min(1024, triton.next_power_of_2(k))
-        _gemv_prep[(m, triton.cdiv(k, block))](x, y, s, k, x.stride(0), GROUP=group, BLOCK=block, num_warps=4)
+        _gemv_prep[(m, triton.cdiv(k, block))](x, y, s, k, x.stride(0), GROUP=group, BLOCK=block, num_warps=4,
+                                               **pdl_kwargs(x.device))
     return y, s

@@ -77,6 +77,8 @@ from .fp8_gemm import (
     grouped_pid,
     load_config_table,
     out_mantissa_bits,
+    pdl_enter,
+    pdl_kwargs,
     round_to_out_grid,
     select_config,
     split_k_sum,
@@ -857,7 +859,9 @@ def _gguf_gemv_kernel(
     SPLIT_K: tl.constexpr = 1,  # programs a tile (SLOT_SUM: a slot) along axis 1, each over K/256/SPLIT_K super-blocks
     Q6_WORDS: tl.constexpr = False,  # Q6_K rows as int32 (K/256 even): 4-byte loads, a super-block 2 bytes in when odd
     EMULATE: tl.constexpr = False,  # the interpreter: PTX (Q6_WORDS' byte permutes) computed in plain operations
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
 ):
+    pdl_enter(PDL)  # the activations and the routing are the previous kernels' output
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m  # row blocks fastest: the blocks of one expert read its rows at about the same time
     pid_n = pid // num_pid_m
@@ -1158,7 +1162,7 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
         DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, EMULATE=INTERPRETED, num_warps=cfg["num_warps"],
-        num_stages=1, **extra,
+        num_stages=1, **extra, **pdl_kwargs(c.device),
     )
 
 

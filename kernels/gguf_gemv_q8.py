@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import INTERPRETED, out_mantissa_bits, triton_kernel
+from .fp8_gemm import INTERPRETED, out_mantissa_bits, pdl_enter, pdl_kwargs, triton_kernel
 from .fp8_moe import block_rows, gemv_store, pair_rows, pick4, q8_blocks
 from .gguf_gemm import (
     QTYPE_IDS,
@@ -66,9 +66,10 @@ QK = 32  # activations' block: one scale and one sum per 32 values
 _QK = tl.constexpr(QK)  # the same inside kernels
 
 
-def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
+def _q8_prep_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Row pid(0) of x, BLOCK values a program: int8 codes round(x / d) (half away from zero), d = amax / 127 per
     block of 32 (1 / d taken first, as ggml), and d times the sum of each block's codes."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -97,7 +98,8 @@ def q8_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s = torch.empty((m, k // QK), dtype=torch.float32, device=x.device)
     if m:
         block = next(b for b in (1024, 512, 256) if k % b == 0)  # a power of two that tiles K
-        _q8_prep[(m, triton.cdiv(k, block))](x, q, d, s, k, x.stride(0), BLOCK=block, num_warps=4)
+        _q8_prep[(m, triton.cdiv(k, block))](x, q, d, s, k, x.stride(0), BLOCK=block, num_warps=4,
+                                             **pdl_kwargs(x.device))
     return q, d, s
 
 
@@ -167,7 +169,9 @@ def _gguf_gemv_q8_kernel(
     SUMS_OUT: tl.constexpr = 0, DENSE: tl.constexpr = False, PAIRS: tl.constexpr = False,
     SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
     Q8_OUT: tl.constexpr = False,  # c: int8 codes, csum_ptr: [2, rows, N / 32] scales and scaled sums (gemv_store)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
 ):
+    pdl_enter(PDL)  # the activation codes and the routing are the previous kernels' output
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
@@ -355,7 +359,7 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
         SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
-        num_stages=1, **extra,
+        num_stages=1, **extra, **pdl_kwargs(c.device),
     )
 
 

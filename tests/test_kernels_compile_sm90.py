@@ -54,11 +54,11 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from sass_loop import compile_for
-from quantkit.kernels import fp8_gemm, fp8_moe, fused_ops, gguf_gemm, w4a16_moe
+from quantkit.kernels import fp8_gemm, fp8_moe, fused_ops, gguf_gemm, gguf_gemv_q8, w4a16_moe
 jobs = json.loads(sys.argv[2])
 for module, kernel, consts, types, warps in jobs:
     fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm,
-                  "fp8_gemm": fp8_gemm}[module], kernel)
+                  "fp8_gemm": fp8_gemm, "gguf_gemv_q8": gguf_gemv_q8}[module], kernel)
     try:
         k = compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
                                             "stride_ue", "stride_asm"} & set(fn.arg_names),
@@ -241,6 +241,22 @@ def test_pdl_variants_compile_for_sm90():
         ("w4a16_moe", "_moe_gemv", dict(K=1536, GROUP=128, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=True,
                                         OUT_MANT=0, PAIRS=True, SLOT_SUM=8, NUM_EXPERTS=256, SPLIT_K=2, BLOCK_M=1,
                                         BLOCK_N=32, PREFETCH=2, EXACT=False, **pdl), W4, 2),
+        # GGUF: the activations' preparation and the GEMVs that read it
+        ("fp8_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024, **pdl), {"x_ptr": "*bf16", "y_ptr": "*fp32",
+                                                                       "s_ptr": "*fp32"}, 4),
+        ("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=12, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
+                                         BLOCK_M=1, BLOCK_N=32, OUT_MANT=0, X_SUMS=True, SUMS_OUT=16, PREFETCH=True,
+                                         PAIRS=True, NUM_EXPERTS=256, **pdl),
+         {**GGUF, "x_ptr": "*fp32", "xsum_ptr": "*fp32", "csum_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32"}, 2),
+        ("gguf_gemv_q8", "_q8_prep", dict(BLOCK=1024, **pdl), {"x_ptr": "*bf16", "q_ptr": "*i8", "d_ptr": "*fp32",
+                                                               "s_ptr": "*fp32"}, 4),
+        ("gguf_gemv_q8", "_gguf_gemv_q8", dict(K=3072, QTYPE=12, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
+                                               BLOCK_N=32, OUT_MANT=0, EMULATE=False, PAIRS=True, NUM_EXPERTS=256,
+                                               **pdl),
+         {"xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32", "c_ptr": "*bf16",
+          "csum_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32",
+          "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32",
+          "count_ptr": "*i32"}, 2),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
