@@ -70,6 +70,8 @@ def metadata(ckpt: str | Path, model, spec, backend: str, dtype: str) -> dict:
     kernels launched with programmatic dependent launch (QUANTKIT_PDL)."""
     import subprocess
 
+    from quantkit.kernels.fp8_gemm import pdl
+
     device = model.device
     commit = os.environ.get("QUANTKIT_COMMIT", "")  # where a copied tree's git metadata may not be current
     try:
@@ -88,14 +90,8 @@ def metadata(ckpt: str | Path, model, spec, backend: str, dtype: str) -> dict:
         "world": max(tp, ep), "tp": tp, "ep": ep, "setup": f"TP{tp}/EP{ep}", "backend": backend, "dtype": dtype,
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "experts": cfg.num_local_experts,
         "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "pdl": device.type == "cuda" and _pdl(device),
+        "pdl": device.type == "cuda" and pdl(device),
     }
-
-
-def _pdl(device: torch.device) -> bool:
-    from quantkit.kernels.fp8_gemm import pdl
-
-    return pdl(device)
 
 
 def serving_run(model, concurrency: int, input_len: int, output_len: int, world: int = 1,

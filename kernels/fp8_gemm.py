@@ -157,9 +157,17 @@ def _prefetch_l2(ptrs):
                               pack=1)
 
 
+def _prefetch_rows(rows, first, limit, stride, COUNT: tl.constexpr, LINE: tl.constexpr):
+    """prefetch_l2 of COUNT elements from `first` along each row (rows: [R] pointers to each row's element 0, stride
+    between elements), a line of LINE elements at a time, the offsets kept below limit: a program's weight rows."""
+    for i in range(0, (COUNT + LINE - 1) // LINE):
+        prefetch_l2(rows + tl.minimum(first + i * LINE, limit - 1) * stride)
+
+
 round_to_out_grid = triton_kernel(_round_to_out_grid)
 pdl_enter = triton_kernel(_pdl_enter)
 prefetch_l2 = triton_kernel(_prefetch_l2)
+prefetch_rows = triton_kernel(_prefetch_rows)
 quant_groups = triton_kernel(_quant_groups)
 split_k_sum = triton_kernel(_split_k_sum)
 quant_row_operand = triton_kernel(_quant_row_operand)
@@ -508,9 +516,8 @@ def _w8a8_fp8_matmul_kernel(
     if PDL:  # this program's share of the weight rows (one byte a code), a line a row and 128 codes along K; the
         # first row block's programs only (the others read the same rows)
         if pid_m == 0:
-            rows = b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn  # [BLOCK_N]
-            for i in range(0, (KB_PER * BLOCK_K + 127) // 128):
-                prefetch_l2(rows + tl.minimum(k_first + i * 128, K - 1) * stride_bk)
+            prefetch_rows(b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn, k_first, K, stride_bk, KB_PER * BLOCK_K,
+                          128)
     pdl_enter(PDL)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -68,7 +68,7 @@ from .fp8_gemm import (
     per_token_group_quant_fp8_rows,
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
-    prefetch_l2,
+    prefetch_rows,
     quant_groups,
     quant_row_operand,
     round_to_out_grid,
@@ -393,6 +393,18 @@ def _pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, cols, A_ROW_DIV: 
 pair_rows = triton_kernel(_pair_rows)
 
 
+def _expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM: tl.constexpr, SPLIT_K: tl.constexpr, NUM_EXPERTS: tl.constexpr):
+    """The expert of a decode GEMM 2 program's pair (as pair_rows finds it), read before the program's PDL wait to
+    prefetch its rows: GEMM 2 launches once every program of GEMM 1 has passed its wait, so the router that wrote
+    topk_ids has finished (read through L2: .cg); clamped into [0, NUM_EXPERTS), a stale id would only prefetch
+    another expert's rows."""
+    expert = tl.load(expert_ids_ptr + pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K, cache_modifier=".cg")
+    return tl.minimum(tl.maximum(expert.to(tl.int64), 0), NUM_EXPERTS - 1)
+
+
+expert_ahead = triton_kernel(_expert_ahead)
+
+
 def _block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens, BLOCK_M: tl.constexpr,
                 DENSE: tl.constexpr):
     """Row block pid_m's rows (pair indices of the sorted list, whose padding holds the sentinel num_valid_tokens;
@@ -556,17 +568,11 @@ def _fused_moe_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
     share = 0  # of K, SPLIT_K > 1
-    if PDL and PAIRS and SLOT_SUM and not GATED:
-        # GEMM 2 launches once every program of GEMM 1 has passed its wait, so the router that wrote topk_ids
-        # (read through L2: .cg) has finished; a stale id would only prefetch another expert's rows
-        p_pair = pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K
-        p_expert = tl.load(expert_ids_ptr + p_pair, cache_modifier=".cg").to(tl.int64)
-        p_expert = tl.minimum(tl.maximum(p_expert, 0), NUM_EXPERTS - 1)
+    if PDL and PAIRS and SLOT_SUM and not GATED:  # GEMM 2: its pair's expert rows, a line of 128 codes at a time
+        p_expert = expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
         P_KB: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K
-        p_rows = b_ptr + p_expert * stride_be + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_bn  # [BLOCK_N]
-        p_first = (tl.program_id(1) % SPLIT_K) * P_KB * BLOCK_K
-        for i in range(0, (P_KB * BLOCK_K + 127) // 128):  # one byte a code: a line a row and 128 codes along K
-            prefetch_l2(p_rows + tl.minimum(p_first + i * 128, K - 1) * stride_bk)
+        prefetch_rows(b_ptr + p_expert * stride_be + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_bn,
+                      (tl.program_id(1) % SPLIT_K) * P_KB * BLOCK_K, K, stride_bk, P_KB * BLOCK_K, 128)
     pdl_enter(PDL)  # every operand but the weights is the previous kernels' output, and the experts are too
     if PAIRS:
         pid_s = tl.program_id(1)

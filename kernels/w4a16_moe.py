@@ -122,14 +122,14 @@ from .fp8_gemm import (
     out_mantissa_bits,
     pdl_enter,
     pdl_kwargs,
-    prefetch_l2,
+    prefetch_rows,
     round_to_out_grid,
     split_divisor,
     split_k_sum,
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, block_rows, gemv_store, moe_sum, pair_rows, pick4
+from .fp8_moe import _route, block_rows, expert_ahead, gemv_store, moe_sum, pair_rows, pick4
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -212,22 +212,17 @@ def _moe_gemv_kernel(
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
     if PDL and (DENSE or (PAIRS and SLOT_SUM and not GATED)):
-        # the rows of this program's column tile over its share of K, a line (32 words) at a time; GEMM 2's expert
-        # is the router's, written before GEMM 1 let this kernel launch (read through L2; a stale id would only
-        # prefetch another expert's rows)
+        # the rows of this program's column tile over its share of K, a line (32 words) at a time
         if DENSE:
             p_expert = (pid * 0).to(tl.int64)
         else:
-            p_expert = tl.load(expert_ids_ptr + pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K,
-                               cache_modifier=".cg").to(tl.int64)
-            p_expert = tl.minimum(tl.maximum(p_expert, 0), NUM_EXPERTS - 1)
+            p_expert = expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
         HROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
         hr = tl.arange(0, HROWS)
         prow = tl.minimum(pid_n * BLOCK_N + hr % BLOCK_N, N - 1) + (hr // BLOCK_N) * N  # [HROWS]
-        words0 = b_ptr + p_expert * stride_be + prow.to(tl.int64) * stride_bn + \
-            (tl.program_id(1) % SPLIT_K) * (K // 8 // SPLIT_K)
-        for i in range(0, (K // 8 // SPLIT_K + 31) // 32):
-            prefetch_l2(words0 + tl.minimum(i * 32, K // 8 // SPLIT_K - 1))
+        WORDS: tl.constexpr = K // 8 // SPLIT_K  # the program's share of a row
+        prefetch_rows(b_ptr + p_expert * stride_be + prow.to(tl.int64) * stride_bn
+                      + (tl.program_id(1) % SPLIT_K) * WORDS, 0, WORDS, 1, WORDS, 32)
     pdl_enter(PDL)  # the activations (and the routing) are the previous kernels' output
     # the grid covers the worst case; row blocks past the padded list's end have nothing to do
     if not (DENSE or PAIRS):

@@ -1,5 +1,6 @@
 """What the GPU kernel benchmarks share (scripts/bench_kernels.py, bench_w4a16.py, bench_gguf_kernels.py,
-tune_fp8.py): the error measure every kernel is checked by, and the bf16 MoE baseline it is timed against."""
+tune_fp8.py, check_tma_ws.py, bench_pdl_chain.py): the error measure every kernel is checked by, the bf16 MoE
+baseline it is timed against, and the FP8 quantization of their random weights on the device."""
 
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ import torch
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of a against b."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def block_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] (multiples of 128) -> fp8 codes and fp32 [N/128, K/128] scales (amax / 448 a tile), on w's device."""
+    n, k = w.shape
+    tiles = w.float().view(n // 128, 128, k // 128, 128)
+    s = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+    q = (tiles / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
+    return q, s
+
+
+def channel_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> fp8 codes and fp32 [N, 1] scales (amax / 448 a row), on w's device."""
+    s = w.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448
+    return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
 
 
 def bf16_moe_loop(x, w1, w3, w2, topk_w, topk_ids):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import bf16_moe_loop, commit_id, rel_err
+from bench_common import bf16_moe_loop, block_quant, channel_quant, commit_id, rel_err
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,19 +78,6 @@ def ceilings() -> dict:
         "fp8_matmul_tflops": flops / fp8_ms / 1e9,
         "fp8_rowwise_matmul_tflops": flops / fp8_row_ms / 1e9,
     }
-
-
-def block_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = w.shape
-    tiles = w.float().view(n // 128, 128, k // 128, 128)
-    s = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
-    q = (tiles / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
-    return q, s
-
-
-def channel_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = w.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448
-    return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
 
 
 def bench_projections(ceil: dict) -> list[dict]:

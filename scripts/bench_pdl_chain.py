@@ -15,16 +15,10 @@ import os
 
 import torch
 import triton
+from bench_common import block_quant
 from quantkit.kernels import fp8_gemm, fp8_moe, fused_ops
 
 H, I, E, TOPK, QKV, QO = 3072, 1536, 256, 8, 8192, 6144
-
-
-def quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = w.shape
-    t = w.float().view(n // 128, 128, k // 128, 128)
-    s = t.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
-    return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
 
 
 def main() -> None:
@@ -36,8 +30,8 @@ def main() -> None:
     dev = torch.device("cuda")
     layers = []
     for _ in range(args.layers):
-        wqkv, sqkv = quant(torch.randn(QKV, H, device=dev, generator=g) * 0.02)
-        wo, so = quant(torch.randn(H, QO, device=dev, generator=g) * 0.02)
+        wqkv, sqkv = block_quant(torch.randn(QKV, H, device=dev, generator=g) * 0.02)
+        wo, so = block_quant(torch.randn(H, QO, device=dev, generator=g) * 0.02)
         layers.append(dict(wqkv=wqkv, sqkv=sqkv, wo=wo, so=so,
                            n1=1 + 0.1 * torch.randn(H, device=dev, generator=g).bfloat16(),
                            n2=1 + 0.1 * torch.randn(H, device=dev, generator=g).bfloat16(),
@@ -48,8 +42,8 @@ def main() -> None:
     s13 = torch.empty(E, 2 * I // 128, H // 128, device=dev)
     s2 = torch.empty(E, H // 128, I // 128, device=dev)
     for e in range(E):
-        w13[e], s13[e] = quant(torch.randn(2 * I, H, device=dev, generator=g) * 0.02)
-        w2[e], s2[e] = quant(torch.randn(H, I, device=dev, generator=g) * 0.02)
+        w13[e], s13[e] = block_quant(torch.randn(2 * I, H, device=dev, generator=g) * 0.02)
+        w2[e], s2[e] = block_quant(torch.randn(H, I, device=dev, generator=g) * 0.02)
     x0 = torch.randn(1, H, device=dev, generator=g).bfloat16()
     r0 = torch.randn(1, H, device=dev, generator=g).bfloat16()
 

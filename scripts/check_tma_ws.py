@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from bench_common import block_quant
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 H, I, E, TOPK = 3072, 1536, 256, 8
@@ -27,13 +28,6 @@ class Forced:
 
     def __getitem__(self, grid):
         return lambda *a, **kw: self.kernel[grid](*a, **{**kw, "WS": self.ws})
-
-
-def quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = w.shape
-    t = w.float().view(n // 128, 128, k // 128, 128)
-    s = t.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
-    return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
 
 
 def report(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -70,8 +64,8 @@ def moe(g: torch.Generator) -> None:
     s13 = torch.empty(E, 2 * I // 128, H // 128, device="cuda")
     s2 = torch.empty(E, H // 128, I // 128, device="cuda")
     for e in range(E):
-        w13[e], s13[e] = quant(torch.randn(2 * I, H, device="cuda", generator=g) * 0.02)
-        w2[e], s2[e] = quant(torch.randn(H, I, device="cuda", generator=g) * 0.02)
+        w13[e], s13[e] = block_quant(torch.randn(2 * I, H, device="cuda", generator=g) * 0.02)
+        w2[e], s2[e] = block_quant(torch.randn(H, I, device="cuda", generator=g) * 0.02)
     for m in (1024, 4096):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
         tw, tid = torch.topk(torch.rand(m, E, device="cuda", generator=g), TOPK, dim=-1)
@@ -115,7 +109,7 @@ def moe(g: torch.Generator) -> None:
 def projections(g: torch.Generator) -> None:
     for m in (256, 1024):
         for n, k in ((6144, 3072), (3072, 6144)):
-            w, w_s = quant(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+            w, w_s = block_quant(torch.randn(n, k, device="cuda", generator=g) * 0.02)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             xq, xs = fp8_gemm.per_token_group_quant_fp8(x, 128)
             ref = fp8_gemm.w8a8_block_fp8_matmul_ref(xq, xs, w, w_s)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import rel_err
+from bench_common import block_quant, channel_quant, rel_err
 from quantkit.kernels import fp8_gemm, fp8_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,7 @@ def timed(fn) -> float:
 
 
 def quant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if scheme == "channel":
-        s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
-        return (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
-    n, k = w.shape
-    t = w.float().view(n // 128, 128, k // 128, 128)
-    s = t.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
-    return (t / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k), s
+    return channel_quant(w) if scheme == "channel" else block_quant(w)
 
 
 def fastest(cands: list[dict], module, picker: str, ref: torch.Tensor, run) -> tuple[float, dict]:
@@ -116,8 +110,8 @@ def tune_moe(device: str) -> dict:
             if m >= 256:  # sorted lists at prefill sizes: then the down GEMM's own tile (and row block), gate + up kept
                 shared = {k: v for k, v in best[1].items() if k != "GEMM2"}
                 # the TMA layer (GEMM 1 with WS): GEMM 2 on GEMM 1's list, in its blocks or in halves
-                halves = [{**c, "BLOCK_M": shared["BLOCK_M"] // d} for c in cands if c.get("WS") for d in (1, 2)
-                          if shared.get("WS")]
+                halves = [{**c, "BLOCK_M": shared["BLOCK_M"] // d} for c in cands if c.get("WS")
+                          for d in (1, 2)] if shared.get("WS") else []
                 best = fastest([best[1]] + [{**shared, "GEMM2": c} for c in candidates(m * TOPK / E) + halves],
                                fp8_moe, "moe_config", ref, run)
             entries[str(m)] = best[1]
