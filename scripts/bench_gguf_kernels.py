@@ -189,12 +189,13 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
     return out
 
 
-def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path, tune_ms: list[int] = TUNE_MS) -> dict:
+def tune(experts: Experts, g: torch.Generator, budget_s: float, out: Path, tune_ms: list[int] = TUNE_MS,
+         mixes: tuple[str, ...] = TUNE_MIXES) -> dict:
     start = time.monotonic()
     device = fp8_gemm.device_key(torch.device(DEVICE))  # torch.cuda.get_device_name(), as the launchers look it up
     table: dict = {}
-    pairs = len(TUNE_MIXES) * len(tune_ms)
-    for j, name in enumerate(TUNE_MIXES):
+    pairs = len(mixes) * len(tune_ms)
+    for j, name in enumerate(mixes):
         mix = MIXES[name]
         gate, up, down = experts.of(mix)
         entries = {}
@@ -291,9 +292,13 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts of the MoE benchmark")
     ap.add_argument("--tune-ms", default=",".join(map(str, TUNE_MS)), help="token counts tuned")
+    ap.add_argument("--tune-mixes", default=",".join(TUNE_MIXES), help=f"type mixes tuned, of {', '.join(MIXES)}")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     tune_ms = [int(v) for v in args.tune_ms.split(",")]
+    mixes = tuple(args.tune_mixes.split(","))
+    if unknown := [m for m in mixes if m not in MIXES]:
+        sys.exit(f"--tune-mixes: unknown {', '.join(unknown)} (known: {', '.join(MIXES)})")
     if not torch.cuda.is_available() or gguf_gemm.INTERPRETED:
         sys.exit("needs a CUDA device and compiled Triton (TRITON_INTERPRET unset)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +321,7 @@ def main() -> None:
             sys.exit(f"check failed: see {dest}")
         print(f"check passed in {time.monotonic() - t0:.0f} s", flush=True)
     if args.tune > 0:
-        result["tuned"] = tune(experts, g, args.tune, args.out, tune_ms)
+        result["tuned"] = tune(experts, g, args.tune, args.out, tune_ms, mixes)
         save()
     if args.no_bench:
         return
