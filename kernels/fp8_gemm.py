@@ -144,10 +144,12 @@ def _pdl_enter(PDL: tl.constexpr):
     """Programmatic dependent launch (Hopper on): where a kernel launched with `pdl_kwargs` first needs what the
     kernels before it wrote. Waits for the previous kernel to finish and its writes to show, then lets the next
     kernel's programs launch while this one runs (they run up to their own wait: reading weights, which no kernel
-    writes, is all a kernel does before it). Every program calls it before it returns. No-op when PDL is off."""
+    writes, is all a kernel does before it). Every program calls it before it returns. No-op when PDL is off.
+    PDL is a mode (`pdl_mode`): with PDL_LATE set the next kernel launches only as this one's programs exit."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if (PDL & 2) == 0:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 def _prefetch_l2(ptrs):
@@ -209,16 +211,32 @@ def check_device(*tensors: torch.Tensor, min_capability: tuple[int, int] | None 
 PDL_ENV = "QUANTKIT_PDL"  # "1": the decode path's kernels launch with programmatic dependent launch (Hopper on)
 
 
+PDL_LATE = 2  # pdl_mode bits beside 1 (on): the next kernel launches as this one's programs exit, not at its wait
+PDL_NO_PREFETCH = 4  # no L2 prefetch of weights before the wait
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The kernels' PDL constexpr on device: 0 (off) unless compiled mode, a CUDA GPU of compute capability 9.0 or
+    more and QUANTKIT_PDL set; QUANTKIT_PDL=1 is 1 (wait, then let the next kernel launch; weights prefetched before
+    the wait), other values add PDL_LATE / PDL_NO_PREFETCH (3, 5, 7). Off by default until measured to pay."""
+    raw = os.environ.get(PDL_ENV, "0")
+    if raw not in ("0", "1", "3", "5", "7"):
+        raise ValueError(f"{PDL_ENV} must be 0, 1, 3, 5 or 7, got {raw!r}")
+    if (raw == "0" or INTERPRETED or device.type != "cuda"
+            or _cuda_device_info(_cuda_index(device))[1] < (9, 0)):
+        return 0
+    return int(raw)
+
+
 def pdl(device: torch.device) -> bool:
-    """Whether kernels on device launch with programmatic dependent launch: compiled mode, a CUDA GPU of compute
-    capability 9.0 or more, and QUANTKIT_PDL=1 (off by default until the decode benchmark shows it pays)."""
-    return (not INTERPRETED and device.type == "cuda" and os.environ.get(PDL_ENV, "0") == "1"
-            and _cuda_device_info(_cuda_index(device))[1] >= (9, 0))
+    """Whether kernels on device launch with programmatic dependent launch (pdl_mode non-zero)."""
+    return pdl_mode(device) != 0
 
 
 def pdl_kwargs(device: torch.device) -> dict:
-    """A PDL-capable kernel's launch arguments: its PDL constexpr and, when on, Triton's launch_pdl."""
-    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+    """A PDL-capable kernel's launch arguments: its PDL constexpr (the mode) and, when on, Triton's launch_pdl."""
+    mode = pdl_mode(device)
+    return {"PDL": mode, "launch_pdl": True} if mode else {"PDL": False}
 
 
 def out_mantissa_bits(dtype: torch.dtype) -> int:
@@ -513,8 +531,8 @@ def _w8a8_fp8_matmul_kernel(
         bs_ptrs = bs_ptr + (offs_n // GROUP_N) * stride_bsn  # [BLOCK_N]
     else:
         bs_ptrs = bs_ptr + offs_n64 * stride_bsn  # [BLOCK_N]
-    if PDL:  # this program's share of the weight rows (one byte a code), a line a row and 128 codes along K; the
-        # first row block's programs only (the others read the same rows)
+    if PDL and (PDL & 4) == 0:  # this program's share of the weight rows (one byte a code), a line a row and 128
+        # codes along K; the first row block's programs only (the others read the same rows)
         if pid_m == 0:
             prefetch_rows(b_ptr + tl.minimum(offs_n64, N - 1) * stride_bn, k_first, K, stride_bk, KB_PER * BLOCK_K,
                           128)

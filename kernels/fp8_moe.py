@@ -568,7 +568,8 @@ def _fused_moe_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
     share = 0  # of K, SPLIT_K > 1
-    if PDL and PAIRS and SLOT_SUM and not GATED:  # GEMM 2: its pair's expert rows, a line of 128 codes at a time
+    if PDL and (PDL & 4) == 0 and PAIRS and SLOT_SUM and not GATED:  # GEMM 2: its pair's expert rows, a line of
+        # 128 codes at a time
         p_expert = expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
         P_KB: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K
         prefetch_rows(b_ptr + p_expert * stride_be + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_bn,

@@ -211,7 +211,7 @@ def _moe_gemv_kernel(
     # the same time, so the second read hits L2
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
-    if PDL and (DENSE or (PAIRS and SLOT_SUM and not GATED)):
+    if PDL and (PDL & 4) == 0 and (DENSE or (PAIRS and SLOT_SUM and not GATED)):
         # the rows of this program's column tile over its share of K, a line (32 words) at a time
         if DENSE:
             p_expert = (pid * 0).to(tl.int64)

@@ -3,9 +3,11 @@
 launch (QUANTKIT_PDL), in CUDA graphs: per layer, add+RMSNorm, q/k/v (block FP8, 8192 x 3072), o_proj on the q
 part (3072 x 6144; the attention itself left out), add+RMSNorm, the router (fp32, 256 experts, top-8) and the FP8
 MoE on unsorted pairs. LAYERS copies of the dense weights (one set of experts, picked afresh by random inputs) so
-the projections read HBM, not L2. The outputs with PDL on must equal those with it off, bit for bit.
+the projections read HBM, not L2. The outputs with PDL on must equal those with it off, bit for bit. --modes names
+the QUANTKIT_PDL values timed (fp8_gemm.pdl_mode: 1 early launch with weight prefetch, 3 late launch, 5 no prefetch,
+7 both).
 
-    python scripts/bench_pdl_chain.py [--layers 4] [--json OUT]      # on an H100/H200
+    python scripts/bench_pdl_chain.py [--layers 4] [--modes 0,1] [--json OUT]      # on an H100/H200
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ H, I, E, TOPK, QKV, QO = 3072, 1536, 256, 8, 8192, 6144
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--modes", default="0,1", help="QUANTKIT_PDL values timed, the first the reference")
     ap.add_argument("--json")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -58,7 +61,8 @@ def main() -> None:
         return x, r
 
     results, outs = {}, {}
-    for pdl in ("0", "1"):
+    modes = args.modes.split(",")
+    for pdl in modes:
         os.environ[fp8_gemm.PDL_ENV] = pdl
         step(x0, r0)  # compile
         torch.cuda.synchronize()
@@ -72,7 +76,7 @@ def main() -> None:
         results[f"pdl={pdl}"] = {"us_per_layer": 1000 * ms / args.layers, "pdl_active": fp8_gemm.pdl(dev)}
         print(f"QUANTKIT_PDL={pdl}: {1000 * ms / args.layers:.1f} us a layer "
               f"(PDL active: {fp8_gemm.pdl(dev)})", flush=True)
-    same = all(torch.equal(a, b) for a, b in zip(outs["0"], outs["1"]))
+    same = all(torch.equal(a, b) for m in modes[1:] for a, b in zip(outs[modes[0]], outs[m]))
     print(f"outputs bit for bit the same: {same}")
     results.update(device=torch.cuda.get_device_name(), layers=args.layers, identical=same,
                    torch=torch.__version__, triton=triton.__version__)

@@ -68,8 +68,8 @@ for module, kernel, consts, types, warps in jobs:
         ptx = k.asm["ptx"]
         wait = ptx.find("griddepcontrol.wait")
         pdl = (ptx.count("griddepcontrol.wait"), ptx.count("prefetch.global.L2"),
-               ptx[:wait].count("ld.global") if wait >= 0 else -1)
-        print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d" % pdl, k.asm["ttgir"].count("ttg.warp_specialize("),
+               ptx[:wait].count("ld.global") if wait >= 0 else -1, ptx.count("griddepcontrol.launch_dependents"))
+        print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d,%d" % pdl, k.asm["ttgir"].count("ttg.warp_specialize("),
               flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
@@ -200,11 +200,13 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
 
 
 @pytest.mark.slow
-def test_pdl_variants_compile_for_sm90():
+@pytest.mark.parametrize("mode", [1, 7])
+def test_pdl_variants_compile_for_sm90(mode):
     """The decode path's kernels with programmatic dependent launch: each waits once for the kernels before it
     (griddepcontrol.wait, then launch_dependents); the dense GEMVs prefetch their weights into L2 before it and the
-    single-token router loads its gate rows before it, every other load coming after."""
-    pdl = dict(PDL=True)
+    single-token router loads its gate rows before it, every other load coming after. Mode 7 (fp8_gemm.pdl_mode:
+    PDL_LATE | PDL_NO_PREFETCH): the wait alone."""
+    pdl = dict(PDL=mode)
     jobs = [
         ("fp8_gemm", "_w8a8_fp8_matmul", dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True,
                                               BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, UPCAST=False,
@@ -266,10 +268,15 @@ def test_pdl_variants_compile_for_sm90():
         (lines, proc.stderr[-3000:])
     counts = {}
     for line, (_, kernel, consts, _, _) in zip(lines, jobs):
-        wait, prefetch, before = (int(v) for v in line.split(" pdl=")[1].split()[0].split(","))
+        wait, prefetch, before, trigger = (int(v) for v in line.split(" pdl=")[1].split()[0].split(","))
         kind = "dense" if consts.get("DENSE") else "gemm2" if consts.get("SLOT_SUM") else ""
-        counts[(kernel, kind)] = (wait, prefetch, before)
+        counts[(kernel, kind)] = (wait, prefetch, before, trigger)
     assert len(counts) == len(jobs) and all(c[0] == 1 for c in counts.values()), counts  # one wait each
+    if mode == 7:  # no launch_dependents, no prefetch, nothing read before the wait but the router's gate rows
+        assert all(c[1] == c[3] == 0 for c in counts.values()), counts
+        assert all(c[2] == 0 for k, c in counts.items() if k != ("_router", "")), counts
+        return
+    assert all(c[3] == 1 for c in counts.values()), counts
     # weights toward L2 before the wait: the dense GEMVs and the decode MoEs' GEMM 2
     assert {k for k, c in counts.items() if c[1]} == {("_w8a8_fp8_matmul", ""), ("_moe_gemv", "dense"),
                                                        ("_fused_moe_fp8", "gemm2"), ("_moe_gemv", "gemm2")}, counts

@@ -274,6 +274,12 @@ def test_programmatic_dependent_launch_is_opt_in_and_compiled_only(monkeypatch):
     monkeypatch.setattr(fp8_gemm, "INTERPRETED", False)
     monkeypatch.setattr(fp8_gemm, "_cuda_device_info", lambda index: ("GPU", (9, 0), 132))
     assert fp8_gemm.pdl_kwargs(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "5")  # the mode reaches the kernels: no weight prefetch
+    assert fp8_gemm.pdl_kwargs(torch.device("cuda", 0)) == {"PDL": 1 | fp8_gemm.PDL_NO_PREFETCH, "launch_pdl": True}
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "2")
+    with pytest.raises(ValueError, match="QUANTKIT_PDL must be"):
+        fp8_gemm.pdl(torch.device("cuda", 0))
+    monkeypatch.setenv(fp8_gemm.PDL_ENV, "1")
     monkeypatch.setattr(fp8_gemm, "_cuda_device_info", lambda index: ("GPU", (8, 9), 132))
     assert not fp8_gemm.pdl(torch.device("cuda", 0))
     monkeypatch.setenv(fp8_gemm.PDL_ENV, "0")
