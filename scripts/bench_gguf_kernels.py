@@ -168,7 +168,9 @@ def candidates(m: int, mix: tuple[str, str, str]) -> list[dict]:
             # GEMM 2's 8-bit activations made in GEMM 1's epilogue
             q8 += [{**c, "EPI_Q8": True} for c in q8 if mix[2] != "q6_k" or c.get("Q6_Q8")]
             gemv = q8 + gemv
-        first += [c for c in gemv if c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX]
+        group = gguf_gemm.GEMV_QTYPES[mix[2]][1]  # the launcher reads down's rows in groups of this many
+        first += [c for c in gemv if (c["BLOCK_M"] > 1 or m * TOPK <= gguf_moe.GEMV_PAIRS_MAX)
+                  and c["BLOCK_N"] % group == 0]
     if per_expert <= 4:
         first += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
                   ((1, 32, 4, 2), (2, 64, 4, 2), (16, 64, 4, 3), (1, 16, 4, 2), (2, 32, 8, 3), (4, 32, 4, 2))]
