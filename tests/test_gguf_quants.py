@@ -162,6 +162,30 @@ def test_edge_blocks(qtype):
         assert np.linalg.norm(y[3] - blocks[3]) < 0.15 * np.linalg.norm(blocks[3])  # negative-only is no worse
 
 
+def test_grid_levels_takes_rounding_only_where_its_bounds_allow(monkeypatch):
+    """The searches' levels: round-half-even where every column's bounds (its extremes mapped) are finite and within
+    nearest_int's exact range, ggml's magic-number nearest_int otherwise (huge, infinite and NaN arguments, as a
+    skewed weighting can make): the same values as `_levels` either way, and each path taken when it should be."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 64, generator=g)
+    lo, hi = x.amin(0), x.amax(0)
+    origin = -torch.rand(64, generator=g)
+    tame = 15.0 / (hi - origin)
+    wild = tame.clone()
+    wild[3], wild[9], wild[20] = 3e7, float("inf"), float("nan")  # beyond 2**22; inf * 0 = NaN, and inf
+    origin_wild = origin.clone()
+    origin_wild[5] = 1e9  # x - origin far below 0
+    taken = []
+    real = gq._levels
+    monkeypatch.setattr(gq, "_levels", lambda v, a, b: taken.append(1) or real(v, a, b))
+    for iscale, org, slow in ((tame, origin, False), (wild, origin, True), (tame, origin_wild, True)):
+        taken.clear()
+        want = real((x - org) * iscale, 0, 15)
+        got = gq._grid_levels(x, lo, hi, org, iscale, 15, out=torch.empty_like(x))
+        assert torch.equal(got, want) and bool(taken) == slow
+    assert torch.equal(gq._levels(torch.tensor([float("nan"), float("inf"), 4e6, 9e6]), 0, 15)[:2], torch.zeros(2))
+
+
 def test_imatrix_is_ignored_by_q8_0_and_float_types():
     x = torch.from_numpy(sample_rows(8, 256, seed=12))
     im = torch.rand(256)

@@ -90,6 +90,24 @@ def _levels(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return _nearest_int(v).clamp_(lo, hi).float()
 
 
+_NEAREST_EXACT = 4194303.0  # |v| up to this: nearest_int(v) is round-half-even(v)
+
+
+def _grid_levels(x: torch.Tensor, x_lo: torch.Tensor, x_hi: torch.Tensor, origin: torch.Tensor,
+                 iscale: torch.Tensor, nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`_levels((x - origin) * iscale, 0, nmax)` for x [n, M] whose columns lie in [x_lo, x_hi] ([M] each, the
+    columns' extremes). v = (x - origin) * iscale is monotonic in x in float32 too, so (x_lo - origin) * iscale and
+    (x_hi - origin) * iscale bound each column's v: where all are finite and within +-4194303 (the CPU check, one
+    sync), nearest_int is round-half-even and two passes replace the five of `_levels`. out: a buffer like x for v
+    (a fresh [n, M] tensor a step costs the CPU as much as a pass in page faults)."""
+    v = torch.sub(x, origin, out=out).mul_(iscale) if out is not None else (x - origin).mul_(iscale)
+    if x.device.type == "cpu":
+        ends = torch.stack([(x_lo - origin) * iscale, (x_hi - origin) * iscale])
+        if bool((ends.abs() <= _NEAREST_EXACT).all()):  # False for NaN and inf
+            return v.round_().clamp_(0, nmax)
+    return _levels(v, 0, nmax)
+
+
 def _round_levels(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """`_levels` where |v| is known to stay far below 2**22 when finite (there nearest_int is rounding half to
     even), and a non-finite v can only come from an infinite iscale over a sub-block whose range is below ~1e-37,
@@ -153,26 +171,29 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         xmin, xmax = _seq_extreme(x, True, math.inf), _seq_extreme(x, False, -math.inf)
     else:
         xmin, xmax = x.amin(0), x.amax(0)  # [M]
+    x_lo = xmin  # the columns' extremes bound the levels' arguments (_grid_levels)
     xmin = torch.where(xmin > 0, 0.0, xmin)  # `if (min > 0) min = 0`
     flat = xmax == xmin
     sum_w = _seqsum(w, from_first=True)
     sum_x = _seqsum(w * x, from_first=True)
     iscale = _div(float(nmax), xmax - xmin)
     scale = _div(1.0, iscale)
-    L = _round_levels(iscale * (x - xmin), 0, nmax)  # [n, M]; 0 <= v <= nmax (1 + eps)
-    diff = (scale * L + xmin) - x
-    best = _seqsum(w * (diff * diff))
+    n, M = x.shape
+    prods = torch.empty(n, 3, M, dtype=torch.float32, device=x.device)  # w*La, w*La*La, w*La*x, summed together
+    buf = torch.empty_like(x)  # the levels, then the differences, of each step
+    # [n, M]; 0 <= (x - xmin) * iscale <= nmax (1 + eps)
+    L = torch.sub(x, xmin, out=buf).mul_(iscale).round_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(0, nmax)
+    diff = L.mul_(scale).add_(xmin).sub_(x)
+    best = _seqsum(diff.mul_(diff).mul_(w))
     # L is a function of the grid (iscale, min) it was rounded on: keep the grid of the best step ([M] each) and
     # round once at the end instead of carrying an [n, M] choice through every step
     grid_iscale, grid_min = iscale, xmin
     cur_min = xmin
-    n, M = x.shape
-    prods = torch.empty(n, 3, M, dtype=torch.float32, device=x.device)  # w*La, w*La*La, w*La*x, summed together
     for s in range(nstep + 1):
         c = float(np.float32(rmin) + np.float32(rdelta) * np.float32(s) + np.float32(nmax))
         iscale = _div(c, xmax - cur_min)  # the current min: an accepted step moves the grid of later ones
-        # exact nearest_int here: once the min has moved, x - min can be far below 0 for a skewed weighting
-        La = _levels((x - cur_min).mul_(iscale), 0, nmax)
+        # exact nearest_int: once the min has moved, x - min can be far below 0 for a skewed weighting (checked)
+        La = _grid_levels(x, x_lo, xmax, cur_min, iscale, nmax, out=buf)
         torch.mul(w, La, out=prods[:, 0])
         torch.mul(prods[:, 0], La, out=prods[:, 1])
         torch.mul(prods[:, 0], x, out=prods[:, 2])
@@ -191,7 +212,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         best = torch.where(take, err, best)
         scale = torch.where(take, this_scale, scale)
         cur_min = torch.where(take, this_min, cur_min)
-    L = _levels((x - grid_min).mul_(grid_iscale), 0, nmax)
+    L = _grid_levels(x, x_lo, xmax, grid_min, grid_iscale, nmax)
     scale = torch.where(flat, 0.0, scale)
     L = torch.where(flat, 0.0, L)
     return scale, -cur_min, L
@@ -242,35 +263,45 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int = 63) -> tuple[torch.Te
 def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type 1: symmetric search, weights qw or x*x.
     x [n, M] -> signed scale [M], L [n, M] (float, 0..2*nmax-1)."""
-    ax = x.abs()
-    amax = ax.amax(0)
-    mx = x.gather(0, ax.argmax(0, keepdim=True))[0]  # the value of largest |x|, first one on ties
+    n, M = x.shape
+    amax = x[0].abs()
+    mx = x[0].clone()
+    for i in range(1, n):  # the value of largest |x|, the first one on ties (C's `if (ax > amax)` scan)
+        ax = x[i].abs()
+        bigger = ax > amax
+        amax = torch.where(bigger, ax, amax)
+        mx = torch.where(bigger, x[i], mx)
     zero = amax < GROUP_MAX_EPS
     w = x * x if qw is None else qw
     wx = w * x
-    n, M = x.shape
+    l = torch.empty_like(x)  # the levels of the step at hand
     prods = torch.empty(n, 2, M, dtype=torch.float32, device=x.device)
 
-    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        l = _round_levels(iscale * x, -nmax, nmax - 1)  # |iscale * x| <= nmax + 1
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.mul(iscale, x, out=l)  # |iscale * x| <= nmax + 1: rounding half to even is nearest_int
+        l.round_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(-nmax, nmax - 1)
         torch.mul(wx, l, out=prods[:, 0])
-        torch.mul(w * l, l, out=prods[:, 1])
+        torch.mul(w, l, out=prods[:, 1]).mul_(l)
         sumlx, suml2 = _seqsum(prods)
-        return l, sumlx, suml2
+        return sumlx, suml2
 
-    l, sumlx, suml2 = sums(_div(float(-nmax), mx))
-    L = l + nmax
+    # L is a function of the iscale it was rounded with: keep the best step's iscale ([M]) and round once at the end
+    grid = _div(float(-nmax), mx)
+    sumlx, suml2 = sums(grid)
     scale = torch.where(suml2 != 0, _div(sumlx, suml2), 0.0)
     best = scale * sumlx
     for s in range(-9, 10):
         if s == 0:
             continue
         c = float(-(np.float32(nmax) + np.float32(0.1) * np.float32(s)))
-        l, sumlx, suml2 = sums(_div(c, mx))
+        iscale = _div(c, mx)
+        sumlx, suml2 = sums(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(take, l + nmax, L)
+        grid = torch.where(take, iscale, grid)
         scale = torch.where(take, _div(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
+    sums(grid)
+    L = l.add_(nmax)
     scale = torch.where(zero, 0.0, scale)
     L = torch.where(zero, 0.0, L)
     return scale, L
