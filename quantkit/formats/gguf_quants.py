@@ -15,7 +15,8 @@ Bit-exactness with ggml (specs/gguf-kquants.md §0) decides how the arithmetic i
 - blocks are held position-major ([32, M]: element position first) so each step of such a loop reads a
   contiguous row;
 - `_nearest_int` is ggml's magic-number rounding itself, so out-of-range and non-finite values map as in C;
-  where the argument is provably small (make_qx_quants) the cheaper equivalent `_round_levels` is used;
+  where the argument is provably small (make_qx_quants) or each block's bounds show it is (`_grid_levels`),
+  rounding half to even, its equivalent there, takes fewer passes;
 - division goes through `_div` with tensors on both sides: CUDA replaces `t / scalar` by a multiplication with
   the reciprocal and `scalar / t` is `t.reciprocal() * scalar` everywhere, both one rounding too many;
 - square roots go through float64 (`_sqrt`): torch's float32 CPU sqrt is not correctly rounded;
@@ -108,13 +109,6 @@ def _grid_levels(x: torch.Tensor, x_lo: torch.Tensor, x_hi: torch.Tensor, origin
     return _levels(v, 0, nmax)
 
 
-def _round_levels(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """`_levels` where |v| is known to stay far below 2**22 when finite (there nearest_int is rounding half to
-    even), and a non-finite v can only come from an infinite iscale over a sub-block whose range is below ~1e-37,
-    which x86 ggml clamps to 0. Three ops instead of five."""
-    return torch.round(v).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(lo, hi)
-
-
 def _seqsum(t: torch.Tensor, from_first: bool = False) -> torch.Tensor:
     """Running float32 sum over dim 0 in index order: `s = 0; for i: s += t[i]` ([n, ...] -> [...]).
     from_first starts at t[0] instead of 0 (differs only in the sign of a zero sum)."""
@@ -181,7 +175,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     n, M = x.shape
     prods = torch.empty(n, 3, M, dtype=torch.float32, device=x.device)  # w*La, w*La*La, w*La*x, summed together
     buf = torch.empty_like(x)  # the levels, then the differences, of each step
-    # [n, M]; 0 <= (x - xmin) * iscale <= nmax (1 + eps)
+    # [n, M]; 0 <= (x - xmin) * iscale <= nmax (1 + eps) where finite (non-finite: 0, as in make_qx)
     L = torch.sub(x, xmin, out=buf).mul_(iscale).round_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(0, nmax)
     diff = L.mul_(scale).add_(xmin).sub_(x)
     best = _seqsum(diff.mul_(diff).mul_(w))
@@ -278,7 +272,9 @@ def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch
     prods = torch.empty(n, 2, M, dtype=torch.float32, device=x.device)
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.mul(iscale, x, out=l)  # |iscale * x| <= nmax + 1: rounding half to even is nearest_int
+        # |iscale * x| <= nmax + 1: rounding half to even is nearest_int; a non-finite value (an infinite iscale
+        # over a sub-block of range below ~1e-37) is 0, as x86 ggml makes it
+        torch.mul(iscale, x, out=l)
         l.round_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(-nmax, nmax - 1)
         torch.mul(wx, l, out=prods[:, 0])
         torch.mul(w, l, out=prods[:, 1]).mul_(l)
