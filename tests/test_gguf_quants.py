@@ -219,6 +219,12 @@ def test_bad_input_is_refused_naming_the_tensor():
     x[2, 9] = float("inf")
     with pytest.raises(QuantkitError, match="NaN or inf"):
         quantize(x, "q8_0", name="w")
+    x[2, 9], x[1, 3] = float("-inf"), float("inf")  # a sum of NaN
+    with pytest.raises(QuantkitError, match=r"NaN or inf \(first at \[1, 3\]\)"):
+        quantize(x, "q8_0", name="w")
+    x[1, 3] = 0.0
+    big = torch.full((2, 256), 3e38)  # finite values whose sum overflows: taken (the exact check finds nothing)
+    assert quantize(big, "f32", name="w").shape == (2, 1024)
     x[2, 9] = 0.0
     with pytest.raises(QuantkitError, match="w imatrix: NaN or inf"):
         quantize(x, "q6_k", torch.full((256,), float("nan")), name="w")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import first_nonfinite
 
 FP8_MAX = 448.0
 BLOCK = (128, 128)
@@ -21,8 +22,8 @@ ROWS = 128  # rows per step: temporaries stay in cache (the weight may be a 1.2 
 
 
 def check_finite(w: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(w).all():
-        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+    bad = first_nonfinite(w)
+    if bad is not None:
         raise QuantkitError(f"{name}: NaN or inf in the weight (first at {bad}); refusing to quantize it")
 
 
