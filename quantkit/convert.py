@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.checkpoint import CheckpointReader, OutputFolder, OutTensor, plan_shards
-from quantkit.checkpoint.fp8 import dequantize_block_fp8
 from quantkit.checkpoint.reader import INDEX_NAME, PICKLE_SUFFIXES
 from quantkit.checkpoint.safetensors_file import DTYPE_NAMES
 from quantkit.checkpoint.writer import LOCK_NAME, MANIFEST_NAME
@@ -145,11 +144,9 @@ def plan_fp8(reader: CheckpointReader, recipe: Recipe) -> Plan:
             return reader.tensor(name), reader.tensor(name + "_scale_inv")
         w = reader.weight(name, torch.float32)  # exact for BF16 and block-FP8 sources alike
         if scheme == "block":
-            q, s = fp8.quantize_block(w, block, name)
-            errors[name] = fp8.relative_rms(w, dequantize_block_fp8(q, s, block, torch.float32, name))
+            q, s, errors[name] = fp8.quantize_block(w, block, name, with_error=True)
         else:
-            q, s = fp8.quantize_channel(w, name)
-            errors[name] = fp8.relative_rms(w, fp8.dequantize_channel(q, s, torch.float32))
+            q, s, errors[name] = fp8.quantize_channel(w, name, with_error=True)
         return q, s
 
     def produce(t: OutTensor) -> torch.Tensor:

@@ -40,6 +40,16 @@ def test_every_fp8_value_decodes_exactly():
     assert torch.equal(out, w.float())
 
 
+def test_scales_too_large_for_the_bit_trick_decode_exactly():
+    """A scale above 2^8 times the 2^120 of the bit assembly overflows fp32: such weights take the definition."""
+    gen = torch.Generator().manual_seed(5)
+    w = random_fp8((256, 256), gen)
+    s = torch.tensor([[1e3, 1.0], [2.0**100, 1e-3]])
+    out = dequantize_block_fp8(w, s, dtype=torch.float32)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, dequantize_block_fp8_reference(w, s, dtype=torch.float32))
+
+
 def test_ragged_shapes_use_partial_tiles():
     gen = torch.Generator().manual_seed(3)
     w = random_fp8((200, 300), gen)

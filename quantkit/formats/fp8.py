@@ -2,6 +2,7 @@
 
     q, scale_inv = quantize_block(w)           # [out, in] -> fp8 [out, in], fp32 [ceil(out/128), ceil(in/128)]
     q, scale = quantize_channel(w)             # -> fp8 [out, in], fp32 [out, 1]
+    q, scale_inv, err = quantize_block(w, with_error=True)   # and relative_rms(w, q * scale), measured on the way
 
 Scale = amax / 448 per tile or row, computed in fp32 from the weight as given; q = round-to-nearest-even(w / scale)
 by true division, so that a weight that is exactly fp8 x scale (a block-FP8 checkpoint dequantized to BF16) comes
@@ -11,8 +12,11 @@ activations' scale products finite. NaN or inf in a weight is refused, naming th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from quantkit.checkpoint.fp8 import _BIAS_FIX, fp8_as_bf16
 from quantkit.errors import QuantkitError
 from quantkit.formats import first_nonfinite
 
@@ -31,9 +35,40 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def quantize_block(w: torch.Tensor, block: tuple[int, int] = BLOCK, name: str = "tensor"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block FP8 as the official release stores it: fp8 weight and fp32 weight_scale_inv (a multiplier)."""
+def _fp8_times(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float(q) * s in fp32 (one rounding, as dequantize_block_fp8), q's values taken from its bits."""
+    return fp8_as_bf16(q).float().mul_(_BIAS_FIX).mul_(s)
+
+
+def _sq_norm(x: torch.Tensor) -> float:
+    """||x||^2 to ~1e-7 relative: fp32 norms of 4096-value pieces summed in float64 (one fp32 norm of millions of
+    values is off by ~1e-4, a float64 one costs ten times as much on the CPU)."""
+    x = x.reshape(-1)
+    whole = x.numel() // 4096 * 4096
+    sq = torch.linalg.vector_norm(x[:whole].view(-1, 4096), dim=1).double().square().sum() if whole else 0.0
+    return float(sq) + float(torch.linalg.vector_norm(x[whole:])) ** 2
+
+
+class _ErrorSums:
+    """||w - q * scale||^2 and ||w||^2 summed block by block as a quantizer goes: the relative RMS error without a
+    dequantized copy of the whole weight (a fresh 19 MB tensor for one expert costs the CPU more in page faults than
+    the arithmetic)."""
+
+    def __init__(self) -> None:
+        self.num = self.den = 0.0
+
+    def add(self, w: torch.Tensor, deq: torch.Tensor) -> None:
+        self.den += _sq_norm(w)
+        self.num += _sq_norm(deq.sub_(w))
+
+    def result(self) -> float:
+        return math.sqrt(self.num / self.den) if self.den > 0 else math.sqrt(self.num)
+
+
+def quantize_block(w: torch.Tensor, block: tuple[int, int] = BLOCK, name: str = "tensor", with_error: bool = False
+                   ) -> tuple[torch.Tensor, ...]:
+    """Block FP8 as the official release stores it: fp8 weight and fp32 weight_scale_inv (a multiplier); with_error
+    adds relative_rms(w, q * scale_inv) as a float."""
     if w.dim() != 2:
         raise QuantkitError(f"{name}: block FP8 needs a 2-D weight, found shape {list(w.shape)}")
     check_finite(w, name)
@@ -43,6 +78,7 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = BLOCK, name: str = 
     q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
     scale = torch.empty(rb, cb, dtype=torch.float32)
     pad_in = cb * bi - in_f
+    err = _ErrorSums() if with_error else None
     for r in range(rb):
         rows = w[r * bo:(r + 1) * bo].to(torch.float32, copy=True)  # [<=bo, in], divided in place below
         n = rows.shape[0]
@@ -52,24 +88,33 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = BLOCK, name: str = 
         amax = tiles.abs().amax(dim=(0, 2))  # [cb]
         s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         scale[r] = s
-        q[r * bo:r * bo + n] = _to_fp8(tiles.div_(s[None, :, None])).view(n, cb * bi)[:, :in_f]
-    return q, scale
+        qb = _to_fp8(tiles.div_(s[None, :, None]))  # [n, cb, bi]
+        q[r * bo:r * bo + n] = qb.view(n, cb * bi)[:, :in_f]
+        if err is not None:
+            deq = _fp8_times(qb, s[None, :, None]).view(n, cb * bi)[:, :in_f]
+            err.add(w[r * bo:r * bo + n].float(), deq)
+    return (q, scale, err.result()) if err is not None else (q, scale)
 
 
-def quantize_channel(w: torch.Tensor, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel FP8: fp8 weight and fp32 weight_scale [out, 1] (compressed-tensors `channel`)."""
+def quantize_channel(w: torch.Tensor, name: str = "tensor", with_error: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per-output-channel FP8: fp8 weight and fp32 weight_scale [out, 1] (compressed-tensors `channel`); with_error
+    adds relative_rms(w, q * scale) as a float."""
     if w.dim() != 2:
         raise QuantkitError(f"{name}: channel FP8 needs a 2-D weight, found shape {list(w.shape)}")
     check_finite(w, name)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     scale = torch.empty(w.shape[0], 1, dtype=torch.float32)
+    err = _ErrorSums() if with_error else None
     for lo in range(0, w.shape[0], ROWS):
         rows = w[lo:lo + ROWS].to(torch.float32, copy=True)
         amax = rows.abs().amax(dim=1, keepdim=True)
         s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         scale[lo:lo + ROWS] = s
-        q[lo:lo + ROWS] = _to_fp8(rows.div_(s))
-    return q, scale
+        qb = _to_fp8(rows.div_(s))
+        q[lo:lo + ROWS] = qb
+        if err is not None:
+            err.add(w[lo:lo + ROWS].float(), _fp8_times(qb, s))
+    return (q, scale, err.result()) if err is not None else (q, scale)
 
 
 def dequantize_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -77,12 +122,10 @@ def dequantize_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 def relative_rms(w: torch.Tensor, approx: torch.Tensor) -> float:
-    """||w - approx|| / ||w|| (the error alone for an all-zero weight). fp32 norms: torch sums them in blocks, so
-    the result is good to ~1e-6 relative, ample for a report, at a third of the cost of float64."""
+    """||w - approx|| / ||w|| (the error alone for an all-zero weight), to ~1e-7 relative (`_sq_norm`)."""
     wf = w.float()
-    num = float(torch.linalg.vector_norm(wf - approx.float()))
-    den = float(torch.linalg.vector_norm(wf))
-    return num / den if den > 0 else num
+    num, den = _sq_norm(wf - approx.float()), _sq_norm(wf)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def block_quantization_config(ignore: list[str], block: tuple[int, int] = BLOCK) -> dict:
