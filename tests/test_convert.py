@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +154,15 @@ def test_recipes_validate(tmp_path):
         Recipe.load(bad)
     with pytest.raises(QuantkitError, match="no built-in recipe"):
         Recipe.load("int3")
+
+
+def test_quantkit_puts_large_cpu_tensors_on_huge_pages_unless_told_not_to():
+    """Importing quantkit before torch asks torch's CPU allocator for transparent huge pages (THP_MEM_ALLOC_ENABLE,
+    read once as torch loads); a value already in the environment is kept."""
+    code = "import os, quantkit, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "0"
