@@ -11,15 +11,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_compare.sh OUT}
-mkdir -p "$OUT"
 MODEL=${MODEL:-evals/assets/reference}
 WORK=${WORK:-/tmp/quantkit-gpu-compare}
-PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu TESTS=: a dry run of this script on a CPU
 TESTS=${TESTS-tests/test_kernels_fp8.py tests/test_kernels_w4a16.py tests/test_kernels_gguf.py tests/test_runtime_fp8.py
 tests/test_runtime_awq.py tests/test_runtime_gguf.py}  # TESTS= : no tests
 mkdir -p "$WORK"
-export PYTHONWARNINGS=ignore
 BUDGET=${BUDGET:-580}
 source scripts/gpu_stages.sh
 

@@ -9,16 +9,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_decode_check.sh OUT}
-mkdir -p "$OUT"
-PY=${PY:-python3}
-BUDGET=${BUDGET:-560}
 BACKENDS=${BACKENDS:-fp8}
 TUNE=${TUNE:-1}
 GEMM_TESTS=${GEMM_TESTS:-1}
 CONFIGS=${CONFIGS:-}
 PDL_AB=${PDL_AB:-0}
 WORK=${WORK:-/tmp/quantkit-profile}
-export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
 if [ -n "$CONFIGS" ]; then  # tuned tables from an earlier run on this machine

@@ -7,13 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_fp8_check.sh OUT}
-mkdir -p "$OUT"
-PY=${PY:-python3}
-BUDGET=${BUDGET:-560}
 MS=${MS:-256,1024,4096}
 TUNE_MS=${TUNE_MS-1024,4096}
 TESTS_S=${TESTS_S:-120}
-export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
 tables() {  # the Markdown tables a stage printed, into the summary

@@ -9,8 +9,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_gemv_check.sh OUT}
-mkdir -p "$OUT"
-PY=${PY:-python3}
 BUDGET=${BUDGET:-580}
 GGUF_TUNE=${GGUF_TUNE:-150}
 W4_TUNE=${W4_TUNE:-120}
@@ -18,7 +16,6 @@ GGUF_MS=${GGUF_MS:-1,2,4,8,16,32,64,128,256}
 GGUF_TUNE_MS=${GGUF_TUNE_MS:-1,4,16,64,256}
 GGUF_CHECK=${GGUF_CHECK---check}
 TESTS_S=${TESTS_S:-150}
-export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
 stage "GPU tests: GEMV paths, decode attention, router" "$TESTS_S" $PY -m pytest -q -m gpu \

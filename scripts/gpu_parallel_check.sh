@@ -20,7 +20,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_parallel_check.sh OUT}
-mkdir -p "$OUT"
 WORK=${WORK:-/tmp/quantkit-gpu-parallel}
 mkdir -p "$WORK"
 PY=${PY:-python3}
@@ -39,8 +38,6 @@ CHECK_STAGE=${CHECK:-1}  # CHECK=0 skips the logits check
 CHECK_LIMIT=${CHECK_LIMIT:-300}
 BENCHES=${BENCHES:-fp8:tp1 fp8:tpN fp8:epN awq:tp1 awq:tpN awq:epN}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-export PYTHONWARNINGS=ignore
-BUDGET=${BUDGET:-560}  # seconds for the whole script: stages are cut to what is left, and skipped under 10 s
 source scripts/gpu_stages.sh
 
 [ "$SERVE_TESTS" = 1 ] && stage "GPU tests: serving with CUDA graphs" 240 $PY -m pytest -q -m gpu tests/test_serve.py

@@ -7,11 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_pdl_check.sh OUT}
-mkdir -p "$OUT"
-PY=${PY:-python3}
-BUDGET=${BUDGET:-560}
 WS=${WS:-1}
-export PYTHONWARNINGS=ignore
 source scripts/gpu_stages.sh
 
 stage "GPU test: the same tokens with PDL" 120 $PY -m pytest -q -m gpu tests/test_serve.py -k programmatic

@@ -2,6 +2,11 @@
 # left of $BUDGET seconds (a failed stage does not stop the later ones; $status becomes 1), quantkit installed into
 # $PY without dependencies (none can be fetched on the GPU machines), and a first line naming the software and the
 # code. COMMIT=...: the code's commit where a copied tree's git metadata may not be current.
+# Sets PY (python3), BUDGET (560) unless given, and PYTHONWARNINGS=ignore; makes $OUT.
+mkdir -p "$OUT"
+PY=${PY:-python3}
+BUDGET=${BUDGET:-560}  # seconds for the whole script: stages are cut to what is left, and skipped under 10 s
+export PYTHONWARNINGS=ignore
 LOG="$OUT/log.txt"
 SUMMARY="$OUT/summary.md"
 : >"$LOG"
