@@ -136,7 +136,7 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # SPLIT_K: programs a tile, each over a share of K's groups; the MoE's GEMM 1 (gemv and rows paths only), with
 # SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
-                   "SPLIT_K2")
+                   "SPLIT_K2", "STAGES")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -205,6 +205,7 @@ def _moe_gemv_kernel(
     NUM_EXPERTS: tl.constexpr = 0,
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); DENSE and the decode GEMM 2
     # (PAIRS, SLOT_SUM): the program's weight words toward L2 first
+    STAGES: tl.constexpr = 1,  # > 1: the K loop software-pipelined by Triton, loads in flight through shared memory
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
@@ -258,15 +259,18 @@ def _moe_gemv_kernel(
     # BLOCK_M == 1 accumulates [ROWS] in the layout the row sums come out in (no layout change in the loop); more
     # tokens go into the columns of a [ROWS, BLOCK_M] tile of that same layout
     acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
-    words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
+    if PREFETCH > 0:
+        words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
     if PREFETCH == 2:
         nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < KB_PER * GW)[None, :], other=0)  # group 1
-    for kb in range(0, KB_PER):
-        # the next PREFETCH groups' words in flight while this one is computed (loads past the program's share of
-        # K are masked off): registers, not shared memory, so it happens whatever num_stages says (Triton pipelines
-        # loads into dots)
-        ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < KB_PER * GW)[None, :]
-        ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
+    for kb in tl.range(0, KB_PER, num_stages=STAGES):
+        if PREFETCH == 0:  # this group's words, loaded here: STAGES > 1 lets Triton's pipeliner issue them early
+            words = tl.load(w_ptrs + kb * GW, mask=row_mask[:, None], other=0)
+        else:
+            # the next PREFETCH groups' words in flight while this one is computed (loads past the program's share
+            # of K are masked off): registers, not shared memory
+            ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < KB_PER * GW)[None, :]
+            ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
         z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
         s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
         if EXACT:
@@ -306,7 +310,7 @@ def _moe_gemv_kernel(
         if PREFETCH == 2:
             words = nxt
             nxt = ahead
-        else:
+        elif PREFETCH == 1:
             words = ahead
 
     if BLOCK_M == 1:
@@ -669,8 +673,10 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
     if cfg["BLOCK_N"] < 1 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) or cfg["BLOCK_M"] < 1 \
             or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
-    if cfg.setdefault("PREFETCH", 1) not in (1, 2):
-        raise ValueError(f"block config {cfg}: PREFETCH must be 1 or 2")
+    if cfg.setdefault("PREFETCH", 1) not in (0, 1, 2):
+        raise ValueError(f"block config {cfg}: PREFETCH must be 0, 1 or 2")
+    if cfg.setdefault("STAGES", 1) < 1 or (cfg["STAGES"] > 1 and cfg["PATH"] != "gemv"):
+        raise ValueError(f"block config {cfg}: STAGES (a software-pipelined K loop) is a gemv path key, >= 1")
     if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
         raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
@@ -757,8 +763,9 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
             raise ValueError(f"unsorted pairs take the GEMV path one pair a program, not {cfg}")
         common.update(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs)
     if cfg["PATH"] == "gemv":
+        stages = cfg.get("STAGES", 1)
         _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=a.dtype == torch.float32,
-                        **common, **pdl_kwargs(c.device))  # nibble_mask
+                        STAGES=stages, **{**common, "num_stages": stages}, **pdl_kwargs(c.device))  # nibble_mask
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
                        UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)

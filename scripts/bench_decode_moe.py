@@ -111,6 +111,15 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
     if w4 and base.get("PATH") == "gemv":
         rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
         out += [("rows", rows)] + splits("rows ", rows)
+    # the K loop software-pipelined (STAGES; W4A16 without its register prefetch), the launcher's splits kept
+    if w4 and base.get("PATH") == "gemv":
+        out += [(f"stages {st}", {**base, "PREFETCH": 0, "STAGES": st}) for st in (2, 3, 4, 6)]
+        out += [(f"stages {st} bn {bn}", {**base, "PREFETCH": 0, "STAGES": st, "BLOCK_N": bn})
+                for st in (3, 4) for bn in (32, 64) if bn != base.get("BLOCK_N")]
+    if not w4 and base.get("PATH") == "gemv":
+        out += [(f"stages {st}", {**base, "STAGES": st}) for st in (2, 3, 4)]
+        if base.get("PREFETCH"):
+            out += [(f"stages {st} no prefetch", {**base, "STAGES": st, "PREFETCH": False}) for st in (2, 3)]
     return out
 
 

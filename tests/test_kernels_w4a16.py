@@ -377,8 +377,10 @@ def test_moe_config_path_is_data():
     assert pick(table, "other", "E=8,I=64,H=64,G=64", 2, default) == default
     with pytest.raises(ValueError, match="PATH must be one of"):
         w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "wgmma"})
-    with pytest.raises(ValueError, match="PREFETCH must be 1 or 2"):
+    with pytest.raises(ValueError, match="PREFETCH must be 0, 1 or 2"):
         w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv", "PREFETCH": 3})
+    with pytest.raises(ValueError, match="STAGES"):
+        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "mma", "STAGES": 3})
 
 
 def test_moe_default_takes_tensor_cores_from_a_quarter_pair_per_expert(monkeypatch):
