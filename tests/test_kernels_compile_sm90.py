@@ -69,8 +69,10 @@ for module, kernel, consts, types, warps in jobs:
         wait = ptx.find("griddepcontrol.wait")
         pdl = (ptx.count("griddepcontrol.wait"), ptx.count("prefetch.global.L2"),
                ptx[:wait].count("ld.global") if wait >= 0 else -1, ptx.count("griddepcontrol.launch_dependents"))
-        print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d,%d" % pdl, k.asm["ttgir"].count("ttg.warp_specialize("),
-              flush=True)
+        # loads software-pipelined through shared memory (asynchronous copies)
+        copies = ptx.count("cp.async.cg.shared") + ptx.count("cp.async.ca.shared")
+        print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d,%d" % pdl, "async=%d" % copies,
+              k.asm["ttgir"].count("ttg.warp_specialize("), flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
 """
@@ -285,3 +287,34 @@ def test_pdl_variants_compile_for_sm90(mode):
     assert counts[("_router", "")][2] > 0 and counts[("_fused_moe_fp8", "gemm2")][2] == 1, counts
     assert counts[("_moe_gemv", "gemm2")][2] == 1, counts
     assert all(c[2] == 0 for k, c in counts.items() if k not in early), counts
+
+
+@pytest.mark.slow
+def test_pipelined_gemv_loops_compile_for_sm90():
+    """STAGES > 1 on the CUDA-core GEMVs (W4A16 without its register prefetch, the GGUF GEMV on fp32 and on 8-bit
+    activations): Triton software-pipelines the K loop, the weight loads becoming asynchronous copies into shared
+    memory; STAGES = 1 keeps the plain loop (no copies)."""
+    gemv = {**GGUF, "xsum_ptr": "*fp32", "csum_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32", "x_ptr": "*fp32"}
+    q8 = {"xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32", "c_ptr": "*bf16",
+          "csum_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i64",
+          "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
+    jobs = []
+    for stages in (1, 3):
+        jobs.append(("w4a16_moe", "_moe_gemv", dict(K=3072, GROUP=128, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False,
+                                                    OUT_MANT=0, PAIRS=True, NUM_EXPERTS=256, BLOCK_M=1, BLOCK_N=16,
+                                                    PREFETCH=0, EXACT=False, SPLIT_K=2, STAGES=stages), W4, 2))
+        jobs.append(("gguf_gemv_q8", "_gguf_gemv_q8", dict(K=1536, QTYPE=14, A_ROW_DIV=1, GATED=False,
+                                                           MUL_ROUTED_WEIGHT=True, BLOCK_N=64, OUT_MANT=0,
+                                                           EMULATE=False, PAIRS=True, SLOT_SUM=8, NUM_EXPERTS=256,
+                                                           STAGES=stages), q8, 2))
+        jobs.append(("gguf_gemm", "_gguf_gemv", dict(K=3072, QTYPE=8, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=False,
+                                                     BLOCK_M=1, BLOCK_N=32, OUT_MANT=0, X_SUMS=True, DENSE=True,
+                                                     STAGES=stages), gemv, 1))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == len(jobs) and all(line.startswith("ok ") for line in lines), \
+        (lines, proc.stderr[-3000:])
+    copies = [int(line.split(" async=")[1].split()[0]) for line in lines]
+    assert copies[:3] == [0, 0, 0] and min(copies[3:]) > 0, copies

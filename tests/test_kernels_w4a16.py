@@ -254,6 +254,23 @@ def decode_case(device: str, gen: torch.Generator, e: int = 6, h: int = 192, i: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_pipelined_loop_same_bits(device, dtype):
+    """STAGES > 1 has Triton software-pipeline the GEMV's K loop (PREFETCH 0: each group's words loaded in the
+    iteration that uses them, issued early through shared memory; or on top of the register prefetch): the same
+    products in the same order, so the same bits as the register prefetch alone, on unsorted pairs with K split in
+    both GEMMs and on the sorted list (two pairs a program)."""
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-stages", str(dtype)))
+    x, tw, ids = x.to(dtype), tw.to(device), ids.to(device)
+    for base in ({"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 64, "SPLIT_K": 2, "SPLIT_K2": 3},
+                 {"PATH": "gemv", "BLOCK_M": 2, "BLOCK_N": 32}):
+        ref = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "PREFETCH": 2})
+        for prefetch, stages in ((0, 3), (1, 2)):
+            out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "PREFETCH": prefetch, "STAGES": stages})
+            assert torch.equal(out, ref), (base, prefetch, stages)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monkeypatch):
     """Decode's two launches (GEMV on unsorted pairs, GEMM 2 adding the slots itself) against the sorted-list path
