@@ -205,7 +205,10 @@ def _gguf_gemv_q8_kernel(
         row_base = w_ptr + expert * stride_we + row64
     offs_4 = tl.arange(0, 4)
     w3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]: a row, four words
-    x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
+    if STAGES > 1:  # one [1, 1, 4] copy of the activation words a stage in shared memory, not one a row
+        x3 = (xq_ptr + xrow * (K // 4)) + offs_4[None, None, :]
+    else:
+        x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
     xd_row = xd_ptr + xrow * (K // 32)
     xs_row = xs_ptr + xrow * (K // 32)
     acc = tl.zeros((ROWS, 1), dtype=tl.float32)
