@@ -415,6 +415,12 @@ def _router_kernel(
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     GEMV: tl.constexpr = False,  # a few rows (decode): products and row sums on the CUDA cores, no tl.dot
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter): GEMV loads its gate rows first
+    # NORM (GEMV, one row): h_ptr is the residual stream x and the routed row is rms_norm(x + r) * nw, made here as
+    # _rms_norm_kernel makes it; the programs write it (y), x + r (s) and, QUANT, its FP8 groups (q, qs), a GROUP of
+    # columns each in turn
+    r_ptr=None, nw_ptr=None, s_ptr=None, y_ptr=None, q_ptr=None, qs_ptr=None, eps=1e-6, q_eps=1e-10,
+    NORM: tl.constexpr = False, QUANT: tl.constexpr = False, GROUP: tl.constexpr = 128,
+    OUT_MANT: tl.constexpr = 0, UPCAST: tl.constexpr = False,
 ):
     # program (experts block eb, rows block nb): logits of BLOCK_N rows x BLOCK_EG experts in fp32; the last program
     # of the row block to finish (an arrival counter, as fp8_gemm.split_k_sum) takes the top-k of its rows
@@ -434,7 +440,26 @@ def _router_kernel(
                         mask=xmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_EG, BLOCK_H]
         pdl_enter(PDL)  # h is the previous kernel's output; the gate's rows were not
         sel = tl.arange(0, BLOCK_N)[:, None]
-        for i_row in tl.static_range(BLOCK_N):
+        if NORM:
+            tl.static_assert(BLOCK_N == 1, "the norm in the router: one row")
+            dtype = y_ptr.dtype.element_ty
+            sv = narrow(tl.load(h_ptr + cols, mask=hmask, other=0.0).to(tl.float32)
+                        + tl.load(r_ptr + cols, mask=hmask, other=0.0).to(tl.float32), OUT_MANT, dtype)
+            rstd = 1.0 / tl.sqrt(tl.sum(sv * sv, axis=0) / H + eps)
+            nw = tl.load(nw_ptr + cols, mask=hmask, other=0.0).to(tl.float32)
+            h_row = narrow(narrow(sv * rstd, OUT_MANT, dtype) * nw, OUT_MANT, dtype)  # [BLOCK_H]: the row as stored
+            acc += tl.sum(g_all * h_row[None, :], axis=1)[None, :]
+            for grp in range(eb, H // GROUP, tl.num_programs(0)):  # this program's groups of the outputs
+                gc = grp * GROUP + tl.arange(0, GROUP)
+                sg = narrow(tl.load(h_ptr + gc).to(tl.float32) + tl.load(r_ptr + gc).to(tl.float32), OUT_MANT, dtype)
+                tl.store(s_ptr + gc, sg.to(dtype))
+                yg = narrow(narrow(sg * rstd, OUT_MANT, dtype) * tl.load(nw_ptr + gc).to(tl.float32), OUT_MANT, dtype)
+                tl.store(y_ptr + gc, yg.to(dtype))
+                if QUANT:  # as per_token_group_quant_fp8 quantizes the stored values
+                    yq, ys = quant_groups(tl.reshape(yg, (1, GROUP)), q_eps, UPCAST)
+                    tl.store(q_ptr + tl.reshape(gc, (1, GROUP)), yq.to(q_ptr.dtype.element_ty))
+                    tl.store(qs_ptr + grp + tl.arange(0, 1), ys)
+        for i_row in tl.static_range(BLOCK_N if not NORM else 0):
             n_row = nb.to(tl.int64) * BLOCK_N + i_row
             h_row = tl.load(h_ptr + n_row * stride_h + cols, mask=hmask & (cols * 0 + n_row < N),
                             other=0.0).to(tl.float32)  # [BLOCK_H]
@@ -500,6 +525,43 @@ def router(h: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, k: int) -> t
                       BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, GEMV=gemv, num_warps=4,
                       **pdl_kwargs(h.device))
     return ids, w
+
+
+def add_rms_norm_router(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, gate: torch.Tensor,
+                        bias: torch.Tensor, k: int, group: int = 0):
+    """One token's post-attention norm and its routing in one launch: (x + r, h = rms_norm(x + r) * w, h's FP8
+    groups (fp8 [1, N], fp32 scales [1, N / group]) or None where group is 0, expert ids [1, k], weights [1, k]),
+    each as add_rms_norm(_fp8) and router compute it: the router's programs each normalize the row themselves (a
+    6 KB read) before their two experts' logits, and write a group of the outputs each. x, r [1, N] (or [N]);
+    N a multiple of 128 (and of group) up to 8192."""
+    n = x.shape[-1]
+    e = gate.shape[0]
+    chunk = group or 128
+    if x.numel() != n or r.shape != x.shape or x.dtype not in DTYPES or r.dtype != x.dtype or w.dtype != x.dtype \
+            or w.shape != (n,) or n > 8192 or n % 128 or (group and (group < 16 or group & (group - 1) or n % group)) \
+            or gate.shape != (e, n) or gate.dtype != torch.float32 or bias.shape != (e,) or not 0 < k <= e:
+        raise ValueError(f"add_rms_norm_router: x {tuple(x.shape)} {x.dtype}, r {tuple(r.shape)} {r.dtype}, weight "
+                         f"{tuple(w.shape)} {w.dtype}, gate {tuple(gate.shape)} {gate.dtype} (fp32), bias "
+                         f"{tuple(bias.shape)}, k {k}, group {group}: one row of a multiple of 128 up to 8192")
+    check_device(x, r, w, gate, bias, min_capability=None)
+    x1, r1 = x.reshape(1, n).contiguous(), r.reshape(1, n).contiguous()
+    g2 = gate if gate.stride(-1) == 1 else gate.contiguous()
+    s, y = torch.empty_like(x1), torch.empty_like(x1)
+    q = torch.empty((1, n), dtype=FP8_DTYPE, device=x.device) if group else y
+    qs = torch.empty((1, n // group), dtype=torch.float32, device=x.device) if group else y
+    ids = torch.empty((1, k), dtype=torch.int64, device=x.device)
+    wts = torch.empty((1, k), dtype=torch.float32, device=x.device)
+    logits = torch.empty((1, e), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(e, 2), 1)  # two experts a program, as router's GEMV
+    _router[grid](x1, g2, bias.float().contiguous(), logits, ids, wts, arrival_counters(x.device, 1), 1, e, n,
+                  g2.stride(0), logits.stride(0), ids.stride(0), wts.stride(0), H=n, TOP_K=k, BLOCK_N=1, BLOCK_EG=2,
+                  BLOCK_H=triton.next_power_of_2(n), BLOCK_E=triton.next_power_of_2(e),
+                  BLOCK_K=triton.next_power_of_2(k), IEEE=not INTERPRETED, GEMV=True, r_ptr=r1,
+                  nw_ptr=w.contiguous(), s_ptr=s, y_ptr=y, q_ptr=q, qs_ptr=qs, eps=float(eps), q_eps=SCALE_EPS,
+                  NORM=True, QUANT=bool(group), GROUP=chunk,
+                  OUT_MANT=out_mantissa_bits(x.dtype) if x.dtype != torch.float32 else 0, UPCAST=INTERPRETED,
+                  num_warps=8, **pdl_kwargs(x.device))
+    return s.view(x.shape), y.view(x.shape), (q if group else None), (qs if group else None), ids, wts
 
 
 # --------------------------------------------------------------------------------------------------------------------

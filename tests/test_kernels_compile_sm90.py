@@ -87,6 +87,12 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         blocks = dict(BLOCK_N=1, BLOCK_EG=2, BLOCK_H=4096) if gemv else dict(BLOCK_N=16, BLOCK_EG=16, BLOCK_H=128)
         jobs.append(("fused_ops", "_router", dict(H=3072, TOP_K=8, BLOCK_E=256, BLOCK_K=8, IEEE=True, GEMV=gemv,
                                                   **blocks), ROUTER, 4))
+    for quant in (True, False):  # the post-attention add + RMSNorm inside the single-token router
+        jobs.append(("fused_ops", "_router", dict(H=3072, TOP_K=8, BLOCK_E=256, BLOCK_K=8, IEEE=True, GEMV=True,
+                                                  BLOCK_N=1, BLOCK_EG=2, BLOCK_H=4096, NORM=True, QUANT=quant,
+                                                  GROUP=128, OUT_MANT=7, UPCAST=False),
+                     {**ROUTER, "r_ptr": "*bf16", "nw_ptr": "*bf16", "s_ptr": "*bf16", "y_ptr": "*bf16",
+                      "q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "eps": "fp32", "q_eps": "fp32"}, 8))
     for gated, pairs in ((True, False), (False, False), (True, True), (False, True)):  # FP8 MoE, block scales
         consts = dict(K=3072, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                       BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,

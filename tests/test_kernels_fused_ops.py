@@ -179,6 +179,44 @@ def test_router(device, rows, hidden, experts, k, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden,experts,k,group,dtype", [
+    (256, 16, 4, 32, torch.bfloat16),  # FP8 groups for the experts; 8 groups over 8 programs
+    (384, 10, 3, 0, torch.bfloat16),  # no quantization; 3 chunks of 128 over 5 programs
+    (512, 6, 2, 64, torch.float16),  # 8 groups over 3 programs, in turn
+])
+def test_add_rms_norm_router(device, hidden, experts, k, group, dtype):
+    """A token's post-attention norm and routing in one launch: the sum, the normalized row and its FP8 groups as
+    add_rms_norm(_fp8) makes them, the experts and weights router picks from that row; within one ulp of each
+    where the GPU's reductions run in another order (the interpreter's do not: the same bits there)."""
+    g = torch.Generator().manual_seed(hidden + experts)
+    x = torch.randn(1, hidden, generator=g).to(dtype).to(device)
+    r = torch.randn(1, hidden, generator=g).to(dtype).to(device)
+    nw = (1 + torch.randn(hidden, generator=g) / 4).to(dtype).to(device)
+    gate = (torch.randn(experts, hidden, generator=g) / hidden ** 0.5).to(device)
+    bias = (torch.randn(experts, generator=g) / 10).to(device)
+    s, y, q, qs, ids, w = fused_ops.add_rms_norm_router(x, r, nw, 1e-6, gate, bias, k, group)
+    if group:
+        s_ref, y_ref, q_ref, qs_ref = fused_ops.add_rms_norm_fp8(x, r, nw, 1e-6, group)
+    else:
+        (s_ref, y_ref), q_ref, qs_ref = fused_ops.add_rms_norm(x, r, nw, 1e-6), None, None
+    ids_ref, w_ref = fused_ops.router(y_ref, gate, bias, k)
+    assert torch.equal(s, s_ref)
+    if device == "cpu":
+        assert torch.equal(y, y_ref) and torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+        if group:
+            assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(qs, qs_ref)
+    else:
+        within_one_ulp(y.cpu(), y_ref.cpu())
+        assert torch.equal(ids.cpu(), ids_ref.cpu())
+        torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-5, atol=1e-6)
+    s2, y2 = fused_ops.add_rms_norm_ref(x.cpu(), r.cpu(), nw.cpu(), 1e-6)
+    torch.testing.assert_close(y.cpu().float(), y2.float(), rtol=2 ** -7, atol=1e-6)
+    assert q is None if not group else (q.shape == (1, hidden) and qs.shape == (1, hidden // group))
+    with pytest.raises(ValueError, match="add_rms_norm_router"):
+        fused_ops.add_rms_norm_router(torch.cat([x, x]), torch.cat([r, r]), nw, 1e-6, gate, bias, k, group)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bad_shapes_one_line(device):
     x = torch.randn(2, 8, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="weight"):

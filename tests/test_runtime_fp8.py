@@ -99,3 +99,35 @@ def test_norms_quantizing_for_the_fp8_gemms_change_no_bit_on_gpu(tiny_fp8, monke
     fused = logits(model, ids)
     monkeypatch.setattr(M, "act_group", lambda consumer: 0)
     assert torch.equal(logits(model, ids), fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ckpt,backend", [("tiny_fp8", "fp8"), ("tiny_bf16", "dense")])
+def test_norm_in_router_on_gpu(ckpt, backend, request, monkeypatch):
+    """A single-token step's post-attention add + RMSNorm and its routing run as one launch a layer
+    (fused_ops.add_rms_norm_router; with the FP8 groups the experts take on the fp8 backend): that step's logits are
+    those of the norm's and the router's own launches, to a bf16 ulp of the norm where its sum runs in another
+    order; prefill steps keep the separate launches."""
+    from quantkit.kernels import fused_ops
+
+    from quantkit.runtime import model as M
+
+    ids = torch.randint(0, 2000, (1, 12), generator=torch.Generator().manual_seed(7))
+    model = load_model(request.getfixturevalue(ckpt), dtype=torch.bfloat16, backend=backend, device="cuda")
+
+    def step() -> torch.Tensor:
+        cache = model.new_cache(1, ids.shape[1])
+        model(ids[:, :-1].cuda(), cache)
+        return model(ids[:, -1:].cuda(), cache).float().cpu()
+
+    calls = []
+    fused_call = fused_ops.add_rms_norm_router
+    monkeypatch.setattr(fused_ops, "add_rms_norm_router", lambda *a: calls.append(a[0].shape) or fused_call(*a))
+    fused = step()
+    assert len(calls) == model.cfg.num_hidden_layers and all(s[:-1] == (1, 1) for s in calls)
+    monkeypatch.setattr(M, "NORM_IN_ROUTER", False)
+    plain = step()
+    assert len(calls) == model.cfg.num_hidden_layers
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    assert float((fused - plain).norm() / plain.norm()) < 1e-2

@@ -264,6 +264,9 @@ class DenseExperts(nn.Module):
 # kernels it replaces); at 4 tokens its CUDA-core variant took 19 us against 17, at 32 its tensor-core one 125 against
 # 19 (evals/results/w4a16_linear-2026-12-05-NVIDIA_H200/)
 ROUTER_ONE_LAUNCH_ROWS = 1
+# a single-token step's post-attention add + RMSNorm runs inside that router launch (fused_ops.add_rms_norm_router):
+# one launch a layer fewer
+NORM_IN_ROUTER = True
 
 
 class MoE(nn.Module):
@@ -291,14 +294,23 @@ class MoE(nn.Module):
         run = fused_ops.route_topk if _fused(logits) else fused_ops.route_topk_ref
         return run(logits, self.bias, k)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """h [..., H] -> [..., H]; routing: (ids, weights) of h's rows made already (the norm-and-router launch)."""
         shape = h.shape
         act = getattr(h, FP8_INPUT, None)
         h = h.reshape(-1, shape[-1])
         if act is not None:
             setattr(h, FP8_INPUT, act)  # the same rows
-        idx, w = self.route(h)
+        idx, w = self.route(h) if routing is None else routing
         return self.experts(h, idx, w).view(shape)
+
+    def norm_in_router(self, x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, group: int) -> bool:
+        """Whether fused_ops.add_rms_norm_router serves this step's post-attention norm and routing: one token on
+        a GPU, the gate fp32, a row it takes, and no hooks on this module (teacher forcing feeds its input)."""
+        h = x.shape[-1]
+        return NORM_IN_ROUTER and x.numel() == h and a.shape == x.shape and h % 128 == 0 and h <= 8192 \
+            and (not group or h % group == 0) and _fused(x, a, weight) and _fused(self.gate, self.bias) \
+            and self.gate.dtype == torch.float32 and not (self._forward_pre_hooks or self._forward_hooks)
 
 
 class Block(nn.Module):
@@ -331,12 +343,20 @@ class Block(nn.Module):
             x, y = add_rms_norm(x, residual, self.input_layernorm, self.eps)
         a = self.self_attn(y, cos, sin, cache, layer, mask)
         group = act_group(self.moe.experts)
-        if group and _fused(x, a, self.post_attention_layernorm) and x.shape == a.shape and x.shape[-1] % group == 0:
+        routing = None
+        if self.moe.norm_in_router(x, a, self.post_attention_layernorm, group):
+            x, h, hq, hs, *routing = fused_ops.add_rms_norm_router(x, a, self.post_attention_layernorm, self.eps,
+                                                                  self.moe.gate, self.moe.bias,
+                                                                  self.moe.cfg.num_experts_per_tok, group)
+            if hq is not None:
+                setattr(h, FP8_INPUT, (hq, hs))
+        elif group and _fused(x, a, self.post_attention_layernorm) and x.shape == a.shape and \
+                x.shape[-1] % group == 0:
             x, h, hq, hs = fused_ops.add_rms_norm_fp8(x, a, self.post_attention_layernorm, self.eps, group)
             setattr(h, FP8_INPUT, (hq, hs))
         else:
             x, h = add_rms_norm(x, a, self.post_attention_layernorm, self.eps)
-        out = self.moe(h)
+        out = self.moe(h, routing)
         return (x, out) if defer else x + out
 
 
