@@ -116,6 +116,10 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         out += [(f"stages {st}", {**base, "PREFETCH": 0, "STAGES": st}) for st in (2, 3, 4, 6)]
         out += [(f"stages {st} bn {bn}", {**base, "PREFETCH": 0, "STAGES": st, "BLOCK_N": bn})
                 for st in (3, 4) for bn in (32, 64) if bn != base.get("BLOCK_N")]
+        out += [(f"bn {bn} prefetch 2", {**base, "PREFETCH": 2, "STAGES": 1, "BLOCK_N": bn}) for bn in (32, 64)]
+        out += [(f"stages 3 bn 32 warps {nw} split {s1}/{s2}", {**base, "PREFETCH": 0, "STAGES": 3, "BLOCK_N": 32,
+                                                                "num_warps": nw, "SPLIT_K": s1, "SPLIT_K2": s2})
+                for nw in (2, 4) for s1, s2 in ((1, 1), (2, 2), (2, 1))]
     if not w4 and base.get("PATH") == "gemv":
         out += [(f"stages {st}", {**base, "STAGES": st}) for st in (2, 3, 4)]
         if base.get("PREFETCH"):
