@@ -274,9 +274,10 @@ def qk_norm_rope(y: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch
     if W % heads or w.shape != (W,):
         raise ValueError(f"qk_norm_rope: width {W} over {heads} heads, weight {tuple(w.shape)}")
     D, half = W // heads, cos.shape[-1]
-    if cos.shape != (B, T, half) or sin.shape != cos.shape or 2 * half > D:
+    if cos.shape not in ((B, T, half), (1, T, half)) or sin.shape != cos.shape or 2 * half > D:
         raise ValueError(f"qk_norm_rope: cos/sin {tuple(cos.shape)} for y {tuple(y.shape)} of head dim {D}")
     check_device(y, w, cos, sin, min_capability=None)
+    cos, sin = cos.expand(B, T, half), sin.expand(B, T, half)  # one table for every row of a batch
     y2 = _rows(y)
     c2, s2 = _rows(cos.float()), _rows(sin.float())
     r = rstd.reshape(-1).float().contiguous() if rstd is not None else y2
@@ -306,9 +307,10 @@ def qk_norm_rope_pair(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: to
         raise ValueError(f"qk_norm_rope_pair: q {tuple(q.shape)} {q.dtype} over {q_heads} heads, k {tuple(k.shape)} "
                          f"{k.dtype} over {k_heads}, weights {tuple(wq.shape)} {tuple(wk.shape)}")
     D, half = Wq // q_heads, cos.shape[-1]
-    if cos.shape != (B, T, half) or sin.shape != cos.shape or 2 * half > D:
+    if cos.shape not in ((B, T, half), (1, T, half)) or sin.shape != cos.shape or 2 * half > D:
         raise ValueError(f"qk_norm_rope_pair: cos/sin {tuple(cos.shape)} for rows {(B, T)} of head dim {D}")
     check_device(q, k, wq, wk, cos, sin, min_capability=None)
+    cos, sin = cos.expand(B, T, half), sin.expand(B, T, half)  # one table for every row of a batch
     q2, k2 = _rows(q), _rows(k)
     c2, s2 = _rows(cos.float()), _rows(sin.float())
     qo = torch.empty((B * T, Wq), dtype=q.dtype, device=q.device)

@@ -180,3 +180,18 @@ def test_calibrate_bad_input(tiny_bf16, tmp_path):
     assert_one_line_error(proc, "s.bin", ".safetensors")
     with pytest.raises(QuantkitError, match="--experts"):
         calibrate(tiny_bf16, torch.zeros(1, 4, dtype=torch.long), experts="some")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibration_on_gpu_matches_the_cpu(tiny_bf16, ids):
+    """The layer-streaming forward on a GPU, through the fused kernels (one rotary table for the whole batch of
+    samples): the statistics the CPU's references give, to bf16 rounding."""
+    cpu = calibrate(tiny_bf16, ids, device="cpu", min_tokens=0, progress=False)
+    gpu = calibrate(tiny_bf16, ids, device="cuda", min_tokens=0, progress=False)
+    assert sorted(cpu.layers) == sorted(gpu.layers)
+    for n in cpu.layers:
+        for p in ("qkv", "o", "router"):
+            a, b = cpu.get(n, p), gpu.get(n, p)
+            assert torch.equal(a.count.cpu(), b.count.cpu())
+            torch.testing.assert_close(b.mean_sq().cpu(), a.mean_sq().cpu(), rtol=5e-2, atol=1e-4)

@@ -123,6 +123,13 @@ def test_qk_norm_rope_pair_is_two_single_launches(device, dtype, q_heads, k_head
             within_one_ulp(got, single, exact_share=0.9)
     with pytest.raises(ValueError, match="qk_norm_rope_pair"):
         fused_ops.qk_norm_rope_pair(q, k, wq, wk, cos, sin, q_heads, 2 * k_heads, 1e-6)  # another head dim
+    # one table for every row of the batch (the calibration forward's): the rows' own tables' results
+    c1, s1 = cos[:1].expand(B, T, -1), sin[:1].expand(B, T, -1)
+    q1, k1 = fused_ops.qk_norm_rope_pair(q, k, wq, wk, cos[:1], sin[:1], q_heads, k_heads, 1e-6)
+    q2, k2 = fused_ops.qk_norm_rope_pair(q, k, wq, wk, c1.contiguous(), s1.contiguous(), q_heads, k_heads, 1e-6)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    assert torch.equal(fused_ops.qk_norm_rope(q, wq, cos[:1], sin[:1], q_heads, 1e-6),
+                       fused_ops.qk_norm_rope(q, wq, c1.contiguous(), s1.contiguous(), q_heads, 1e-6))
 
 
 @IGNORE_EXP_OVERFLOW
