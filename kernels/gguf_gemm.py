@@ -860,7 +860,6 @@ def _gguf_gemv_kernel(
     Q6_WORDS: tl.constexpr = False,  # Q6_K rows as int32 (K/256 even): 4-byte loads, a super-block 2 bytes in when odd
     EMULATE: tl.constexpr = False,  # the interpreter: PTX (Q6_WORDS' byte permutes) computed in plain operations
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
-    STAGES: tl.constexpr = 1,  # > 1: the super-block loop software-pipelined by Triton (loads through shared memory)
 ):
     pdl_enter(PDL)  # the activations and the routing are the previous kernels' output
     pid = tl.program_id(0)
@@ -927,7 +926,7 @@ def _gguf_gemv_kernel(
         m5 = mask16 | (mask16 << 1)  # 0x001F0000, from the launch argument as the other masks
         m_lo = (mask16 >> 16) * 0x01010101  # 0x0F0F0F0F
         m_hi = ((mask16 >> 15) & 0x10) * 0x01010101  # 0x10101010
-    for sb in tl.range(sb0, sb0 + SB_PER, num_stages=STAGES):
+    for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12:  # Q4_K: word 8c + w of the nibbles holds, byte b, value 4w + b of sub-block 2c (low nibble)
             # and of sub-block 2c + 1 (high nibble). A row is one thread's (LANES = 1) or two's: each 16-byte piece
             # is one load, split into its four words in registers; a word's four bytes make a tile whose last axis
@@ -1163,7 +1162,7 @@ def launch_gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: str, c: torch.Tens
         X_SUMS=x_sums is not None, SUMS_OUT=sums_out, PREFETCH=bool(cfg.get("PREFETCH", False)) and qtype == "q4_k",
         LANES=cfg.get("LANES", 1) if qtype == "q4_k" else 1,
         DENSE=routing is None, SPLIT_K=split, Q6_WORDS=q6_words, EMULATE=INTERPRETED, num_warps=cfg["num_warps"],
-        STAGES=cfg.get("STAGES", 1), num_stages=cfg.get("STAGES", 1), **extra, **pdl_kwargs(c.device),
+        num_stages=1, **extra, **pdl_kwargs(c.device),
     )
 
 

@@ -170,7 +170,6 @@ def _gguf_gemv_q8_kernel(
     SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
     Q8_OUT: tl.constexpr = False,  # c: int8 codes, csum_ptr: [2, rows, N / 32] scales and scaled sums (gemv_store)
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
-    STAGES: tl.constexpr = 1,  # > 1: the super-block loop software-pipelined by Triton (loads through shared memory)
 ):
     pdl_enter(PDL)  # the activation codes and the routing are the previous kernels' output
     pid = tl.program_id(0)
@@ -205,16 +204,13 @@ def _gguf_gemv_q8_kernel(
         row_base = w_ptr + expert * stride_we + row64
     offs_4 = tl.arange(0, 4)
     w3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]: a row, four words
-    if STAGES > 1:  # one [1, 1, 4] copy of the activation words a stage in shared memory, not one a row
-        x3 = (xq_ptr + xrow * (K // 4)) + offs_4[None, None, :]
-    else:
-        x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
+    x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
     xd_row = xd_ptr + xrow * (K // 32)
     xs_row = xs_ptr + xrow * (K // 32)
     acc = tl.zeros((ROWS, 1), dtype=tl.float32)
     SB_PER: tl.constexpr = K // 256 // SPLIT_K
     sb0 = (pid_s % SPLIT_K) * SB_PER if SPLIT_K > 1 else 0
-    for sb in tl.range(sb0, sb0 + SB_PER, num_stages=STAGES):
+    for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12 or QTYPE == 13:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words:
             # low nibbles sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b. Q5_K: the same
             # with qh's 8 words between (value l of sub-block s: bit s of qh byte l, the code's bit 4)
@@ -363,7 +359,7 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
         SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
-        STAGES=cfg.get("STAGES", 1), num_stages=cfg.get("STAGES", 1), **extra, **pdl_kwargs(c.device),
+        num_stages=1, **extra, **pdl_kwargs(c.device),
     )
 
 

@@ -120,10 +120,6 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         out += [(f"stages 3 bn 32 warps {nw} split {s1}/{s2}", {**base, "PREFETCH": 0, "STAGES": 3, "BLOCK_N": 32,
                                                                 "num_warps": nw, "SPLIT_K": s1, "SPLIT_K2": s2})
                 for nw in (2, 4) for s1, s2 in ((1, 1), (2, 2), (2, 1))]
-    if not w4 and base.get("PATH") == "gemv":
-        out += [(f"stages {st}", {**base, "STAGES": st}) for st in (2, 3, 4)]
-        if base.get("PREFETCH"):
-            out += [(f"stages {st} no prefetch", {**base, "STAGES": st, "PREFETCH": False}) for st in (2, 3)]
     return out
 
 

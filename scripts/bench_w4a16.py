@@ -113,7 +113,10 @@ def moe_candidates(m: int) -> list[dict]:
         # activations, fewer make more programs; 16 rows per warp in GEMM 1 (BLOCK_N = 8 x num_warps) keep the
         # per-row zeros and scales in the words' layout (no shared-memory exchange per group in the compiled loop)
         tiles = [(16, 2), (32, 4), (64, 8), (8, 1), (32, 2), (64, 4), (16, 1), (64, 2), (16, 4), (32, 8)]
-        # (num_stages does nothing here: Triton pipelines loads that feed a tl.dot; PREFETCH is the kernel's own)
+        # (num_stages does nothing here; PREFETCH is the kernel's own register prefetch, and STAGES > 1 with PREFETCH 0
+        # has Triton pipeline the loop's loads through shared memory: the H100's winner at M <= 8)
+        out += [dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=0, num_warps=2, num_stages=1, STAGES=st)
+                for bn, st, bm in itertools.product((32, 16), (3, 4), block_m)]
         for pf, (bn, nw), bm in itertools.product([2, 1], tiles, block_m):
             out.append(dict(PATH="gemv", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, PREFETCH=pf, num_warps=nw, num_stages=1))
         if m * TOPK <= w4a16_moe.PAIRS_MAX:  # a thread a row: 2 x BLOCK_N rows on 2 x BLOCK_N / 32 warps, or fewer

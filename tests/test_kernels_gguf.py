@@ -627,22 +627,6 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtypes,act_q8", [
-    (("q4_k", "q4_k", "q6_k"), False),  # the fp32 GEMV: Q4_K with its register prefetch, Q6_K words
-    (("q4_k", "q4_k", "q6_k"), True),  # on 8-bit activations, Q6_K down too
-    (("q8_0", "q8_0", "q8_0"), True),
-])
-def test_gemv_pipelined_loop_same_bits(device, qtypes, act_q8):
-    """STAGES > 1 has Triton software-pipeline the GEMVs' super-block loop: the same products in the same order,
-    so the same bits as the plain loop, K split over programs in both GEMMs."""
-    x, gate, up, down, w, ids = moe_case(4, 512, 512, 2, 2, qtypes, torch.float32, device, drop=True)
-    cfg = dict(PATH="gemv", PREP=True, PREFETCH=True, BLOCK_M=1, BLOCK_N=32, GROUP_M=1, num_warps=2, num_stages=1,
-               Q6_WORDS=True, ACT_Q8=act_q8, Q6_Q8=act_q8, SPLIT_K=2, SPLIT_K2=2)
-    ref = fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg)
-    assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "STAGES": 2}), ref)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [512, 1024, 768])  # 2 and 4 super-blocks a row; 3 (rows 2 bytes off 4: int16 kept)
 def test_gemv_q6k_words_same_bits(device, k):
     """Q6_K on the GEMV path read as int32 words (Q6_WORDS: odd super-blocks 2 bytes into a word, merged from two)

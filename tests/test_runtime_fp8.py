@@ -105,7 +105,7 @@ def test_norms_quantizing_for_the_fp8_gemms_change_no_bit_on_gpu(tiny_fp8, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("ckpt,backend", [("tiny_fp8", "fp8"), ("tiny_bf16", "dense")])
 def test_norm_in_router_on_gpu(ckpt, backend, request, monkeypatch):
-    """A single-token step's post-attention add + RMSNorm and its routing run as one launch a layer
+    """With NORM_IN_ROUTER a single-token step's post-attention add + RMSNorm and its routing run as one launch a layer
     (fused_ops.add_rms_norm_router; with the FP8 groups the experts take on the fp8 backend): that step's logits are
     those of the norm's and the router's own launches, to a bf16 ulp of the norm where its sum runs in another
     order; prefill steps keep the separate launches."""
@@ -121,6 +121,7 @@ def test_norm_in_router_on_gpu(ckpt, backend, request, monkeypatch):
         model(ids[:, :-1].cuda(), cache)
         return model(ids[:, -1:].cuda(), cache).float().cpu()
 
+    monkeypatch.setattr(M, "NORM_IN_ROUTER", True)  # (QUANTKIT_NORM_IN_ROUTER=1)
     calls = []
     fused_call = fused_ops.add_rms_norm_router
     monkeypatch.setattr(fused_ops, "add_rms_norm_router", lambda *a: calls.append(a[0].shape) or fused_call(*a))

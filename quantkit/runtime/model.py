@@ -12,6 +12,7 @@ Batches are left-padded: the cache keeps a validity mask over its columns and po
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -264,9 +265,10 @@ class DenseExperts(nn.Module):
 # kernels it replaces); at 4 tokens its CUDA-core variant took 19 us against 17, at 32 its tensor-core one 125 against
 # 19 (evals/results/w4a16_linear-2026-12-05-NVIDIA_H200/)
 ROUTER_ONE_LAUNCH_ROWS = 1
-# a single-token step's post-attention add + RMSNorm runs inside that router launch (fused_ops.add_rms_norm_router):
-# one launch a layer fewer
-NORM_IN_ROUTER = True
+# QUANTKIT_NORM_IN_ROUTER=1: a single-token step's post-attention add + RMSNorm runs inside that router launch
+# (fused_ops.add_rms_norm_router), one launch a layer fewer. Off by default: on an H100 a 4-layer FP8 decode chain took
+# 94.95 us a layer with it and 94.7 without (two runs each, scripts/bench_pdl_chain.py; BENCHMARKS.md)
+NORM_IN_ROUTER = os.environ.get("QUANTKIT_NORM_IN_ROUTER", "0") == "1"
 
 
 class MoE(nn.Module):
