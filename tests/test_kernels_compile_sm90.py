@@ -78,6 +78,17 @@ for module, kernel, consts, types, warps in jobs:
 """
 
 
+def compile_all(jobs: list[tuple]) -> list[str]:
+    """SCRIPT's line for each job, every one compiled ("ok ...")."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == len(jobs) and all(line.startswith("ok ") for line in lines), \
+        (lines, proc.stderr[-3000:])
+    return lines
+
+
 @pytest.mark.slow  # a few seconds per variant
 def test_w4a16_and_router_kernels_compile_for_sm90():
     jobs = [("w4a16_moe", k, c, W4, w) for k, c, w in w4_variants()]
@@ -268,12 +279,7 @@ def test_pdl_variants_compile_for_sm90(mode):
           "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32",
           "count_ptr": "*i32"}, 2),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0 and len(lines) == len(jobs) and all(line.startswith("ok ") for line in lines), \
-        (lines, proc.stderr[-3000:])
+    lines = compile_all(jobs)
     counts = {}
     for line, (_, kernel, consts, _, _) in zip(lines, jobs):
         wait, prefetch, before, trigger = (int(v) for v in line.split(" pdl=")[1].split()[0].split(","))
@@ -306,11 +312,6 @@ def test_pipelined_gemv_loops_compile_for_sm90():
                                                     SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, BLOCK_M=1,
                                                     BLOCK_N=32, PREFETCH=0, EXACT=False, SPLIT_K=2, STAGES=stages),
                      W4, 2))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0 and len(lines) == len(jobs) and all(line.startswith("ok ") for line in lines), \
-        (lines, proc.stderr[-3000:])
+    lines = compile_all(jobs)
     copies = [int(line.split(" async=")[1].split()[0]) for line in lines]
     assert copies[:2] == [0, 0] and min(copies[2:]) > 0, copies
