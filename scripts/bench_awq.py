@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import commit_id
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_LAYERS = 62
@@ -140,8 +141,7 @@ def main() -> None:
         "search_flops_per_layer_estimate": flops, "search_tflops": tflops,
         "peak_gpu_allocated_bytes": gpu_alloc, "peak_gpu_reserved_bytes": gpu_reserved,
         "peak_gpu_calibrate_bytes": calib_gpu, "peak_rss_bytes": rss, "bytes_written": summary.bytes_written,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit_id(),
         "torch": torch.__version__,
     }
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
