@@ -58,7 +58,10 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       form (nibbles in place, a per-place exponent subtracted per weight). An SM issues at most 4 warp instructions
       per cycle, 128 thread instructions: at 5 per weight that is 25 weights (13 bytes) per cycle, about 3 TB/s over
       132 SMs at 1.75 GHz, so instruction issue, not DRAM, bounds this path; the tuner picks the tile that does
-      best.
+      best. With PREFETCH 0 and STAGES > 1 the loop is a tl.range(num_stages=STAGES) whose group words Triton
+      issues as asynchronous copies into shared memory STAGES - 1 groups ahead, holding no registers in flight (the
+      same products in the same order): on an H100 32 rows on 2 warps over 3 stages took 4-13% less time than the
+      register prefetch at one to eight tokens (BENCHMARKS.md).
   "dot" (prefill): tensor cores, one group per iteration: for each nibble place j the [BLOCK_N, G/8] words give
       a [G/8, BLOCK_N] operand (q - z exactly as above, with the zero point folded into the subtracted bias; cast to
       x.dtype, exact since |q - z| <= 15) against the [BLOCK_M, G/8] slice of x it multiplies, eight tl.dot with
