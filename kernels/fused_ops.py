@@ -85,6 +85,28 @@ def add_rms_norm_fp8_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps:
     return (s, *rms_norm_fp8_ref(s, w, eps, group))
 
 
+def _norm_group(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, q_ptr, qs_ptr, g, rstd, q_eps, HAS_RES: tl.constexpr,
+                QUANT: tl.constexpr, GROUP: tl.constexpr, OUT_MANT: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns [g GROUP, (g + 1) GROUP) of one row (pointers at the row's start), given its 1/rms: x (+ r, rounded
+    to the row's dtype and stored at s), the normalized values times the gain stored at y and, QUANT, quantized as
+    per_token_group_quant_fp8 quantizes the stored values (fp8 at q, the group's scale at qs[g])."""
+    dtype = y_ptr.dtype.element_ty
+    cols = g * GROUP + tl.arange(0, GROUP)  # [GROUP], inside the row (the launchers check GROUP | N)
+    x = tl.load(x_ptr + cols).to(tl.float32)
+    if HAS_RES:
+        x = narrow(x + tl.load(r_ptr + cols).to(tl.float32), OUT_MANT, dtype)
+        tl.store(s_ptr + cols, x.to(dtype))
+    y = narrow(narrow(x * rstd, OUT_MANT, dtype) * tl.load(w_ptr + cols).to(tl.float32), OUT_MANT, dtype)
+    tl.store(y_ptr + cols, y.to(dtype))
+    if QUANT:
+        yq, ys = quant_groups(tl.reshape(y, (1, GROUP)), q_eps, UPCAST)  # [1, GROUP], [1]
+        tl.store(q_ptr + tl.reshape(cols, (1, GROUP)), yq.to(q_ptr.dtype.element_ty))
+        tl.store(qs_ptr + g + tl.arange(0, 1), ys)
+
+
+norm_group = triton_kernel(_norm_group)
+
+
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,  # x, r, sum, out [rows, N]; w [N]
     q_ptr, qs_ptr,  # QUANT: out quantized, fp8 [rows, N] and fp32 scales [rows, N / GROUP]
@@ -108,19 +130,9 @@ def _rms_norm_kernel(
             tl.store(sum_ptr + row * stride_s + cols, x.to(dtype), mask=mask)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
     if QUANT:
-        g = tl.program_id(1)
-        cols = g * GROUP + tl.arange(0, GROUP)  # [GROUP], inside the row (the launcher checks GROUP | N)
-        x = tl.load(x_ptr + row * stride_x + cols).to(tl.float32)
-        if HAS_RES:
-            x = narrow(x + tl.load(r_ptr + row * stride_r + cols).to(tl.float32), OUT_MANT, dtype)
-            tl.store(sum_ptr + row * stride_s + cols, x.to(dtype))
-        w = tl.load(w_ptr + cols).to(tl.float32)
-        y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
-        tl.store(out_ptr + row * stride_o + cols, y.to(dtype))
-        # the stored values quantized as per_token_group_quant_fp8 quantizes them
-        yq, ys = quant_groups(tl.reshape(y, (1, GROUP)), q_eps, UPCAST)  # [1, GROUP], [1]
-        tl.store(q_ptr + row * stride_q + tl.reshape(cols, (1, GROUP)), yq.to(q_ptr.dtype.element_ty))
-        tl.store(qs_ptr + row * stride_qs + g + tl.arange(0, 1), ys)
+        norm_group(x_ptr + row * stride_x, r_ptr + row * stride_r, w_ptr, sum_ptr + row * stride_s,
+                   out_ptr + row * stride_o, q_ptr + row * stride_q, qs_ptr + row * stride_qs, tl.program_id(1), rstd,
+                   q_eps, HAS_RES, True, GROUP, OUT_MANT, UPCAST)
     else:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = narrow(narrow(x * rstd, OUT_MANT, dtype) * w, OUT_MANT, dtype)
@@ -452,20 +464,14 @@ def _router_kernel(
             h_row = narrow(narrow(sv * rstd, OUT_MANT, dtype) * nw, OUT_MANT, dtype)  # [BLOCK_H]: the row as stored
             acc += tl.sum(g_all * h_row[None, :], axis=1)[None, :]
             for grp in range(eb, H // GROUP, tl.num_programs(0)):  # this program's groups of the outputs
-                gc = grp * GROUP + tl.arange(0, GROUP)
-                sg = narrow(tl.load(h_ptr + gc).to(tl.float32) + tl.load(r_ptr + gc).to(tl.float32), OUT_MANT, dtype)
-                tl.store(s_ptr + gc, sg.to(dtype))
-                yg = narrow(narrow(sg * rstd, OUT_MANT, dtype) * tl.load(nw_ptr + gc).to(tl.float32), OUT_MANT, dtype)
-                tl.store(y_ptr + gc, yg.to(dtype))
-                if QUANT:  # as per_token_group_quant_fp8 quantizes the stored values
-                    yq, ys = quant_groups(tl.reshape(yg, (1, GROUP)), q_eps, UPCAST)
-                    tl.store(q_ptr + tl.reshape(gc, (1, GROUP)), yq.to(q_ptr.dtype.element_ty))
-                    tl.store(qs_ptr + grp + tl.arange(0, 1), ys)
-        for i_row in tl.static_range(BLOCK_N if not NORM else 0):
-            n_row = nb.to(tl.int64) * BLOCK_N + i_row
-            h_row = tl.load(h_ptr + n_row * stride_h + cols, mask=hmask & (cols * 0 + n_row < N),
-                            other=0.0).to(tl.float32)  # [BLOCK_H]
-            acc += tl.where(sel == i_row, tl.sum(g_all * h_row[None, :], axis=1)[None, :], 0.0)
+                norm_group(h_ptr, r_ptr, nw_ptr, s_ptr, y_ptr, q_ptr, qs_ptr, grp, rstd, q_eps, True, QUANT, GROUP,
+                           OUT_MANT, UPCAST)
+        else:
+            for i_row in tl.static_range(BLOCK_N):
+                n_row = nb.to(tl.int64) * BLOCK_N + i_row
+                h_row = tl.load(h_ptr + n_row * stride_h + cols, mask=hmask & (cols * 0 + n_row < N),
+                                other=0.0).to(tl.float32)  # [BLOCK_H]
+                acc += tl.where(sel == i_row, tl.sum(g_all * h_row[None, :], axis=1)[None, :], 0.0)
     else:
         pdl_enter(PDL)
     for k0 in range(0, H if not GEMV else 0, BLOCK_H):

@@ -206,12 +206,7 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                   "eps": "fp32"}, 4))  # x quantized in the MoE's list order
     jobs.append(("fp8_gemm", "_gemv_prep", dict(GROUP=32, BLOCK=1024), {"x_ptr": "*bf16", "y_ptr": "*fp32",
                                                                         "s_ptr": "*fp32"}, 4))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "scripts"), json.dumps(jobs)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    lines = proc.stdout.splitlines()
-    failed = [line for line in lines if line.startswith("FAILED")]
-    assert proc.returncode == 0 and not failed and len(lines) == len(jobs), (failed, proc.stderr[-3000:])
+    lines = compile_all(jobs)
     ws = [line for line in lines if line.startswith(("ok _moe_fp8_ws ", "ok _w8a8_ws "))]
     assert len(ws) == 7 and sum('"WS": true' in line for line in ws) == 3, ws
     # the K loops asked for it are split into a producer and consumers; the others are not
