@@ -77,7 +77,10 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       2^m + z offset comes off once per row and group as (2^m + z) * sum(x), and the scale multiplies the group's
       product. Summing 2^m + q and subtracting 2^m sum(x) afterwards costs a few bits of the fp32 accumulator
       (relative error 4-8e-4 against the reference on MiniMax-M2 shapes, where the other paths reach 1-3e-4; a
-      bf16 output's rounding is 4e-3).
+      bf16 output's rounding is 4e-3). With "PAIRS" (decode, up to PAIRS_MAX pairs) it takes the pairs unsorted as
+      the GEMV path does, one a program in the first column of the B operand (the other 15 masked off: the tensor
+      cores do the multiply-adds the CUDA cores would, while the dequantization stays a LOP3 per two weights), its
+      expert read from topk_ids, and ends in the GEMV path's epilogue (slot sum, K split in either GEMM).
 
   "rows" (decode, unsorted pairs only; a tuning candidate): a thread owns a weight row and walks it a group at a
       time, the group's words in 16-byte loads (G/32 of them) with the next group's in flight, each nibble moved to
@@ -137,9 +140,10 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
 # SPLIT_K: programs a tile, each over a share of K's groups; the MoE's GEMM 1 (gemv and rows paths only), with
-# SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it
+# SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it; PAIRS (mma
+# path): up to PAIRS_MAX pairs unsorted, one a program (as the GEMV path's decode), and then SPLIT_K / SPLIT_K2 too
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
-                   "SPLIT_K2", "STAGES")
+                   "SPLIT_K2", "STAGES", "PAIRS")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -436,7 +440,11 @@ def _moe_mma_kernel(
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
     PREFETCH: tl.constexpr = 1,  # 2 (not GATED): the next group's words loaded while this one is computed
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
-    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
+    SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED, unless PAIRS)
+    PAIRS: tl.constexpr = False,  # decode: no sorted list, one pair a program in column 0 of the B operand, its
+    # expert from topk_ids; the epilogue is the GEMV path's (fp8_moe.gemv_store: SLOT_SUM, SPLIT_K gated or not)
+    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (times SPLIT_K), rows of C are tokens
+    NUM_EXPERTS: tl.constexpr = 0,
 ):
     """Weights as the tensor cores' A operand (out^T [BLOCK_N, BLOCK_M] = W x^T), dequantized in the registers that
     operand lives in. The word's halves (nibble places j and j + 4) masked and OR-ed with MAGIC twice over are two
@@ -446,20 +454,25 @@ def _moe_mma_kernel(
     pid = tl.program_id(0)
     pid_m = pid % num_pid_m
     pid_n = pid // num_pid_m
-    if not DENSE:
+    if not (DENSE or PAIRS):
         if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
             return
-    pid_s = tl.program_id(1)  # this program's share of K
+    pid_s = tl.program_id(1)  # this program's share of K (PAIRS with SLOT_SUM: slot * SPLIT_K + share)
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K  # groups per program (the launcher makes SPLIT_K divide them)
-    k0 = pid_s * KB_PER  # its first group
-
-    offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_tokens,
-                                                        BLOCK_M, DENSE)
-    a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
+    k0 = (pid_s % SPLIT_K) * KB_PER  # its first group
 
     GW: tl.constexpr = GROUP // 8  # words per row and group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_mask = offs_n < N
+    if PAIRS:  # column 0 holds the pair (GEMM 1) or the slot's pair of token pid_m (GEMM 2), the others nothing
+        pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(
+            expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M,
+            SPLIT_K)
+        n_mask = n_mask & routed
+    else:
+        offs_tok, tok_mask, offs_tok64, expert = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m,
+                                                            num_valid_tokens, BLOCK_M, DENSE)
+        a_rows = offs_tok64 // A_ROW_DIV  # [BLOCK_M]
     offs_n64 = offs_n.to(tl.int64)
     offs_c = tl.arange(0, GW)
     b_ptrs = b_ptr + expert * stride_be + offs_n64[:, None] * stride_bn + k0 * GW + offs_c[None, :]  # [BLOCK_N, GW]
@@ -516,21 +529,34 @@ def _moe_mma_kernel(
         a_ptrs += GROUP
         b_ptrs += GW
 
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-    c_mask = tok_mask[None, :] & n_mask[:, None]
-    last = True
-    if SPLIT_K > 1:  # partials [SPLIT_K, N, rows]: the tile as it is held
-        acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_n64, offs_tok64, c_mask, N,
-                                num_valid_tokens, SPLIT_K)
-    if last:
-        if MUL_ROUTED_WEIGHT:
-            rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
-            acc = acc * rw[None, :]
-        if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
-            acc = round_to_out_grid(acc, OUT_MANT)
-        c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if PAIRS:  # column 0 as the GEMV path's [1, ROWS] sums (gate rows, then up rows) through its epilogue
+        col0 = (tl.arange(0, BLOCK_M) == 0)[None, :]
+        sums = tl.sum(tl.where(col0, acc, 0.0), axis=1)  # [BLOCK_N]
+        if GATED:
+            sums_up = tl.sum(tl.where(col0, acc_up, 0.0), axis=1)
+            row = tl.reshape(tl.trans(tl.join(sums, sums_up)), (1, 2 * BLOCK_N))
+        else:
+            row = tl.reshape(sums, (1, BLOCK_N))
+        one = tl.arange(0, 1)
+        gemv_store(row, c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n, pair,
+                   (pid_m + one).to(tl.int64), pid_m + one < num_valid_tokens, N, num_valid_tokens, stride_cm, GATED,
+                   1, BLOCK_N, MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K, OUT_MANT, 0)
+    else:
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+        c_mask = tok_mask[None, :] & n_mask[:, None]
+        last = True
+        if SPLIT_K > 1:  # partials [SPLIT_K, N, rows]: the tile as it is held
+            acc, last = split_k_sum(acc, part_ptr, count_ptr + pid, pid_s, offs_n64, offs_tok64, c_mask, N,
+                                    num_valid_tokens, SPLIT_K)
+        if last:
+            if MUL_ROUTED_WEIGHT:
+                rw = tl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)  # [BLOCK_M]
+                acc = acc * rw[None, :]
+            if OUT_MANT:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even first
+                acc = round_to_out_grid(acc, OUT_MANT)
+            c_ptrs = c_ptr + offs_tok64[None, :] * stride_cm + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _group_pieces(w_ptrs, off, PIECES: tl.constexpr):
@@ -693,8 +719,10 @@ def moe_config(device: torch.device, m: int, topk: int, num_experts: int, inter:
                             f"E={num_experts},I={inter},H={hidden},G={g}", m, default)
     cfg = _overridden(cfg, override, g, MOE_CONFIG_KEYS, MOE_PATHS)
     splits = (cfg.setdefault("SPLIT_K", 1), cfg.setdefault("SPLIT_K2", 1))
-    if min(splits) < 1 or (max(splits) > 1 and cfg["PATH"] not in ("gemv", "rows")):
-        raise ValueError(f"block config {cfg}: the MoE splits K on the gemv and rows paths only")
+    if cfg.setdefault("PAIRS", False) and cfg["PATH"] != "mma":
+        raise ValueError(f"block config {cfg}: PAIRS is an mma path key (the gemv path takes pairs at BLOCK_M 1)")
+    if min(splits) < 1 or (max(splits) > 1 and cfg["PATH"] not in ("gemv", "rows") and not cfg["PAIRS"]):
+        raise ValueError(f"block config {cfg}: the MoE splits K on the gemv and rows paths and unsorted mma only")
     return cfg
 
 
@@ -740,8 +768,10 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
     """One GEMM of the layer (or, dense, a plain linear: the routing arguments are then placeholders; pairs = E:
     the GEMV path on unsorted pairs, expert_ids being topk_ids, GEMM 2 adding its slot_sum slots itself)."""
     qweight, zeros, scales = w
-    num_pid_m = triton.cdiv(c.shape[0], cfg["BLOCK_M"]) if dense or pairs else \
-        sorted_token_ids.numel() // cfg["BLOCK_M"]
+    if pairs:  # one pair (GEMM 1) or token (GEMM 2) a program, whatever BLOCK_M
+        num_pid_m = c.shape[0]
+    else:
+        num_pid_m = triton.cdiv(c.shape[0], cfg["BLOCK_M"]) if dense else sorted_token_ids.numel() // cfg["BLOCK_M"]
     # the GEMV tile holds the same number of weight rows in both GEMMs (GEMM 1 takes BLOCK_N gate and BLOCK_N up
     # rows): the per-thread layout, and so the compiled loop's cost per weight, is the same (half the rows would
     # leave one row per thread on 2 warps at BLOCK_N = 16, ~9 instructions per weight instead of ~7)
@@ -762,8 +792,8 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
                   SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (tiles, parts)
     if pairs:
-        if cfg["PATH"] != "gemv" or cfg["BLOCK_M"] != 1:
-            raise ValueError(f"unsorted pairs take the GEMV path one pair a program, not {cfg}")
+        if not (cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 or cfg["PATH"] == "mma"):
+            raise ValueError(f"unsorted pairs take the GEMV path one pair a program or the mma path, not {cfg}")
         common.update(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs)
     if cfg["PATH"] == "gemv":
         stages = cfg.get("STAGES", 1)
@@ -793,12 +823,14 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     alloc = torch.zeros if INTERPRETED else torch.empty
     if cfg["PATH"] == "rows" and not (cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX and _rows_readable(*w13, *w2)):
         cfg = _moe_default_config(m, topk, e, g)  # beyond decode sizes, or unaligned: the tuned paths' defaults
+    pairs = m * topk <= PAIRS_MAX and (cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 or cfg.get("PAIRS", False))
+    if cfg.get("PAIRS") and not pairs:
+        cfg = {**cfg, "SPLIT_K": 1, "SPLIT_K2": 1}  # the sorted list's mma GEMMs do not split
     cfg1 = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K", 1), h // g)}  # GEMM 1's programs a tile
     cfg2 = {**cfg, "SPLIT_K": split_divisor(cfg.get("SPLIT_K2", 1), i // g)}  # GEMM 2's
     if cfg["PATH"] == "rows":
         return _moe_rows_layer(x, w13, w2, weights, topk_ids, cfg1, cfg2, g, alloc)
-    if cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and m * topk <= PAIRS_MAX:
-        # decode: two launches, no sort and no separate slot sum
+    if pairs:  # decode: two launches, no sort and no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch(x, w13, inter, weights, ids, ids, ids, n=i, k=h, g=g, a_row_div=topk, gated=True,

@@ -10,9 +10,9 @@ token is 8 x 3072 weight rows, a thread (GGUF) or a few (W4A16) each: about 1.5 
 each thread walking all of K. SPLIT_K gives each row's K to 2-4 programs (the last to finish adds the partials and
 gates them; kernels/fp8_moe.gemv_store), multiplying the warps in flight. For each format and M = 1, 2, 4, 8:
 the launcher's config, then the same with GEMM 1 split 2, 3, 4 ways and with both GEMMs split (SPLIT_K / SPLIT_K2;
-W4A16 also its rows path), each checked against the reference before it is timed (medians of CUDA-graph replays);
-and, at M = 1, each launch of the launcher's config and of the fastest split timed by the profiler, so the table
-says where the time goes. "% BW" counts the bytes of
+W4A16 also its rows, pipelined and tensor-core (mma) paths), each checked against the reference before it is timed
+(medians of CUDA-graph replays); and, at M = 1, each launch of the launcher's config and of the fastest split timed
+by the profiler, so the table says where the time goes. "% BW" counts the bytes of
 the experts touched over the HBM read rate measured in the same run. --write-configs merges each bucket's fastest
 config into kernels/configs/gguf_moe.json, w4a16_moe.json and fp8_moe.json under this GPU's name (and copies them
 to --out); the tuners' other buckets missing from the GPU's table are first filed with what the launcher runs there
@@ -120,6 +120,16 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         out += [(f"stages 3 bn 32 warps {nw} split {s1}/{s2}", {**base, "PREFETCH": 0, "STAGES": 3, "BLOCK_N": 32,
                                                                 "num_warps": nw, "SPLIT_K": s1, "SPLIT_K2": s2})
                 for nw in (2, 4) for s1, s2 in ((1, 1), (2, 2), (2, 1))]
+    # the tensor-core path (weights as the A operand, the tokens of a 16-row block as B): on the sorted list, and
+    # on unsorted pairs (one a program, K split as the GEMV path's)
+    if w4:
+        out += [(f"mma bn {bn} warps {nw} stages {st}", dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1,
+                                                              num_warps=nw, num_stages=st))
+                for bn in (64, 128) for nw in (4, 8) for st in (2, 3, 4)]
+        out += [(f"mma pairs bn {bn} warps {nw} stages {st} split {s1}/{s2}",
+                 dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
+                      SPLIT_K=s1, SPLIT_K2=s2))
+                for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
     return out
 
 

@@ -291,6 +291,35 @@ def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monke
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [
+    # GEMM 1 [N = 256] on 32-row tiles, GEMM 2 [N = 384] on 256-row ones (the second half-filled), unsplit
+    {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32},
+    # K split: GEMM 1's 3 groups over 3 programs (the raw gate and up sums added before the gating), GEMM 2's 2
+    # groups a slot over 2
+    {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 3, "SPLIT_K2": 2},
+])
+def test_fused_moe_mma_unsorted_pairs(device, cfg, monkeypatch):
+    """The tensor-core path on unsorted pairs (PAIRS: one pair a program in the B operand's first column, the GEMV
+    path's epilogue): the GEMV path's result on the same pairs and the fp32 MoE to the mma path's rounding, ids
+    outside [0, E) adding nothing, the same bits on a second run, every arrival counter back at zero; past
+    PAIRS_MAX the sorted list, its GEMMs unsplit."""
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-mma-pairs", str(cfg)), h=384, i=256, group=128)
+    ids[2, 1] = 6  # out of range above as well
+    x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
+    cfg = {**cfg, "PAIRS": True}
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
+    gemv = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32})
+    torch.testing.assert_close(out, gemv, rtol=2**-7, atol=2**-7 * float(gemv.abs().max()))
+    ref = moe_loop_fp32(x, w13, w2, tw, ids)
+    assert float((out.cpu().float() - ref).norm() / ref.norm()) < 4e-3  # the intermediate and output in bf16
+    assert torch.equal(fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), out)
+    assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+    monkeypatch.setattr(w4a16_moe_mod, "PAIRS_MAX", 0)
+    assert_close(fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg), fused_moe_w4a16_ref(x, *w13, *w2, tw, ids),
+                 torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group,i,block_n", [(32, 96, 32), (64, 192, 32), (128, 256, 128)])
 def test_fused_moe_rows_path(device, group, i, block_n):
     """The "rows" path (a thread a weight row, fp32 activations with their group sums made once): 1, 2 and 4 loads
@@ -344,10 +373,16 @@ def test_fused_moe_split_k(device, cfg):
 
 
 def test_fused_moe_split_k_paths_only():
-    """The MoE splits K on the CUDA-core paths only (the tensor-core kernels' gated epilogue adds no partials)."""
+    """The MoE splits K on the CUDA-core paths and the unsorted mma path only (the tensor-core kernels' gated
+    epilogue on the sorted list adds no partials); PAIRS is the mma path's."""
     for path, key in (("dot", "SPLIT_K"), ("mma", "SPLIT_K2")):
-        with pytest.raises(ValueError, match="splits K on the gemv and rows paths only"):
+        with pytest.raises(ValueError, match="splits K on the gemv and rows paths and unsorted mma only"):
             w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": path, key: 2})
+    cfg = w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "mma", "PAIRS": True,
+                                                                              "SPLIT_K2": 2})
+    assert cfg["SPLIT_K2"] == 2
+    with pytest.raises(ValueError, match="PAIRS is an mma path key"):
+        w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "dot", "PAIRS": True})
     assert w4a16_moe_mod.moe_config(torch.device("cpu"), 1, 8, 8, 64, 64, 64, {"PATH": "gemv"})["SPLIT_K"] == 1
 
 
@@ -520,7 +555,7 @@ def test_kmajor_linear_minimax_shapes_gpu(m, n, k, path, mark):
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 256])
-@pytest.mark.parametrize("path", [None, "gemv", "dot", "mma"])
+@pytest.mark.parametrize("path", [None, "gemv", "dot", "mma", "mma pairs"])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu_only)])
 def test_fused_moe_minimax_shapes_gpu(m, path, mark):
     e, h, i, topk = 256, 3072, 1536, 8
@@ -537,5 +572,8 @@ def test_fused_moe_minimax_shapes_gpu(m, path, mark):
     scores = torch.sigmoid(torch.randn(m, e, generator=gen, device="cuda"))
     tw, ids = torch.topk(scores, topk, dim=-1)
     tw = tw / tw.sum(-1, keepdim=True)
-    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={"PATH": path} if path else None)
+    # "mma pairs": unsorted up to 8 tokens, K split in both GEMMs (the sorted list beyond, unsplit)
+    cfg = {"PATH": "mma", "PAIRS": True, "BLOCK_N": 128, "SPLIT_K": 2, "SPLIT_K2": 2} if path == "mma pairs" else \
+        {"PATH": path} if path else None
+    out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg)
     assert_close(out, fused_moe_w4a16_ref(x, *w13, *w2, tw, ids), torch.bfloat16)
