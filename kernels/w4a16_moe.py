@@ -141,9 +141,11 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
 # SPLIT_K: programs a tile, each over a share of K's groups; the MoE's GEMM 1 (gemv and rows paths only), with
 # SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it; PAIRS (mma
-# path): up to PAIRS_MAX pairs unsorted, one a program (as the GEMV path's decode), and then SPLIT_K / SPLIT_K2 too
+# path): up to PAIRS_MAX pairs unsorted, one a program (as the GEMV path's decode), and then SPLIT_K / SPLIT_K2 too;
+# GSTEP (gemv, one token a program, PREFETCH 0): groups a K step, falling to the largest power of two dividing the
+# program's groups (fp32 activations: 1)
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
-                   "SPLIT_K2", "STAGES", "PAIRS")
+                   "SPLIT_K2", "STAGES", "PAIRS", "GSTEP")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -170,6 +172,35 @@ def _nibble_in_place(words, hi, j: tl.constexpr):
 nibble_in_place = _jit(_nibble_in_place)
 
 
+def _gemv_groups(acc, words_base, z_ptrs, s_ptrs, x_base, x_ok, row_mask, nibble_mask, KB_PER: tl.constexpr,
+                 GW: tl.constexpr, GSTEP: tl.constexpr, STAGES: tl.constexpr):
+    """The GEMV loop of one token over GSTEP groups a step: acc [ROWS] += sum over the program's KB_PER groups of
+    (sum (q - z) x) s, each row's GSTEP * GW words (GSTEP * 64 contiguous bytes at G = 128) in one load, the
+    nibbles moved to 128 + q as in the one-group loop (nibble_128). words_base [ROWS] pointers to the rows' first
+    word of the program's share; z_ptrs, s_ptrs [ROWS] to their first group's zero and scale; x_base the token's
+    first activation of the share (x_ok false: padding, read as zeros)."""
+    offs_g = tl.arange(0, GSTEP)
+    offs_c = tl.arange(0, GW)
+    w_ptrs = words_base[:, None, None] + offs_g[None, :, None] * GW + offs_c[None, None, :]  # [ROWS, GSTEP, GW]
+    x_ptrs = x_base + offs_g[:, None] * (8 * GW) + offs_c[None, :]  # [GSTEP, GW]: nibble place 0 of each group
+    x_mask = (offs_g[:, None] * 0 + offs_c[None, :] * 0 + x_ok.to(tl.int32)) != 0  # [GSTEP, GW]
+    for ks in tl.range(0, KB_PER // GSTEP, num_stages=STAGES):
+        kb = ks * GSTEP
+        words = tl.load(w_ptrs + kb * GW, mask=row_mask[:, None, None], other=0)  # [ROWS, GSTEP, GW]
+        gmask = (row_mask[:, None].to(tl.int32) + offs_g[None, :] * 0) != 0  # [ROWS, GSTEP]
+        z = tl.load(z_ptrs[:, None] + kb + offs_g[None, :], mask=gmask, other=0).to(tl.float32)  # [ROWS, GSTEP]
+        s = tl.load(s_ptrs[:, None] + kb + offs_g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        part = tl.zeros(words.shape, dtype=tl.float32)
+        xs = tl.zeros((GSTEP, GW), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptrs + kb * 8 * GW + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [GSTEP, GW]
+            xs += xj
+            part += nibble_128(words, j, nibble_mask) * xj[None, :, :]
+        rs = (tl.sum(part, axis=2) - (z + 128.0) * tl.sum(xs, axis=1)[None, :]) * s  # [ROWS, GSTEP]
+        acc += tl.sum(rs, axis=1)
+    return acc
+
+
 def _nibble_128(words, j: tl.constexpr, nibble_mask):
     """Nibble j of int32 words moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1) under 2^7's exponent:
     the float 128 + q, exactly; nibble_mask = 0x000F0000 (a launch argument: see _moe_gemv_kernel)."""
@@ -183,6 +214,7 @@ def _nibble_128(words, j: tl.constexpr, nibble_mask):
 
 
 nibble_128 = _jit(_nibble_128)
+gemv_groups = _jit(_gemv_groups)
 
 
 def _moe_gemv_kernel(
@@ -213,6 +245,8 @@ def _moe_gemv_kernel(
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); DENSE and the decode GEMM 2
     # (PAIRS, SLOT_SUM): the program's weight words toward L2 first
     STAGES: tl.constexpr = 1,  # > 1: the K loop software-pipelined by Triton, loads in flight through shared memory
+    GSTEP: tl.constexpr = 1,  # > 1 (BLOCK_M 1, PREFETCH 0, not EXACT): groups a K step, GSTEP * 64 contiguous bytes
+    # of each row in one load (gemv_groups)
 ):
     pid = tl.program_id(0)
     # row blocks fastest: the blocks of one expert (adjacent in the sorted list) read the same weight rows at about
@@ -266,11 +300,25 @@ def _moe_gemv_kernel(
     # BLOCK_M == 1 accumulates [ROWS] in the layout the row sums come out in (no layout change in the loop); more
     # tokens go into the columns of a [ROWS, BLOCK_M] tile of that same layout
     acc = tl.zeros((ROWS,) if BLOCK_M == 1 else (ROWS, BLOCK_M), dtype=tl.float32)
-    if PREFETCH > 0:
+    if GSTEP > 1:
+        tl.static_assert((BLOCK_M == 1) & (PREFETCH == 0) & (not EXACT), "GSTEP > 1: one token, PREFETCH 0")
+        if PAIRS:
+            tok = pair
+            x_ok = tok >= 0
+        elif DENSE:
+            tok = pid_m
+            x_ok = tok >= 0
+        else:
+            tok = tl.load(sorted_token_ids_ptr + pid_m)  # the padding's sentinel reads zeros
+            x_ok = tok < num_valid_tokens
+        acc = gemv_groups(acc, b_ptr + expert * stride_be + rows * stride_bn + k0 * GW, z_ptrs, s_ptrs,
+                          a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP, x_ok, row_mask,
+                          nibble_mask, KB_PER, GW, GSTEP, STAGES)
+    if PREFETCH > 0 and GSTEP == 1:
         words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
     if PREFETCH == 2:
         nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < KB_PER * GW)[None, :], other=0)  # group 1
-    for kb in tl.range(0, KB_PER, num_stages=STAGES):
+    for kb in tl.range(0, KB_PER if GSTEP == 1 else 0, num_stages=STAGES):
         if PREFETCH == 0:  # this group's words, loaded here: STAGES > 1 lets Triton's pipeliner issue them early
             words = tl.load(w_ptrs + kb * GW, mask=row_mask[:, None], other=0)
         else:
@@ -706,6 +754,11 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
         raise ValueError(f"block config {cfg}: PREFETCH must be 0, 1 or 2")
     if cfg.setdefault("STAGES", 1) < 1 or (cfg["STAGES"] > 1 and cfg["PATH"] != "gemv"):
         raise ValueError(f"block config {cfg}: STAGES (a software-pipelined K loop) is a gemv path key, >= 1")
+    gstep = cfg.setdefault("GSTEP", 1)
+    if gstep not in (1, 2, 4, 8) or gstep > 1 and not (cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1
+                                                       and cfg["PREFETCH"] == 0):
+        raise ValueError(f"block config {cfg}: GSTEP (groups a K step: 1, 2, 4 or 8) is a gemv path key at BLOCK_M 1 "
+                         "and PREFETCH 0")
     if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
         raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
@@ -797,8 +850,14 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
         common.update(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs)
     if cfg["PATH"] == "gemv":
         stages = cfg.get("STAGES", 1)
-        _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=a.dtype == torch.float32,
-                        STAGES=stages, **{**common, "num_stages": stages}, **pdl_kwargs(c.device))  # nibble_mask
+        exact = a.dtype == torch.float32
+        # groups a step: fp32 activations (EXACT) take one; else the largest power of two up to GSTEP dividing the
+        # program's groups
+        gstep = 1 if exact else cfg.get("GSTEP", 1)
+        while (k // g // split) % gstep:
+            gstep //= 2
+        _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=exact, STAGES=stages,
+                        GSTEP=gstep, **{**common, "num_stages": stages}, **pdl_kwargs(c.device))  # nibble_mask
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
                        UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)

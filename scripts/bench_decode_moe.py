@@ -120,6 +120,12 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         out += [(f"stages 3 bn 32 warps {nw} split {s1}/{s2}", {**base, "PREFETCH": 0, "STAGES": 3, "BLOCK_N": 32,
                                                                 "num_warps": nw, "SPLIT_K": s1, "SPLIT_K2": s2})
                 for nw in (2, 4) for s1, s2 in ((1, 1), (2, 2), (2, 1))]
+    # several groups a K step (each row's GSTEP groups of words, GSTEP * 64 contiguous bytes, in one load)
+    if w4 and base.get("PATH") == "gemv":
+        out += [(f"gstep {gs} stages {st} bn {bn} warps {nw} split {s1}/{s2}",
+                 {**base, "PREFETCH": 0, "STAGES": st, "GSTEP": gs, "BLOCK_N": bn, "num_warps": nw, "SPLIT_K": s1,
+                  "SPLIT_K2": s2})
+                for gs in (2, 4) for st in (2, 3, 4) for bn, nw in ((32, 2), (64, 4)) for s1, s2 in ((1, 1), (2, 2))]
     # the tensor-core path (weights as the A operand, the tokens of a 16-row block as B): on the sorted list, and
     # on unsorted pairs (one a program, K split as the GEMV path's)
     if w4:

@@ -271,6 +271,35 @@ def test_gemv_pipelined_loop_same_bits(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("base", [
+    # unsorted pairs, K split: GEMM 1's 8 groups 4 a program (GSTEP 4 -> 4), GEMM 2's 4 groups 2 a program (-> 2)
+    {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "SPLIT_K": 2, "SPLIT_K2": 2},
+    # the sorted list, one pair a program (padding rows read as zeros), pipelined
+    {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 16, "STAGES": 3},
+])
+def test_gemv_groups_a_step(device, base, monkeypatch):
+    """GSTEP groups a K step (each row's GSTEP groups of words in one load): the one-group loop's products summed
+    in another order, so its result to fp32 rounding; a GSTEP that does not divide a program's groups falls to
+    the largest power of two that does."""
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-gstep", str(base)), h=256, i=128)
+    if "STAGES" in base:
+        monkeypatch.setattr(w4a16_moe_mod, "PAIRS_MAX", 0)
+    x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
+    ref = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "PREFETCH": 0})
+    for gstep in (2, 4, 8):
+        out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "PREFETCH": 0, "GSTEP": gstep})
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=2**-8 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="GSTEP"):
+        fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "PREFETCH": 2, "GSTEP": 2})
+    # the dense linear on the same loop
+    w = [t[0] for t in w13]
+    lin_ref = w4a16_kmajor_linear(x[:1], *w, config={"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "PREFETCH": 0})
+    lin = w4a16_kmajor_linear(x[:1], *w, config={"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "PREFETCH": 0,
+                                                 "GSTEP": 4})
+    torch.testing.assert_close(lin, lin_ref, rtol=2**-7, atol=2**-8 * float(lin_ref.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monkeypatch):
     """Decode's two launches (GEMV on unsorted pairs, GEMM 2 adding the slots itself) against the sorted-list path
