@@ -142,8 +142,8 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # SPLIT_K: programs a tile, each over a share of K's groups; the MoE's GEMM 1 (gemv and rows paths only), with
 # SPLIT_K2 for its GEMM 2 (default 1), each falling to the largest divisor of its groups not above it; PAIRS (mma
 # path): up to PAIRS_MAX pairs unsorted, one a program (as the GEMV path's decode), and then SPLIT_K / SPLIT_K2 too;
-# GSTEP (gemv, one token a program, PREFETCH 0): groups a K step, falling to the largest power of two dividing the
-# program's groups (fp32 activations: 1)
+# GSTEP (mma; gemv at one token a program and PREFETCH 0): groups a K step, falling to the largest power of two
+# dividing the program's groups (fp32 activations on the gemv path: 1)
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
                    "SPLIT_K2", "STAGES", "PAIRS", "GSTEP")
 PATHS = ("gemv", "dot", "mma")
@@ -493,6 +493,7 @@ def _moe_mma_kernel(
     # expert from topk_ids; the epilogue is the GEMV path's (fp8_moe.gemv_store: SLOT_SUM, SPLIT_K gated or not)
     SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot (times SPLIT_K), rows of C are tokens
     NUM_EXPERTS: tl.constexpr = 0,
+    GSTEP: tl.constexpr = 1,  # groups an iteration (the register prefetch, PREFETCH 2, only at 1)
 ):
     """Weights as the tensor cores' A operand (out^T [BLOCK_N, BLOCK_M] = W x^T), dequantized in the registers that
     operand lives in. The word's halves (nibble places j and j + 4) masked and OR-ed with MAGIC twice over are two
@@ -539,43 +540,48 @@ def _moe_mma_kernel(
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     xm = tok_mask[None, :]
     # words loaded a group ahead: ungated only (the launcher passes PREFETCH = 1 with GATED)
-    AHEAD: tl.constexpr = (PREFETCH == 2) & (HALVES == 1)
+    AHEAD: tl.constexpr = (PREFETCH == 2) & (HALVES == 1) & (GSTEP == 1)
     if AHEAD:
         nxt = tl.load(b_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW] group 0
-    for kb in range(0, KB_PER):
-        x0 = tl.load(a_ptrs, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
-        x1 = tl.load(a_ptrs + GW, mask=xm, other=0.0)  # places 1 and 5
-        x2 = tl.load(a_ptrs + 2 * GW, mask=xm, other=0.0)
-        x3 = tl.load(a_ptrs + 3 * GW, mask=xm, other=0.0)
-        if UPCAST:
-            x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
-        xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
-        for hf in tl.static_range(HALVES):
-            if AHEAD:  # registers: in flight during this group's dots, whatever the pipeliner does
-                words = nxt
-                nxt = tl.load(b_ptrs + GW, mask=n_mask[:, None] & (kb + 1 < KB_PER), other=0)
-            else:
-                words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
-            z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
-            s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(4):
-                xj = pick4(j, x0, x1, x2, x3)
-                v = ((words >> (4 * j)) & PAIR_MASK) | PAIR_MAGIC  # [BLOCK_N, GW] two floats 2^m + q per word
-                if UPCAST:
-                    w = tl.reshape(tl.join((v << 16).to(tl.float32, bitcast=True),
-                                           (v & -65536).to(tl.float32, bitcast=True)), (BLOCK_N, 2 * GW))
-                    part = tl.dot(w, xj, part)
+    # GSTEP groups an iteration (each a body of its own, loaded together: one pipeline stage reads GSTEP * 64
+    # contiguous bytes of each row)
+    for ks in range(0, KB_PER // GSTEP):
+        for gi in tl.static_range(GSTEP):
+            kb = ks * GSTEP + gi
+            x0 = tl.load(a_ptrs + gi * GROUP, mask=xm, other=0.0)  # [2GW, BLOCK_M] nibble places 0 and 4
+            x1 = tl.load(a_ptrs + gi * GROUP + GW, mask=xm, other=0.0)  # places 1 and 5
+            x2 = tl.load(a_ptrs + gi * GROUP + 2 * GW, mask=xm, other=0.0)
+            x3 = tl.load(a_ptrs + gi * GROUP + 3 * GW, mask=xm, other=0.0)
+            if UPCAST:
+                x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+            xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
+            for hf in tl.static_range(HALVES):
+                if AHEAD:  # registers: in flight during this group's dots, whatever the pipeliner does
+                    words = nxt
+                    nxt = tl.load(b_ptrs + GW, mask=n_mask[:, None] & (offs_c * 0 + kb + 1 < KB_PER)[None, :], other=0)
                 else:
-                    w = tl.reshape(tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)), (BLOCK_N, 2 * GW))
-                    part = tl.dot(w.to(xj.dtype, bitcast=True), xj, part)
-            corr = (part - (z + BIAS)[:, None] * xsum[None, :]) * s[:, None]  # [BLOCK_N, BLOCK_M]
-            if hf == 0:
-                acc += corr
-            else:
-                acc_up += corr
-        a_ptrs += GROUP
-        b_ptrs += GW
+                    # [BLOCK_N, GW]
+                    words = tl.load(b_ptrs + gi * GW + hf * N * stride_bn, mask=n_mask[:, None], other=0)
+                z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
+                s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for j in tl.static_range(4):
+                    xj = pick4(j, x0, x1, x2, x3)
+                    v = ((words >> (4 * j)) & PAIR_MASK) | PAIR_MAGIC  # [BLOCK_N, GW] two floats 2^m + q a word
+                    if UPCAST:
+                        w = tl.reshape(tl.join((v << 16).to(tl.float32, bitcast=True),
+                                               (v & -65536).to(tl.float32, bitcast=True)), (BLOCK_N, 2 * GW))
+                        part = tl.dot(w, xj, part)
+                    else:
+                        w = tl.reshape(tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)), (BLOCK_N, 2 * GW))
+                        part = tl.dot(w.to(xj.dtype, bitcast=True), xj, part)
+                corr = (part - (z + BIAS)[:, None] * xsum[None, :]) * s[:, None]  # [BLOCK_N, BLOCK_M]
+                if hf == 0:
+                    acc += corr
+                else:
+                    acc_up += corr
+        a_ptrs += GSTEP * GROUP
+        b_ptrs += GSTEP * GW
 
     if PAIRS:  # column 0 as the GEMV path's [1, ROWS] sums (gate rows, then up rows) through its epilogue
         col0 = (tl.arange(0, BLOCK_M) == 0)[None, :]
@@ -756,9 +762,9 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
         raise ValueError(f"block config {cfg}: STAGES (a software-pipelined K loop) is a gemv path key, >= 1")
     gstep = cfg.setdefault("GSTEP", 1)
     if gstep not in (1, 2, 4, 8) or gstep > 1 and not (cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1
-                                                       and cfg["PREFETCH"] == 0):
-        raise ValueError(f"block config {cfg}: GSTEP (groups a K step: 1, 2, 4 or 8) is a gemv path key at BLOCK_M 1 "
-                         "and PREFETCH 0")
+                                                       and cfg["PREFETCH"] == 0 or cfg["PATH"] == "mma"):
+        raise ValueError(f"block config {cfg}: GSTEP (groups a K step: 1, 2, 4 or 8) is a key of the mma path and "
+                         "of the gemv path at BLOCK_M 1 and PREFETCH 0")
     if cfg["PATH"] in ("dot", "mma") and not INTERPRETED and (g < 128 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
         raise ValueError(f"block config {cfg}: the dot path needs group >= 128 (got {g}) and 16-row blocks at least")
     return cfg
@@ -853,17 +859,24 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
         exact = a.dtype == torch.float32
         # groups a step: fp32 activations (EXACT) take one; else the largest power of two up to GSTEP dividing the
         # program's groups
-        gstep = 1 if exact else cfg.get("GSTEP", 1)
-        while (k // g // split) % gstep:
-            gstep //= 2
+        gstep = 1 if exact else _gstep(cfg, k // g // split)
         _moe_gemv[grid](*head, 0x000F0000, *strides, PREFETCH=cfg["PREFETCH"], EXACT=exact, STAGES=stages,
                         GSTEP=gstep, **{**common, "num_stages": stages}, **pdl_kwargs(c.device))  # nibble_mask
     elif cfg["PATH"] == "mma":
         _moe_mma[grid](*args, MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300,
-                       UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1), **common)
+                       UPCAST=INTERPRETED, PREFETCH=1 if gated else cfg.get("PREFETCH", 1),
+                       GSTEP=_gstep(cfg, k // g // split), **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
                        F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
+
+
+def _gstep(cfg: dict, groups: int) -> int:
+    """A config's GSTEP, halved until it divides a program's groups."""
+    gstep = cfg.get("GSTEP", 1)
+    while groups % gstep:
+        gstep //= 2
+    return gstep
 
 
 def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch.Tensor, w13_scales: torch.Tensor,

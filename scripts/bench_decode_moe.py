@@ -136,6 +136,14 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                  dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
                       SPLIT_K=s1, SPLIT_K2=s2))
                 for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
+        # two groups an iteration
+        out += [(f"mma gstep 2 bn {bn} warps {nw} stages {st}", dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1,
+                                                                      num_warps=nw, num_stages=st, GSTEP=2))
+                for bn in (64, 128) for nw in (4, 8) for st in (2, 3)]
+        out += [(f"mma pairs gstep 2 bn {bn} warps {nw} stages {st} split {s1}/{s2}",
+                 dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
+                      SPLIT_K=s1, SPLIT_K2=s2, GSTEP=2))
+                for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
     return out
 
 

@@ -300,6 +300,25 @@ def test_gemv_groups_a_step(device, base, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_mma_groups_a_step_same_bits(device, monkeypatch):
+    """GSTEP on the mma path: each group's dots and correction as before, in the same order, GSTEP of them an
+    iteration: the same bits, on unsorted pairs (K split) and on the sorted list; a GSTEP that does not divide a
+    program's groups falls back."""
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-mma-gstep"), h=512, i=256, group=128)
+    x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
+    for base in ({"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32, "PAIRS": True, "SPLIT_K": 2},
+                 {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 64, "PREFETCH": 2}):
+        ref = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=base)
+        for gstep in (2, 4):
+            out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "GSTEP": gstep})
+            assert torch.equal(out, ref), (base, gstep)
+    monkeypatch.setattr(w4a16_moe_mod, "PAIRS_MAX", 0)
+    cfg = {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32}
+    assert torch.equal(fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**cfg, "GSTEP": 2}),
+                       fused_moe_w4a16(x, *w13, *w2, tw, ids, config=cfg))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 def test_fused_moe_unsorted_pairs_match_the_sorted_list(device, ids_dtype, monkeypatch):
     """Decode's two launches (GEMV on unsorted pairs, GEMM 2 adding the slots itself) against the sorted-list path
