@@ -61,7 +61,11 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       best. With PREFETCH 0 and STAGES > 1 the loop is a tl.range(num_stages=STAGES) whose group words Triton
       issues as asynchronous copies into shared memory STAGES - 1 groups ahead, holding no registers in flight (the
       same products in the same order): on an H100 32 rows on 2 warps over 3 stages took 4-13% less time than the
-      register prefetch at one to eight tokens (BENCHMARKS.md).
+      register prefetch at one to eight tokens (BENCHMARKS.md). With GSTEP > 1 (one token a program, PREFETCH 0)
+      each step takes GSTEP groups, each row's GSTEP * 64 contiguous bytes in one load (gemv_groups): two groups a
+      step (128 bytes of a row, a whole cache line, per load) lifted the H100 from 61% to 76% of HBM at eight
+      tokens where the tensor-core path, at half the instructions a weight, had stayed at 59%: the bytes a row
+      per load, not the instructions, bounded the one-group loop.
   "dot" (prefill): tensor cores, one group per iteration: for each nibble place j the [BLOCK_N, G/8] words give
       a [G/8, BLOCK_N] operand (q - z exactly as above, with the zero point folded into the subtracted bias; cast to
       x.dtype, exact since |q - z| <= 15) against the [BLOCK_M, G/8] slice of x it multiplies, eight tl.dot with
@@ -80,7 +84,8 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       bf16 output's rounding is 4e-3). With "PAIRS" (decode, up to PAIRS_MAX pairs) it takes the pairs unsorted as
       the GEMV path does, one a program in the first column of the B operand (the other 15 masked off: the tensor
       cores do the multiply-adds the CUDA cores would, while the dequantization stays a LOP3 per two weights), its
-      expert read from topk_ids, and ends in the GEMV path's epilogue (slot sum, K split in either GEMM).
+      expert read from topk_ids, and ends in the GEMV path's epilogue (slot sum, K split in either GEMM). GSTEP
+      groups an iteration, each with its own dots as before (the same bits), load them in one pipeline stage.
 
   "rows" (decode, unsorted pairs only; a tuning candidate): a thread owns a weight row and walks it a group at a
       time, the group's words in 16-byte loads (G/32 of them) with the next group's in flight, each nibble moved to
