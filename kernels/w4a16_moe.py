@@ -548,8 +548,8 @@ def _moe_mma_kernel(
     AHEAD: tl.constexpr = (PREFETCH == 2) & (HALVES == 1) & (GSTEP == 1)
     if AHEAD:
         nxt = tl.load(b_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW] group 0
-    # GSTEP groups an iteration (each a body of its own, loaded together: one pipeline stage reads GSTEP * 64
-    # contiguous bytes of each row)
+    # GSTEP groups an iteration, each a body of its own: a pipeline stage then holds GSTEP * 64 contiguous bytes of
+    # each row, loaded together
     for ks in range(0, KB_PER // GSTEP):
         for gi in tl.static_range(GSTEP):
             kb = ks * GSTEP + gi
