@@ -47,6 +47,9 @@ def w4_variants() -> list[tuple]:
         base = dict(K=3072, GROUP=128, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                     OUT_MANT=0, PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)
         out.append(("_moe_gemv", {**base, "BLOCK_M": 1, "BLOCK_N": 16, "PREFETCH": 2, "EXACT": False}, 2))
+        # the tensor cores on the pairs, K split, two groups an iteration
+        out.append(("_moe_mma", {**base, "BLOCK_M": 16, "BLOCK_N": 128, "MAGIC": 0x4300, "UPCAST": False,
+                                 "PREFETCH": 1, "SPLIT_K": 2, "GSTEP": 2}, 4))
     return out
 
 
@@ -299,13 +302,17 @@ def test_pdl_variants_compile_for_sm90(mode):
 @pytest.mark.slow
 def test_pipelined_gemv_loops_compile_for_sm90():
     """STAGES > 1 on the W4A16 GEMV (PREFETCH 0: no register prefetch): Triton software-pipelines the K loop, the
-    weight words becoming asynchronous copies into shared memory; STAGES = 1 keeps the plain loop (no copies)."""
+    weight words becoming asynchronous copies into shared memory, one group a step or two (GSTEP); STAGES = 1 keeps
+    the plain loop (no copies)."""
     jobs = []
-    for stages, gated in ((1, True), (1, False), (3, True), (3, False)):  # GEMM 1 (gate + up), GEMM 2 adding slots
+    # GEMM 1 (gate + up), GEMM 2 adding slots
+    for stages, gated, gstep in ((1, True, 1), (1, False, 1), (3, True, 1), (3, False, 1), (2, True, 2),
+                                 (2, False, 2)):
         jobs.append(("w4a16_moe", "_moe_gemv", dict(K=3072 if gated else 1536, GROUP=128, A_ROW_DIV=8 if gated else 1,
                                                     GATED=gated, MUL_ROUTED_WEIGHT=not gated, OUT_MANT=0, PAIRS=True,
                                                     SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256, BLOCK_M=1,
-                                                    BLOCK_N=32, PREFETCH=0, EXACT=False, SPLIT_K=2, STAGES=stages),
+                                                    BLOCK_N=32, PREFETCH=0, EXACT=False, SPLIT_K=2, STAGES=stages,
+                                                    GSTEP=gstep),
                      W4, 2))
     lines = compile_all(jobs)
     copies = [int(line.split(" async=")[1].split()[0]) for line in lines]
