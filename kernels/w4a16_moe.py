@@ -319,59 +319,60 @@ def _moe_gemv_kernel(
         acc = gemv_groups(acc, b_ptr + expert * stride_be + rows * stride_bn + k0 * GW, z_ptrs, s_ptrs,
                           a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP, x_ok, row_mask,
                           nibble_mask, KB_PER, GW, GSTEP, STAGES)
-    if PREFETCH > 0 and GSTEP == 1:
-        words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
-    if PREFETCH == 2:
-        nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < KB_PER * GW)[None, :], other=0)  # group 1
-    for kb in tl.range(0, KB_PER if GSTEP == 1 else 0, num_stages=STAGES):
-        if PREFETCH == 0:  # this group's words, loaded here: STAGES > 1 lets Triton's pipeliner issue them early
-            words = tl.load(w_ptrs + kb * GW, mask=row_mask[:, None], other=0)
-        else:
-            # the next PREFETCH groups' words in flight while this one is computed (loads past the program's share
-            # of K are masked off): registers, not shared memory
-            ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < KB_PER * GW)[None, :]
-            ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
-        z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
-        s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
-        if EXACT:
-            hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
-        for t in tl.static_range(BLOCK_M):
-            # token t of the block: the dequantized words are the same expressions for every t (computed once)
-            if PAIRS:
-                tok = pair
-            elif DENSE:
-                tok = pid_m * BLOCK_M + t  # scalar row of A
+    else:
+        if PREFETCH > 0:
+            words = tl.load(w_ptrs, mask=row_mask[:, None], other=0)  # [ROWS, GW] group 0
+        if PREFETCH == 2:  # group 1
+            nxt = tl.load(w_ptrs + GW, mask=row_mask[:, None] & (GW + offs_c < KB_PER * GW)[None, :], other=0)
+        for kb in tl.range(0, KB_PER, num_stages=STAGES):
+            if PREFETCH == 0:  # this group's words, loaded here: STAGES > 1 lets Triton's pipeliner issue them early
+                words = tl.load(w_ptrs + kb * GW, mask=row_mask[:, None], other=0)
             else:
-                tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
-            x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + (k0 + kb) * GROUP + offs_c[None, :]
-            if PAIRS:
-                x_mask = offs_c[None, :] >= 0  # [1, GW] (the grid holds real pairs only)
-            else:
-                x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
-            part = tl.zeros((ROWS, GW), dtype=tl.float32)
-            xs = tl.zeros((1, GW), dtype=tl.float32)
-            for j in tl.static_range(8):
-                if EXACT:  # nibble j in place: 2^(23-4e) + q, the offset subtracted per weight
-                    f, off = nibble_in_place(words, hi, j)
-                    f = f - off  # [ROWS, GW] q
-                else:  # nibble j moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1): 128 + q
-                    f = nibble_128(words, j, nibble_mask)  # [ROWS, GW]
-                # nibble j of the group's words: codes j * GW .. j * GW + GW - 1, one contiguous vector load
-                xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [1, GW]
-                xs += xj
-                part += f * xj  # [ROWS, GW]
-            # the zero point (and 128 + z's 128) once per row and group: sum (q - z) x = sum f x - (off + z) sum x
-            off = 0.0 if EXACT else 128.0
-            rs = (tl.sum(part, axis=1) - (z + off) * tl.sum(tl.sum(xs, axis=1), axis=0)) * s  # [ROWS]
-            if BLOCK_M == 1:
-                acc += rs
-            else:
-                acc += tl.where(tcol[None, :] == t, rs[:, None], 0.0)  # [ROWS, BLOCK_M]
-        if PREFETCH == 2:
-            words = nxt
-            nxt = ahead
-        elif PREFETCH == 1:
-            words = ahead
+                # the next PREFETCH groups' words in flight while this one is computed (loads past the program's share
+                # of K are masked off): registers, not shared memory
+                ahead_mask = row_mask[:, None] & ((kb + PREFETCH) * GW + offs_c < KB_PER * GW)[None, :]
+                ahead = tl.load(w_ptrs + (kb + PREFETCH) * GW, mask=ahead_mask, other=0)
+            z = tl.load(z_ptrs + kb, mask=row_mask, other=0).to(tl.float32)  # [ROWS]
+            s = tl.load(s_ptrs + kb, mask=row_mask, other=0.0).to(tl.float32)  # [ROWS]
+            if EXACT:
+                hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+            for t in tl.static_range(BLOCK_M):
+                # token t of the block: the dequantized words are the same expressions for every t (computed once)
+                if PAIRS:
+                    tok = pair
+                elif DENSE:
+                    tok = pid_m * BLOCK_M + t  # scalar row of A
+                else:
+                    tok = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + t)  # scalar pair index
+                x_ptrs = a_ptr + (tok // A_ROW_DIV).to(tl.int64) * stride_am + (k0 + kb) * GROUP + offs_c[None, :]
+                if PAIRS:
+                    x_mask = offs_c[None, :] >= 0  # [1, GW] (the grid holds real pairs only)
+                else:
+                    x_mask = offs_c[None, :] * 0 + tok < num_valid_tokens  # [1, GW] (padding: the sentinel)
+                part = tl.zeros((ROWS, GW), dtype=tl.float32)
+                xs = tl.zeros((1, GW), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    if EXACT:  # nibble j in place: 2^(23-4e) + q, the offset subtracted per weight
+                        f, off = nibble_in_place(words, hi, j)
+                        f = f - off  # [ROWS, GW] q
+                    else:  # nibble j moved to bits 16-19 (the mantissa bits of 2^7 whose ulp is 1): 128 + q
+                        f = nibble_128(words, j, nibble_mask)  # [ROWS, GW]
+                    # nibble j of the group's words: codes j * GW .. j * GW + GW - 1, one contiguous vector load
+                    xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [1, GW]
+                    xs += xj
+                    part += f * xj  # [ROWS, GW]
+                # the zero point (and 128 + z's 128) once per row and group: sum (q - z) x = sum f x - (off + z) sum x
+                off = 0.0 if EXACT else 128.0
+                rs = (tl.sum(part, axis=1) - (z + off) * tl.sum(tl.sum(xs, axis=1), axis=0)) * s  # [ROWS]
+                if BLOCK_M == 1:
+                    acc += rs
+                else:
+                    acc += tl.where(tcol[None, :] == t, rs[:, None], 0.0)  # [ROWS, BLOCK_M]
+            if PREFETCH == 2:
+                words = nxt
+                nxt = ahead
+            elif PREFETCH == 1:
+                words = ahead
 
     if BLOCK_M == 1:
         acc = tl.reshape(acc, (1, ROWS))

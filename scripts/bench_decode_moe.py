@@ -129,21 +129,15 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
     # the tensor-core path (weights as the A operand, the tokens of a 16-row block as B): on the sorted list, and
     # on unsorted pairs (one a program, K split as the GEMV path's)
     if w4:
-        out += [(f"mma bn {bn} warps {nw} stages {st}", dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1,
-                                                              num_warps=nw, num_stages=st))
-                for bn in (64, 128) for nw in (4, 8) for st in (2, 3, 4)]
-        out += [(f"mma pairs bn {bn} warps {nw} stages {st} split {s1}/{s2}",
-                 dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
-                      SPLIT_K=s1, SPLIT_K2=s2))
-                for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
-        # two groups an iteration
-        out += [(f"mma gstep 2 bn {bn} warps {nw} stages {st}", dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1,
-                                                                      num_warps=nw, num_stages=st, GSTEP=2))
-                for bn in (64, 128) for nw in (4, 8) for st in (2, 3)]
-        out += [(f"mma pairs gstep 2 bn {bn} warps {nw} stages {st} split {s1}/{s2}",
-                 dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
-                      SPLIT_K=s1, SPLIT_K2=s2, GSTEP=2))
-                for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
+        # one group a K step, then two
+        for gs, prefix, sorted_stages in ((1, "mma ", (2, 3, 4)), (2, "mma gstep 2 ", (2, 3))):
+            out += [(f"{prefix}bn {bn} warps {nw} stages {st}", dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1,
+                                                                      num_warps=nw, num_stages=st, GSTEP=gs))
+                    for bn in (64, 128) for nw in (4, 8) for st in sorted_stages]
+            out += [(f"{prefix.replace('mma ', 'mma pairs ')}bn {bn} warps {nw} stages {st} split {s1}/{s2}",
+                     dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
+                          SPLIT_K=s1, SPLIT_K2=s2, GSTEP=gs))
+                    for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
     return out
 
 
