@@ -126,6 +126,7 @@ from .fp8_gemm import (
     INTERPRETED,
     _cuda_device_info,
     _cuda_index,
+    arrival_counters,
     device_key,
     gemv_prep,
     grouped_pid,
@@ -150,7 +151,7 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # GSTEP (mma; gemv at one token a program and PREFETCH 0): groups a K step, falling to the largest power of two
 # dividing the program's groups (fp32 activations on the gemv path: 1)
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
-                   "SPLIT_K2", "STAGES", "PAIRS", "GSTEP")
+                   "SPLIT_K2", "STAGES", "PAIRS", "GSTEP", "ONE_LAUNCH")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -381,6 +382,103 @@ def _moe_gemv_kernel(
     gemv_store(acc, c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, pid, pid_s, pid_n,
                pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, BLOCK_M, BLOCK_N,
                MUL_ROUTED_WEIGHT, SLOT_SUM, SPLIT_K, OUT_MANT, 0)
+
+
+def _pair_gemv(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, part_ptr, count_ptr, tile, pid_m,
+               pid_n, pid_s, N, num_valid_tokens, nibble_mask, stride_am, stride_be, stride_bn, stride_ze, stride_zn,
+               stride_se, stride_sn, stride_cm, K: tl.constexpr, GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr,
+               GATED: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr, SPLIT_K: tl.constexpr,
+               SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, GSTEP: tl.constexpr, STAGES: tl.constexpr):
+    """One program of a decode GEMM on unsorted pairs, as _moe_gemv_kernel runs it at BLOCK_M 1 and PREFETCH 0
+    (gemv_groups' loop, then gemv_store): row block pid_m (GEMM 1: pair pid_m; GEMM 2: token pid_m, its slot
+    pid_s // SPLIT_K), column tile pid_n, share pid_s % SPLIT_K of K; `tile` indexes the arrival counters."""
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K
+    k0 = (pid_s % SPLIT_K) * KB_PER
+    ROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
+    GW: tl.constexpr = GROUP // 8
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N
+    pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                              A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
+    row_mask = (offs_n < N) & routed
+    rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = gemv_groups(acc, b_ptr + expert * stride_be + rows * stride_bn + k0 * GW,
+                      z_ptr + expert * stride_ze + rows * stride_zn + k0,
+                      s_ptr + expert * stride_se + rows * stride_sn + k0,
+                      a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP, pair >= 0, row_mask,
+                      nibble_mask, KB_PER, GW, GSTEP, STAGES)
+    gemv_store(tl.reshape(acc, (1, ROWS)), c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, tile, pid_s,
+               pid_n, pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, False, SLOT_SUM,
+               SPLIT_K, OUT_MANT, 0)
+
+
+pair_gemv = _jit(_pair_gemv)
+
+
+def _moe_gemv_one_launch_kernel(
+    x_ptr, b1_ptr, z1_ptr, s1_ptr, b2_ptr, z2_ptr, s2_ptr,  # x [M, H]; w13 and w2 K-major (_moe_gemv_kernel)
+    inter_ptr, out_ptr,  # [M*topk, I] silu(gate) * up; [M, H] the layer's output
+    topk_weights_ptr, ids_ptr,  # fp32 [M*topk]; topk_ids [M*topk]
+    part1_ptr, count1_ptr, part2_ptr, count2_ptr,  # each GEMM's split-K partials and arrival counters
+    ready_ptr,  # int32, a counter a pair READY_STRIDE apart: GEMM 1's programs of the pair that have stored
+    M, nibble_mask,
+    stride_xm, stride_b1e, stride_b1n, stride_z1e, stride_z1n, stride_s1e, stride_s1n,
+    stride_im, stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om,
+    H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, SPLIT1: tl.constexpr, SPLIT2: tl.constexpr,
+    GSTEP1: tl.constexpr, GSTEP2: tl.constexpr, STAGES: tl.constexpr, OUT_MANT: tl.constexpr,
+    READY_STRIDE: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr,  # inline PTX (compiled only)
+):
+    """The decode MoE's two GEMMs in one launch (ONE_LAUNCH): programs [0, P1) are GEMM 1's, pair by pair (all of
+    a pair's column tiles and K shares, then the next pair's), the rest GEMM 2's in the same pair order. A GEMM 2
+    program waits until every GEMM 1 program of its pair has stored and counted itself in ready[pair], then reads
+    the pair's intermediate row; so no program waits on one dispatched after it. The GPU starts a launch's programs
+    in index order (the forward progress that split-K fix-ups and decoupled look-back scans also assume), so GEMM 2
+    programs only take slots once every GEMM 1 program has one, while GEMM 1's last wave drains: the second GEMM's
+    ramp overlaps the first one's tail, and no launch boundary separates them. The pair's last GEMM 2 program resets
+    its counter for the next launch."""
+    pid = tl.program_id(0)
+    pairs = M * TOPK
+    N1T: tl.constexpr = (I + BLOCK_N1 - 1) // BLOCK_N1  # GEMM 1's column tiles
+    N2T: tl.constexpr = (H + BLOCK_N2 - 1) // BLOCK_N2
+    PER1: tl.constexpr = N1T * SPLIT1  # GEMM 1's programs a pair
+    PER2: tl.constexpr = N2T * SPLIT2  # GEMM 2's programs a pair
+    if pid < pairs * PER1:
+        pair = pid // PER1
+        share = (pid % PER1) // N1T
+        pid_n = pid % N1T
+        pair_gemv(x_ptr, b1_ptr, z1_ptr, s1_ptr, inter_ptr, topk_weights_ptr, ids_ptr, part1_ptr, count1_ptr,
+                  pid_n * pairs + pair, pair, pid_n, share, I, pairs, nibble_mask, stride_xm, stride_b1e, stride_b1n,
+                  stride_z1e, stride_z1n, stride_s1e, stride_s1n, stride_im, H, GROUP, TOPK, True, BLOCK_N1,
+                  OUT_MANT, SPLIT1, 0, NUM_EXPERTS, GSTEP1, STAGES)
+        tl.debug_barrier()  # every thread's stores are made before the arrival is counted (release, gpu scope)
+        tl.atomic_add(ready_ptr + pair * READY_STRIDE, 1, sem="release")
+    else:
+        q = pid - pairs * PER1
+        pair = q // PER2
+        share = (q % PER2) // N2T
+        pid_n = q % N2T
+        tok = pair // TOPK
+        flag = ready_ptr + pair * READY_STRIDE
+        seen = tl.load(flag, volatile=True)
+        while seen < PER1:  # GEMM 1's programs of the pair still running
+            if SLEEP:  # back off between polls (a volatile load: L2, not an atomic)
+                seen = tl.inline_asm_elementwise("nanosleep.u32 200;\n\tld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                 [flag], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                seen = tl.load(flag, volatile=True)
+        if ASM:  # acquire: the intermediate row's stores are seen from here on (an atomic's acquire is lost where
+            # its result goes unused: triton 3.6 makes it a reduction)
+            seen = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
+                  pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
+                  stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, I, GROUP, 1,
+                  False, BLOCK_N2, OUT_MANT, SPLIT2, TOPK, NUM_EXPERTS, GSTEP2, STAGES)
+        # the pair's last reader leaves its counter at zero
+        if tl.atomic_add(flag, 1, sem="relaxed") == PER1 + PER2 - 1:
+            tl.atomic_xchg(flag, 0)
 
 
 def _moe_dot_kernel(
@@ -710,6 +808,7 @@ def _moe_rows_kernel(
 
 
 _moe_gemv = _jit(_moe_gemv_kernel)
+_moe_gemv_one_launch = _jit(_moe_gemv_one_launch_kernel)
 _moe_rows = _jit(_moe_rows_kernel)
 _moe_dot = _jit(_moe_dot_kernel)
 _moe_mma = _jit(_moe_mma_kernel)
@@ -764,6 +863,10 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
     if cfg.setdefault("PREFETCH", 1) not in (0, 1, 2):
         raise ValueError(f"block config {cfg}: PREFETCH must be 0, 1 or 2")
+    if cfg.setdefault("ONE_LAUNCH", 0) not in (0, 1, 2) or cfg["ONE_LAUNCH"] and not (
+            cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and cfg["PREFETCH"] == 0):
+        raise ValueError(f"block config {cfg}: ONE_LAUNCH (1, or 2 to back off while waiting) is a key of the gemv "
+                         "path at BLOCK_M 1 and PREFETCH 0")
     if cfg.setdefault("STAGES", 1) < 1 or (cfg["STAGES"] > 1 and cfg["PATH"] != "gemv"):
         raise ValueError(f"block config {cfg}: STAGES (a software-pipelined K loop) is a gemv path key, >= 1")
     gstep = cfg.setdefault("GSTEP", 1)
@@ -910,6 +1013,8 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
         return _moe_rows_layer(x, w13, w2, weights, topk_ids, cfg1, cfg2, g, alloc)
     if pairs:  # decode: two launches, no sort and no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        if cfg.get("ONE_LAUNCH") and x.dtype != torch.float32:  # (fp32 activations: the EXACT loop, two launches)
+            return _one_launch(x, w13, w2, weights, ids, topk, e, g, cfg1, cfg2, alloc)
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch(x, w13, inter, weights, ids, ids, ids, n=i, k=h, g=g, a_row_div=topk, gated=True,
                 mul_routed_weight=False, cfg=cfg1, pairs=e)
@@ -929,6 +1034,42 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
             gated=False, mul_routed_weight=True, cfg=cfg2)
 
     return moe_sum(y, topk_ids, x, e)
+
+
+READY_STRIDE = 32  # int32s between two pairs' ready counters (ONE_LAUNCH): a 128-byte line each
+
+
+def _one_launch(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...], weights: torch.Tensor,
+                ids: torch.Tensor, topk: int, e: int, g: int, cfg1: dict, cfg2: dict, alloc) -> torch.Tensor:
+    """The decode layer's two GEMMs (unsorted pairs, the GEMV path at one pair a program) in one launch:
+    _moe_gemv_one_launch_kernel."""
+    m, h = x.shape
+    i = w2[0].shape[2] * 8
+    pairs = m * topk
+    bn1, bn2 = cfg1["BLOCK_N"], 2 * cfg1["BLOCK_N"]  # the tiles _launch gives each GEMM
+    s1, s2 = cfg1["SPLIT_K"], cfg2["SPLIT_K"]
+    n1t, n2t = triton.cdiv(i, bn1), triton.cdiv(h, bn2)
+    inter = alloc((pairs, i), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
+    part1 = split_k_workspace(s1, pairs, 2 * i, 1, x.device)[0]
+    part2 = split_k_workspace(topk * s2, m, h, 1, x.device)[0]
+    t1 = pairs * n1t if s1 > 1 else 0  # arrival counters: the pairs' ready counters, then GEMM 1's, GEMM 2's
+    ready_n = READY_STRIDE * pairs
+    counters = arrival_counters(x.device, ready_n + t1 + m * n2t)
+    qw1, z1, sc1 = w13
+    qw2, z2, sc2 = w2
+    grid = (pairs * (n1t * s1 + n2t * s2),)
+    _moe_gemv_one_launch[grid](
+        x, qw1, z1, sc1, qw2, z2, sc2, inter, out, weights, ids, part1, counters[ready_n:], part2,
+        counters[ready_n + t1:], counters, m, 0x000F0000,  # nibble_mask: see _moe_gemv_kernel
+        x.stride(0), qw1.stride(0), qw1.stride(1), z1.stride(0), z1.stride(1), sc1.stride(0), sc1.stride(1),
+        inter.stride(0), qw2.stride(0), qw2.stride(1), z2.stride(0), z2.stride(1), sc2.stride(0), sc2.stride(1),
+        out.stride(0), H=h, I=i, GROUP=g, TOPK=topk, NUM_EXPERTS=e, BLOCK_N1=bn1, BLOCK_N2=bn2, SPLIT1=s1,
+        SPLIT2=s2, GSTEP1=_gstep(cfg1, h // g // s1), GSTEP2=_gstep(cfg2, i // g // s2), STAGES=cfg1["STAGES"],
+        OUT_MANT=out_mantissa_bits(x.dtype), READY_STRIDE=READY_STRIDE,
+        SLEEP=cfg1["ONE_LAUNCH"] == 2 and not INTERPRETED, ASM=not INTERPRETED, num_warps=cfg1["num_warps"],
+        num_stages=cfg1["STAGES"])
+    return out
 
 
 def _rows_readable(*tensors: torch.Tensor) -> bool:
@@ -1006,7 +1147,7 @@ def fused_moe_w4a16_ref(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: t
 # --------------------------------------------------------------------------------------------------------------------
 # a plain linear on the same kernels
 
-LINEAR_CONFIG_KEYS = tuple(k for k in MOE_CONFIG_KEYS if k != "SPLIT_K2")  # one GEMM: one split
+LINEAR_CONFIG_KEYS = tuple(k for k in MOE_CONFIG_KEYS if k not in ("SPLIT_K2", "ONE_LAUNCH"))  # one GEMM
 # "dequant" (prefill): the weight dequantized to x.dtype [N, K] by one kernel, then cuBLAS: at a few hundred rows
 # and more the matmul is compute-bound and cuBLAS's bf16 GEMM beats any kernel that unpacks in its inner loop, while
 # the dequantization costs one read of the 4-bit weight and one write (and read) of the 16-bit one

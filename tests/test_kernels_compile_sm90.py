@@ -27,6 +27,9 @@ FP8 = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*
 GGUF = {"x_ptr": "*bf16", "w_ptr": "*u8", "u_ptr": "*u8", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32",
         "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32",
         "part_ptr": "*fp32", "count_ptr": "*i32"}
+W4_ONE = {"x_ptr": "*bf16", "b1_ptr": "*i32", "z1_ptr": "*u8", "s1_ptr": "*fp16", "b2_ptr": "*i32", "z2_ptr": "*u8",
+          "s2_ptr": "*fp16", "inter_ptr": "*bf16", "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "ids_ptr": "*i64",
+          "part1_ptr": "*fp32", "count1_ptr": "*i32", "part2_ptr": "*fp32", "count2_ptr": "*i32", "ready_ptr": "*i32"}
 ROUTER = {"h_ptr": "*bf16", "gate_ptr": "*fp32", "bias_ptr": "*fp32", "logits_ptr": "*fp32", "idx_ptr": "*i64",
           "w_ptr": "*fp32", "count_ptr": "*i32"}
 
@@ -64,7 +67,8 @@ for module, kernel, consts, types, warps in jobs:
                   "fp8_gemm": fp8_gemm, "gguf_gemv_q8": gguf_gemv_q8}[module], kernel)
     try:
         k = compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
-                                            "stride_ue", "stride_asm"} & set(fn.arg_names),
+                                            "stride_ue", "stride_asm", "stride_b1n", "stride_b2n", "stride_im",
+                                            "stride_om"} & set(fn.arg_names),
                         num_warps=warps)
         # the warp-specialized regions the compiler made (a K loop asked for one that it could not split gets none)
         # programmatic dependent launch: the waits, the L2 prefetches and the global loads issued before the wait
@@ -95,6 +99,11 @@ def compile_all(jobs: list[tuple]) -> list[str]:
 @pytest.mark.slow  # a few seconds per variant
 def test_w4a16_and_router_kernels_compile_for_sm90():
     jobs = [("w4a16_moe", k, c, W4, w) for k, c, w in w4_variants()]
+    for split, gstep, sleep in ((2, 2, True), (1, 1, False)):  # decode's two GEMMs in one launch
+        jobs.append(("w4a16_moe", "_moe_gemv_one_launch", dict(H=3072, I=1536, GROUP=128, TOPK=8, NUM_EXPERTS=256,
+                                                               BLOCK_N1=32, BLOCK_N2=64, SPLIT1=split, SPLIT2=split,
+                                                               GSTEP1=gstep, GSTEP2=gstep, STAGES=2, OUT_MANT=0,
+                                                               READY_STRIDE=32, SLEEP=sleep), W4_ONE, 2))
     jobs.append(("w4a16_moe", "_kmajor_dequant", dict(GROUP=128, BLOCK_N=32, OUT_MANT=0),
                  {"b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*bf16"}, 4))
     for gemv in (True, False):

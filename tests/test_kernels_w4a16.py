@@ -300,6 +300,43 @@ def test_gemv_groups_a_step(device, base, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("base", [
+    # K split in both GEMMs (GEMM 2's slots and shares added by its tiles' last programs), two groups a step,
+    # pipelined; the GPU case at MiniMax-M2's width
+    {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "SPLIT_K": 2, "SPLIT_K2": 3, "GSTEP": 2, "STAGES": 2},
+    {"PATH": "gemv", "BLOCK_M": 1, "BLOCK_N": 16},
+])
+def test_one_launch_same_bits(device, base):
+    """ONE_LAUNCH: the decode layer's two GEMMs in one launch, GEMM 2's programs waiting on their pair's counter:
+    the same products, the same epilogues, so the same bits as the two launches, with slots routed nowhere (-1 and
+    E) adding nothing; every counter is back at zero afterwards (a second call gives the same bits), with and
+    without the back-off; fp32 activations keep two launches; configs it cannot take are refused."""
+    gpu = device == "cuda"
+    case = dict(e=16, h=3072, i=1536, topk=8, group=128, m=4) if gpu else {}
+    w13, w2, x, tw, ids = decode_case(device, gen_for("moe-one-launch", str(base)), **case)
+    ids[1, 2] = -1
+    ids[2, 0] = w13[0].shape[0]
+    x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
+    base = {**base, "PREFETCH": 0}
+    ref = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=base)
+    for one in (1, 2):
+        for _ in range(2 if gpu else 1):
+            out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": one})
+            assert torch.equal(out, ref), (base, one)
+            assert not fp8_gemm.arrival_counters(x.device, 1).any()
+    if gpu:  # one token, as a decode step at concurrency 1 runs it
+        ref1 = fused_moe_w4a16(x[:1], *w13, *w2, tw[:1], ids[:1], config=base)
+        assert torch.equal(fused_moe_w4a16(x[:1], *w13, *w2, tw[:1], ids[:1], config={**base, "ONE_LAUNCH": 1}), ref1)
+    if "SPLIT_K" not in base:
+        xf = x.float()
+        assert torch.equal(fused_moe_w4a16(xf, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": 1}),
+                           fused_moe_w4a16(xf, *w13, *w2, tw, ids, config=base))
+    for bad in ({"PREFETCH": 2}, {"PATH": "mma", "BLOCK_M": 16, "PAIRS": True}, {"ONE_LAUNCH": 3}):
+        with pytest.raises(ValueError, match="ONE_LAUNCH"):
+            fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": 1, **bad})
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mma_groups_a_step_same_bits(device, monkeypatch):
     """GSTEP on the mma path: each group's dots and correction as before, in the same order, GSTEP of them an
     iteration: the same bits, on unsorted pairs (K split) and on the sorted list; a GSTEP that does not divide a
