@@ -339,8 +339,8 @@ def test_one_launch_same_bits(device, base):
 @pytest.mark.parametrize("device", DEVICES)
 def test_mma_groups_a_step_same_bits(device, monkeypatch):
     """GSTEP on the mma path: each group's dots and correction as before, in the same order, GSTEP of them an
-    iteration: the same bits, on unsorted pairs (K split) and on the sorted list; a GSTEP that does not divide a
-    program's groups falls back."""
+    iteration: the same bits, on unsorted pairs (K split), for the linear and on the sorted list; a GSTEP that does
+    not divide a program's groups falls back."""
     w13, w2, x, tw, ids = decode_case(device, gen_for("moe-mma-gstep"), h=512, i=256, group=128)
     x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
     for base in ({"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32, "PAIRS": True, "SPLIT_K": 2},
@@ -349,6 +349,9 @@ def test_mma_groups_a_step_same_bits(device, monkeypatch):
         for gstep in (2, 4):
             out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "GSTEP": gstep})
             assert torch.equal(out, ref), (base, gstep)
+    w = [t[0] for t in w13]  # the linear on the same kernel, K split
+    lin = {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}
+    assert torch.equal(w4a16_kmajor_linear(x, *w, config={**lin, "GSTEP": 2}), w4a16_kmajor_linear(x, *w, config=lin))
     monkeypatch.setattr(w4a16_moe_mod, "PAIRS_MAX", 0)
     cfg = {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 32}
     assert torch.equal(fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**cfg, "GSTEP": 2}),
