@@ -37,7 +37,10 @@ sum over the topk slots in fp32. Decode (up to PAIRS_MAX pairs, a GEMV config of
 sort and the slot sum: GEMM 1 runs on the pairs as they come, each program reading its expert from topk_ids, and
 GEMM 2 puts a token's slots on the grid's second axis and adds their weighted outputs in fp32, in slot order, in the
 last program of each tile (fp8_gemm.split_k_sum): two launches instead of four, and the slot sum without the
-rounding of each slot to x.dtype. The whole layer can be captured in a CUDA graph. One layout; the block
+rounding of each slot to x.dtype. With "ONE_LAUNCH" (the GEMV path at one pair a program) those two are one launch,
+GEMM 2's programs after GEMM 1's in the grid, each waiting on its pair's ready counter
+(_moe_gemv_one_launch_kernel): on an H100 7% less time at four tokens, 2% at eight, a loss at one and two
+(BENCHMARKS.md). The whole layer can be captured in a CUDA graph. One layout; the block
 configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key (three kernels):
 
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
