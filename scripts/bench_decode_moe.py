@@ -125,7 +125,8 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         out += [(f"gstep {gs} stages {st} bn {bn} warps {nw} split {s1}/{s2}",
                  {**base, "PREFETCH": 0, "STAGES": st, "GSTEP": gs, "BLOCK_N": bn, "num_warps": nw, "SPLIT_K": s1,
                   "SPLIT_K2": s2})
-                for gs in (2, 4) for st in (2, 3, 4) for bn, nw in ((32, 2), (64, 4)) for s1, s2 in ((1, 1), (2, 2))]
+                for gs in (2, 4) for st in (2, 3, 4) for bn, nw in ((32, 2), (64, 4), (32, 4), (16, 2))
+                for s1, s2 in ((1, 1), (2, 2))]
     # both GEMMs in one launch (ONE_LAUNCH; 2: GEMM 2's programs back off between polls of their pair's counter)
     if w4 and base.get("PATH") == "gemv":
         out += [(f"one launch{' sleep' if one == 2 else ''} gstep 2 stages {st} split {s1}/{s2}",
