@@ -866,8 +866,8 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
     if cfg.setdefault("PREFETCH", 1) not in (0, 1, 2):
         raise ValueError(f"block config {cfg}: PREFETCH must be 0, 1 or 2")
-    if cfg.setdefault("ONE_LAUNCH", 0) not in (0, 1, 2) or cfg["ONE_LAUNCH"] and not (
-            cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and cfg["PREFETCH"] == 0):
+    if "ONE_LAUNCH" in keys and (cfg.setdefault("ONE_LAUNCH", 0) not in (0, 1, 2) or cfg["ONE_LAUNCH"] and not (
+            cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and cfg["PREFETCH"] == 0)):
         raise ValueError(f"block config {cfg}: ONE_LAUNCH (1, or 2 to back off while waiting) is a key of the gemv "
                          "path at BLOCK_M 1 and PREFETCH 0")
     if cfg.setdefault("STAGES", 1) < 1 or (cfg["STAGES"] > 1 and cfg["PATH"] != "gemv"):

@@ -157,6 +157,26 @@ def test_tuned_table_lookup_keeps_split_k():
     assert w4a16_gemm_mod.select_config(table, "other", "N=64,K=256,G=128", 3, default) == default
 
 
+@pytest.mark.parametrize("name", ["w4a16_moe.json", "w4a16_linear.json"])
+def test_shipped_kmajor_tables_are_valid(name):
+    """configs/w4a16_moe.json and w4a16_linear.json: every entry names the launcher's keys only and passes its
+    validation (paths, tile sizes, GSTEP, STAGES, ONE_LAUNCH), and a linear's split divides its groups."""
+    moe = name == "w4a16_moe.json"
+    keys = w4a16_moe_mod.MOE_CONFIG_KEYS if moe else w4a16_moe_mod.LINEAR_CONFIG_KEYS
+    paths = w4a16_moe_mod.MOE_PATHS if moe else w4a16_moe_mod.LINEAR_PATHS
+    table = fp8_gemm.load_config_table(name)
+    assert table
+    for device, shapes in table.items():
+        for shape, buckets in shapes.items():
+            dims = dict(part.split("=") for part in shape.split(","))
+            g = int(dims["G"])
+            for bucket, cfg in buckets.items():
+                assert int(bucket) > 0 and set(cfg) <= set(keys), (device, shape, bucket, cfg)
+                checked = w4a16_moe_mod._overridden(dict(cfg), None, g, keys, paths)
+                if not moe:
+                    assert int(dims["K"]) // g % checked.get("SPLIT_K", 1) == 0, (device, shape, bucket)
+
+
 def test_gemm_refuses_bad_operands():
     gen = gen_for("bad")
     qweight, qzeros, scales = awq_weight(64, 256, 128, gen)
