@@ -16,6 +16,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
+def checked_timing(fn, ref: torch.Tensor, tol: float, timer, tag: str) -> tuple[float, float] | None:
+    """(relative error against ref, timer(fn)) of a candidate kernel call, or None, saying why under `tag`, when its
+    result is off by tol or more or it fails (a config the GPU cannot compile)."""
+    try:
+        err = rel_err(fn(), ref)
+        if not err < tol:
+            print(f"{tag}: wrong result ({err:.2e}), dropped", flush=True)
+            return None
+        return err, timer(fn)
+    except Exception as e:
+        print(f"{tag}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return None
+
+
 def block_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] (multiples of 128) -> fp8 codes and fp32 [N/128, K/128] scales (amax / 448 a tile), on w's device."""
     n, k = w.shape

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import commit_id, rel_err
+from bench_common import checked_timing, commit_id
 from bench_gguf_kernels import Experts, ceilings
 from bench_gguf_kernels import routing as gguf_routing
 from bench_w4a16 import kmajor_weights, moe_bytes
@@ -167,15 +167,10 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
             if m * TOPK > 64 and cfg.get("PATH") == "rows":
                 continue
             fn = lambda c=cfg: call(inputs, c)  # noqa: E731
-            try:
-                err = rel_err(fn(), ref)
-                if not err < 2e-2:
-                    print(f"{name} M={m} {label}: wrong result ({err:.2e}), dropped", flush=True)
-                    continue
-                t = timed(fn)
-            except Exception as e:  # a config this GPU cannot compile
-                print(f"{name} M={m} {label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            timing = checked_timing(fn, ref, 2e-2, timed, f"{name} M={m} {label}")
+            if timing is None:
                 continue
+            err, t = timing
             row = {"format": name, "M": m, "variant": label, "config": cfg, "ms": round(t, 4),
                    "gbps": round(nbytes / t / 1e6, 1), "pct_bw": round(100 * nbytes / t / 1e6 / (bw * 1e3), 1),
                    "rel_err": err}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import rel_err
+from bench_common import checked_timing
 from quantkit.kernels import fp8_gemm, fused_ops, w4a16_moe
 
 SHAPES = {"qkv_proj": (8192, 3072), "o_proj": (3072, 6144)}
@@ -90,15 +90,10 @@ def tune(out: Path, seconds: float, ms: list[int], write: bool) -> None:
                 if i and time.monotonic() - t0 > seconds:
                     break
                 fn = lambda c=cfg: w4a16_moe.w4a16_kmajor_linear(x, *wk, config=c)  # noqa: E731
-                try:
-                    err = rel_err(fn(), ref)
-                    if not err < 1e-2:
-                        print(f"{op} M={m} {cfg}: wrong result ({err:.2e}), dropped", flush=True)
-                        continue
-                    us = bench(fn)
-                except Exception as e:  # a config this GPU cannot compile
-                    print(f"{op} M={m} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                timing = checked_timing(fn, ref, 1e-2, bench, f"{op} M={m} {cfg}")
+                if timing is None:
                     continue
+                err, us = timing
                 row = dict(op=op, M=m, config=cfg, us=round(us, 2), rel_err=err, launcher=i == 0)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
