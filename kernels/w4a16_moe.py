@@ -1017,7 +1017,7 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
     if pairs:  # decode: two launches, no sort and no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
         if cfg.get("ONE_LAUNCH") and x.dtype != torch.float32:  # (fp32 activations: the EXACT loop, two launches)
-            return _one_launch(x, w13, w2, weights, ids, topk, e, g, cfg1, cfg2, alloc)
+            return _one_launch(x, w13, w2, weights, ids, topk, e, i, g, cfg1, cfg2, alloc)
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch(x, w13, inter, weights, ids, ids, ids, n=i, k=h, g=g, a_row_div=topk, gated=True,
                 mul_routed_weight=False, cfg=cfg1, pairs=e)
@@ -1043,11 +1043,10 @@ READY_STRIDE = 32  # int32s between two pairs' ready counters (ONE_LAUNCH): a 12
 
 
 def _one_launch(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...], weights: torch.Tensor,
-                ids: torch.Tensor, topk: int, e: int, g: int, cfg1: dict, cfg2: dict, alloc) -> torch.Tensor:
+                ids: torch.Tensor, topk: int, e: int, i: int, g: int, cfg1: dict, cfg2: dict, alloc) -> torch.Tensor:
     """The decode layer's two GEMMs (unsorted pairs, the GEMV path at one pair a program) in one launch:
     _moe_gemv_one_launch_kernel."""
     m, h = x.shape
-    i = w2[0].shape[2] * 8
     pairs = m * topk
     bn1, bn2 = cfg1["BLOCK_N"], 2 * cfg1["BLOCK_N"]  # the tiles _launch gives each GEMM
     s1, s2 = cfg1["SPLIT_K"], cfg2["SPLIT_K"]

@@ -4,6 +4,7 @@ baseline it is timed against, and the FP8 quantization of their random weights o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,6 +29,23 @@ def checked_timing(fn, ref: torch.Tensor, tol: float, timer, tag: str) -> tuple[
     except Exception as e:
         print(f"{tag}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         return None
+
+
+def merge_table(table_name: str, shape: str, device: str, entries: dict, defaults: dict, out: Path,
+                comment: str = "") -> None:
+    """entries {bucket: config} into kernels/configs/<table_name> under device and shape (a new table starts with
+    `comment`), copied to out. The tuners' buckets the device lacks are first given what the launcher ran there
+    before this run (`defaults`), so that other M keep their config rather than taking the nearest new bucket."""
+    path = Path(__file__).resolve().parents[1] / "kernels" / "configs" / table_name
+    table = json.loads(path.read_text()) if path.exists() else {"_comment": comment}
+    buckets = table.setdefault(device, {}).setdefault(shape, {})
+    for bucket, cfg in defaults.items():
+        buckets.setdefault(bucket, cfg)
+    buckets.update(entries)
+    table[device][shape] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    (out / table_name).write_text(path.read_text())
+    print(f"wrote {path} and {out / table_name}", flush=True)
 
 
 def block_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import checked_timing, commit_id
+from bench_common import checked_timing, commit_id, merge_table
 from bench_gguf_kernels import Experts, ceilings
 from bench_gguf_kernels import routing as gguf_routing
 from bench_w4a16 import kmajor_weights, moe_bytes
 from bench_w4a16 import routing as w4_routing
 from quantkit.kernels import fp8_gemm, fp8_moe, gguf_moe, w4a16_moe
 
-ROOT = Path(__file__).resolve().parents[1]
 H, I, E, TOPK, G = 3072, 1536, 256, 8, 128
 MS = [1, 2, 4, 8]
 SPLITS = [2, 3, 4]  # GEMM 1's splits tried alone
@@ -196,22 +195,6 @@ def run_format(name: str, call, ref_of, base_of, per_expert_bytes: float, bw: fl
     return rows, best_cfgs
 
 
-def merge(table_name: str, shape: str, device: str, entries: dict, defaults: dict, out: Path) -> None:
-    """entries {bucket: config} into the table under device and shape. The tuners' buckets the device lacks are
-    first given what the launcher ran there before this run (`defaults`), so that other M keep their config rather
-    than taking the nearest new bucket."""
-    path = ROOT / "kernels" / "configs" / table_name
-    table = json.loads(path.read_text())
-    buckets = table.setdefault(device, {}).setdefault(shape, {})
-    for bucket, cfg in defaults.items():
-        buckets.setdefault(bucket, cfg)
-    buckets.update(entries)
-    table[device][shape] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    (out / table_name).write_text(path.read_text())
-    print(f"wrote {path} and {out / table_name}", flush=True)
-
-
 def run_fp8(g: torch.Generator, device: str, bw: float, ms: list[int], log: Path | None,
             only: set[str] | None) -> tuple[list[dict], dict]:
     """Block-FP8 experts (random codes, block scales) through `run_format`: x quantized by the caller as a decode
@@ -321,7 +304,7 @@ def finish(args, device: str, bw: float, rows: list[dict], tables: dict) -> None
     print(f"wrote {path}")
     if args.write_configs:
         for (table_name, shape), entries in tables.items():
-            merge(table_name, shape, device, entries, default_buckets(table_name, shape), args.out)
+            merge_table(table_name, shape, device, entries, default_buckets(table_name, shape), args.out)
 
 
 def default_buckets(table_name: str, shape: str) -> dict:

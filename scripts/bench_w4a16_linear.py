@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_common import checked_timing
+from bench_common import checked_timing, merge_table
 from quantkit.kernels import fp8_gemm, fused_ops, w4a16_moe
 
 SHAPES = {"qkv_proj": (8192, 3072), "o_proj": (3072, 6144)}
 MS = (1, 2, 4, 8, 16, 64, 128, 256, 1024, 4096)
 TUNE_MS = (1, 2, 4, 8, 16)
 KEPT_BUCKETS = (32, 64, 128, 256, 1024, 4096)  # filed as the launcher runs them now
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(fn) -> float:
@@ -77,7 +76,7 @@ def tune(out: Path, seconds: float, ms: list[int], write: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.device("cuda")
     name = fp8_gemm.device_key(device)
-    rows, entries = [], {}
+    rows, entries, kept = [], {}, {}
     for op, (n, k) in SHAPES.items():
         wk = weights(n, k, gen)
         shape = f"N={n},K={k},G=128"
@@ -103,19 +102,11 @@ def tune(out: Path, seconds: float, ms: list[int], write: bool) -> None:
             if best is not None:
                 entries.setdefault(shape, {})[str(m)] = best[1]
                 print(f"{op} M={m}: launcher {launcher_us} us, best {best[0]:.2f} us {best[1]}", flush=True)
-        for m in KEPT_BUCKETS:
-            entries.setdefault(shape, {}).setdefault(str(m), w4a16_moe.linear_config(device, m, n, k, 128))
+        kept[shape] = {str(m): w4a16_moe.linear_config(device, m, n, k, 128) for m in KEPT_BUCKETS}
     out.write_text(json.dumps(rows, indent=1) + "\n")
     if write:
-        path = ROOT / "kernels" / "configs" / "w4a16_linear.json"
-        table = json.loads(path.read_text()) if path.exists() else {"_comment": TABLE_COMMENT}
         for shape, buckets in entries.items():
-            have = table.setdefault(name, {}).setdefault(shape, {})
-            have.update(buckets)
-            table[name][shape] = dict(sorted(have.items(), key=lambda kv: int(kv[0])))
-        path.write_text(json.dumps(table, indent=1) + "\n")
-        (out.parent / path.name).write_text(path.read_text())
-        print(f"wrote {path} and {out.parent / path.name}", flush=True)
+            merge_table("w4a16_linear.json", shape, name, buckets, kept[shape], out.parent, TABLE_COMMENT)
 
 
 TABLE_COMMENT = ("Tuned block configurations for w4a16_kmajor_linear (kernels/w4a16_moe.py): {device name as "
