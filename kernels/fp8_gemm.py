@@ -51,7 +51,8 @@ TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages",
-               "GEMM2", "WS")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one; WS: the TMA GEMMs
+               "GEMM2", "WS", "PATH")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one; WS: the TMA
+# GEMMs; PATH "gemv" (block scales): the rows on the CUDA cores, one activation row a program (_w8a8_fp8_gemv_kernel)
 
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:
@@ -595,6 +596,67 @@ def _w8a8_fp8_matmul_kernel(
 _w8a8_fp8_matmul = triton_kernel(_w8a8_fp8_matmul_kernel)
 
 
+def _w8a8_fp8_gemv_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,  # A [M, K] fp8 (QUANT_A: 16-bit), its group scales, B [N, K] fp8, block scales
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 [SPLIT_K, M, N] partial sums, int32 [tiles] counters (zero between)
+    M, N,
+    K: tl.constexpr,
+    stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    OUT_MANT: tl.constexpr, SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = 1,
+    QUANT_A: tl.constexpr = False, Q_EPS: tl.constexpr = 0.0,
+):
+    """Block-FP8 y = x W^T for a few rows on the CUDA cores (PATH "gemv"): program (column tile, row of A; share
+    of K) reads its BLOCK_N weight rows GROUP_K bytes a row a step (one scale block along K, in one load each),
+    converts them to fp32 and multiplies each by the row's activation times the step's two scales, keeping the
+    products' running sums per column of the step ([BLOCK_N, GROUP_K] in registers, no reduction in the loop); one
+    reduction at the end. The tile lies in one scale block (GROUP_N % BLOCK_N == 0): a scale a step. K split over
+    SPLIT_K programs as the tiled kernel's (split_k_sum). QUANT_A: one 16-bit row quantized here per group as
+    per_token_group_quant_fp8 would (quant_groups)."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_pid_n
+    row = (pid // num_pid_n).to(tl.int64)  # the row of A (and C)
+    KB_PER: tl.constexpr = K // GROUP_K // SPLIT_K
+    tl.static_assert(GROUP_N % BLOCK_N == 0, "the column tile lies in one scale block")
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, GROUP_K)
+    kb0 = pid_s * KB_PER
+    w_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + (kb0 * GROUP_K + offs_k)[None, :]  # [BLOCK_N, GK]
+    x_ptrs = a_ptr + row * stride_am + kb0 * GROUP_K + offs_k  # [GROUP_K]
+    bs_ptrs = bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn + kb0  # the tile's scale block, its first K block
+    as_ptrs = as_ptr + row * stride_asm + kb0
+    acc = tl.zeros((BLOCK_N, GROUP_K), dtype=tl.float32)
+    for i in tl.range(0, KB_PER, num_stages=STAGES):
+        w = tl.load(w_ptrs + i * GROUP_K, mask=n_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, GROUP_K]
+        xr = tl.load(x_ptrs + i * GROUP_K).to(tl.float32)  # [GROUP_K]
+        if QUANT_A:
+            yq, ys = quant_groups(tl.reshape(xr, (1, GROUP_K)), Q_EPS, UPCAST)  # [1, GK], [1]
+            if not UPCAST:  # the e4m3 rounding of the cast (interpreted: quant_groups rounded already)
+                yq = yq.to(b_ptr.dtype.element_ty).to(tl.float32)
+            xr = tl.reshape(yq, (GROUP_K,))
+            x_s = tl.sum(ys, axis=0)
+        else:
+            x_s = tl.load(as_ptrs + i)
+        acc += w * (xr * (x_s * tl.load(bs_ptrs + i)))[None, :]
+    y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))  # [1, BLOCK_N]
+    rows = row + tl.arange(0, 1).to(tl.int64)  # [1]
+    offs_n64 = offs_n.to(tl.int64)
+    mn_mask = (rows < M)[:, None] & n_mask[None, :]
+    last = True
+    if SPLIT_K > 1:
+        y, last = split_k_sum(y, part_ptr, count_ptr + pid, pid_s, rows, offs_n64, mn_mask, M, N, SPLIT_K)
+    if last:
+        if OUT_MANT:
+            y = round_to_out_grid(y, OUT_MANT)
+        tl.store(c_ptr + rows[:, None] * stride_cm + offs_n64[None, :], y.to(c_ptr.dtype.element_ty), mask=mn_mask)
+
+
+_w8a8_fp8_gemv = triton_kernel(_w8a8_fp8_gemv_kernel)
+
+
 def _w8a8_ws_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,  # A [M, K] fp8, its scales [M, K/GROUP_K], B [N, K] fp8, its block scales
     M, N,
@@ -758,6 +820,17 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
     if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
         raise ValueError(f"quantizing in the GEMM takes one row and BLOCK_K = {bk}, got {m} rows and {cfg}")
+    if cfg.get("PATH") == "gemv" and bn % cfg["BLOCK_N"] == 0 and w.stride(1) == 1 and a.stride(1) == 1 and \
+            ws.stride(1) == 1 and (quant_a or xs.stride(1) == 1):  # the CUDA cores, a row of A a program
+        split = split_divisor(cfg.get("SPLIT_K", 1), k // bk)
+        tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
+        part, counters = split_k_workspace(split, m, n, tiles, device)
+        _w8a8_fp8_gemv[(tiles, split)](
+            xq, xs, w, ws, out, part, counters, m, n, k, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
+            ws.stride(0), GROUP_N=bn, GROUP_K=bk, BLOCK_N=cfg["BLOCK_N"], UPCAST=INTERPRETED, OUT_MANT=out_mant,
+            SPLIT_K=split, STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 1), **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}))
+        return out
     if not quant_a and ws_applies(cfg, bn, bk, xq, w):  # the TMA GEMM
         triton.set_allocator(tma_scratch(device))
         _w8a8_ws[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](

@@ -6,8 +6,9 @@ with K split over programs against the same without the split, and bf16 cuBLAS.
 
 Every call reads weights the previous calls did not: each timed function walks through enough copies of the weights
 to pass 4x the GPU's L2, as a decode step reads each layer once from HBM. Times are medians of CUDA-graph replays.
-Each candidate (BLOCK_N x SPLIT_K, BLOCK_M 16) is checked against fp8_block_linear_ref first; the fastest per shape
-and M bucket is merged into configs/fp8_gemm.json ("N=..,K=..,block", buckets 1, 4, 16) with --write-configs.
+Each candidate (BLOCK_N x SPLIT_K, BLOCK_M 16; at one row also the CUDA-core GEMV) is checked against
+fp8_block_linear_ref first; the fastest per shape and M bucket is merged into configs/fp8_gemm.json
+("N=..,K=..,block", buckets 1, 4, 16) with --write-configs.
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ def rotating(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tens
     return out
 
 
-def candidates(n: int, k: int) -> list[dict]:
+def candidates(n: int, k: int, m: int) -> list[dict]:
+    """16-row tiles on the tensor cores; at one row also the CUDA-core GEMV (PATH "gemv": 16 to 64 rows a program,
+    2 pipelined stages)."""
     groups = k // 128
     splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if groups % s == 0]
-    return [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4)
-            for bn, s in itertools.product((32, 64, 128), splits) if triton.cdiv(n, bn) * s <= 2048]
+    out = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4)
+           for bn, s in itertools.product((32, 64, 128), splits) if triton.cdiv(n, bn) * s <= 2048]
+    if m == 1:
+        out += [dict(PATH="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw,
+                     num_stages=2)
+                for (bn, nw), s in itertools.product(((16, 2), (32, 4), (64, 8)), splits)
+                if triton.cdiv(n, bn) * s <= 4096]
+    return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cfg: dict | None) -> torch.Tensor:
@@ -70,7 +79,7 @@ def tune_linear(hbm_tbps: float) -> tuple[list[dict], dict]:
             ref = fp8_gemm.fp8_block_linear_ref(x, *ws_list[0])
             t_bf16 = graph_ms(lambda: [F.linear(x, w) for w in bf16], len(bf16))
             timed = []
-            for cfg in candidates(n, k):
+            for cfg in candidates(n, k, m):
                 try:
                     err = rel_err(linear(x, *ws_list[0], cfg), ref)
                     if not err < 2e-3:
@@ -82,14 +91,17 @@ def tune_linear(hbm_tbps: float) -> tuple[list[dict], dict]:
                     continue
                 timed.append((t, cfg, err))
             best = min(timed, key=lambda r: r[0])
-            unsplit = min((r for r in timed if r[1]["SPLIT_K"] == 1), key=lambda r: r[0])
+            unsplit = min((r for r in timed if r[1]["SPLIT_K"] == 1 and "PATH" not in r[1]), key=lambda r: r[0])
+            gemv = [r for r in timed if "PATH" in r[1]]
+            gemv_best = min(gemv, key=lambda r: r[0]) if gemv else None
             floor = (n * k + n * k // 128 // 128 * 4) / (hbm_tbps * 1e9)  # ms
             row = dict(op=name, N=n, K=k, M=m, split_ms=best[0], unsplit_ms=unsplit[0], bf16_ms=t_bf16,
                        floor_ms=floor, frac_bw=floor / best[0], config=best[1], unsplit_config=unsplit[1],
-                       rel_err=best[2])
+                       rel_err=best[2], gemv_ms=gemv_best and gemv_best[0], gemv_config=gemv_best and gemv_best[1])
             rows.append(row)
             print(f"{name} {n}x{k} M={m}: best unsplit {unsplit[0] * 1e3:.1f} us, split {best[0] * 1e3:.1f} us "
-                  f"({floor / best[0]:.0%} of HBM), bf16 {t_bf16 * 1e3:.1f} us, floor {floor * 1e3:.1f} us; "
+                  f"({floor / best[0]:.0%} of HBM), bf16 {t_bf16 * 1e3:.1f} us, floor {floor * 1e3:.1f} us, "
+                  f"gemv {gemv_best[0] * 1e3 if gemv_best else float('nan'):.1f} us; "
                   f"{best[1]}", flush=True)
             table.setdefault(f"N={n},K={k},block", {})[str(m)] = best[1]
     return rows, table

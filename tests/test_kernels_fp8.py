@@ -387,6 +387,37 @@ SPLIT_CASES = [  # m, n, k, out dtype, SPLIT_K
 ]
 
 
+GEMV_CASES = [  # m, n, k, out dtype, BLOCK_N, SPLIT_K
+    (1, 256, 512, torch.bfloat16, 32, 1),
+    (1, 200, 384, torch.bfloat16, 64, 3),  # N not a multiple of the tile: masked rows, a partial scale row
+    (3, 320, 256, torch.float16, 16, 2),  # several rows of A: a program each
+    (1, 130, 640, torch.float32, 128, 4),  # 4 does not divide 5 K blocks: the launcher takes 1
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,out_dtype,block_n,split", GEMV_CASES)
+def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n, split):
+    """PATH "gemv": the weight rows on the CUDA cores, the products scaled before they are summed: the reference's
+    result within its tolerance, the same bits on a second run, the arrival counters back at zero; with one 16-bit
+    row (fp8_block_linear), the row quantized in the GEMV as per_token_group_quant_fp8 quantizes it."""
+    gen = gen_for("gemv", m, n, k, out_dtype, block_n, split)
+    x = activations(m, k, torch.float32, gen)
+    (xq, xs), (w, ws) = per_token_group_quant_fp8_ref(x), quantize_block(weights(n, k, gen))
+    xq, xs, w, ws, x = (t.to(device) for t in (xq, xs, w, ws, x))
+    cfg = dict(PATH="gemv", BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=2)
+    out = w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg)
+    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
+    assert torch.equal(w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg), out)
+    assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+    if m == 1:  # the row quantized in the GEMV: the same codes and scales, so the same sums as from xq, xs
+        xa = x.to(out_dtype if out_dtype != torch.float32 else torch.float32)
+        xq1, xs1 = fp8_gemm.per_token_group_quant_fp8(xa, 128)
+        cfg_bk = fp8_gemm._gemm_config(fp8_gemm.check_device(xa, w, ws), n, k, 1, "block", 128)
+        fused = fp8_gemm._block_matmul(xa, ws, w, ws, 128, 128, out_dtype, {**cfg_bk, **cfg}, xa.device, quant_a=True)
+        assert torch.equal(fused, w8a8_block_fp8_matmul(xq1, xs1, w, ws, out_dtype=out_dtype, config=cfg))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n,k,out_dtype,split", SPLIT_CASES)
 @pytest.mark.parametrize("scheme", ["block", "channel"])
@@ -940,8 +971,11 @@ def test_shipped_config_tables_are_valid(name):
                 assert name == "fp8_moe.json" or not own, (device, shape, bucket)
                 assert set(own) <= set(fp8_gemm.CONFIG_KEYS) - {"GEMM2"}, (device, shape, bucket)
                 for c in (cfg, {**cfg, **own}):
-                    assert all(isinstance(v, int) and v > 0 for k, v in c.items() if k != "GEMM2"), \
+                    assert all(isinstance(v, int) and v > 0 for k, v in c.items() if k not in ("GEMM2", "PATH")), \
                         (device, shape, bucket)
+                    if "PATH" in c:  # the block GEMV: the dense projections, a column tile inside a scale block
+                        assert name == "fp8_gemm.json" and c["PATH"] == "gemv" and shape.endswith(",block") and \
+                            128 % c["BLOCK_N"] == 0, (device, shape, bucket)
                     if shape.endswith(",block"):
                         assert 128 % c.get("BLOCK_K", 128) == 0, (device, shape, bucket)
 
