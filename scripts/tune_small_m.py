@@ -68,13 +68,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cfg: dict | None)
     return fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
 
 
-def tune_linear(hbm_tbps: float) -> tuple[list[dict], dict]:
+def tune_linear(hbm_tbps: float, ms: list[int]) -> tuple[list[dict], dict]:
     rows, table = [], {}
     for name, (n, k) in PROJ.items():
         copies = max(2, -(-4 * l2_bytes() // (n * k)))
         ws_list = rotating(n, k, copies)
         bf16 = [w.to(torch.bfloat16) for w, _ in ws_list[: max(2, copies // 2)]]
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = fp8_gemm.fp8_block_linear_ref(x, *ws_list[0])
             t_bf16 = graph_ms(lambda: [F.linear(x, w) for w in bf16], len(bf16))
@@ -123,6 +123,7 @@ def merge(path: Path, device: str, new: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="M buckets to tune (default 1,4,16)")
     ap.add_argument("--write-configs", type=Path, default=None, help="merge the winners into DIR/fp8_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -131,7 +132,7 @@ def main() -> int:
     hbm_tbps = hbm_read_tbps()
     name = torch.cuda.get_device_name(0)
     print(f"{name}, HBM read {hbm_tbps:.2f} TB/s, L2 {l2_bytes() >> 20} MiB", flush=True)
-    rows, table = tune_linear(hbm_tbps)
+    rows, table = tune_linear(hbm_tbps, [int(m) for m in args.ms.split(",")])
     if args.write_configs:
         merge(args.write_configs / "fp8_gemm.json", name, table)
     if args.json:
