@@ -625,22 +625,22 @@ def _w8a8_fp8_gemv_kernel(
     offs_k = tl.arange(0, GROUP_K)
     kb0 = pid_s * KB_PER
     w_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + (kb0 * GROUP_K + offs_k)[None, :]  # [BLOCK_N, GK]
-    x_ptrs = a_ptr + row * stride_am + kb0 * GROUP_K + offs_k  # [GROUP_K]
+    x_ptrs = a_ptr + row * stride_am + kb0 * GROUP_K + offs_k[None, :]  # [1, GROUP_K]: the weights' column layout
     bs_ptrs = bs_ptr + (pid_n * BLOCK_N // GROUP_N) * stride_bsn + kb0  # the tile's scale block, its first K block
     as_ptrs = as_ptr + row * stride_asm + kb0
     acc = tl.zeros((BLOCK_N, GROUP_K), dtype=tl.float32)
     for i in tl.range(0, KB_PER, num_stages=STAGES):
         w = tl.load(w_ptrs + i * GROUP_K, mask=n_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, GROUP_K]
-        xr = tl.load(x_ptrs + i * GROUP_K).to(tl.float32)  # [GROUP_K]
+        xr = tl.load(x_ptrs + i * GROUP_K).to(tl.float32)  # [1, GROUP_K]
         if QUANT_A:
-            yq, ys = quant_groups(tl.reshape(xr, (1, GROUP_K)), Q_EPS, UPCAST)  # [1, GK], [1]
+            yq, ys = quant_groups(xr, Q_EPS, UPCAST)  # [1, GK], [1]
             if not UPCAST:  # the e4m3 rounding of the cast (interpreted: quant_groups rounded already)
                 yq = yq.to(b_ptr.dtype.element_ty).to(tl.float32)
-            xr = tl.reshape(yq, (GROUP_K,))
+            xr = yq
             x_s = tl.sum(ys, axis=0)
         else:
             x_s = tl.load(as_ptrs + i)
-        acc += w * (xr * (x_s * tl.load(bs_ptrs + i)))[None, :]
+        acc += w * (xr * (x_s * tl.load(bs_ptrs + i)))
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))  # [1, BLOCK_N]
     rows = row + tl.arange(0, 1).to(tl.int64)  # [1]
     offs_n64 = offs_n.to(tl.int64)

@@ -49,16 +49,17 @@ def rotating(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def candidates(n: int, k: int, m: int) -> list[dict]:
-    """16-row tiles on the tensor cores; at one row also the CUDA-core GEMV (PATH "gemv": 16 to 64 rows a program,
-    2 pipelined stages)."""
+    """16-row tiles on the tensor cores; at one row also the CUDA-core GEMV (PATH "gemv": 32 rows a program on 4
+    warps, 64 or 128 on 8, the loop pipelined in 2 stages or not; compiled for sm_90 these hold 3.7-5.7 instructions
+    a weight)."""
     groups = k // 128
     splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if groups % s == 0]
     out = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4)
            for bn, s in itertools.product((32, 64, 128), splits) if triton.cdiv(n, bn) * s <= 2048]
     if m == 1:
         out += [dict(PATH="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw,
-                     num_stages=2)
-                for (bn, nw), s in itertools.product(((16, 2), (32, 4), (64, 8)), splits)
+                     num_stages=st)
+                for (bn, nw, st), s in itertools.product(((32, 4, 2), (64, 8, 1), (64, 8, 2), (128, 8, 1)), splits)
                 if triton.cdiv(n, bn) * s <= 4096]
     return out
 

@@ -170,6 +170,10 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         types = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
                  "bs_ptr": "*fp32", "c_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
         jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", consts, types, 4))
+        # and the CUDA-core GEMV (PATH "gemv"), its loop pipelined in 2 stages
+        jobs.append(("fp8_gemm", "_w8a8_fp8_gemv", dict(K=6144, GROUP_N=128, GROUP_K=128, BLOCK_N=64, UPCAST=False,
+                                                        OUT_MANT=7, SPLIT_K=4, STAGES=2, QUANT_A=quant_a,
+                                                        Q_EPS=1e-10 if quant_a else 0.0), types, 8))
     large = dict(K=3072, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
                  BLOCK_K=128, GROUP_M=8, UPCAST=False, OUT_MANT=0, B_SCALE_TILE=True)  # large M: a scale a tile
     jobs.append(("fp8_gemm", "_w8a8_fp8_matmul", large, {**types, "a_ptr": "*fp8e4nv"}, 8))
