@@ -69,9 +69,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cfg: dict | None)
     return fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
 
 
-def tune_linear(hbm_tbps: float, ms: list[int]) -> tuple[list[dict], dict]:
+def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[dict], dict]:
     rows, table = [], {}
     for name, (n, k) in PROJ.items():
+        if name not in ops:
+            continue
         copies = max(2, -(-4 * l2_bytes() // (n * k)))
         ws_list = rotating(n, k, copies)
         bf16 = [w.to(torch.bfloat16) for w, _ in ws_list[: max(2, copies // 2)]]
@@ -125,6 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="M buckets to tune (default 1,4,16)")
+    ap.add_argument("--ops", default=",".join(PROJ), help=f"projections to tune (default {','.join(PROJ)})")
     ap.add_argument("--write-configs", type=Path, default=None, help="merge the winners into DIR/fp8_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -133,7 +136,11 @@ def main() -> int:
     hbm_tbps = hbm_read_tbps()
     name = torch.cuda.get_device_name(0)
     print(f"{name}, HBM read {hbm_tbps:.2f} TB/s, L2 {l2_bytes() >> 20} MiB", flush=True)
-    rows, table = tune_linear(hbm_tbps, [int(m) for m in args.ms.split(",")])
+    ops = args.ops.split(",")
+    if not set(ops) <= set(PROJ):
+        print(f"error: --ops {args.ops}: choose among {', '.join(PROJ)}", file=sys.stderr)
+        return 2
+    rows, table = tune_linear(hbm_tbps, [int(m) for m in args.ms.split(",")], ops)
     if args.write_configs:
         merge(args.write_configs / "fp8_gemm.json", name, table)
     if args.json:
