@@ -820,8 +820,10 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
     if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
         raise ValueError(f"quantizing in the GEMM takes one row and BLOCK_K = {bk}, got {m} rows and {cfg}")
-    if cfg.get("PATH") == "gemv" and bn % cfg["BLOCK_N"] == 0 and w.stride(1) == 1 and a.stride(1) == 1 and \
-            ws.stride(1) == 1 and (quant_a or xs.stride(1) == 1):  # the CUDA cores, a row of A a program
+    if cfg.get("PATH") == "gemv" and not (bn % cfg["BLOCK_N"] == 0 and w.stride(1) == 1 and a.stride(1) == 1 and
+                                          ws.stride(1) == 1 and (quant_a or xs.stride(1) == 1)):
+        cfg = {**_gemm_default_config(device, m, n), "BLOCK_K": cfg["BLOCK_K"]}  # a GEMV entry it cannot take
+    if cfg.get("PATH") == "gemv":  # the CUDA cores, a row of A a program
         split = split_divisor(cfg.get("SPLIT_K", 1), k // bk)
         tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
         part, counters = split_k_workspace(split, m, n, tiles, device)

@@ -416,6 +416,10 @@ def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n,
         cfg_bk = fp8_gemm._gemm_config(fp8_gemm.check_device(xa, w, ws), n, k, 1, "block", 128)
         fused = fp8_gemm._block_matmul(xa, ws, w, ws, 128, 128, out_dtype, {**cfg_bk, **cfg}, xa.device, quant_a=True)
         assert torch.equal(fused, w8a8_block_fp8_matmul(xq1, xs1, w, ws, out_dtype=out_dtype, config=cfg))
+    # an entry it cannot take (a column tile wider than the scale block): the tiled kernel's defaults
+    wide = {**cfg, "BLOCK_M": 1, "BLOCK_N": 256}
+    assert_close(w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=wide),
+                 w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
