@@ -3,6 +3,7 @@
 with K split over programs against the same without the split, and bf16 cuBLAS.
 
     python scripts/tune_small_m.py --json out.json [--write-configs kernels/configs]   # on an H100/H200
+    python scripts/tune_small_m.py --ms 1 --ops qkv,o_proj --json out.json            # one token's projections
 
 Every call reads weights the previous calls did not: each timed function walks through enough copies of the weights
 to pass 4x the GPU's L2, as a decode step reads each layer once from HBM. Times are medians of CUDA-graph replays.
@@ -130,16 +131,16 @@ def main() -> int:
     ap.add_argument("--ops", default=",".join(PROJ), help=f"projections to tune (default {','.join(PROJ)})")
     ap.add_argument("--write-configs", type=Path, default=None, help="merge the winners into DIR/fp8_gemm.json")
     args = ap.parse_args()
+    ops = args.ops.split(",")
+    if not set(ops) <= set(PROJ):
+        print(f"error: --ops {args.ops}: choose among {', '.join(PROJ)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: tune_small_m.py needs a CUDA GPU", file=sys.stderr)
         return 2
     hbm_tbps = hbm_read_tbps()
     name = torch.cuda.get_device_name(0)
     print(f"{name}, HBM read {hbm_tbps:.2f} TB/s, L2 {l2_bytes() >> 20} MiB", flush=True)
-    ops = args.ops.split(",")
-    if not set(ops) <= set(PROJ):
-        print(f"error: --ops {args.ops}: choose among {', '.join(PROJ)}", file=sys.stderr)
-        return 2
     rows, table = tune_linear(hbm_tbps, [int(m) for m in args.ms.split(",")], ops)
     if args.write_configs:
         merge(args.write_configs / "fp8_gemm.json", name, table)
