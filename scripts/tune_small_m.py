@@ -131,6 +131,13 @@ def main() -> int:
     ap.add_argument("--ops", default=",".join(PROJ), help=f"projections to tune (default {','.join(PROJ)})")
     ap.add_argument("--write-configs", type=Path, default=None, help="merge the winners into DIR/fp8_gemm.json")
     args = ap.parse_args()
+    try:
+        ms = [int(m) for m in args.ms.split(",")]
+    except ValueError:
+        ms = []
+    if not ms or min(ms) < 1:
+        print(f"error: --ms {args.ms}: comma-separated row counts >= 1", file=sys.stderr)
+        return 2
     ops = args.ops.split(",")
     if not set(ops) <= set(PROJ):
         print(f"error: --ops {args.ops}: choose among {', '.join(PROJ)}", file=sys.stderr)
@@ -141,7 +148,7 @@ def main() -> int:
     hbm_tbps = hbm_read_tbps()
     name = torch.cuda.get_device_name(0)
     print(f"{name}, HBM read {hbm_tbps:.2f} TB/s, L2 {l2_bytes() >> 20} MiB", flush=True)
-    rows, table = tune_linear(hbm_tbps, [int(m) for m in args.ms.split(",")], ops)
+    rows, table = tune_linear(hbm_tbps, ms, ops)
     if args.write_configs:
         merge(args.write_configs / "fp8_gemm.json", name, table)
     if args.json:
