@@ -644,7 +644,7 @@ def _w8a8_fp8_gemv_kernel(
     y = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))  # [1, BLOCK_N]
     rows = row + tl.arange(0, 1).to(tl.int64)  # [1]
     offs_n64 = offs_n.to(tl.int64)
-    mn_mask = (rows < M)[:, None] & n_mask[None, :]
+    mn_mask = n_mask[None, :]  # [1, BLOCK_N] (the grid holds rows of A only)
     last = True
     if SPLIT_K > 1:
         y, last = split_k_sum(y, part_ptr, count_ptr + pid, pid_s, rows, offs_n64, mn_mask, M, N, SPLIT_K)
@@ -820,19 +820,16 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the scale block {bk}")
     if quant_a and (m != 1 or cfg["BLOCK_K"] != bk):
         raise ValueError(f"quantizing in the GEMM takes one row and BLOCK_K = {bk}, got {m} rows and {cfg}")
-    if cfg.get("PATH") == "gemv" and not (bn % cfg["BLOCK_N"] == 0 and w.stride(1) == 1 and a.stride(1) == 1 and
-                                          ws.stride(1) == 1 and (quant_a or xs.stride(1) == 1)):
+    if cfg.get("PATH") == "gemv":  # the CUDA cores, a row of A a program (operands contiguous along K: checked)
+        if bn % cfg["BLOCK_N"] == 0 and ws.stride(1) == 1 and (quant_a or xs.stride(1) == 1):
+            grid, part, counters = _split_k_grid({**cfg, "BLOCK_M": 1, "BLOCK_K": bk}, m, n, k, device)
+            _w8a8_fp8_gemv[grid](
+                xq, xs, w, ws, out, part, counters, m, n, k, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
+                ws.stride(0), GROUP_N=bn, GROUP_K=bk, BLOCK_N=cfg["BLOCK_N"], UPCAST=INTERPRETED, OUT_MANT=out_mant,
+                SPLIT_K=grid[1], STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
+                num_stages=cfg.get("num_stages", 1), **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}))
+            return out
         cfg = {**_gemm_default_config(device, m, n), "BLOCK_K": cfg["BLOCK_K"]}  # a GEMV entry it cannot take
-    if cfg.get("PATH") == "gemv":  # the CUDA cores, a row of A a program
-        split = split_divisor(cfg.get("SPLIT_K", 1), k // bk)
-        tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
-        part, counters = split_k_workspace(split, m, n, tiles, device)
-        _w8a8_fp8_gemv[(tiles, split)](
-            xq, xs, w, ws, out, part, counters, m, n, k, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
-            ws.stride(0), GROUP_N=bn, GROUP_K=bk, BLOCK_N=cfg["BLOCK_N"], UPCAST=INTERPRETED, OUT_MANT=out_mant,
-            SPLIT_K=split, STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 1), **(dict(QUANT_A=True, Q_EPS=SCALE_EPS) if quant_a else {}))
-        return out
     if not quant_a and ws_applies(cfg, bn, bk, xq, w):  # the TMA GEMM
         triton.set_allocator(tma_scratch(device))
         _w8a8_ws[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](

@@ -411,7 +411,7 @@ def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n,
     assert torch.equal(w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg), out)
     assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
     if m == 1:  # the row quantized in the GEMV: the same codes and scales, so the same sums as from xq, xs
-        xa = x.to(out_dtype if out_dtype != torch.float32 else torch.float32)
+        xa = x.to(out_dtype)
         xq1, xs1 = fp8_gemm.per_token_group_quant_fp8(xa, 128)
         cfg_bk = fp8_gemm._gemm_config(fp8_gemm.check_device(xa, w, ws), n, k, 1, "block", 128)
         fused = fp8_gemm._block_matmul(xa, ws, w, ws, 128, 128, out_dtype, {**cfg_bk, **cfg}, xa.device, quant_a=True)
