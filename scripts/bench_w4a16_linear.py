@@ -53,8 +53,10 @@ def candidates(m: int, groups: int) -> list[dict]:
     """Configs to try at M rows (K of `groups` groups of 128): GEMV at one row, mma from two."""
     out = []
     if m == 1:
+        # GSTEP named in each: the launcher's own entry (GSTEP 2) is under every candidate, and the register
+        # prefetch takes one group a step
         loops = [dict(PREFETCH=0, STAGES=st, GSTEP=gs) for gs in (2, 1) for st in (2, 3)] + [dict(PREFETCH=2,
-                                                                                                 STAGES=1)]
+                                                                                                 STAGES=1, GSTEP=1)]
         for bn, nw in ((32, 2), (16, 2), (32, 4)):
             for split in (2, 4, 3, 6, 8, 1):
                 if groups % split == 0:
