@@ -909,20 +909,21 @@ def w8a8_channel_fp8_matmul_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
 
 
 def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-                     block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype."""
+                     block_size: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
+    """y = x @ dequant(w, ws)^T with x quantized per token per block_size[1] group. x [..., K] -> [..., N] x.dtype.
+    config overrides the block configuration's keys, as in w8a8_block_fp8_matmul."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     bn, bk = block_size
     if x2.shape[0] == 1 and QUANT_IN_GEMM and x2.shape[1] == w.shape[1] and x2.shape[1] % bk == 0:
-        cfg = _gemm_config(check_device(x2, w, ws), w.shape[0], x2.shape[1], 1, "block", bk)
+        cfg = {**_gemm_config(check_device(x2, w, ws), w.shape[0], x2.shape[1], 1, "block", bk), **(config or {})}
         if cfg["BLOCK_K"] == bk and w.dtype == FP8_DTYPE and x2.stride(1) == 1 and w.stride(1) == 1:
             # one token (decode): the GEMM quantizes x itself
             _check_scale(ws, (triton.cdiv(w.shape[0], bn), x2.shape[1] // bk), "ws")
             y = _block_matmul(x2, ws, w, ws, bn, bk, x.dtype, cfg, x2.device, quant_a=True)
             return y.view(*lead, w.shape[0])
     xq, xs = per_token_group_quant_fp8(x2, block_size[1])
-    y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype)  # [M, N]
+    y = w8a8_block_fp8_matmul(xq, xs, w, ws, block_size, out_dtype=x.dtype, config=config)  # [M, N]
     return y.view(*lead, w.shape[0])
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Decode-size block-FP8 projections on MiniMax-M2 shapes: fp8_block_linear (activation quantization, then the GEMM)
-with K split over programs against the same without the split, and bf16 cuBLAS.
+"""Decode-size block-FP8 projections on MiniMax-M2 shapes, timed as the model runs them: q/k/v (and q_proj, kv_proj)
+as the GEMM alone on the row the fused RMSNorm already quantized, o_proj as fp8_block_linear (at one token the GEMM
+quantizes the row itself, from two rows a quantization launch first); K split over programs against the same
+without the split, and bf16 cuBLAS.
 
     python scripts/tune_small_m.py --json out.json [--write-configs kernels/configs]   # on an H100/H200
     python scripts/tune_small_m.py --ms 1 --ops qkv,o_proj --json out.json            # one token's projections
@@ -65,9 +67,16 @@ def candidates(n: int, k: int, m: int) -> list[dict]:
     return out
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cfg: dict | None) -> torch.Tensor:
-    xq, xs = fp8_gemm.per_token_group_quant_fp8(x, 128)
-    return fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
+# the projections whose input comes from a norm that quantizes it (model.FP8_INPUT); o_proj's comes from attention
+NORM_FED = {"qkv", "q_proj", "kv_proj"}
+
+
+def model_call(name: str, x: torch.Tensor):
+    """The projection's call as the decode step makes it: fn(w, ws, cfg) -> y."""
+    if name in NORM_FED:
+        xq, xs = fp8_gemm.per_token_group_quant_fp8(x, 128)  # done by the norm, outside the timed call
+        return lambda w, ws, cfg: fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
+    return lambda w, ws, cfg: fp8_gemm.fp8_block_linear(x, w, ws, config=cfg)
 
 
 def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[dict], dict]:
@@ -81,15 +90,16 @@ def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[di
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = fp8_gemm.fp8_block_linear_ref(x, *ws_list[0])
+            linear = model_call(name, x)
             t_bf16 = graph_ms(lambda: [F.linear(x, w) for w in bf16], len(bf16))
             timed = []
             for cfg in candidates(n, k, m):
                 try:
-                    err = rel_err(linear(x, *ws_list[0], cfg), ref)
+                    err = rel_err(linear(*ws_list[0], cfg), ref)
                     if not err < 2e-3:
                         print(f"{name} M={m} {cfg}: rel err {err:.2e}, dropped", flush=True)
                         continue
-                    t = graph_ms(lambda cfg=cfg: [linear(x, w, ws, cfg) for w, ws in ws_list], copies)
+                    t = graph_ms(lambda cfg=cfg: [linear(w, ws, cfg) for w, ws in ws_list], copies)
                 except Exception as e:  # a candidate that does not compile (shared memory) is skipped
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
                     continue

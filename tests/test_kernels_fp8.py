@@ -416,6 +416,13 @@ def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n,
         cfg_bk = fp8_gemm._gemm_config(fp8_gemm.check_device(xa, w, ws), n, k, 1, "block", 128)
         fused = fp8_gemm._block_matmul(xa, ws, w, ws, 128, 128, out_dtype, {**cfg_bk, **cfg}, xa.device, quant_a=True)
         assert torch.equal(fused, w8a8_block_fp8_matmul(xq1, xs1, w, ws, out_dtype=out_dtype, config=cfg))
+        # fp8_block_linear's config override reaches the same launch
+        assert torch.equal(fp8_gemm.fp8_block_linear(xa, w, ws, config=cfg), fused)
+    else:  # several rows: quantized first, then the GEMM under the override
+        xa = x.to(out_dtype)
+        assert torch.equal(fp8_gemm.fp8_block_linear(xa, w, ws, config=cfg),
+                           w8a8_block_fp8_matmul(*fp8_gemm.per_token_group_quant_fp8(xa, 128), w, ws,
+                                                 out_dtype=out_dtype, config=cfg))
     # an entry it cannot take (a column tile wider than the scale block): the tiled kernel's defaults
     wide = {**cfg, "BLOCK_M": 1, "BLOCK_N": 256}
     assert_close(w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=wide),
