@@ -410,8 +410,8 @@ def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n,
     assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws, out_dtype=out_dtype), *TOL[out_dtype])
     assert torch.equal(w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=out_dtype, config=cfg), out)
     assert not any(c.any() for c in fp8_gemm._COUNTERS.values())
+    xa = x.to(out_dtype)
     if m == 1:  # the row quantized in the GEMV: the same codes and scales, so the same sums as from xq, xs
-        xa = x.to(out_dtype)
         xq1, xs1 = fp8_gemm.per_token_group_quant_fp8(xa, 128)
         cfg_bk = fp8_gemm._gemm_config(fp8_gemm.check_device(xa, w, ws), n, k, 1, "block", 128)
         fused = fp8_gemm._block_matmul(xa, ws, w, ws, 128, 128, out_dtype, {**cfg_bk, **cfg}, xa.device, quant_a=True)
@@ -419,7 +419,6 @@ def test_block_matmul_gemv_path_matches_ref(device, m, n, k, out_dtype, block_n,
         # fp8_block_linear's config override reaches the same launch
         assert torch.equal(fp8_gemm.fp8_block_linear(xa, w, ws, config=cfg), fused)
     else:  # several rows: quantized first, then the GEMM under the override
-        xa = x.to(out_dtype)
         assert torch.equal(fp8_gemm.fp8_block_linear(xa, w, ws, config=cfg),
                            w8a8_block_fp8_matmul(*fp8_gemm.per_token_group_quant_fp8(xa, 128), w, ws,
                                                  out_dtype=out_dtype, config=cfg))
