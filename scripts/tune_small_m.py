@@ -52,18 +52,24 @@ def rotating(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def candidates(n: int, k: int, m: int) -> list[dict]:
-    """16-row tiles on the tensor cores; at one row also the CUDA-core GEMV (PATH "gemv": 32 rows a program on 4
-    warps, 64 or 128 on 8, the loop pipelined in 2 stages or not; compiled for sm_90 these hold 3.7-5.7 instructions
-    a weight)."""
+    """16-row tiles on the tensor cores (BLOCK_N 16-128, 2 or 4 warps, 4 or 6 stages); at one row also the CUDA-core
+    GEMV (PATH "gemv": 32-128 rows a program on 4 or 8 warps, the loop pipelined in 2 stages or not; compiled for
+    sm_90 these hold 3.7-5.7 instructions a weight). K splits are kept where the grid holds 256 to 1600 programs:
+    fewer leave multiprocessors idle at decode sizes, more only add split-K sums."""
     groups = k // 128
     splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if groups % s == 0]
-    out = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4)
-           for bn, s in itertools.product((32, 64, 128), splits) if triton.cdiv(n, bn) * s <= 2048]
+
+    def fits(bn: int, s: int) -> bool:
+        return 256 <= triton.cdiv(n, bn) * s <= 1600
+
+    tiles = ((16, 4, 4), (32, 4, 4), (32, 2, 4), (64, 4, 4), (64, 4, 6), (128, 4, 4))
+    out = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw, num_stages=st)
+           for (bn, nw, st), s in itertools.product(tiles, splits) if fits(bn, s)]
     if m == 1:
+        gemvs = ((32, 4, 1), (32, 4, 2), (64, 8, 1), (64, 4, 2), (128, 8, 1))
         out += [dict(PATH="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw,
                      num_stages=st)
-                for (bn, nw, st), s in itertools.product(((32, 4, 2), (64, 8, 1), (64, 8, 2), (128, 8, 1)), splits)
-                if triton.cdiv(n, bn) * s <= 4096]
+                for (bn, nw, st), s in itertools.product(gemvs, splits) if fits(bn, s)]
     return out
 
 
@@ -105,7 +111,8 @@ def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[di
                     continue
                 timed.append((t, cfg, err))
             best = min(timed, key=lambda r: r[0])
-            unsplit = min((r for r in timed if r[1]["SPLIT_K"] == 1 and "PATH" not in r[1]), key=lambda r: r[0])
+            unsplit = min((r for r in timed if r[1]["SPLIT_K"] == 1 and "PATH" not in r[1]), key=lambda r: r[0],
+                          default=(float("nan"), None, None))
             gemv = [r for r in timed if "PATH" in r[1]]
             gemv_best = min(gemv, key=lambda r: r[0]) if gemv else None
             floor = (n * k + n * k // 128 // 128 * 4) / (hbm_tbps * 1e9)  # ms
