@@ -9,9 +9,9 @@ without the split, and bf16 cuBLAS.
 
 Every call reads weights the previous calls did not: each timed function walks through enough copies of the weights
 to pass 4x the GPU's L2, as a decode step reads each layer once from HBM. Times are medians of CUDA-graph replays.
-Each candidate (BLOCK_N x SPLIT_K, BLOCK_M 16; at one row also the CUDA-core GEMV) is checked against
+Each candidate (BLOCK_M x BLOCK_N x SPLIT_K; at one row also the CUDA-core GEMV) is checked against
 fp8_block_linear_ref first; the fastest per shape and M bucket is merged into configs/fp8_gemm.json
-("N=..,K=..,block", buckets 1, 4, 16) with --write-configs.
+("N=..,K=..,block", buckets 1, 4, 16 by default; --ms 32,128 adds those) with --write-configs.
 """
 
 from __future__ import annotations
@@ -52,24 +52,30 @@ def rotating(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def candidates(n: int, k: int, m: int) -> list[dict]:
-    """16-row tiles on the tensor cores (BLOCK_N 16-128, 2 or 4 warps, 4 or 6 stages); at one row also the CUDA-core
-    GEMV (PATH "gemv": 32-128 rows a program on 4 or 8 warps, the loop pipelined in 2 stages or not; compiled for
-    sm_90 these hold 3.7-5.7 instructions a weight). K splits are kept where the grid holds 256 to 1600 programs:
-    fewer leave multiprocessors idle at decode sizes, more only add split-K sums."""
+    """Tiles on the tensor cores: 16 rows (BLOCK_N 16-128, 2 or 4 warps, 4 or 6 stages) up to 16 rows, 32 to 128
+    rows a tile past them; at one row also the CUDA-core GEMV (PATH "gemv": 32-128 rows a program on 4 or 8 warps,
+    the loop pipelined in 2 stages or not; compiled for sm_90 these hold 3.7-5.7 instructions a weight). K splits
+    are kept where the grid holds 256 to 1600 programs (from 128 past 16 rows): fewer leave multiprocessors idle,
+    more only add split-K sums."""
     groups = k // 128
     splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if groups % s == 0]
 
-    def fits(bn: int, s: int) -> bool:
-        return 256 <= triton.cdiv(n, bn) * s <= 1600
+    def fits(bm: int, bn: int, s: int) -> bool:
+        return (256 if m <= 16 else 128) <= triton.cdiv(m, bm) * triton.cdiv(n, bn) * s <= 1600
 
-    tiles = ((16, 4, 4), (32, 4, 4), (32, 2, 4), (64, 4, 4), (64, 4, 6), (128, 4, 4))
-    out = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw, num_stages=st)
-           for (bn, nw, st), s in itertools.product(tiles, splits) if fits(bn, s)]
+    if m <= 16:
+        tiles = [(16, bn, nw, st) for bn, nw, st in ((16, 4, 4), (32, 4, 4), (32, 2, 4), (64, 4, 4), (64, 4, 6),
+                                                      (128, 4, 4))]
+    else:
+        tiles = [(bm, bn, nw, st) for bm in ((32, 64) if m <= 64 else (64, 128))
+                 for bn, nw, st in ((32, 4, 4), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3))]
+    out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, SPLIT_K=s, num_warps=nw,
+                num_stages=st) for (bm, bn, nw, st), s in itertools.product(tiles, splits) if fits(bm, bn, s)]
     if m == 1:
         gemvs = ((32, 4, 1), (32, 4, 2), (64, 8, 1), (64, 4, 2), (128, 8, 1))
         out += [dict(PATH="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=nw,
                      num_stages=st)
-                for (bn, nw, st), s in itertools.product(gemvs, splits) if fits(bn, s)]
+                for (bn, nw, st), s in itertools.product(gemvs, splits) if fits(1, bn, s)]
     return out
 
 
