@@ -51,8 +51,10 @@ TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages",
-               "GEMM2", "WS", "PATH")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one; WS: the TMA
-# GEMMs; PATH "gemv" (block scales): the rows on the CUDA cores, one activation row a program (_w8a8_fp8_gemv_kernel)
+               "GEMM2", "WS", "PATH", "ONE_LAUNCH")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one;
+# WS: the TMA GEMMs; PATH "gemv" (block scales): the rows on the CUDA cores, one activation row a program
+# (_w8a8_fp8_gemv_kernel); ONE_LAUNCH (fp8_moe, single-token steps): both GEMMs in one launch (1; 2: backing off
+# while GEMM 2's programs wait)
 
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:

@@ -38,6 +38,10 @@ Triton (3.6, H100) splits only some of these loops correctly; `fp8_gemm.ws_split
 64-row blocks), the others run as plain pipelined loops on the same descriptors. Measured on an H100 at M = 1024 and
 4096, this layer is 1.3-1.4x slower than the pointer GEMMs' (BENCHMARKS.md), so no shipped entry asks for it.
 
+A single-token entry holding "ONE_LAUNCH" (block scales) runs the unsorted pairs' two GEMMs in one launch
+(`_moe_fp8_one_launch`): GEMM 1's programs first, then GEMM 2's, each of which waits on a counter until its pair's
+intermediate row is stored, so the second GEMM starts while the first one drains; the same bits as the two launches.
+
 `fused_moe_fp8_ref` loops over experts in PyTorch with the same activation quantization, so kernel and reference
 agree to rounding. Running on CPU (Triton's interpreter) and block configurations: see kernels/fp8_gemm.py; the
 configurations here are in `configs/fp8_moe.json` under shape keys "E=..,I=..,H=..,block|channel", one config for
@@ -393,12 +397,13 @@ def _pair_rows(expert_ids_ptr, pid_m, pid_s, num_valid_tokens, cols, A_ROW_DIV: 
 pair_rows = triton_kernel(_pair_rows)
 
 
-def _expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM: tl.constexpr, SPLIT_K: tl.constexpr, NUM_EXPERTS: tl.constexpr):
+def _expert_ahead(expert_ids_ptr, pid_m, pid_s, SLOT_SUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                  NUM_EXPERTS: tl.constexpr):
     """The expert of a decode GEMM 2 program's pair (as pair_rows finds it), read before the program's PDL wait to
     prefetch its rows: GEMM 2 launches once every program of GEMM 1 has passed its wait, so the router that wrote
     topk_ids has finished (read through L2: .cg); clamped into [0, NUM_EXPERTS), a stale id would only prefetch
     another expert's rows."""
-    expert = tl.load(expert_ids_ptr + pid_m * SLOT_SUM + tl.program_id(1) // SPLIT_K, cache_modifier=".cg")
+    expert = tl.load(expert_ids_ptr + pid_m * SLOT_SUM + pid_s // SPLIT_K, cache_modifier=".cg")
     return tl.minimum(tl.maximum(expert.to(tl.int64), 0), NUM_EXPERTS - 1)
 
 
@@ -520,63 +525,33 @@ def _pick4(i: tl.constexpr, v0, v1, v2, v3):
 pick4 = triton_kernel(_pick4)
 
 
-def _fused_moe_fp8_kernel(
-    a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
-    b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
-    c_ptr,  # C [M*topk, N]
-    cs_ptr,  # QUANT_OUT: C's scales fp32 [M*topk, N / GROUP_N] (C being fp8)
-    topk_weights_ptr,  # fp32 [M*topk]
-    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
-    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
-    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
-    N, num_valid_tokens, num_pid_m,
-    q_eps,  # QUANT_A: the smallest amax a scale is made from (fp8_gemm.SCALE_EPS)
-    stride_am, stride_ak, stride_asm, stride_ask,
-    stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
-    stride_cm, stride_cn, stride_csm,
-    K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
-    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
-    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
-    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
-    BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
-    PAIRS: tl.constexpr = False,  # decode: no sorted list; program row block pid_m holds one pair (GEMM 1: pair
-    # pid_m, C row pid_m) or one token's slot (GEMM 2, SLOT_SUM: pair pid_m * SLOT_SUM + slot, C row = token pid_m),
-    # its expert read from topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS) read nothing, add zeros
-    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot; the slots' weighted outputs are added in fp32 in
-    # slot order by split_k_sum, so the slot sum is this launch's epilogue
-    NUM_EXPERTS: tl.constexpr = 0,
-    QUANT_A: tl.constexpr = False,  # PAIRS, block scales: A is the 16-bit intermediate, each K block of the pair's
-    # row quantized here as per_token_group_quant_fp8 would (bit for bit), the separate launch saved
-    B_SCALE_TILE: tl.constexpr = False,  # block scales, a column tile inside one scale block (BLOCK_N divides GROUP_N,
-    # and N for GATED): one weight scale a K block for the whole tile, folded into the rows' scales, so the tile takes
-    # one FMA an element a K block where a [BLOCK_N] vector of scales took a multiply more (and its loads)
-    QUANT_OUT: tl.constexpr = False,  # sorted GEMM 1, block scales, BLOCK_N = GROUP_N: each row of the tile is one
-    # 128-group of GEMM 2's A, written as FP8 codes and a scale, the bits per_token_group_quant_fp8 makes of the
-    # 16-bit intermediate (rounded to INTER_BF16's grid first), its launch and the 16-bit round trip saved
-    INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
-    SPLIT_K: tl.constexpr = 1,  # PAIRS: programs a tile (SLOT_SUM: a slot; pid_s = slot * SPLIT_K + share) along axis
-    # 1, each over its share of the K blocks; their fp32 sums are added in the tile's last program (gemv_store)
-    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); PAIRS GEMM 2: the pair's
-    # expert rows toward L2 first
+def _moe_fp8_program(
+    pid, pid_m, pid_n, pid_s, a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, topk_weights_ptr, sorted_token_ids_ptr,
+    expert_ids_ptr, num_tokens_post_padded_ptr, part_ptr, count_ptr, N, num_valid_tokens, num_pid_m, q_eps,
+    stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bn, stride_bk, stride_bse, stride_bsn,
+    stride_bsk, stride_cm, stride_cn, stride_csm, K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr, PAIRS: tl.constexpr = False, SLOT_SUM: tl.constexpr = 0,
+    NUM_EXPERTS: tl.constexpr = 0, QUANT_A: tl.constexpr = False, B_SCALE_TILE: tl.constexpr = False,
+    QUANT_OUT: tl.constexpr = False, INTER_BF16: tl.constexpr = True, SPLIT_K: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    """One program of one GEMM of the layer (tile pid, row block pid_m, column block pid_n; pid_s: its K share, or
+    with SLOT_SUM its slot and share), the other arguments as _fused_moe_fp8_kernel documents them: that kernel's
+    programs, and each half of _moe_fp8_one_launch_kernel's."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     n_mask = offs_n < N
     share = 0  # of K, SPLIT_K > 1
     if PDL and (PDL & 4) == 0 and PAIRS and SLOT_SUM and not GATED:  # GEMM 2: its pair's expert rows, a line of
         # 128 codes at a time
-        p_expert = expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
+        p_expert = expert_ahead(expert_ids_ptr, pid_m, pid_s, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
         P_KB: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT_K
         prefetch_rows(b_ptr + p_expert * stride_be + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_bn,
-                      (tl.program_id(1) % SPLIT_K) * P_KB * BLOCK_K, K, stride_bk, P_KB * BLOCK_K, 128)
+                      (pid_s % SPLIT_K) * P_KB * BLOCK_K, K, stride_bk, P_KB * BLOCK_K, 128)
     pdl_enter(PDL)  # every operand but the weights is the previous kernels' output, and the experts are too
     if PAIRS:
-        pid_s = tl.program_id(1)
         pair, offs_tok64, tok_mask, a_rows, expert, routed = pair_rows(
             expert_ids_ptr, pid_m, pid_s, num_valid_tokens, offs_n, A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, BLOCK_M,
             SPLIT_K)
@@ -715,7 +690,137 @@ def _fused_moe_fp8_kernel(
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+moe_fp8_program = triton_kernel(_moe_fp8_program)
+
+
+def _fused_moe_fp8_kernel(
+    a_ptr, as_ptr,  # A fp8 [rows, K] and its scales ([rows, K/GROUP_K] block, [rows, 1] channel)
+    b_ptr, bs_ptr,  # B fp8 [E, N or 2N, K] and its scales ([E, ceil(.. /GROUP_N), K/GROUP_K] or [E, .., 1])
+    c_ptr,  # C [M*topk, N]
+    cs_ptr,  # QUANT_OUT: C's scales fp32 [M*topk, N / GROUP_N] (C being fp8)
+    topk_weights_ptr,  # fp32 [M*topk]
+    sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P_max], [P_max / BLOCK_M]
+    num_tokens_post_padded_ptr,  # int32 [1]: P, the padded list's length
+    part_ptr, count_ptr,  # SLOT_SUM > 1: fp32 partial sums and int32 arrival counters (fp8_gemm.split_k_sum)
+    N, num_valid_tokens, num_pid_m,
+    q_eps,  # QUANT_A: the smallest amax a scale is made from (fp8_gemm.SCALE_EPS)
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
+    stride_cm, stride_cn, stride_csm,
+    K: tl.constexpr,  # a loop bound: triton 3.6's interpreter can't take a runtime int in range() under numpy >= 2.5
+    A_ROW_DIV: tl.constexpr,  # GEMM 1: topk (row of x = pair index // topk); GEMM 2: 1
+    GATED: tl.constexpr,  # GEMM 1: gate rows [0, N) and up rows [N, 2N) of B, epilogue silu(gate) * up
+    MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM 2: multiply each row by its router weight
+    BLOCK_SCALED: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    PAIRS: tl.constexpr = False,  # decode: no sorted list; program row block pid_m holds one pair (GEMM 1: pair
+    # pid_m, C row pid_m) or one token's slot (GEMM 2, SLOT_SUM: pair pid_m * SLOT_SUM + slot, C row = token pid_m),
+    # its expert read from topk_ids (at expert_ids_ptr); experts outside [0, NUM_EXPERTS) read nothing, add zeros
+    SLOT_SUM: tl.constexpr = 0,  # PAIRS GEMM 2: axis 1 is the slot; the slots' weighted outputs are added in fp32 in
+    # slot order by split_k_sum, so the slot sum is this launch's epilogue
+    NUM_EXPERTS: tl.constexpr = 0,
+    QUANT_A: tl.constexpr = False,  # PAIRS, block scales: A is the 16-bit intermediate, each K block of the pair's
+    # row quantized here as per_token_group_quant_fp8 would (bit for bit), the separate launch saved
+    B_SCALE_TILE: tl.constexpr = False,  # block scales, a column tile inside one scale block (BLOCK_N divides GROUP_N,
+    # and N for GATED): one weight scale a K block for the whole tile, folded into the rows' scales, so the tile takes
+    # one FMA an element a K block where a [BLOCK_N] vector of scales took a multiply more (and its loads)
+    QUANT_OUT: tl.constexpr = False,  # sorted GEMM 1, block scales, BLOCK_N = GROUP_N: each row of the tile is one
+    # 128-group of GEMM 2's A, written as FP8 codes and a scale, the bits per_token_group_quant_fp8 makes of the
+    # 16-bit intermediate (rounded to INTER_BF16's grid first), its launch and the 16-bit round trip saved
+    INTER_BF16: tl.constexpr = True,  # QUANT_OUT: the intermediate the separate path would store is bf16 (else fp32)
+    SPLIT_K: tl.constexpr = 1,  # PAIRS: programs a tile (SLOT_SUM: a slot; pid_s = slot * SPLIT_K + share) along axis
+    # 1, each over its share of the K blocks; their fp32 sums are added in the tile's last program (gemv_store)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter); PAIRS GEMM 2: the pair's
+    # expert rows toward L2 first
+):
+    """One GEMM of the layer, a program a tile along axis 0 (row blocks grouped by GROUP_M) and a K share, or with
+    SLOT_SUM a slot and share, along axis 1: moe_fp8_program."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_pid(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    moe_fp8_program(
+        pid, pid_m, pid_n, tl.program_id(1),
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr,
+        num_tokens_post_padded_ptr, part_ptr, count_ptr, N, num_valid_tokens, num_pid_m, q_eps, stride_am, stride_ak,
+        stride_asm, stride_ask, stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk, stride_cm,
+        stride_cn, stride_csm, K, A_ROW_DIV, GATED, MUL_ROUTED_WEIGHT, BLOCK_SCALED, GROUP_N, GROUP_K, EVEN_K,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, OUT_MANT, PAIRS, SLOT_SUM, NUM_EXPERTS, QUANT_A, B_SCALE_TILE,
+        QUANT_OUT, INTER_BF16, SPLIT_K, PDL)
+
+
 _fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
+
+
+def _moe_fp8_one_launch_kernel(
+    x_ptr, xs_ptr,  # x fp8 [M, H] and its group scales [M, H/128] (the norm's quantization)
+    b1_ptr, b1s_ptr,  # w13 fp8 [E, 2I, H] and its block scales [E, 2I/128, H/128]
+    b2_ptr, b2s_ptr,  # w2 fp8 [E, H, I] and its block scales [E, H/128, I/128]
+    inter_ptr, out_ptr,  # [M*topk, I] the 16-bit silu(gate) * up; [M, H] the layer's output
+    topk_weights_ptr, ids_ptr,  # fp32 [M*topk]; topk_ids [M*topk]
+    part1_ptr, count1_ptr, part2_ptr, count2_ptr,  # each GEMM's split-K (GEMM 2: slot) partials and arrival counters
+    ready_ptr,  # int32, a counter a pair READY_STRIDE apart: GEMM 1's programs of the pair that have stored
+    M, q_eps,
+    stride_xm, stride_xsm, stride_b1e, stride_b1n, stride_b1se, stride_b1sn,
+    stride_im, stride_b2e, stride_b2n, stride_b2se, stride_b2sn, stride_om,
+    H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, SPLIT1: tl.constexpr, SPLIT2: tl.constexpr,
+    UPCAST: tl.constexpr, OUT_MANT: tl.constexpr,
+    READY_STRIDE: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr,  # inline PTX (compiled only)
+):
+    """The block-FP8 decode MoE's two GEMMs on unsorted pairs in one launch (ONE_LAUNCH), as the W4A16 decode's
+    (w4a16_moe._moe_gemv_one_launch_kernel): programs [0, P1) are GEMM 1's (gate and up of a pair, silu * up into
+    the 16-bit intermediate), pair by pair, then GEMM 2's (each of its programs quantizes its pair's row a group a K
+    step, as the two-launch path's GEMM 2 does, and the slots are added by the token's last program) in the same pair
+    order. A GEMM 2 program waits until every GEMM 1 program of its pair has stored and counted itself in
+    ready[pair]; the GPU starts a launch's programs in index order, so every GEMM 1 program holds a slot before any
+    GEMM 2 program takes one and no program waits on one not yet started. The second GEMM's ramp overlaps the first
+    one's tail; the pair's last GEMM 2 program leaves its counter at zero. Each program is moe_fp8_program's, bit for
+    bit the two launches' (BLOCK_M-row tiles, one pair in the first row; column tiles inside a scale block)."""
+    pid = tl.program_id(0)
+    pairs = M * TOPK
+    N1T: tl.constexpr = I // BLOCK_N1  # GEMM 1's column tiles
+    N2T: tl.constexpr = H // BLOCK_N2
+    PER1: tl.constexpr = N1T * SPLIT1  # GEMM 1's programs a pair
+    PER2: tl.constexpr = N2T * SPLIT2  # GEMM 2's programs a pair
+    if pid < pairs * PER1:
+        pair = pid // PER1
+        pid_n = pid % N1T
+        moe_fp8_program(
+            pair * N1T + pid_n, pair, pid_n, (pid % PER1) // N1T,
+            x_ptr, xs_ptr, b1_ptr, b1s_ptr, inter_ptr, inter_ptr, topk_weights_ptr, ids_ptr, ids_ptr, ids_ptr,
+            part1_ptr, count1_ptr, I, pairs, pairs, q_eps, stride_xm, 1, stride_xsm, 1, stride_b1e, stride_b1n, 1,
+            stride_b1se, stride_b1sn, 1, stride_im, 1, 0, H, TOPK, True, False, True, 128, 128, True, BLOCK_M, BLOCK_N1,
+            128, 1, UPCAST, OUT_MANT, True, 0, NUM_EXPERTS, False, True, False, True, SPLIT1, False)
+        tl.debug_barrier()  # every thread's stores are made before the arrival is counted (release, gpu scope)
+        tl.atomic_add(ready_ptr + pair * READY_STRIDE, 1, sem="release")
+    else:
+        q = pid - pairs * PER1
+        pair = q // PER2
+        pid_n = q % N2T
+        tok = pair // TOPK
+        flag = ready_ptr + pair * READY_STRIDE
+        seen = tl.load(flag, volatile=True)
+        while seen < PER1:  # GEMM 1's programs of the pair still running
+            if SLEEP:  # back off between polls (a volatile load: L2, not an atomic)
+                seen = tl.inline_asm_elementwise("nanosleep.u32 200;\n\tld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                 [flag], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                seen = tl.load(flag, volatile=True)
+        if ASM:  # acquire: the intermediate row's stores are seen from here on
+            seen = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        moe_fp8_program(
+            tok * N2T + pid_n, tok, pid_n, (pair % TOPK) * SPLIT2 + (q % PER2) // N2T,
+            inter_ptr, topk_weights_ptr, b2_ptr, b2s_ptr, out_ptr, out_ptr, topk_weights_ptr, ids_ptr, ids_ptr,
+            ids_ptr, part2_ptr, count2_ptr, H, M, M, q_eps, stride_im, 1, 0, 0, stride_b2e, stride_b2n, 1,
+            stride_b2se, stride_b2sn, 1, stride_om, 1, 0, I, 1, False, True, True, 128, 128, True, BLOCK_M, BLOCK_N2,
+            128, 1, UPCAST, OUT_MANT, True, TOPK, NUM_EXPERTS, True, True, False, True, SPLIT2, False)
+        # the pair's last reader leaves its counter at zero
+        if tl.atomic_add(flag, 1, sem="relaxed") == PER1 + PER2 - 1:
+            tl.atomic_xchg(flag, 0)
+
+
+_moe_fp8_one_launch = triton_kernel(_moe_fp8_one_launch_kernel)
 
 
 def _moe_fp8_ws_kernel(
@@ -974,6 +1079,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     else:  # over the defaults, as a table entry is
         cfg = resolve_moe_config({**_moe_default_config(m, topk, e), **config}, scheme)
     cfg2 = cfg.get("GEMM2", cfg)  # the down GEMM's tile
+    if cfg.get("ONE_LAUNCH", 0) not in (0, 1, 2):
+        raise ValueError(f"block config {cfg}: ONE_LAUNCH must be 0, 1 or 2 (2: back off while waiting)")
 
     # the TMA GEMMs (an entry's "WS", sorted lists) quantize x themselves, in the list's order
     ws = m > PAIRS_MAX_TOKENS and _ws_applies(cfg, cfg2, block, w13, w2)
@@ -992,6 +1099,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     alloc = torch.zeros if INTERPRETED else torch.empty
     if m <= PAIRS_MAX_TOKENS:  # decode: no sort, no separate slot sum
         ids = topk_ids.contiguous().view(-1)  # [M*topk]
+        if cfg.get("ONE_LAUNCH") and _one_launch_applies(cfg, cfg2, block, i, x):
+            return _one_launch(xq, xs, x, w13, w13_scale, w2, w2_scale, weights, ids, topk, e, i, cfg, cfg2, alloc)
         inter = alloc((m * topk, i), dtype=x.dtype, device=device)  # [M*topk, I] silu(gate) * up
         _launch_moe_gemm(xq, xs, w13, w13_scale, inter, weights, ids, ids, ids, n=i, k=h, a_row_div=topk,
                          gated=True, mul_routed_weight=False, block_scaled=block, cfg=cfg, pairs=e)
@@ -1029,6 +1138,48 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
 
     # atomic-free reduction over the slots, in fp32, skipping unrouted pairs
     return moe_sum(y, topk_ids, x, e)
+
+
+def _one_launch_applies(cfg: dict, cfg2: dict, block: bool, i: int, x: torch.Tensor) -> bool:
+    """Whether an entry's ONE_LAUNCH can run as asked: block scales, both GEMMs on 128-deep K steps (GEMM 2
+    quantizing its rows), column tiles inside a scale block (B_SCALE_TILE, as the two launches take them), one
+    BLOCK_M, and 16-bit activations (an fp32 intermediate takes the two launches)."""
+    return (block and QUANT_IN_GEMM and x.dtype != torch.float32 and cfg["BLOCK_K"] == cfg2["BLOCK_K"] == SCALE_BLOCK
+            and cfg["BLOCK_M"] == cfg2["BLOCK_M"] and fp8_gemm.tile_scales(SCALE_BLOCK, cfg["BLOCK_N"], i)
+            and fp8_gemm.tile_scales(SCALE_BLOCK, cfg2["BLOCK_N"]))
+
+
+READY_STRIDE = 32  # int32s between two pairs' ready counters (ONE_LAUNCH): a 128-byte line each
+
+
+def _one_launch(xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                w2: torch.Tensor, w2_scale: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, topk: int, e: int,
+                i: int, cfg: dict, cfg2: dict, alloc) -> torch.Tensor:
+    """The single-token layer's two GEMMs in one launch (_moe_fp8_one_launch_kernel; GEMM 1's warps and stages for
+    both)."""
+    m, h = x.shape
+    pairs = m * topk
+    bn1, bn2 = cfg["BLOCK_N"], cfg2["BLOCK_N"]
+    s1 = fp8_gemm.split_divisor(cfg.get("SPLIT_K", 1), h // SCALE_BLOCK)
+    s2 = fp8_gemm.split_divisor(cfg2.get("SPLIT_K", 1), i // SCALE_BLOCK)
+    n1t, n2t = i // bn1, h // bn2
+    inter = alloc((pairs, i), dtype=x.dtype, device=x.device)  # [M*topk, I] silu(gate) * up
+    out = torch.empty_like(x)
+    part1 = fp8_gemm.split_k_workspace(s1, pairs, 2 * i, 1, x.device)[0]
+    part2 = fp8_gemm.split_k_workspace(topk * s2, m, h, 1, x.device)[0]
+    t1 = pairs * n1t if s1 > 1 else 0  # arrival counters: the pairs' ready counters, then GEMM 1's, GEMM 2's
+    ready_n = READY_STRIDE * pairs
+    counters = fp8_gemm.arrival_counters(x.device, ready_n + t1 + m * n2t)
+    _moe_fp8_one_launch[(pairs * (n1t * s1 + n2t * s2),)](
+        xq, xs, w13, w13_scale, w2, w2_scale, inter, out, weights, ids, part1, counters[ready_n:], part2,
+        counters[ready_n + t1:], counters, m, SCALE_EPS,
+        xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1),
+        inter.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), out.stride(0),
+        H=h, I=i, TOPK=topk, NUM_EXPERTS=e, BLOCK_M=cfg["BLOCK_M"], BLOCK_N1=bn1, BLOCK_N2=bn2, SPLIT1=s1,
+        SPLIT2=s2, UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(x.dtype), READY_STRIDE=READY_STRIDE,
+        SLEEP=cfg["ONE_LAUNCH"] == 2 and not INTERPRETED, ASM=not INTERPRETED, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
 
 
 def _ws_applies(cfg: dict, cfg2: dict, block: bool, w13: torch.Tensor, w2: torch.Tensor) -> bool:

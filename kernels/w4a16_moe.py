@@ -267,7 +267,7 @@ def _moe_gemv_kernel(
         if DENSE:
             p_expert = (pid * 0).to(tl.int64)
         else:
-            p_expert = expert_ahead(expert_ids_ptr, pid_m, SLOT_SUM, SPLIT_K, NUM_EXPERTS)
+            p_expert = expert_ahead(expert_ids_ptr, pid_m, tl.program_id(1), SLOT_SUM, SPLIT_K, NUM_EXPERTS)
         HROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
         hr = tl.arange(0, HROWS)
         prow = tl.minimum(pid_n * BLOCK_N + hr % BLOCK_N, N - 1) + (hr // BLOCK_N) * N  # [HROWS]

@@ -68,13 +68,20 @@ def kernel_times(fn, reps: int = 20) -> list[tuple[str, float]]:
 
 def fp8_variants(base: dict, m: int) -> list[tuple[str, dict]]:
     """FP8 entries: the launcher's, then 16-row tiles of 32, 64 and 128 columns on 4 warps; at one token (unsorted
-    pairs) each with GEMM 1 split 2, 3, 4 or 6 ways and GEMM 2 1, 2 or 3 (split_divisor keeps what divides K)."""
+    pairs) each with GEMM 1 split 2, 3, 4 or 6 ways and GEMM 2 1, 2 or 3 (split_divisor keeps what divides K), and
+    the launcher's and these tiles with both GEMMs in one launch (ONE_LAUNCH)."""
     out = [("launcher", base)]
     splits = ((1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (3, 3), (6, 3)) if m == 1 else ((1, 1),)
     for bn in (32, 64, 128):
         tile = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
         out += [(f"BLOCK_N {bn} split {s1}/{s2}", {**tile, "SPLIT_K": s1, "GEMM2": {"SPLIT_K": s2}})
                 for s1, s2 in splits]
+    if m == 1:  # both GEMMs in one launch (ONE_LAUNCH; 2: GEMM 2's programs back off while they wait)
+        out += [(f"one launch{' sleep' if mode == 2 else ''}", {**base, "ONE_LAUNCH": mode}) for mode in (1, 2)]
+        for bn in (32, 64, 128):
+            tile = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, ONE_LAUNCH=1)
+            out += [(f"one launch BLOCK_N {bn} split {s1}/{s2}", {**tile, "SPLIT_K": s1, "GEMM2": {"SPLIT_K": s2}})
+                    for s1, s2 in ((1, 1), (2, 1), (2, 2), (3, 1))]
     return out
 
 

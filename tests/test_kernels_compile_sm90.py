@@ -126,6 +126,15 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
         jobs.append(("fp8_moe", "_fused_moe_fp8", consts, {**FP8, "a_ptr": a_type}, 4))
         if pairs:  # and K split over programs
             jobs.append(("fp8_moe", "_fused_moe_fp8", {**consts, "SPLIT_K": 3}, {**FP8, "a_ptr": a_type}, 4))
+    one = {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "b1_ptr": "*fp8e4nv", "b1s_ptr": "*fp32", "b2_ptr": "*fp8e4nv",
+           "b2s_ptr": "*fp32", "inter_ptr": "*bf16", "out_ptr": "*bf16", "topk_weights_ptr": "*fp32",
+           "ids_ptr": "*i64", "part1_ptr": "*fp32", "count1_ptr": "*i32", "part2_ptr": "*fp32", "count2_ptr": "*i32",
+           "ready_ptr": "*i32", "q_eps": "fp32"}
+    for split, sleep in ((1, False), (2, True)):  # FP8 decode's two GEMMs in one launch
+        jobs.append(("fp8_moe", "_moe_fp8_one_launch", dict(H=3072, I=1536, TOPK=8, NUM_EXPERTS=256, BLOCK_M=16,
+                                                            BLOCK_N1=64, BLOCK_N2=64, SPLIT1=split, SPLIT2=split,
+                                                            UPCAST=False, OUT_MANT=0, READY_STRIDE=32, SLEEP=sleep,
+                                                            ASM=True), one, 4))
     for block_n, tile_scale in ((128, True), (256, False)):  # large M: a scale a tile, or a scale a column
         consts = dict(K=3072, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False, BLOCK_SCALED=True, GROUP_N=128,
                       GROUP_K=128, EVEN_K=True, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, UPCAST=False,

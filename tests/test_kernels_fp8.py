@@ -778,6 +778,40 @@ def test_fused_moe_unsorted_pairs_split_k(device, scheme, m, e, topk, drop, monk
     assert fused_moe_fp8(*args[:6], torch.full_like(args[6], -1), scheme=scheme).eq(0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,e,topk,drop,s1,s2,bn2", [
+    (1, 16, 8, 0.0, 1, 1, 64),  # MiniMax-M2's top-8, one token
+    (3, 6, 2, 0.3, 2, 2, 32),  # K split in both GEMMs, GEMM 2's own column tile, slots routed nowhere
+    (2, 8, 4, 0.0, 4, 1, 128),
+])
+def test_fused_moe_one_launch_same_bits(device, m, e, topk, drop, s1, s2, bn2, monkeypatch):
+    """ONE_LAUNCH (block scales, unsorted pairs): both GEMMs in one launch give the two launches' bits, with K split
+    or not and GEMM 2's own tile; its counters are left at zero (a second run gives the same bits); fp32
+    activations and the channel scheme keep the two launches; a bad value is refused."""
+    args = list(moe_case(m, e, topk, 512, 256, "block", torch.bfloat16, gen_for("moe_one", m, e, topk, s1), device,
+                         drop=drop))
+    args[6][0, 0] = e  # out of range above too
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 8)
+    entry = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=s1,
+                 GEMM2={"BLOCK_N": bn2, "SPLIT_K": s2})
+    two = fused_moe_fp8(*args, config=entry)
+    launches = []
+    for name in ("_fused_moe_fp8", "_moe_fp8_one_launch"):
+        monkeypatch.setattr(fp8_moe, name, _Spy(getattr(fp8_moe, name), launches, record=lambda kw, n=name: n))
+    for mode in (1, 2, 1):
+        launches.clear()
+        one = fused_moe_fp8(*args, config={**entry, "ONE_LAUNCH": mode})
+        assert launches == ["_moe_fp8_one_launch"]
+        assert torch.equal(one, two), mode
+    assert fp8_moe.fp8_gemm.arrival_counters(torch.device(device), 1).eq(0).all()
+    assert_close(one, fused_moe_fp8_ref(*args), *TOL_MOE)
+    launches.clear()
+    fused_moe_fp8(args[0].float(), *args[1:], config={**entry, "ONE_LAUNCH": 1})
+    assert launches == ["_fused_moe_fp8"] * 2  # an fp32 intermediate: the two launches
+    with pytest.raises(ValueError, match="ONE_LAUNCH"):
+        fused_moe_fp8(*args, config={**entry, "ONE_LAUNCH": 3})
+
+
 @pytest.mark.parametrize("scheme", ["block", "channel"])
 def test_fused_moe_ref_is_within_fp8_error_of_dequantized_math(scheme):
     """The looser comparison: the reference (hence the kernel) against fp32 math on the dequantized weights, with x and
