@@ -751,6 +751,26 @@ def _fused_moe_fp8_kernel(
 _fused_moe_fp8 = triton_kernel(_fused_moe_fp8_kernel)
 
 
+def _wait_count(flag, need, SLEEP: tl.constexpr, ASM: tl.constexpr):
+    """Spin until the int32 counter at flag reaches need (the one-launch MoEs: a pair's GEMM 1 programs that have
+    stored and counted themselves, each with a release), then acquire: their stores are seen from here on. SLEEP:
+    back off between polls; ASM (compiled only): the acquire as a fence (an atomic's acquire is lost where its result
+    goes unused: triton 3.6 makes it a reduction)."""
+    seen = tl.load(flag, volatile=True)
+    while seen < need:
+        if SLEEP:  # a volatile load: L2, not an atomic
+            seen = tl.inline_asm_elementwise("nanosleep.u32 200;\n\tld.volatile.global.b32 $0, [$1];", "=r,l",
+                                             [flag], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            seen = tl.load(flag, volatile=True)
+    if ASM:
+        seen = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+
+
+wait_count = triton_kernel(_wait_count)
+
+
 def _moe_fp8_one_launch_kernel(
     x_ptr, xs_ptr,  # x fp8 [M, H] and its group scales [M, H/128] (the norm's quantization)
     b1_ptr, b1s_ptr,  # w13 fp8 [E, 2I, H] and its block scales [E, 2I/128, H/128]
@@ -799,16 +819,7 @@ def _moe_fp8_one_launch_kernel(
         pid_n = q % N2T
         tok = pair // TOPK
         flag = ready_ptr + pair * READY_STRIDE
-        seen = tl.load(flag, volatile=True)
-        while seen < PER1:  # GEMM 1's programs of the pair still running
-            if SLEEP:  # back off between polls (a volatile load: L2, not an atomic)
-                seen = tl.inline_asm_elementwise("nanosleep.u32 200;\n\tld.volatile.global.b32 $0, [$1];", "=r,l",
-                                                 [flag], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                seen = tl.load(flag, volatile=True)
-        if ASM:  # acquire: the intermediate row's stores are seen from here on
-            seen = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen],
-                                             dtype=tl.int32, is_pure=False, pack=1)
+        wait_count(flag, PER1, SLEEP, ASM)  # GEMM 1's programs of the pair
         moe_fp8_program(
             tok * N2T + pid_n, tok, pid_n, (pair % TOPK) * SPLIT2 + (q % PER2) // N2T,
             inter_ptr, topk_weights_ptr, b2_ptr, b2s_ptr, out_ptr, out_ptr, topk_weights_ptr, ids_ptr, ids_ptr,

@@ -649,18 +649,40 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: 
     return out
 
 
+def _attention_store(y, o_ptrs, gmask, oq_row, os_row, heads, d, q_eps, D: tl.constexpr, QUANT: tl.constexpr,
+                     OUT_MANT: tl.constexpr, UPCAST: tl.constexpr):
+    """A row's output heads y [BLOCK_G, D] (fp32) stored at o_ptrs; QUANT: rounded to the output dtype first, and
+    that value's block-FP8 codes and scales (a head a group, quant_groups) stored at the row's oq_row + head * D and
+    os_row + head."""
+    dtype = o_ptrs.dtype.element_ty
+    if QUANT:  # the value the 16-bit output holds is what per_token_group_quant_fp8 would quantize
+        y = narrow(y, OUT_MANT, dtype)
+    tl.store(o_ptrs, y.to(dtype), mask=gmask[:, None])
+    if QUANT:
+        yq, ys = quant_groups(y, q_eps, UPCAST)  # [BLOCK_G, D], [BLOCK_G]
+        tl.store(oq_row + heads[:, None] * D + d[None, :], yq.to(oq_row.dtype.element_ty), mask=gmask[:, None])
+        tl.store(os_row + heads, ys, mask=gmask)
+
+
+attention_store = triton_kernel(_attention_store)
+
+
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, cols_ptr, o_ptr, part_ptr, ml_ptr, count_ptr,
     NKV, G, qk_scale,  # G = NH / NKV query heads per kv head; qk_scale = scale * log2(e)
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cs, s_ch, s_cc, s_ob, s_oh,
     wq_ptr, wk_ptr, cos_ptr, sin_ptr, s_cos, s_sin, HALF, eps,  # NORM: QK-norm gains, rotary tables [B, HALF]
     rq_ptr, rk_ptr,  # HAS_RSTD: 1/rms of q and of k per row [B] fp32 (their widths split over tensor-parallel ranks)
+    oq_ptr, os_ptr, s_oqb, s_osb, q_eps,  # QUANT: the output's block-FP8 codes [B, NH * D] and scales [B, NH]
     D: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
     NORM: tl.constexpr = False,  # q, k as projected: the QK-norm over all heads and the rotary first (as qk_norm_rope)
     BLOCK_HQ: tl.constexpr = 16, BLOCK_HK: tl.constexpr = 16, OUT_MANT: tl.constexpr = 0,
     HAS_RSTD: tl.constexpr = False,
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
+    QUANT: tl.constexpr = False,  # also write the output as per_token_group_quant_fp8 makes it in groups of D (a
+    # head a group): the input of a block-FP8 o_proj, its quantization launch saved
+    UPCAST: tl.constexpr = False,  # QUANT, interpreted: quant_groups rounds to the e4m3 grid itself
 ):
     pdl_enter(PDL)  # q, k, v, the cache, its slots and columns: all written before this kernel
     # program (row b and kv head, split sp): the G query heads of the kv head against cached columns
@@ -753,7 +775,8 @@ def _decode_attention_kernel(
         m = m_new
     out_offs = b.to(tl.int64) * s_ob + heads[:, None] * s_oh + d[None, :]
     if SPLITS == 1:
-        tl.store(o_ptr + out_offs, (acc / lsum[:, None]).to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+        attention_store(acc / lsum[:, None], o_ptr + out_offs, gmask, oq_ptr + b.to(tl.int64) * s_oqb,
+                        os_ptr + b.to(tl.int64) * s_osb, heads, d, q_eps, D, QUANT, OUT_MANT, UPCAST)
     else:
         slot_part = (pid.to(tl.int64) * SPLITS + sp) * BLOCK_G
         tl.store(part_ptr + (slot_part + g)[:, None] * D + d[None, :], acc)
@@ -772,7 +795,8 @@ def _decode_attention_kernel(
                 w = tl.exp2(tl.load(ml_ptr + row0 * 2, cache_modifier=".cg") - m_all)  # 0 for an empty split
                 den += w * tl.load(ml_ptr + row0 * 2 + 1, cache_modifier=".cg")
                 tot += w[:, None] * tl.load(part_ptr + row0[:, None] * D + d[None, :], cache_modifier=".cg")
-            tl.store(o_ptr + out_offs, (tot / den[:, None]).to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+            attention_store(tot / den[:, None], o_ptr + out_offs, gmask, oq_ptr + b.to(tl.int64) * s_oqb,
+                            os_ptr + b.to(tl.int64) * s_osb, heads, d, q_eps, D, QUANT, OUT_MANT, UPCAST)
             tl.atomic_xchg(count_ptr + pid, 0)
 
 
@@ -792,12 +816,16 @@ def decode_split(rows: int, capacity: int, sms: int) -> tuple[int, int]:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                      slots: torch.Tensor, cols: torch.Tensor, scale: float,
-                     qk_norm: tuple | None = None) -> torch.Tensor:
+                     qk_norm: tuple | None = None, quant_group: int = 0
+                     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """decode_attention_ref in one launch (the cache write included): the cache is read in place, only up to each
     row's column, and split over programs along the columns where a step has few rows (flash-decoding).
     qk_norm = (wq, wk, cos, sin, eps): q and k come as projected and get qk_norm_rope first (gains [NH * D] and
     [NKV * D]; cos, sin [B, half] fp32), the model's QK-norm and rotary in the same launch; (..., eps, rq, rk): with
-    the 1/rms of q and k given per row ([B] fp32: a tensor-parallel rank's heads, normalised over all ranks')."""
+    the 1/rms of q and k given per row ([B] fp32: a tensor-parallel rank's heads, normalised over all ranks').
+    quant_group = D (16-bit q): also returns the output's block-FP8 quantization (fp8 [B, NH * D], fp32 scales
+    [B, NH]), bit for bit per_token_group_quant_fp8 of the returned output viewed as [B, NH * D], made in the same
+    launch for a block-FP8 o_proj."""
     B, NH, D = q.shape
     S, NKV, C, _ = kc.shape
     if k.shape != (B, NKV, D) or v.shape != k.shape or vc.shape != kc.shape or kc.shape[3] != D or NH % NKV or \
@@ -831,9 +859,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     else:
         wq = wk = cos = sin = rq = rk = q
         half, eps, rstds = 0, 0.0, ()
+    if quant_group and (quant_group != D or q.dtype == torch.float32):
+        raise ValueError(f"decode_attention: quantizing the output takes groups of head_dim {D} and 16-bit q, got "
+                         f"{quant_group} and {q.dtype}")
     out = torch.empty((B, NH, D), dtype=q.dtype, device=q.device)
+    if quant_group:
+        oq = torch.empty((B, NH * D), dtype=FP8_DTYPE, device=q.device)
+        os_ = torch.empty((B, NH), dtype=torch.float32, device=q.device)
+    else:
+        oq = os_ = out
     if not B:
-        return out
+        return (out, (oq, os_)) if quant_group else out
     G = NH // NKV
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     chunk, splits = decode_split(B * NKV, C, sms)
@@ -850,8 +886,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         wq, wk, cos, sin, cos.stride(0), sin.stride(0), half, float(eps), rq, rk,
+        oq, os_, oq.stride(0), os_.stride(0), SCALE_EPS,
         D=D, CHUNK=chunk, SPLITS=splits, BLOCK_G=block_g, BLOCK_C=DECODE_BLOCK_C,
         IEEE=INTERPRETED or q.dtype == torch.float32, NORM=norm, BLOCK_HQ=triton.next_power_of_2(NH),
         BLOCK_HK=triton.next_power_of_2(NKV), OUT_MANT=out_mantissa_bits(q.dtype) if q.dtype != torch.float32 else 0,
-        HAS_RSTD=bool(rstds), num_warps=4, **pdl_kwargs(q.device))
-    return out
+        HAS_RSTD=bool(rstds), QUANT=bool(quant_group), UPCAST=INTERPRETED, num_warps=4, **pdl_kwargs(q.device))
+    return (out, (oq, os_)) if quant_group else out

@@ -144,7 +144,7 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, block_rows, expert_ahead, gemv_store, moe_sum, pair_rows, pick4
+from .fp8_moe import _route, block_rows, expert_ahead, gemv_store, moe_sum, pair_rows, pick4, wait_count
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -464,17 +464,7 @@ def _moe_gemv_one_launch_kernel(
         pid_n = q % N2T
         tok = pair // TOPK
         flag = ready_ptr + pair * READY_STRIDE
-        seen = tl.load(flag, volatile=True)
-        while seen < PER1:  # GEMM 1's programs of the pair still running
-            if SLEEP:  # back off between polls (a volatile load: L2, not an atomic)
-                seen = tl.inline_asm_elementwise("nanosleep.u32 200;\n\tld.volatile.global.b32 $0, [$1];", "=r,l",
-                                                 [flag], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                seen = tl.load(flag, volatile=True)
-        if ASM:  # acquire: the intermediate row's stores are seen from here on (an atomic's acquire is lost where
-            # its result goes unused: triton 3.6 makes it a reduction)
-            seen = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen],
-                                             dtype=tl.int32, is_pure=False, pack=1)
+        wait_count(flag, PER1, SLEEP, ASM)  # GEMM 1's programs of the pair
         pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
                   pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
                   stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, I, GROUP, 1,

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
-"""Decode-size block-FP8 projections on MiniMax-M2 shapes, timed as the model runs them: q/k/v (and q_proj, kv_proj)
-as the GEMM alone on the row the fused RMSNorm already quantized, o_proj as fp8_block_linear (at one token the GEMM
-quantizes the row itself, from two rows a quantization launch first); K split over programs against the same
-without the split, and bf16 cuBLAS.
+"""Decode-size block-FP8 projections on MiniMax-M2 shapes, timed as the model runs them: the GEMM alone on rows
+quantized before it (q/k/v, q_proj, kv_proj: by the fused RMSNorm; o_proj: by the decode attention launch, a head a
+group); K split over programs against the same without the split, and bf16 cuBLAS.
 
     python scripts/tune_small_m.py --json out.json [--write-configs kernels/configs]   # on an H100/H200
     python scripts/tune_small_m.py --ms 1 --ops qkv,o_proj --json out.json            # one token's projections
@@ -79,16 +78,12 @@ def candidates(n: int, k: int, m: int) -> list[dict]:
     return out
 
 
-# the projections whose input comes from a norm that quantizes it (model.FP8_INPUT); o_proj's comes from attention
-NORM_FED = {"qkv", "q_proj", "kv_proj"}
-
-
-def model_call(name: str, x: torch.Tensor):
-    """The projection's call as the decode step makes it: fn(w, ws, cfg) -> y."""
-    if name in NORM_FED:
-        xq, xs = fp8_gemm.per_token_group_quant_fp8(x, 128)  # done by the norm, outside the timed call
-        return lambda w, ws, cfg: fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
-    return lambda w, ws, cfg: fp8_gemm.fp8_block_linear(x, w, ws, config=cfg)
+def model_call(x: torch.Tensor):
+    """The projection's call as the decode step makes it: fn(w, ws, cfg) -> y. Every input comes quantized by the
+    launch that made it (model.FP8_INPUT: the norms for q/k/v, the decode attention for o_proj), outside the timed
+    call."""
+    xq, xs = fp8_gemm.per_token_group_quant_fp8(x, 128)
+    return lambda w, ws, cfg: fp8_gemm.w8a8_block_fp8_matmul(xq, xs, w, ws, out_dtype=x.dtype, config=cfg)
 
 
 def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[dict], dict]:
@@ -102,7 +97,7 @@ def tune_linear(hbm_tbps: float, ms: list[int], ops: list[str]) -> tuple[list[di
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = fp8_gemm.fp8_block_linear_ref(x, *ws_list[0])
-            linear = model_call(name, x)
+            linear = model_call(x)
             t_bf16 = graph_ms(lambda: [F.linear(x, w) for w in bf16], len(bf16))
             timed = []
             for cfg in candidates(n, k, m):

@@ -166,12 +166,17 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
     att = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
            "slots_ptr": "*i64", "cols_ptr": "*i64", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
            "count_ptr": "*i32", "qk_scale": "fp32", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "cos_ptr": "*fp32",
-           "sin_ptr": "*fp32", "eps": "fp32", "rq_ptr": "*fp32", "rk_ptr": "*fp32"}
+           "sin_ptr": "*fp32", "eps": "fp32", "rq_ptr": "*fp32", "rk_ptr": "*fp32", "oq_ptr": "*fp8e4nv",
+           "os_ptr": "*fp32", "q_eps": "fp32"}
     for splits, norm, rstd in ((1, False, False), (3, False, False), (3, True, False), (2, True, True)):
         # decode attention: one split or merged by the last to arrive; the QK-norm and rotary inside, the 1/rms given
         jobs.append(("fused_ops", "_decode_attention", dict(D=128, CHUNK=64, SPLITS=splits, BLOCK_G=16, BLOCK_C=64,
                                                             IEEE=False, NORM=norm, BLOCK_HQ=64, BLOCK_HK=8,
                                                             OUT_MANT=7 if norm else 0, HAS_RSTD=rstd), att, 4))
+    for splits in (1, 3):  # and the output quantized for a block-FP8 o_proj
+        jobs.append(("fused_ops", "_decode_attention", dict(D=128, CHUNK=64, SPLITS=splits, BLOCK_G=16, BLOCK_C=64,
+                                                            IEEE=False, NORM=True, BLOCK_HQ=64, BLOCK_HK=8,
+                                                            OUT_MANT=7, QUANT=True, UPCAST=False), att, 4))
     for quant_a in (False, True):  # the block-FP8 linear, split K, one token quantized in the GEMM
         consts = dict(K=6144, BLOCK_SCALED=True, GROUP_N=128, GROUP_K=128, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
                       BLOCK_K=128, GROUP_M=1, UPCAST=False, OUT_MANT=0, SPLIT_K=4, QUANT_A=quant_a,

@@ -291,6 +291,82 @@ def test_decode_attention(device, B, NH, NKV, D, C, cols, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C,cols,dtype", [
+    (192, [130, 5], torch.bfloat16),  # MiniMax-M2's heads; splits merged by the last program
+    (64, [3, 63], torch.float16),  # one split a row
+])
+def test_decode_attention_quantizes_its_output(device, C, cols, dtype):
+    """quant_group = head_dim: the launch also writes its output's block-FP8 codes and scales, bit for bit
+    per_token_group_quant_fp8 of the output it returns (a head a group), for a block-FP8 o_proj; the output is the
+    one without quantization (within one ulp under the interpreter, whose plain cast truncates)."""
+    from quantkit.kernels import fp8_gemm
+
+    B, NH, NKV, D, S = 2, 48, 8, 128, 3
+    g = torch.Generator().manual_seed(C + len(cols))
+    q, k, v = ((torch.randn(B, n, D, generator=g) * 3).to(dtype).to(device) for n in (NH, NKV, NKV))
+    kc = torch.randn(S, NKV, C, D, generator=g).to(dtype).to(device)
+    vc = (torch.randn(S, NKV, C, D, generator=g) * torch.rand(S, NKV, C, 1, generator=g) * 8).to(dtype).to(device)
+    slots = torch.tensor([2, 0]).to(device)
+    cols_t = torch.tensor(cols).to(device)
+    plain = fused_ops.decode_attention(q, k, v, kc.clone(), vc.clone(), slots, cols_t, D ** -0.5)
+    out, (oq, os_) = fused_ops.decode_attention(q, k, v, kc, vc, slots, cols_t, D ** -0.5, quant_group=D)
+    assert oq.shape == (B, NH * D) and oq.dtype == fp8_gemm.FP8_DTYPE and os_.shape == (B, NH)
+    rq, rs = fp8_gemm.per_token_group_quant_fp8_ref(out.reshape(B, NH * D).cpu(), D)
+    assert torch.equal(oq.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(os_.cpu(), rs)
+    if device == "cuda":
+        assert torch.equal(out, plain)
+    else:
+        within_one_ulp(out, plain, exact_share=0.25)  # truncated against rounded: about half of them differ
+    for bad, t in ((64, q), (D, q.float())):
+        with pytest.raises(ValueError, match="quantizing the output"):
+            fused_ops.decode_attention(t, k.to(t.dtype), v.to(t.dtype), kc.to(t.dtype), vc.to(t.dtype), slots,
+                                       cols_t, 1.0, quant_group=bad)
+
+
+class _OneLaunchCache:
+    """The slot cache's one-launch decode path over given caches, rows and columns (SlotCache.decode_attention)."""
+
+    def __init__(self, kc, vc, slots, cols):
+        self.kc, self.vc, self.slots, self.cols, self.groups = kc, vc, slots, cols, []
+
+    def decode_attention(self, layer, q, k, v, scale, qk_norm=None, quant_group=0):
+        self.groups.append(quant_group)
+        return fused_ops.decode_attention(q, k, v, self.kc, self.vc, self.slots, self.cols, scale, qk_norm=qk_norm,
+                                          quant_group=quant_group)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attend_hands_o_proj_its_quantization(device):
+    """model.decode_attend asks the launch for its output's quantization where o_proj is a block-FP8 linear whose
+    activation group is a head, and the output carries it (FP8_INPUT): o_proj's result is the one it makes
+    quantizing the output itself. Another consumer, or heads of another width, get the plain launch."""
+    from quantkit.kernels import fp8_gemm
+
+    from quantkit.runtime.fp8 import Fp8Linear
+
+    g = torch.Generator().manual_seed(7)
+    B, NH, NKV, S, C = 2, 4, 2, 2, 64
+    for D, consumer_kind, want in ((128, "fp8", 128), (128, "bf16", 0), (64, "fp8", 0)):
+        q, k, v = ((torch.randn(B, 1, n * D, generator=g) * 2).bfloat16().to(device) for n in (NH, NKV, NKV))
+        kc, vc = (torch.randn(S, NKV, C, D, generator=g).bfloat16().to(device) for _ in range(2))
+        cache = _OneLaunchCache(kc, vc, torch.tensor([1, 0]).to(device), torch.tensor([9, 40]).to(device))
+        if consumer_kind == "fp8":
+            o_proj = Fp8Linear(NH * D, 256, "block")
+            w, ws = fp8_gemm.per_token_group_quant_fp8_ref(torch.randn(256, NH * D, generator=g), 128)
+            o_proj.weight.data, o_proj.weight_scale.data = w, torch.rand(2, NH * D // 128, generator=g) * 1e-2
+            o_proj = o_proj.to(device)
+        else:
+            o_proj = torch.nn.Linear(NH * D, 256, bias=False).bfloat16().to(device)
+        out = M.decode_attend(cache, 0, q, k, v, NH, NKV, None, o_proj)
+        assert cache.groups == [want] and out.shape == (B, 1, NH * D)
+        carried = getattr(out, M.FP8_INPUT, None)
+        assert (carried is not None) == bool(want)
+        if want:
+            assert M.fp8_input(out, 128) is carried
+            assert torch.equal(o_proj(out), o_proj(out.clone()))  # the clone carries nothing: quantized by o_proj
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,NH,NKV,D,rotary,C,cols,dtype,rstd", [
     (2, 48, 8, 128, 64, 192, [130, 5], torch.bfloat16, False),  # MiniMax-M2: rotary on half of each head
     (2, 24, 4, 128, 64, 192, [130, 5], torch.bfloat16, True),  # a tensor-parallel rank's half, 1/rms given

@@ -147,18 +147,29 @@ class KVCache:
 
 
 def decode_attend(cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int,
-                  qk_norm: tuple) -> torch.Tensor | None:
+                  qk_norm: tuple, consumer: nn.Module | None = None) -> torch.Tensor | None:
     """A single-token step's attention in one launch where the cache has that path (SlotCache.decode_attention):
     q [B, 1, heads*D], k, v [B, 1, kv_heads*D] as projected, the QK-norm and rotary (qk_norm = (wq, wk, cos [B, half],
-    sin, eps[, rq, rk])) done inside -> [B, 1, heads*D]; None where it does not apply (the caller attends itself)."""
+    sin, eps[, rq, rk])) done inside -> [B, 1, heads*D]; None where it does not apply (the caller attends itself).
+    Where the output's consumer (o_proj) is a block-FP8 GEMM whose activation group is a head (act_group = D) and q
+    is 16-bit, the launch also quantizes the output, which it then carries (FP8_INPUT)."""
     one = getattr(cache, "decode_attention", None)
     B, T, W = q.shape
     if one is None or T != 1:
         return None
     D = W // heads
+    group = D if act_group(consumer) == D and q.dtype in (torch.bfloat16, torch.float16) else 0
+    kw = dict(quant_group=group) if group else {}
     out = one(layer, q.view(B, heads, D), k.view(B, kv_heads, D), v.view(B, kv_heads, D), D ** -0.5,
-              qk_norm=qk_norm)
-    return None if out is None else out.view(B, T, W)
+              qk_norm=qk_norm, **kw)
+    if out is None:
+        return None
+    if not group:
+        return out.view(B, T, W)
+    out, act = out
+    out = out.view(B, T, W)
+    setattr(out, FP8_INPUT, act)  # [B, heads * D] codes, [B, heads] scales: out's rows
+    return out
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -192,7 +203,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)
         NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         out = decode_attend(cache, layer, q, k, v, NH, NKV,
-                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps))
+                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps), self.o_proj)
         if out is not None:  # QK-norm, rotary, cache write and attention in one launch
             return self.o_proj(out)
         # [B, NH, T, D]: the QK-norm spans all heads at once, then rotary per head

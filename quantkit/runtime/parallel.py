@@ -424,7 +424,7 @@ class ShardedAttention(nn.Module):
         q, k, v = self.qkv(x)  # [B, T, NH/tp*D], [B, T, NKV/tp*D] x 2
         rq, rk = tp_rstds([q, k], [cfg.q_width, cfg.kv_width], cfg.rms_norm_eps, spec)
         out = decode_attend(cache, layer, q, k, v, self.heads, self.kv_heads,
-                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps, rq, rk))
+                            (self.q_norm, self.k_norm, cos[:, 0], sin[:, 0], cfg.rms_norm_eps, rq, rk), self.o_proj)
         if out is not None:  # QK-norm (1/rms over all ranks), rotary, cache write, attention: one launch
             return all_reduce(self.o_proj(out), spec.tp, spec.tp_group)
         q = norm_rope(q, self.q_norm, cos, sin, self.heads, cfg.rms_norm_eps, rq)  # [B, NH/tp, T, D]

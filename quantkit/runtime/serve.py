@@ -84,13 +84,13 @@ class SlotCache:
         return self.k[layer][self.rows], self.v[layer][self.rows]  # a view for a slice of slots, a gather for an index
 
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         qk_norm: tuple | None = None) -> torch.Tensor | None:
+                         qk_norm: tuple | None = None, quant_group: int = 0):
         """A step of one token per row on the GPU: the cache write and the attention over each row's own columns
         (0..its position: what the step's mask allows) in one launch, the cache read in place where update would
         hand SDPA all C columns (gathered, for an index of rows). q [B, NH, D], k, v [B, NKV, D] -> [B, NH, D];
         qk_norm = (wq, wk, cos [B, half], sin, eps): q and k as projected, normalised and rotated in the same
-        launch (fused_ops.decode_attention; model.decode_attend). None where it does not apply (the caller updates
-        and attends)."""
+        launch (fused_ops.decode_attention; model.decode_attend); quant_group: with the output's block-FP8
+        quantization, (out, (codes, scales)). None where it does not apply (the caller updates and attends)."""
         from quantkit.kernels import fused_ops
 
         kc, vc = self.k[layer], self.v[layer]
@@ -99,7 +99,8 @@ class SlotCache:
                 any(t.stride(-1) != 1 for t in (q, k, v, kc)):
             return None
         idx, pos = self.targets(k.device)
-        return fused_ops.decode_attention(q, k, v, kc, vc, idx[:, 0], pos[:, 0], scale, qk_norm=qk_norm)
+        return fused_ops.decode_attention(q, k, v, kc, vc, idx[:, 0], pos[:, 0], scale, qk_norm=qk_norm,
+                                          quant_group=quant_group)
 
 
 def forward_slots(model: MiniMaxM2, tokens: torch.Tensor, cache: SlotCache, rows: slice | torch.Tensor,
