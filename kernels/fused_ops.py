@@ -651,12 +651,11 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: 
 
 def _attention_store(y, o_ptrs, gmask, oq_row, os_row, heads, d, q_eps, D: tl.constexpr, QUANT: tl.constexpr,
                      OUT_MANT: tl.constexpr, UPCAST: tl.constexpr):
-    """A row's output heads y [BLOCK_G, D] (fp32) stored at o_ptrs; QUANT: rounded to the output dtype first, and
-    that value's block-FP8 codes and scales (a head a group, quant_groups) stored at the row's oq_row + head * D and
-    os_row + head."""
+    """A row's output heads y [BLOCK_G, D] (fp32) rounded to the output dtype and stored at o_ptrs; QUANT: that
+    value's block-FP8 codes and scales (a head a group, quant_groups, what per_token_group_quant_fp8 makes of the
+    output) stored at the row's oq_row + head * D and os_row + head."""
     dtype = o_ptrs.dtype.element_ty
-    if QUANT:  # the value the 16-bit output holds is what per_token_group_quant_fp8 would quantize
-        y = narrow(y, OUT_MANT, dtype)
+    y = narrow(y, OUT_MANT, dtype)
     tl.store(o_ptrs, y.to(dtype), mask=gmask[:, None])
     if QUANT:
         yq, ys = quant_groups(y, q_eps, UPCAST)  # [BLOCK_G, D], [BLOCK_G]

@@ -107,6 +107,43 @@ def test_decode_attention_kernel_in_a_sharded_model(tiny_bf16, monkeypatch, tmp_
     assert calls and all(n == 7 for n in calls)  # gains, rotary, eps and the two 1/rms
 
 
+def test_fp8_o_proj_takes_the_decode_attention_quantization(tmp_path, monkeypatch):
+    """A block-FP8 model whose heads are 128 wide (o_proj's activation group): the one-launch decode attention also
+    quantizes its output for o_proj at every decode step, and the served tokens are those of the same launches with
+    o_proj quantizing the output itself."""
+    from quantkit.kernels import fp8_gemm, fused_ops
+
+    import quantkit.runtime.model as model_mod
+    import quantkit.runtime.serve as serve_mod
+    from quantkit import synth
+
+    monkeypatch.setitem(synth.PRESETS, "tiny-heads128", {**synth.PRESETS["tiny"], "head_dim": 128, "rotary_dim": 64})
+    synth.make_checkpoint(tmp_path / "ckpt", preset="tiny-heads128", dtype="fp8", seed=3)
+    fp8 = load_model(tmp_path / "ckpt", dtype=torch.bfloat16, backend="fp8")
+
+    def run():
+        server = Server(fp8, slots=2, max_len=24, prefill_chunk=8)
+        for p in prompts([5, 9], seed=3):
+            server.submit(Request(p, max_new_tokens=4))
+        return [c.tokens for c in server.run()]
+
+    groups, o_quant = [], []  # the launches' quant_group; o_proj's own quantizations (its input: 4 heads of 128)
+    kernel, quant = fused_ops.decode_attention, fp8_gemm.per_token_group_quant_fp8_ref
+    monkeypatch.setattr(fused_ops, "decode_attention",
+                        lambda *a, **kw: groups.append(kw.get("quant_group", 0)) or kernel(*a, **kw))
+    monkeypatch.setattr(fp8_gemm, "per_token_group_quant_fp8_ref",
+                        lambda x, g=128: o_quant.append(x.shape[-1] == 512) or quant(x, g))
+    monkeypatch.setattr(serve_mod, "_fused", lambda *ts: True)  # the kernels, under the interpreter on a CPU
+    got = run()
+    assert groups and set(groups) == {128}
+    carried = sum(o_quant)  # the prefill steps' only
+    groups.clear(), o_quant.clear()
+    monkeypatch.setattr(model_mod, "act_group", lambda consumer: 0)  # o_proj quantizes its input itself
+    assert run() == got
+    assert groups and set(groups) == {0}
+    assert sum(o_quant) == carried + len(groups)  # and now each decode launch's output too
+
+
 def test_fp8_backend_serving_equals_generation(tiny_fp8):
     fp8 = load_model(tiny_fp8, dtype=torch.float32, backend="fp8")
     ps = prompts([4, 7, 2], seed=1)
