@@ -138,7 +138,7 @@ def test_fp8_o_proj_takes_the_decode_attention_quantization(tmp_path, monkeypatc
     assert groups and set(groups) == {128}
     carried = sum(o_quant)  # the prefill steps' only
     groups.clear(), o_quant.clear()
-    monkeypatch.setattr(model_mod, "act_group", lambda consumer: 0)  # o_proj quantizes its input itself
+    monkeypatch.setattr(model_mod, "ATTN_QUANT", False)  # QUANTKIT_ATTN_QUANT=0: o_proj quantizes its input itself
     assert run() == got
     assert groups and set(groups) == {0}
     assert sum(o_quant) == carried + len(groups)  # and now each decode launch's output too

@@ -146,6 +146,12 @@ class KVCache:
         return self.k[layer][:, :, :s0 + t], self.v[layer][:, :, :s0 + t]
 
 
+# QUANTKIT_ATTN_QUANT=0: the single-token attention launch leaves its output unquantized and a block-FP8 o_proj
+# quantizes it (in its GEMM at one token, in a launch of its own from two): the path before decode_attend handed o_proj
+# the launch's own quantization, kept for comparing the two on a GPU
+ATTN_QUANT = os.environ.get("QUANTKIT_ATTN_QUANT", "1") != "0"
+
+
 def decode_attend(cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int,
                   qk_norm: tuple, consumer: nn.Module | None = None) -> torch.Tensor | None:
     """A single-token step's attention in one launch where the cache has that path (SlotCache.decode_attention):
@@ -158,7 +164,7 @@ def decode_attend(cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.
     if one is None or T != 1:
         return None
     D = W // heads
-    group = D if act_group(consumer) == D and q.dtype in (torch.bfloat16, torch.float16) else 0
+    group = D if ATTN_QUANT and act_group(consumer) == D and q.dtype in (torch.bfloat16, torch.float16) else 0
     kw = dict(quant_group=group) if group else {}
     out = one(layer, q.view(B, heads, D), k.view(B, kv_heads, D), v.view(B, kv_heads, D), D ** -0.5,
               qk_norm=qk_norm, **kw)
