@@ -144,7 +144,17 @@ from .fp8_gemm import (
     split_k_workspace,
 )
 from .fp8_gemm import triton_kernel as _jit
-from .fp8_moe import _route, block_rows, expert_ahead, gemv_store, moe_sum, pair_rows, pick4, wait_count
+from .fp8_moe import (
+    READY_STRIDE,
+    _route,
+    block_rows,
+    expert_ahead,
+    gemv_store,
+    moe_sum,
+    pair_rows,
+    pick4,
+    wait_count,
+)
 from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 
 # K: one group per step. PREFETCH (gemv): groups of words loaded ahead, 1 or 2; num_stages: the dot path's pipeline
@@ -1027,9 +1037,6 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_zeros: torch
             gated=False, mul_routed_weight=True, cfg=cfg2)
 
     return moe_sum(y, topk_ids, x, e)
-
-
-READY_STRIDE = 32  # int32s between two pairs' ready counters (ONE_LAUNCH): a 128-byte line each
 
 
 def _one_launch(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.Tensor, ...], weights: torch.Tensor,

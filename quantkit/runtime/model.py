@@ -165,16 +165,14 @@ def decode_attend(cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.
         return None
     D = W // heads
     group = D if ATTN_QUANT and act_group(consumer) == D and q.dtype in (torch.bfloat16, torch.float16) else 0
-    kw = dict(quant_group=group) if group else {}
     out = one(layer, q.view(B, heads, D), k.view(B, kv_heads, D), v.view(B, kv_heads, D), D ** -0.5,
-              qk_norm=qk_norm, **kw)
+              qk_norm=qk_norm, quant_group=group)
     if out is None:
         return None
-    if not group:
-        return out.view(B, T, W)
-    out, act = out
+    out, act = out if group else (out, None)
     out = out.view(B, T, W)
-    setattr(out, FP8_INPUT, act)  # [B, heads * D] codes, [B, heads] scales: out's rows
+    if act is not None:
+        setattr(out, FP8_INPUT, act)  # [B, heads * D] codes, [B, heads] scales: out's rows
     return out
 
 
