@@ -62,14 +62,15 @@ def candidates(m: int, groups: int) -> list[dict]:
                 if groups % split == 0:
                     out += [dict(PATH="gemv", BLOCK_M=1, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=1,
                                  SPLIT_K=split, **loop) for loop in loops]
-    else:
-        for bn in (32, 64):
-            for st in (2, 3):
-                for gs in (1, 2):
-                    for split in (1, 2, 4):
-                        if groups % split == 0:
-                            out.append(dict(PATH="mma", BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=4,
-                                            num_stages=st, GSTEP=gs, SPLIT_K=split))
+    else:  # from 32 rows, 32- and 64-row blocks first (each weight tile read once a row block), then 16-row ones
+        for bm in [b for b in (64, 32) if b <= m] + [16]:
+            for bn in (32, 64):
+                for st in (2, 3):
+                    for gs in (1, 2):
+                        for split in (1, 2, 4) if bm == 16 else (1, 2):
+                            if groups % split == 0:
+                                out.append(dict(PATH="mma", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if bm > 16 else 1,
+                                                num_warps=4, num_stages=st, GSTEP=gs, SPLIT_K=split))
     return out
 
 
