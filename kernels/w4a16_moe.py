@@ -164,7 +164,7 @@ from .w4a16_gemm import check_device, check_kmajor_weight, kmajor_dequantize_ref
 # GSTEP (mma; gemv at one token a program and PREFETCH 0): groups a K step, falling to the largest power of two
 # dividing the program's groups (fp32 activations on the gemv path: 1)
 MOE_CONFIG_KEYS = ("PATH", "BLOCK_M", "BLOCK_N", "GROUP_M", "PREFETCH", "num_warps", "num_stages", "SPLIT_K",
-                   "SPLIT_K2", "STAGES", "PAIRS", "GSTEP", "ONE_LAUNCH")
+                   "SPLIT_K2", "STAGES", "PAIRS", "GSTEP", "ONE_LAUNCH", "WIDE")
 PATHS = ("gemv", "dot", "mma")
 # the MoE also has "rows" (decode, unsorted pairs only): a thread a weight row, activations in fp32 with their group
 # sums made once (see _moe_rows_kernel); a tuning candidate
@@ -189,6 +189,15 @@ def _nibble_in_place(words, hi, j: tl.constexpr):
 
 
 nibble_in_place = _jit(_nibble_in_place)
+
+
+def _place_operand(words, hi, z, j: tl.constexpr, dtype: tl.constexpr):
+    """q - z of nibble place j of the [BLOCK_N, GW] words (z [BLOCK_N] their rows' zero points) in dtype: exact."""
+    f, off = nibble_in_place(words, hi, j)
+    return (f - (z + off)[:, None]).to(dtype)
+
+
+place_operand = _jit(_place_operand)
 
 
 def _gemv_groups(acc, words_base, z_ptrs, s_ptrs, x_base, x_ok, row_mask, nibble_mask, KB_PER: tl.constexpr,
@@ -503,6 +512,8 @@ def _moe_dot_kernel(
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr, F32_DOT: tl.constexpr,
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
+    WIDE: tl.constexpr = False,  # one tl.dot of K = GROUP a group: the eight nibble places of the group's words
+    # unpacked side by side ([BLOCK_N, 8, G/8], place j holding codes j * G/8 ...), which is the group's K order
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -531,13 +542,31 @@ def _moe_dot_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WIDE:
+        a_group = a_ptr + a_rows[:, None] * stride_am + k0 * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK_M, G]
     for kb in range(0, KB_PER):
+        if WIDE:  # the group's activations once, for both halves
+            a_all = tl.load(a_group + kb * GROUP, mask=tok_mask[:, None], other=0.0)  # [BLOCK_M, G]
+            if UPCAST:
+                a_all = a_all.to(tl.float32)
         for hf in tl.static_range(HALVES):
             words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
             z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
             hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
+            if WIDE:  # each place's [BLOCK_N, GW] operand as below, the eight joined as [BLOCK_N, 8, GW] (place j's
+                # columns at j * GW: the group's K order)
+                dt = a_all.dtype
+                w = tl.join(tl.join(tl.join(place_operand(words, hi, z, 0, dt), place_operand(words, hi, z, 1, dt)),
+                                    tl.join(place_operand(words, hi, z, 2, dt), place_operand(words, hi, z, 3, dt))),
+                            tl.join(tl.join(place_operand(words, hi, z, 4, dt), place_operand(words, hi, z, 5, dt)),
+                                    tl.join(place_operand(words, hi, z, 6, dt), place_operand(words, hi, z, 7, dt))))
+                w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BLOCK_N, GROUP))  # place 4 b4 + 2 b3 + b2
+                if F32_DOT:
+                    part = tl.dot(a_all, tl.trans(w), input_precision="ieee")
+                else:
+                    part = tl.dot(a_all, tl.trans(w))
+            for j in tl.static_range(8 if not WIDE else 0):
                 # nibble j of the group's words holds codes j * GW .. j * GW + GW - 1: one [BLOCK_M, GW] x
                 # [GW, BLOCK_N] product; q - z exactly as in the GEMV kernel, in [-15, 15]: exact in bf16/fp16
                 a = tl.load(a_ptrs + j * GW, mask=tok_mask[:, None], other=0.0)
@@ -980,7 +1009,7 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
                        GSTEP=_gstep(cfg, k // g // split), **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
-                       F32_DOT=a.dtype == torch.float32 and not INTERPRETED, **common)
+                       F32_DOT=a.dtype == torch.float32 and not INTERPRETED, WIDE=bool(cfg.get("WIDE", 0)), **common)
 
 
 def _gstep(cfg: dict, groups: int) -> int:

@@ -153,6 +153,12 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                      dict(PATH="mma", PAIRS=True, BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, num_warps=nw, num_stages=st,
                           SPLIT_K=s1, SPLIT_K2=s2, GSTEP=gs))
                     for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
+    # prefill sizes (the launcher on the dot path): its tiles with eight dots of K = G/8 a group, or one of K = G
+    if w4 and base.get("PATH") == "dot":
+        out += [(f"dot bm {bm} bn {bn} warps {nw} stages {st}{' wide' if wide else ''}",
+                 dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=nw, num_stages=st, WIDE=wide))
+                for bm, bn, nw in ((64, 128, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)) for st in (3, 4)
+                for wide in (0, 1)]
     return out
 
 

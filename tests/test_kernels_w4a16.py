@@ -247,6 +247,9 @@ def test_fused_moe_matches_reference(device, m, dtype):
     (6, torch.bfloat16, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 4, "BLOCK_N": 128}),
     # the tensor-core path on the same layout (group 128: K steps of 16); 384 = 1.5 tiles of 256 in both GEMMs
     (6, torch.float16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 256}),
+    # one dot of K = 128 a group (the eight nibble places side by side); group 64: K = 64
+    (9, torch.bfloat16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 1}),
+    (5, torch.float32, 192, 192, 64, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 1}),
     # weights as the A operand: bf16 and fp16 operand bits; 384 = 1.5 tiles of 256, and 3 tiles of 128 rows
     (5, torch.bfloat16, 384, 384, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 256}),
     (7, torch.float16, 384, 256, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 128}),
@@ -583,6 +586,7 @@ def test_fused_moe_refuses_mismatched_experts():
     (12, 64, 256, 32, torch.float32, {"PATH": "dequant"}),
     (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4}),
     (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64}),
+    (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "WIDE": 1}),
     # a thread a weight row on x converted to fp32 with its group sums; N = 80: a half-full last tile of 32
     (3, 80, 256, 64, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 2}),
     (1, 80, 512, 128, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 4}),
