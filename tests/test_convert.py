@@ -126,6 +126,28 @@ def test_minimax_m2_preset_has_the_real_widths(tmp_path):
     assert raw["num_hidden_layers"] == 2 and raw["rotary_dim"] == 64
 
 
+def test_minimax_m2_preset_routes_like_a_balanced_router():
+    """The real-width preset's gate and correction bias, drawn as make_checkpoint draws them, against normalized
+    rows: 128 tokens reach most of the 256 experts (a bias of the tiny preset's std would hold them to a few dozen),
+    and the bias still changes which experts are picked."""
+    from quantkit.synth import PRESET_INIT, PRESETS, Init
+
+    p = PRESETS["minimax-m2"]
+    h, e, k = p["hidden_size"], p["num_local_experts"], p["num_experts_per_tok"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, h, generator=g)
+    scores = torch.sigmoid(x @ (PRESET_INIT["minimax-m2"].std * torch.randn(e, h, generator=g)).t())
+    noise = torch.randn(e, generator=g)
+
+    def experts(bias_std: float, rows: int = 128) -> torch.Tensor:
+        return (scores[:rows] + bias_std * noise).topk(k, dim=-1).indices
+
+    assert experts(PRESET_INIT["minimax-m2"].bias_std).unique().numel() >= 180
+    assert experts(PRESET_INIT["minimax-m2"].bias_std, 32).unique().numel() >= 110
+    assert experts(Init().bias_std).unique().numel() <= 64
+    assert not torch.equal(experts(PRESET_INIT["minimax-m2"].bias_std), experts(0.0))
+
+
 def test_inspect_json(tiny_fp8):
     proc = run_cli("inspect", tiny_fp8, "--json")
     assert proc.returncode == 0, proc.stderr
