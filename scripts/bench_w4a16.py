@@ -133,8 +133,11 @@ def moe_candidates(m: int) -> list[dict]:
     for ns, bm, bn, nw in itertools.product([3, 2, 4], block_m, bns, [4, 8]):
         if bn == 256 and bm > 64 or bm * bn >= 128 * 128 and nw == 4 or bn == 32 and nw == 8:
             continue  # the accumulators (two in GEMM 1) and the spread tile live in registers
-        out.append(dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if per_expert > 16 else 1, num_warps=nw,
-                        num_stages=ns))
+        dot = dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if per_expert > 16 else 1, num_warps=nw,
+                   num_stages=ns)
+        # one dot of K = G a group: fewer instructions a group on two warp groups of 64 rows (sm_90, the M = 4096
+        # entry's 64 x 128 tile: 1025 against 1326), more on one
+        out += [{**dot, "WIDE": 1}, dot] if nw == 8 and bm >= 64 else [dot]
     # weights as the A operand (out^T = W x^T): BLOCK_N is the MMA's M (64 rows per warp group), BLOCK_M its N
     mma = []
     bms = [16] if per_expert <= 4 else [16, 32] if per_expert <= 16 else [32, 64] if per_expert <= 64 else [64, 128]
