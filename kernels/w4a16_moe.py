@@ -76,7 +76,9 @@ configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PA
       partial product, which the group scale multiplies. With "WIDE" the eight places' operands are joined in the
       group's K order and the group is one tl.dot of K = G against its activations, loaded once for gate and up:
       compiled for sm_90 (triton 3.9) GEMM 1's loop on 64 x 128 tiles over 8 warps issues 1025 instructions a
-      group where the eight dots issue 1326 (on 32 x 64 tiles over 4 warps 1132 against 983).
+      group where the eight dots issue 1326 (on 32 x 64 tiles over 4 warps 1132 against 983). "WIDE" 2 makes
+      places j and j + 4 with the mma path's LOP3 (2^m + q, the offset off the product as (2^m + z) * sum(x)):
+      702 instructions a group on 32 x 64 tiles over 4 warps, 1424 on 64 x 128 over 8 (spilling).
 
   "mma" (a few tokens to a few hundred per expert): tensor cores with the roles swapped, out^T = W x^T, the
       dequantized weights as the A operand held in registers (no shared-memory round trip). Masking a word with
@@ -201,6 +203,18 @@ def _place_operand(words, hi, z, j: tl.constexpr, dtype: tl.constexpr):
 
 
 place_operand = _jit(_place_operand)
+
+
+def _magic_places(words, j: tl.constexpr, MAGIC: tl.constexpr, UPCAST: tl.constexpr, dtype: tl.constexpr):
+    """Nibble places j and j + 4 (j < 4) of the [BLOCK_N, GW] words as the 16-bit floats 2^m + q of dtype (MAGIC
+    the pattern of 2^m): one shift and one LOP3 a word for both; UPCAST (interpreted): the same values in fp32."""
+    v = ((words >> (4 * j)) & 0x000F000F) | (MAGIC * 65537)
+    if UPCAST:
+        return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
+    return v.to(tl.int16).to(dtype, bitcast=True), (v >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+magic_places = _jit(_magic_places)
 
 
 def _gemv_groups(acc, words_base, z_ptrs, s_ptrs, x_base, x_ok, row_mask, nibble_mask, KB_PER: tl.constexpr,
@@ -515,8 +529,11 @@ def _moe_dot_kernel(
     UPCAST: tl.constexpr, OUT_MANT: tl.constexpr, F32_DOT: tl.constexpr,
     DENSE: tl.constexpr = False,  # a plain linear (w4a16_kmajor_linear): rows of A in order, expert 0
     SPLIT_K: tl.constexpr = 1,  # programs per output tile, each over K/G/SPLIT_K groups (not GATED)
-    WIDE: tl.constexpr = False,  # one tl.dot of K = GROUP a group: the eight nibble places of the group's words
-    # unpacked side by side ([BLOCK_N, 8, G/8], place j holding codes j * G/8 ...), which is the group's K order
+    WIDE: tl.constexpr = 0,  # 1: one tl.dot of K = GROUP a group: the eight nibble places of the group's words
+    # unpacked side by side ([BLOCK_N, 8, G/8], place j holding codes j * G/8 ...), which is the group's K order;
+    # 2: the same with places j and j + 4 made by one LOP3 as the 16-bit floats 2^m + q (the mma path's MAGIC), the
+    # 2^m + z offset taken off the group's product as (2^m + z) * sum(x) (16-bit activations; fp32 ones as 1)
+    MAGIC: tl.constexpr = 0x4300,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -547,18 +564,31 @@ def _moe_dot_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WIDE:
         a_group = a_ptr + a_rows[:, None] * stride_am + k0 * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK_M, G]
+    PAIRED: tl.constexpr = (WIDE == 2) and (not F32_DOT) and (a_ptr.dtype.element_ty != tl.float32)
+    BIAS: tl.constexpr = 128.0 if MAGIC == 0x4300 else 1024.0  # 2^m
     for kb in range(0, KB_PER):
         if WIDE:  # the group's activations once, for both halves
             a_all = tl.load(a_group + kb * GROUP, mask=tok_mask[:, None], other=0.0)  # [BLOCK_M, G]
             if UPCAST:
                 a_all = a_all.to(tl.float32)
+            if PAIRED:
+                xsum = tl.sum(a_all.to(tl.float32), axis=1)  # [BLOCK_M]
         for hf in tl.static_range(HALVES):
             words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
             z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
             hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if WIDE:  # each place's [BLOCK_N, GW] operand as below, the eight joined as [BLOCK_N, 8, GW] (place j's
-                # columns at j * GW: the group's K order)
+            if PAIRED:  # places j and j + 4 as 2^m + q from one LOP3 a word (2^m + z comes off after the dot)
+                dt = a_all.dtype
+                p0, p4 = magic_places(words, 0, MAGIC, UPCAST, dt)
+                p1, p5 = magic_places(words, 1, MAGIC, UPCAST, dt)
+                p2, p6 = magic_places(words, 2, MAGIC, UPCAST, dt)
+                p3, p7 = magic_places(words, 3, MAGIC, UPCAST, dt)
+                w = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7)))
+                w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BLOCK_N, GROUP))  # as below
+                part = tl.dot(a_all, tl.trans(w)) - xsum[:, None] * (z + BIAS)[None, :]
+            elif WIDE:  # each place's [BLOCK_N, GW] operand as below, the eight joined as [BLOCK_N, 8, GW] (place
+                # j's columns at j * GW: the group's K order)
                 dt = a_all.dtype
                 w = tl.join(tl.join(tl.join(place_operand(words, hi, z, 0, dt), place_operand(words, hi, z, 1, dt)),
                                     tl.join(place_operand(words, hi, z, 2, dt), place_operand(words, hi, z, 3, dt))),
@@ -1014,7 +1044,8 @@ def _launch(a: torch.Tensor, w: tuple[torch.Tensor, ...], c: torch.Tensor, topk_
                        GSTEP=_gstep(cfg, k // g // split), **common)
     else:
         _moe_dot[grid](*args, GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED,
-                       F32_DOT=a.dtype == torch.float32 and not INTERPRETED, WIDE=bool(cfg.get("WIDE", 0)), **common)
+                       F32_DOT=a.dtype == torch.float32 and not INTERPRETED, WIDE=int(cfg.get("WIDE", 0)),
+                       MAGIC=0x6400 if a.dtype == torch.float16 and not INTERPRETED else 0x4300, **common)
 
 
 def _gstep(cfg: dict, groups: int) -> int:

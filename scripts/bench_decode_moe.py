@@ -154,11 +154,12 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                           SPLIT_K=s1, SPLIT_K2=s2, GSTEP=gs))
                     for bn in (64, 128) for nw in (4, 8) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (4, 2))]
     # prefill sizes (the launcher on the dot path): its tiles with eight dots of K = G/8 a group, or one of K = G
+    # (WIDE 1; 2: places j and j + 4 from one LOP3 as 2^m + q)
     if w4 and base.get("PATH") == "dot":
-        out += [(f"dot bm {bm} bn {bn} warps {nw} stages {st}{' wide' if wide else ''}",
+        out += [(f"dot bm {bm} bn {bn} warps {nw} stages {st}{['', ' wide', ' wide pairs'][wide]}",
                  dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=nw, num_stages=st, WIDE=wide))
                 for bm, bn, nw in ((64, 128, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)) for st in (3, 4)
-                for wide in (0, 1)]
+                for wide in (0, 1, 2)]
     return out
 
 

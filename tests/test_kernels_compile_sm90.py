@@ -48,7 +48,9 @@ def w4_variants() -> list[tuple]:
                                  "F32_DOT": False}, 4))
         # one dot of K = G a group (the nibble places joined), on two warp groups
         out.append(("_moe_dot", {**base, "BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "UPCAST": False,
-                                 "F32_DOT": False, "WIDE": True}, 8))
+                                 "F32_DOT": False, "WIDE": 1}, 8))
+        out.append(("_moe_dot", {**base, "BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8, "UPCAST": False,
+                                 "F32_DOT": False, "WIDE": 2, "MAGIC": 0x4300}, 4))
     for gated in (True, False):  # decode's unsorted pairs, GEMM 2 adding the slots
         base = dict(K=3072, GROUP=128, A_ROW_DIV=8 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                     OUT_MANT=0, PAIRS=True, SLOT_SUM=0 if gated else 8, NUM_EXPERTS=256)

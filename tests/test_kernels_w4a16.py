@@ -250,6 +250,9 @@ def test_fused_moe_matches_reference(device, m, dtype):
     # one dot of K = 128 a group (the eight nibble places side by side); group 64: K = 64
     (9, torch.bfloat16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 1}),
     (5, torch.float32, 192, 192, 64, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 1}),
+    # and with places j, j + 4 as 2^m + q from one LOP3 (2^m + z off after the dot): bf16, fp16 operand bits
+    (9, torch.bfloat16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 2}),
+    (7, torch.float16, 384, 256, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 2}),
     # weights as the A operand: bf16 and fp16 operand bits; 384 = 1.5 tiles of 256, and 3 tiles of 128 rows
     (5, torch.bfloat16, 384, 384, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 256}),
     (7, torch.float16, 384, 256, 128, {"PATH": "mma", "BLOCK_M": 16, "BLOCK_N": 128}),
@@ -587,6 +590,8 @@ def test_fused_moe_refuses_mismatched_experts():
     (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 4}),
     (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64}),
     (70, 192, 512, 128, torch.bfloat16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "WIDE": 1}),
+    (33, 128, 256, 128, torch.float32, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 2}),
+    (40, 96, 512, 128, torch.float16, {"PATH": "dot", "BLOCK_M": 64, "BLOCK_N": 32, "WIDE": 2}),
     # a thread a weight row on x converted to fp32 with its group sums; N = 80: a half-full last tile of 32
     (3, 80, 256, 64, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 2}),
     (1, 80, 512, 128, torch.bfloat16, {"PATH": "rows", "BLOCK_N": 32, "num_warps": 1, "SPLIT_K": 4}),
