@@ -217,6 +217,17 @@ def _magic_places(words, j: tl.constexpr, MAGIC: tl.constexpr, UPCAST: tl.conste
 magic_places = _jit(_magic_places)
 
 
+def _group_operand(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """The eight nibble places' [BLOCK_N, GW] operands as one [BLOCK_N, GROUP] in the group's K order (word c's place
+    j at column j * GW + c): joined as [BLOCK_N, GW, 2, 2, 2] (place b2 + 2 b3 + 4 b4 on the last three axes), then
+    laid out as [BLOCK_N, b4, b3, b2, GW]."""
+    w = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7)))
+    return tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BLOCK_N, GROUP))
+
+
+group_operand = _jit(_group_operand)
+
+
 def _gemv_groups(acc, words_base, z_ptrs, s_ptrs, x_base, x_ok, row_mask, nibble_mask, KB_PER: tl.constexpr,
                  GW: tl.constexpr, GSTEP: tl.constexpr, STAGES: tl.constexpr):
     """The GEMV loop of one token over GSTEP groups a step: acc [ROWS] += sum over the program's KB_PER groups of
@@ -577,42 +588,39 @@ def _moe_dot_kernel(
             words = tl.load(b_ptrs + hf * N * stride_bn, mask=n_mask[:, None], other=0)  # [BLOCK_N, GW]
             z = tl.load(z_ptrs + hf * N * stride_zn + kb, mask=n_mask, other=0).to(tl.float32)  # [BLOCK_N]
             hi = words >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if PAIRED:  # places j and j + 4 as 2^m + q from one LOP3 a word (2^m + z comes off after the dot)
                 dt = a_all.dtype
                 p0, p4 = magic_places(words, 0, MAGIC, UPCAST, dt)
                 p1, p5 = magic_places(words, 1, MAGIC, UPCAST, dt)
                 p2, p6 = magic_places(words, 2, MAGIC, UPCAST, dt)
                 p3, p7 = magic_places(words, 3, MAGIC, UPCAST, dt)
-                w = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7)))
-                w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BLOCK_N, GROUP))  # as below
+                w = group_operand(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N, GROUP)
                 part = tl.dot(a_all, tl.trans(w)) - xsum[:, None] * (z + BIAS)[None, :]
-            elif WIDE:  # each place's [BLOCK_N, GW] operand as below, the eight joined as [BLOCK_N, 8, GW] (place
-                # j's columns at j * GW: the group's K order)
+            elif WIDE:  # each place's [BLOCK_N, GW] operand as below, the eight in the group's K order
                 dt = a_all.dtype
-                w = tl.join(tl.join(tl.join(place_operand(words, hi, z, 0, dt), place_operand(words, hi, z, 1, dt)),
-                                    tl.join(place_operand(words, hi, z, 2, dt), place_operand(words, hi, z, 3, dt))),
-                            tl.join(tl.join(place_operand(words, hi, z, 4, dt), place_operand(words, hi, z, 5, dt)),
-                                    tl.join(place_operand(words, hi, z, 6, dt), place_operand(words, hi, z, 7, dt))))
-                # [BLOCK_N, GW, 2, 2, 2]: place b2 + 2 b3 + 4 b4 on the last three axes; as [BLOCK_N, b4, b3, b2,
-                # GW], word c's place j is column j * GW + c
-                w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BLOCK_N, GROUP))
+                w = group_operand(place_operand(words, hi, z, 0, dt), place_operand(words, hi, z, 1, dt),
+                                  place_operand(words, hi, z, 2, dt), place_operand(words, hi, z, 3, dt),
+                                  place_operand(words, hi, z, 4, dt), place_operand(words, hi, z, 5, dt),
+                                  place_operand(words, hi, z, 6, dt), place_operand(words, hi, z, 7, dt),
+                                  BLOCK_N, GROUP)
                 if F32_DOT:
                     part = tl.dot(a_all, tl.trans(w), input_precision="ieee")
                 else:
                     part = tl.dot(a_all, tl.trans(w))
-            for j in tl.static_range(8 if not WIDE else 0):
-                # nibble j of the group's words holds codes j * GW .. j * GW + GW - 1: one [BLOCK_M, GW] x
-                # [GW, BLOCK_N] product; q - z exactly as in the GEMV kernel, in [-15, 15]: exact in bf16/fp16
-                a = tl.load(a_ptrs + j * GW, mask=tok_mask[:, None], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                f, off = nibble_in_place(words, hi, j)
-                w = (f - (z + off)[:, None]).to(a.dtype)  # [BLOCK_N, GW]
-                if F32_DOT:
-                    part = tl.dot(a, tl.trans(w), part, input_precision="ieee")
-                else:
-                    part = tl.dot(a, tl.trans(w), part)
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    # nibble j of the group's words holds codes j * GW .. j * GW + GW - 1: one [BLOCK_M, GW] x
+                    # [GW, BLOCK_N] product; q - z exactly as in the GEMV kernel, in [-15, 15]: exact in bf16/fp16
+                    a = tl.load(a_ptrs + j * GW, mask=tok_mask[:, None], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                    f, off = nibble_in_place(words, hi, j)
+                    w = (f - (z + off)[:, None]).to(a.dtype)  # [BLOCK_N, GW]
+                    if F32_DOT:
+                        part = tl.dot(a, tl.trans(w), part, input_precision="ieee")
+                    else:
+                        part = tl.dot(a, tl.trans(w), part)
             s = tl.load(s_ptrs + hf * N * stride_sn + kb, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
             if hf == 0:
                 acc += part * s[None, :]
