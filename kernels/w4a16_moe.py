@@ -40,8 +40,10 @@ last program of each tile (fp8_gemm.split_k_sum): two launches instead of four, 
 rounding of each slot to x.dtype. With "ONE_LAUNCH" (the GEMV path at one pair a program) those two are one launch,
 GEMM 2's programs after GEMM 1's in the grid, each waiting on its pair's ready counter
 (_moe_gemv_one_launch_kernel): on an H100 7% less time at four tokens, 2% at eight, a loss at one and two
-(BENCHMARKS.md). The whole layer can be captured in a CUDA graph. One layout; the block
-configuration (data, configs/w4a16_moe.json) picks one per M bucket with its "PATH" key (three kernels):
+(BENCHMARKS.md); ONE_LAUNCH 3 has GEMM 2's programs load their share of the weight before they wait
+(pair_gemv_preloaded), 4 does that and backs off between polls as 2 does. The whole layer can be captured in a
+CUDA graph. One layout; the block configuration (data, configs/w4a16_moe.json) picks one per M bucket with its
+"PATH" key (three kernels):
 
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
       up rows in GEMM 1, 2 x BLOCK_N output rows in GEMM 2) of one expert for the BLOCK_M pairs of one block and
@@ -246,15 +248,21 @@ def _gemv_groups(acc, words_base, z_ptrs, s_ptrs, x_base, x_ok, row_mask, nibble
         gmask = (row_mask[:, None].to(tl.int32) + offs_g[None, :] * 0) != 0  # [ROWS, GSTEP]
         z = tl.load(z_ptrs[:, None] + kb + offs_g[None, :], mask=gmask, other=0).to(tl.float32)  # [ROWS, GSTEP]
         s = tl.load(s_ptrs[:, None] + kb + offs_g[None, :], mask=gmask, other=0.0).to(tl.float32)
-        part = tl.zeros(words.shape, dtype=tl.float32)
-        xs = tl.zeros((GSTEP, GW), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptrs + kb * 8 * GW + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [GSTEP, GW]
-            xs += xj
-            part += nibble_128(words, j, nibble_mask) * xj[None, :, :]
-        rs = (tl.sum(part, axis=2) - (z + 128.0) * tl.sum(xs, axis=1)[None, :]) * s  # [ROWS, GSTEP]
-        acc += tl.sum(rs, axis=1)
+        acc += group_sums(words, z, s, x_ptrs + kb * 8 * GW, x_mask, nibble_mask, GW)
     return acc
+
+
+def _group_sums(words, z, s, x_ptrs, x_mask, nibble_mask, GW: tl.constexpr):
+    """[ROWS] sum over the groups of words [ROWS, GS, GW] (their zeros z and scales s [ROWS, GS], fp32) of
+    (sum (q - z) x) s: x_ptrs [GS, GW] to nibble place 0 of each group's activations (x_mask false: zeros)."""
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    xs = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(x_ptrs + j * GW, mask=x_mask, other=0.0).to(tl.float32)  # [GS, GW]
+        xs += xj
+        part += nibble_128(words, j, nibble_mask) * xj[None, :, :]
+    rs = (tl.sum(part, axis=2) - (z + 128.0) * tl.sum(xs, axis=1)[None, :]) * s  # [ROWS, GS]
+    return tl.sum(rs, axis=1)
 
 
 def _nibble_128(words, j: tl.constexpr, nibble_mask):
@@ -270,6 +278,7 @@ def _nibble_128(words, j: tl.constexpr, nibble_mask):
 
 
 nibble_128 = _jit(_nibble_128)
+group_sums = _jit(_group_sums)
 gemv_groups = _jit(_gemv_groups)
 
 
@@ -466,6 +475,50 @@ def _pair_gemv(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, par
 pair_gemv = _jit(_pair_gemv)
 
 
+def _pair_gemv_preloaded(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, part_ptr, count_ptr, tile,
+                         pid_m, pid_n, pid_s, N, num_valid_tokens, nibble_mask, stride_am, stride_be, stride_bn,
+                         stride_ze, stride_zn, stride_se, stride_sn, stride_cm, flag, need, K: tl.constexpr,
+                         GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                         OUT_MANT: tl.constexpr, SPLIT_K: tl.constexpr, SLOT_SUM: tl.constexpr,
+                         NUM_EXPERTS: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr):
+    """pair_gemv with the program's whole share of the weight (words, zeros, scales: KB_PER groups, the load
+    widened to a power of two and masked) loaded before it waits for the counter at flag to reach need, and the
+    activations read after: the weight's read overlaps what the program waits for. pair_gemv's products, their
+    groups summed in one reduction rather than GSTEP at a time (another fp32 order)."""
+    KB_PER: tl.constexpr = K // GROUP // SPLIT_K
+    KBP: tl.constexpr = triton.next_power_of_2(KB_PER)
+    k0 = (pid_s % SPLIT_K) * KB_PER
+    ROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
+    GW: tl.constexpr = GROUP // 8
+    r = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N
+    pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(ids_ptr, pid_m, pid_s, num_valid_tokens, r,
+                                                              A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
+    row_mask = (offs_n < N) & routed
+    rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)
+    offs_g = tl.arange(0, KBP)
+    offs_c = tl.arange(0, GW)
+    gmask = (row_mask[:, None].to(tl.int32) * (offs_g < KB_PER)[None, :].to(tl.int32)) != 0  # [ROWS, KBP]
+    w_ptrs = (b_ptr + expert * stride_be + rows[:, None, None] * stride_bn + k0 * GW
+              + offs_g[None, :, None] * GW + offs_c[None, None, :])  # [ROWS, KBP, GW]
+    words = tl.load(w_ptrs, mask=gmask[:, :, None], other=0)
+    z = tl.load(z_ptr + expert * stride_ze + rows[:, None] * stride_zn + k0 + offs_g[None, :], mask=gmask,
+                other=0).to(tl.float32)
+    s = tl.load(s_ptr + expert * stride_se + rows[:, None] * stride_sn + k0 + offs_g[None, :], mask=gmask,
+                other=0.0).to(tl.float32)
+    wait_count(flag, need, SLEEP, ASM)
+    x_ptrs = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP + offs_g[:, None] * (8 * GW) \
+        + offs_c[None, :]  # [KBP, GW]
+    x_mask = ((offs_g[:, None] < KB_PER).to(tl.int32) * (pair >= 0).to(tl.int32) + offs_c[None, :] * 0) != 0
+    acc = group_sums(words, z, s, x_ptrs, x_mask, nibble_mask, GW)
+    gemv_store(tl.reshape(acc, (1, ROWS)), c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, tile, pid_s,
+               pid_n, pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, False, SLOT_SUM,
+               SPLIT_K, OUT_MANT, 0)
+
+
+pair_gemv_preloaded = _jit(_pair_gemv_preloaded)
+
+
 def _moe_gemv_one_launch_kernel(
     x_ptr, b1_ptr, z1_ptr, s1_ptr, b2_ptr, z2_ptr, s2_ptr,  # x [M, H]; w13 and w2 K-major (_moe_gemv_kernel)
     inter_ptr, out_ptr,  # [M*topk, I] silu(gate) * up; [M, H] the layer's output
@@ -479,6 +532,7 @@ def _moe_gemv_one_launch_kernel(
     BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, SPLIT1: tl.constexpr, SPLIT2: tl.constexpr,
     GSTEP1: tl.constexpr, GSTEP2: tl.constexpr, STAGES: tl.constexpr, OUT_MANT: tl.constexpr,
     READY_STRIDE: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr,  # inline PTX (compiled only)
+    PRELOAD: tl.constexpr = False,  # GEMM 2's programs load their weight share before they wait (pair_gemv_preloaded)
 ):
     """The decode MoE's two GEMMs in one launch (ONE_LAUNCH): programs [0, P1) are GEMM 1's, pair by pair (all of
     a pair's column tiles and K shares, then the next pair's), the rest GEMM 2's in the same pair order. A GEMM 2
@@ -511,11 +565,18 @@ def _moe_gemv_one_launch_kernel(
         pid_n = q % N2T
         tok = pair // TOPK
         flag = ready_ptr + pair * READY_STRIDE
-        wait_count(flag, PER1, SLEEP, ASM)  # GEMM 1's programs of the pair
-        pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
-                  pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
-                  stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, I, GROUP, 1,
-                  False, BLOCK_N2, OUT_MANT, SPLIT2, TOPK, NUM_EXPERTS, GSTEP2, STAGES)
+        if PRELOAD:  # the weight share loaded first, then the wait for GEMM 1's programs of the pair
+            pair_gemv_preloaded(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr,
+                                count2_ptr, pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M,
+                                nibble_mask, stride_im, stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e,
+                                stride_s2n, stride_om, flag, PER1, I, GROUP, 1, False, BLOCK_N2, OUT_MANT, SPLIT2,
+                                TOPK, NUM_EXPERTS, SLEEP, ASM)
+        else:
+            wait_count(flag, PER1, SLEEP, ASM)  # GEMM 1's programs of the pair
+            pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
+                      pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
+                      stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, I, GROUP, 1,
+                      False, BLOCK_N2, OUT_MANT, SPLIT2, TOPK, NUM_EXPERTS, GSTEP2, STAGES)
         # the pair's last reader leaves its counter at zero
         if tl.atomic_add(flag, 1, sem="relaxed") == PER1 + PER2 - 1:
             tl.atomic_xchg(flag, 0)
@@ -938,10 +999,10 @@ def _overridden(cfg: dict, override: dict | None, g: int, keys: tuple[str, ...],
         raise ValueError(f"block config {cfg}: BLOCK_M and BLOCK_N must be powers of two")
     if cfg.setdefault("PREFETCH", 1) not in (0, 1, 2):
         raise ValueError(f"block config {cfg}: PREFETCH must be 0, 1 or 2")
-    if "ONE_LAUNCH" in keys and (cfg.setdefault("ONE_LAUNCH", 0) not in (0, 1, 2) or cfg["ONE_LAUNCH"] and not (
+    if "ONE_LAUNCH" in keys and (cfg.setdefault("ONE_LAUNCH", 0) not in (0, 1, 2, 3, 4) or cfg["ONE_LAUNCH"] and not (
             cfg["PATH"] == "gemv" and cfg["BLOCK_M"] == 1 and cfg["PREFETCH"] == 0)):
-        raise ValueError(f"block config {cfg}: ONE_LAUNCH (1, or 2 to back off while waiting) is a key of the gemv "
-                         "path at BLOCK_M 1 and PREFETCH 0")
+        raise ValueError(f"block config {cfg}: ONE_LAUNCH (1; 2 backs off while waiting, 3 preloads, 4 both) is a "
+                         "key of the gemv path at BLOCK_M 1 and PREFETCH 0")
     if cfg.setdefault("STAGES", 1) < 1 or (cfg["STAGES"] > 1 and cfg["PATH"] != "gemv"):
         raise ValueError(f"block config {cfg}: STAGES (a software-pipelined K loop) is a gemv path key, >= 1")
     gstep = cfg.setdefault("GSTEP", 1)
@@ -1139,7 +1200,8 @@ def _one_launch(x: torch.Tensor, w13: tuple[torch.Tensor, ...], w2: tuple[torch.
         out.stride(0), H=h, I=i, GROUP=g, TOPK=topk, NUM_EXPERTS=e, BLOCK_N1=bn1, BLOCK_N2=bn2, SPLIT1=s1,
         SPLIT2=s2, GSTEP1=_gstep(cfg1, h // g // s1), GSTEP2=_gstep(cfg2, i // g // s2), STAGES=cfg1["STAGES"],
         OUT_MANT=out_mantissa_bits(x.dtype), READY_STRIDE=READY_STRIDE,
-        SLEEP=cfg1["ONE_LAUNCH"] == 2 and not INTERPRETED, ASM=not INTERPRETED, num_warps=cfg1["num_warps"],
+        SLEEP=cfg1["ONE_LAUNCH"] in (2, 4) and not INTERPRETED, ASM=not INTERPRETED, PRELOAD=cfg1["ONE_LAUNCH"] >= 3,
+        num_warps=cfg1["num_warps"],
         num_stages=cfg1["STAGES"])
     return out
 

@@ -109,6 +109,10 @@ def test_w4a16_and_router_kernels_compile_for_sm90():
                                                                BLOCK_N1=32, BLOCK_N2=64, SPLIT1=split, SPLIT2=split,
                                                                GSTEP1=gstep, GSTEP2=gstep, STAGES=2, OUT_MANT=0,
                                                                READY_STRIDE=32, SLEEP=sleep), W4_ONE, 2))
+    jobs.append(("w4a16_moe", "_moe_gemv_one_launch", dict(H=3072, I=1536, GROUP=128, TOPK=8, NUM_EXPERTS=256,
+                                                           BLOCK_N1=16, BLOCK_N2=32, SPLIT1=1, SPLIT2=3, GSTEP1=2,
+                                                           GSTEP2=2, STAGES=3, OUT_MANT=0, READY_STRIDE=32,
+                                                           SLEEP=False, PRELOAD=True), W4_ONE, 2))  # GEMM 2 preloads
     jobs.append(("w4a16_moe", "_kmajor_dequant", dict(GROUP=128, BLOCK_N=32, OUT_MANT=0),
                  {"b_ptr": "*i32", "z_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*bf16"}, 4))
     for gemv in (True, False):

@@ -345,19 +345,25 @@ def test_one_launch_same_bits(device, base):
     x, tw, ids = x.bfloat16(), tw.to(device), ids.to(device)
     base = {**base, "PREFETCH": 0}
     ref = fused_moe_w4a16(x, *w13, *w2, tw, ids, config=base)
-    for one in (1, 2):
+    for one in (1, 2, 3, 4):
         for _ in range(2 if gpu else 1):
             out = fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": one})
-            assert torch.equal(out, ref), (base, one)
+            if one < 3:
+                assert torch.equal(out, ref), (base, one)
+            else:  # GEMM 2's groups summed in one reduction: another fp32 order, then the 16-bit rounding
+                torch.testing.assert_close(out, ref, rtol=2**-7, atol=2**-8 * float(ref.abs().max()))
+                assert (out != ref).float().mean() < 0.05, (base, one)
             assert not fp8_gemm.arrival_counters(x.device, 1).any()
     if gpu:  # one token, as a decode step at concurrency 1 runs it
         ref1 = fused_moe_w4a16(x[:1], *w13, *w2, tw[:1], ids[:1], config=base)
         assert torch.equal(fused_moe_w4a16(x[:1], *w13, *w2, tw[:1], ids[:1], config={**base, "ONE_LAUNCH": 1}), ref1)
+        torch.testing.assert_close(fused_moe_w4a16(x[:1], *w13, *w2, tw[:1], ids[:1], config={**base, "ONE_LAUNCH": 3}),
+                                   ref1, rtol=2**-7, atol=2**-8 * float(ref1.abs().max()))
     if "SPLIT_K" not in base:
         xf = x.float()
         assert torch.equal(fused_moe_w4a16(xf, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": 1}),
                            fused_moe_w4a16(xf, *w13, *w2, tw, ids, config=base))
-    for bad in ({"PREFETCH": 2}, {"PATH": "mma", "BLOCK_M": 16, "PAIRS": True}, {"ONE_LAUNCH": 3}):
+    for bad in ({"PREFETCH": 2}, {"PATH": "mma", "BLOCK_M": 16, "PAIRS": True}, {"ONE_LAUNCH": 5}):
         with pytest.raises(ValueError, match="ONE_LAUNCH"):
             fused_moe_w4a16(x, *w13, *w2, tw, ids, config={**base, "ONE_LAUNCH": 1, **bad})
 
