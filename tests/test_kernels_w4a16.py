@@ -247,9 +247,9 @@ def test_fused_moe_matches_reference(device, m, dtype):
     (6, torch.bfloat16, 192, 96, 32, {"PATH": "gemv", "BLOCK_M": 4, "BLOCK_N": 128}),
     # the tensor-core path on the same layout (group 128: K steps of 16); 384 = 1.5 tiles of 256 in both GEMMs
     (6, torch.float16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 256}),
-    # one dot of K = 128 a group (the eight nibble places side by side); group 64: K = 64
+    # one dot of K = 128 a group (the eight nibble places side by side); fp32 activations; I = 256: 2 tiles of 128
     (9, torch.bfloat16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 1}),
-    (5, torch.float32, 192, 192, 64, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 1}),
+    (5, torch.float32, 384, 256, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 1}),
     # and with places j, j + 4 as 2^m + q from one LOP3 (2^m + z off after the dot): bf16, fp16 operand bits
     (9, torch.bfloat16, 384, 384, 128, {"PATH": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "WIDE": 2}),
     (7, torch.float16, 384, 256, 128, {"PATH": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "WIDE": 2}),
