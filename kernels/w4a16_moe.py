@@ -41,7 +41,8 @@ rounding of each slot to x.dtype. With "ONE_LAUNCH" (the GEMV path at one pair a
 GEMM 2's programs after GEMM 1's in the grid, each waiting on its pair's ready counter
 (_moe_gemv_one_launch_kernel): on an H100 7% less time at four tokens, 2% at eight, a loss at one and two
 (BENCHMARKS.md); ONE_LAUNCH 3 has GEMM 2's programs load their share of the weight before they wait
-(pair_gemv_preloaded), 4 does that and backs off between polls as 2 does. The whole layer can be captured in a
+(pair_gemv_preloaded; the H100's two-token entry, 2% ahead of two launches), 4 does that and backs off between
+polls as 2 does. The whole layer can be captured in a
 CUDA graph. One layout; the block configuration (data, configs/w4a16_moe.json) picks one per M bucket with its
 "PATH" key (three kernels):
 
@@ -965,14 +966,15 @@ def _moe_default_config(m: int, topk: int, num_experts: int, g: int) -> dict:
     # PREFETCH = 2, about what 4.2 TB/s needs over a DRAM latency of ~700 ns (Little's law); PREFETCH = 1 halves it.
     # From a quarter of a pair per expert on average (MiniMax-M2 from M = 16) the touched experts get several pairs
     # each and a GEMV program per pair re-reads their rows: the tensor-core paths, as the H200's tuning chose them
-    # from M = 16 on (mma, and dot at 32).
+    # from M = 16 on (mma, and dot at 32). Past 16 pairs an expert: the dot path with each group as one dot of
+    # K = G (WIDE 1) on 64 x 64 tiles over 4 warps, the H100's fastest at 1024 and 4096 tokens (BENCHMARKS.md).
     if per_expert <= 0.25 or g < 128:  # (the tensor-core paths' tl.dot needs K = G/8 >= 16)
         return dict(PATH="gemv", BLOCK_M=1, BLOCK_N=16, GROUP_M=1, PREFETCH=2, num_warps=2, num_stages=1)
     if per_expert <= 8:
         return dict(PATH="mma", BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=2)
-    if per_expert <= 32:
+    if per_expert <= 16:
         return dict(PATH="dot", BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(PATH="dot", BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(PATH="dot", BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3, WIDE=1)
 
 
 def select_moe_config(table: dict, device: str, shape: str, m: int, default: dict,

@@ -135,10 +135,9 @@ def moe_candidates(m: int) -> list[dict]:
             continue  # the accumulators (two in GEMM 1) and the spread tile live in registers
         dot = dict(PATH="dot", BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8 if per_expert > 16 else 1, num_warps=nw,
                    num_stages=ns)
-        # one dot of K = G a group (WIDE): compiled for sm_90, the fewest instructions a group on 64 x 128 tiles
-        # over 8 warps with the places joined as made (1: 1025 against 1326), on 32 x 64 over 4 with places j and
-        # j + 4 from one LOP3 (2: 702 against 983)
-        out += [{**dot, "WIDE": 1 if nw == 8 else 2}, dot]
+        # one dot of K = G a group (WIDE 1): on an H100 the fastest loop at 1024 and 4096 tokens, on 64 x 64 tiles
+        # over 4 warps; WIDE 2 (places j and j + 4 from one LOP3) was slower than both at every tile (BENCHMARKS.md)
+        out += [{**dot, "WIDE": 1}, dot]
     # weights as the A operand (out^T = W x^T): BLOCK_N is the MMA's M (64 rows per warp group), BLOCK_M its N
     mma = []
     bms = [16] if per_expert <= 4 else [16, 32] if per_expert <= 16 else [32, 64] if per_expert <= 64 else [64, 128]

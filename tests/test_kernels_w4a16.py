@@ -565,6 +565,8 @@ def test_moe_default_takes_tensor_cores_from_a_quarter_pair_per_expert(monkeypat
         ["gemv", "gemv", "mma", "mma", "mma", "dot", "dot"]
     assert default(32, 8, 256, 64)["PATH"] == "gemv"
     assert default(16, 8, 256, 128)["BLOCK_M"] == 16
+    # from 1024 tokens (32 pairs an expert) each group one dot of K = 128 on 64 x 64 tiles; 512 keeps eight dots
+    assert [default(m, 8, 256, 128).get("WIDE", 0) for m in (512, 1024, 4096)] == [0, 1, 1]
 
 
 def test_fused_moe_refuses_mismatched_experts():
