@@ -41,7 +41,7 @@ rounding of each slot to x.dtype. With "ONE_LAUNCH" (the GEMV path at one pair a
 GEMM 2's programs after GEMM 1's in the grid, each waiting on its pair's ready counter
 (_moe_gemv_one_launch_kernel): on an H100 7% less time at four tokens, 2% at eight, a loss at one and two
 (BENCHMARKS.md); ONE_LAUNCH 3 has GEMM 2's programs load their share of the weight before they wait
-(pair_gemv_preloaded; the H100's two-token entry, 2% ahead of two launches), 4 does that and backs off between
+(pair_gemv's PRELOAD; the H100's two-token entry, 2% ahead of two launches), 4 does that and backs off between
 polls as 2 does. The whole layer can be captured in a
 CUDA graph. One layout; the block configuration (data, configs/w4a16_moe.json) picks one per M bucket with its
 "PATH" key (three kernels):
@@ -446,12 +446,18 @@ def _moe_gemv_kernel(
 
 def _pair_gemv(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, part_ptr, count_ptr, tile, pid_m,
                pid_n, pid_s, N, num_valid_tokens, nibble_mask, stride_am, stride_be, stride_bn, stride_ze, stride_zn,
-               stride_se, stride_sn, stride_cm, K: tl.constexpr, GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr,
-               GATED: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr, SPLIT_K: tl.constexpr,
-               SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, GSTEP: tl.constexpr, STAGES: tl.constexpr):
+               stride_se, stride_sn, stride_cm, flag, need, K: tl.constexpr, GROUP: tl.constexpr,
+               A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, OUT_MANT: tl.constexpr,
+               SPLIT_K: tl.constexpr, SLOT_SUM: tl.constexpr, NUM_EXPERTS: tl.constexpr, GSTEP: tl.constexpr,
+               STAGES: tl.constexpr, WAIT: tl.constexpr, PRELOAD: tl.constexpr, SLEEP: tl.constexpr,
+               ASM: tl.constexpr):
     """One program of a decode GEMM on unsorted pairs, as _moe_gemv_kernel runs it at BLOCK_M 1 and PREFETCH 0
     (gemv_groups' loop, then gemv_store): row block pid_m (GEMM 1: pair pid_m; GEMM 2: token pid_m, its slot
-    pid_s // SPLIT_K), column tile pid_n, share pid_s % SPLIT_K of K; `tile` indexes the arrival counters."""
+    pid_s // SPLIT_K), column tile pid_n, share pid_s % SPLIT_K of K; `tile` indexes the arrival counters. WAIT:
+    first wait for the counter at flag to reach need (wait_count). PRELOAD (with WAIT): the program's whole share
+    of the weight (words, zeros, scales: KB_PER groups, the load widened to a power of two and masked) is loaded
+    before the wait and the activations after, so the weight's read overlaps what the program waits for; the same
+    products, the groups summed in one reduction rather than GSTEP at a time (another fp32 order)."""
     KB_PER: tl.constexpr = K // GROUP // SPLIT_K
     k0 = (pid_s % SPLIT_K) * KB_PER
     ROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
@@ -462,62 +468,38 @@ def _pair_gemv(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, par
                                                               A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
     row_mask = (offs_n < N) & routed
     rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)
-    acc = tl.zeros((ROWS,), dtype=tl.float32)
-    acc = gemv_groups(acc, b_ptr + expert * stride_be + rows * stride_bn + k0 * GW,
-                      z_ptr + expert * stride_ze + rows * stride_zn + k0,
-                      s_ptr + expert * stride_se + rows * stride_sn + k0,
-                      a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP, pair >= 0, row_mask,
-                      nibble_mask, KB_PER, GW, GSTEP, STAGES)
+    if PRELOAD:
+        KBP: tl.constexpr = triton.next_power_of_2(KB_PER)
+        offs_g = tl.arange(0, KBP)
+        offs_c = tl.arange(0, GW)
+        gmask = (row_mask[:, None].to(tl.int32) * (offs_g < KB_PER)[None, :].to(tl.int32)) != 0  # [ROWS, KBP]
+        w_ptrs = (b_ptr + expert * stride_be + rows[:, None, None] * stride_bn + k0 * GW
+                  + offs_g[None, :, None] * GW + offs_c[None, None, :])  # [ROWS, KBP, GW]
+        words = tl.load(w_ptrs, mask=gmask[:, :, None], other=0)
+        z = tl.load(z_ptr + expert * stride_ze + rows[:, None] * stride_zn + k0 + offs_g[None, :], mask=gmask,
+                    other=0).to(tl.float32)
+        s = tl.load(s_ptr + expert * stride_se + rows[:, None] * stride_sn + k0 + offs_g[None, :], mask=gmask,
+                    other=0.0).to(tl.float32)
+        wait_count(flag, need, SLEEP, ASM)
+        x_ptrs = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP + offs_g[:, None] * (8 * GW) \
+            + offs_c[None, :]  # [KBP, GW]
+        x_mask = ((offs_g[:, None] < KB_PER).to(tl.int32) * (pair >= 0).to(tl.int32) + offs_c[None, :] * 0) != 0
+        acc = group_sums(words, z, s, x_ptrs, x_mask, nibble_mask, GW)
+    else:
+        if WAIT:
+            wait_count(flag, need, SLEEP, ASM)
+        acc = tl.zeros((ROWS,), dtype=tl.float32)
+        acc = gemv_groups(acc, b_ptr + expert * stride_be + rows * stride_bn + k0 * GW,
+                          z_ptr + expert * stride_ze + rows * stride_zn + k0,
+                          s_ptr + expert * stride_se + rows * stride_sn + k0,
+                          a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP, pair >= 0, row_mask,
+                          nibble_mask, KB_PER, GW, GSTEP, STAGES)
     gemv_store(tl.reshape(acc, (1, ROWS)), c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, tile, pid_s,
                pid_n, pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, False, SLOT_SUM,
                SPLIT_K, OUT_MANT, 0)
 
 
 pair_gemv = _jit(_pair_gemv)
-
-
-def _pair_gemv_preloaded(a_ptr, b_ptr, z_ptr, s_ptr, c_ptr, topk_weights_ptr, ids_ptr, part_ptr, count_ptr, tile,
-                         pid_m, pid_n, pid_s, N, num_valid_tokens, nibble_mask, stride_am, stride_be, stride_bn,
-                         stride_ze, stride_zn, stride_se, stride_sn, stride_cm, flag, need, K: tl.constexpr,
-                         GROUP: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                         OUT_MANT: tl.constexpr, SPLIT_K: tl.constexpr, SLOT_SUM: tl.constexpr,
-                         NUM_EXPERTS: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr):
-    """pair_gemv with the program's whole share of the weight (words, zeros, scales: KB_PER groups, the load
-    widened to a power of two and masked) loaded before it waits for the counter at flag to reach need, and the
-    activations read after: the weight's read overlaps what the program waits for. pair_gemv's products, their
-    groups summed in one reduction rather than GSTEP at a time (another fp32 order)."""
-    KB_PER: tl.constexpr = K // GROUP // SPLIT_K
-    KBP: tl.constexpr = triton.next_power_of_2(KB_PER)
-    k0 = (pid_s % SPLIT_K) * KB_PER
-    ROWS: tl.constexpr = (2 if GATED else 1) * BLOCK_N
-    GW: tl.constexpr = GROUP // 8
-    r = tl.arange(0, ROWS)
-    offs_n = pid_n * BLOCK_N + r % BLOCK_N
-    pair, offs_tok64, tok_mask, _, expert, routed = pair_rows(ids_ptr, pid_m, pid_s, num_valid_tokens, r,
-                                                              A_ROW_DIV, SLOT_SUM, NUM_EXPERTS, 1, SPLIT_K)
-    row_mask = (offs_n < N) & routed
-    rows = ((r // BLOCK_N) * N + offs_n).to(tl.int64)
-    offs_g = tl.arange(0, KBP)
-    offs_c = tl.arange(0, GW)
-    gmask = (row_mask[:, None].to(tl.int32) * (offs_g < KB_PER)[None, :].to(tl.int32)) != 0  # [ROWS, KBP]
-    w_ptrs = (b_ptr + expert * stride_be + rows[:, None, None] * stride_bn + k0 * GW
-              + offs_g[None, :, None] * GW + offs_c[None, None, :])  # [ROWS, KBP, GW]
-    words = tl.load(w_ptrs, mask=gmask[:, :, None], other=0)
-    z = tl.load(z_ptr + expert * stride_ze + rows[:, None] * stride_zn + k0 + offs_g[None, :], mask=gmask,
-                other=0).to(tl.float32)
-    s = tl.load(s_ptr + expert * stride_se + rows[:, None] * stride_sn + k0 + offs_g[None, :], mask=gmask,
-                other=0.0).to(tl.float32)
-    wait_count(flag, need, SLEEP, ASM)
-    x_ptrs = a_ptr + (pair // A_ROW_DIV).to(tl.int64) * stride_am + k0 * GROUP + offs_g[:, None] * (8 * GW) \
-        + offs_c[None, :]  # [KBP, GW]
-    x_mask = ((offs_g[:, None] < KB_PER).to(tl.int32) * (pair >= 0).to(tl.int32) + offs_c[None, :] * 0) != 0
-    acc = group_sums(words, z, s, x_ptrs, x_mask, nibble_mask, GW)
-    gemv_store(tl.reshape(acc, (1, ROWS)), c_ptr, part_ptr, topk_weights_ptr, part_ptr, count_ptr, tile, pid_s,
-               pid_n, pair, offs_tok64, tok_mask, N, num_valid_tokens, stride_cm, GATED, 1, BLOCK_N, False, SLOT_SUM,
-               SPLIT_K, OUT_MANT, 0)
-
-
-pair_gemv_preloaded = _jit(_pair_gemv_preloaded)
 
 
 def _moe_gemv_one_launch_kernel(
@@ -533,7 +515,7 @@ def _moe_gemv_one_launch_kernel(
     BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, SPLIT1: tl.constexpr, SPLIT2: tl.constexpr,
     GSTEP1: tl.constexpr, GSTEP2: tl.constexpr, STAGES: tl.constexpr, OUT_MANT: tl.constexpr,
     READY_STRIDE: tl.constexpr, SLEEP: tl.constexpr, ASM: tl.constexpr,  # inline PTX (compiled only)
-    PRELOAD: tl.constexpr = False,  # GEMM 2's programs load their weight share before they wait (pair_gemv_preloaded)
+    PRELOAD: tl.constexpr = False,  # GEMM 2's programs load their weight share before they wait (pair_gemv)
 ):
     """The decode MoE's two GEMMs in one launch (ONE_LAUNCH): programs [0, P1) are GEMM 1's, pair by pair (all of
     a pair's column tiles and K shares, then the next pair's), the rest GEMM 2's in the same pair order. A GEMM 2
@@ -555,8 +537,8 @@ def _moe_gemv_one_launch_kernel(
         pid_n = pid % N1T
         pair_gemv(x_ptr, b1_ptr, z1_ptr, s1_ptr, inter_ptr, topk_weights_ptr, ids_ptr, part1_ptr, count1_ptr,
                   pid_n * pairs + pair, pair, pid_n, share, I, pairs, nibble_mask, stride_xm, stride_b1e, stride_b1n,
-                  stride_z1e, stride_z1n, stride_s1e, stride_s1n, stride_im, H, GROUP, TOPK, True, BLOCK_N1,
-                  OUT_MANT, SPLIT1, 0, NUM_EXPERTS, GSTEP1, STAGES)
+                  stride_z1e, stride_z1n, stride_s1e, stride_s1n, stride_im, ready_ptr, 0, H, GROUP, TOPK, True,
+                  BLOCK_N1, OUT_MANT, SPLIT1, 0, NUM_EXPERTS, GSTEP1, STAGES, False, False, False, False)
         tl.debug_barrier()  # every thread's stores are made before the arrival is counted (release, gpu scope)
         tl.atomic_add(ready_ptr + pair * READY_STRIDE, 1, sem="release")
     else:
@@ -566,18 +548,12 @@ def _moe_gemv_one_launch_kernel(
         pid_n = q % N2T
         tok = pair // TOPK
         flag = ready_ptr + pair * READY_STRIDE
-        if PRELOAD:  # the weight share loaded first, then the wait for GEMM 1's programs of the pair
-            pair_gemv_preloaded(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr,
-                                count2_ptr, pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M,
-                                nibble_mask, stride_im, stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e,
-                                stride_s2n, stride_om, flag, PER1, I, GROUP, 1, False, BLOCK_N2, OUT_MANT, SPLIT2,
-                                TOPK, NUM_EXPERTS, SLEEP, ASM)
-        else:
-            wait_count(flag, PER1, SLEEP, ASM)  # GEMM 1's programs of the pair
-            pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
-                      pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
-                      stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, I, GROUP, 1,
-                      False, BLOCK_N2, OUT_MANT, SPLIT2, TOPK, NUM_EXPERTS, GSTEP2, STAGES)
+        # waits for GEMM 1's programs of the pair (PRELOAD: once its weight share is loaded)
+        pair_gemv(inter_ptr, b2_ptr, z2_ptr, s2_ptr, out_ptr, topk_weights_ptr, ids_ptr, part2_ptr, count2_ptr,
+                  pid_n * M + tok, tok, pid_n, (pair % TOPK) * SPLIT2 + share, H, M, nibble_mask, stride_im,
+                  stride_b2e, stride_b2n, stride_z2e, stride_z2n, stride_s2e, stride_s2n, stride_om, flag, PER1, I,
+                  GROUP, 1, False, BLOCK_N2, OUT_MANT, SPLIT2, TOPK, NUM_EXPERTS, GSTEP2, STAGES, True, PRELOAD, SLEEP,
+                  ASM)
         # the pair's last reader leaves its counter at zero
         if tl.atomic_add(flag, 1, sem="relaxed") == PER1 + PER2 - 1:
             tl.atomic_xchg(flag, 0)
