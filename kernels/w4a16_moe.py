@@ -42,9 +42,8 @@ GEMM 2's programs after GEMM 1's in the grid, each waiting on its pair's ready c
 (_moe_gemv_one_launch_kernel): on an H100 7% less time at four tokens, 2% at eight, a loss at one and two
 (BENCHMARKS.md); ONE_LAUNCH 3 has GEMM 2's programs load their share of the weight before they wait
 (pair_gemv's PRELOAD; the H100's two-token entry, 2% ahead of two launches), 4 does that and backs off between
-polls as 2 does. The whole layer can be captured in a
-CUDA graph. One layout; the block configuration (data, configs/w4a16_moe.json) picks one per M bucket with its
-"PATH" key (three kernels):
+polls as 2 does. The whole layer can be captured in a CUDA graph. One layout; the block configuration (data,
+configs/w4a16_moe.json) picks one per M bucket with its "PATH" key (three kernels):
 
   "gemv" (decode: a token or a few per expert). A program owns 2 x BLOCK_N weight rows (BLOCK_N gate and BLOCK_N
       up rows in GEMM 1, 2 x BLOCK_N output rows in GEMM 2) of one expert for the BLOCK_M pairs of one block and

@@ -138,15 +138,14 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
     # (32 rows a program, a thread a row; or 16, two threads a row: fewer registers, more programs a multiprocessor)
     if w4 and base.get("PATH") == "gemv":
         one_name = {1: "one launch", 2: "one launch sleep", 3: "one launch preload", 4: "one launch preload sleep"}
+        combos = [(one, bn, st, s1, s2) for one in (1, 2) for bn in (32, 16) for st in (2, 3)
+                  for s1, s2 in ((1, 1), (2, 2), (2, 1))]
+        combos += [(one, bn, st, s1, s2) for one in (3, 4) for st in (2, 3) for s1 in (1, 2)
+                   for bn, s2 in ((32, 3), (32, 4), (32, 6), (16, 2), (16, 3), (16, 4))]  # shares fitting registers
         out += [(f"{one_name[one]} gstep 2 stages {st}{'' if bn == 32 else f' bn {bn}'} split {s1}/{s2}",
                  {**base, "PREFETCH": 0, "STAGES": st, "GSTEP": 2, "BLOCK_N": bn, "num_warps": 2, "SPLIT_K": s1,
                   "SPLIT_K2": s2, "ONE_LAUNCH": one})
-                for one in (1, 2) for bn in (32, 16) for st in (2, 3) for s1, s2 in ((1, 1), (2, 2), (2, 1))]
-        out += [(f"{one_name[one]} gstep 2 stages {st}{'' if bn == 32 else f' bn {bn}'} split {s1}/{s2}",
-                 {**base, "PREFETCH": 0, "STAGES": st, "GSTEP": 2, "BLOCK_N": bn, "num_warps": 2, "SPLIT_K": s1,
-                  "SPLIT_K2": s2, "ONE_LAUNCH": one})
-                for one in (3, 4) for st in (2, 3) for s1 in (1, 2)
-                for bn, s2 in ((32, 3), (32, 4), (32, 6), (16, 2), (16, 3), (16, 4))]  # shares that fit registers
+                for one, bn, st, s1, s2 in combos]
     # the tensor-core path (weights as the A operand, the tokens of a 16-row block as B): on the sorted list, and
     # on unsorted pairs (one a program, K split as the GEMV path's)
     if w4:
