@@ -50,6 +50,7 @@ from .gguf_gemm import (
     _q4k_scale_min,
     _q6k_head,
     _q6k_run_word,
+    _prmt,
     _q6k_words,
     _q8_0_pair,
     _q8_0_scale,
@@ -154,6 +155,64 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
     return out
 
 
+@triton_kernel
+def _kq_words(w3, off, QTYPE: tl.constexpr):
+    """A Q4_K or Q5_K super-block's words at word offset `off` of the rows w3 ([ROWS, 1, 4] pointers), [ROWS, 1, 4]
+    int32 each, 16 bytes a load: (header, qh 0 .. 15, qh 16 .. 31, then the nibbles' eight pieces); Q4_K has no qh
+    (the header stands in, unused)."""
+    QS0: tl.constexpr = 4 if QTYPE == 12 else 12
+    hdr = tl.load(w3 + off)
+    if QTYPE == 13:
+        qa = tl.load(w3 + (off + 4))
+        qb = tl.load(w3 + (off + 8))
+    else:
+        qa = hdr
+        qb = hdr
+    return (hdr, qa, qb, tl.load(w3 + (off + QS0)), tl.load(w3 + (off + QS0 + 4)), tl.load(w3 + (off + QS0 + 8)),
+            tl.load(w3 + (off + QS0 + 12)), tl.load(w3 + (off + QS0 + 16)), tl.load(w3 + (off + QS0 + 20)),
+            tl.load(w3 + (off + QS0 + 24)), tl.load(w3 + (off + QS0 + 28)))
+
+
+@triton_kernel
+def _q6k_raw(base):
+    """A Q6_K super-block's 53 words from its first word `base` ([ROWS, 1] pointers) as loaded, before the byte
+    permutes of _q6k_words."""
+    return (tl.load(base + 0), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4),
+            tl.load(base + 5), tl.load(base + 6), tl.load(base + 7), tl.load(base + 8), tl.load(base + 9),
+            tl.load(base + 10), tl.load(base + 11), tl.load(base + 12), tl.load(base + 13), tl.load(base + 14),
+            tl.load(base + 15), tl.load(base + 16), tl.load(base + 17), tl.load(base + 18), tl.load(base + 19),
+            tl.load(base + 20), tl.load(base + 21), tl.load(base + 22), tl.load(base + 23), tl.load(base + 24),
+            tl.load(base + 25), tl.load(base + 26), tl.load(base + 27), tl.load(base + 28), tl.load(base + 29),
+            tl.load(base + 30), tl.load(base + 31), tl.load(base + 32), tl.load(base + 33), tl.load(base + 34),
+            tl.load(base + 35), tl.load(base + 36), tl.load(base + 37), tl.load(base + 38), tl.load(base + 39),
+            tl.load(base + 40), tl.load(base + 41), tl.load(base + 42), tl.load(base + 43), tl.load(base + 44),
+            tl.load(base + 45), tl.load(base + 46), tl.load(base + 47), tl.load(base + 48), tl.load(base + 49),
+            tl.load(base + 50), tl.load(base + 51), tl.load(base + 52))
+
+
+@triton_kernel
+def _q6k_words_q8(s_base, raw, w: tl.constexpr, sel, EMULATE: tl.constexpr):
+    """_q6k_words, from the prefetched words `raw` (_q6k_raw) where given."""
+    if raw is None:
+        out = _q6k_words(s_base, w, sel, EMULATE)
+    else:
+        out = (_prmt(raw[w], raw[w + 1], sel, EMULATE), _prmt(raw[w + 1], raw[w + 2], sel, EMULATE),
+               _prmt(raw[w + 2], raw[w + 3], sel, EMULATE), _prmt(raw[w + 3], raw[w + 4], sel, EMULATE))
+    return out
+
+
+@triton_kernel
+def _q6k_head_q8(s_base, sb, raw, EMULATE: tl.constexpr):
+    """_q6k_head, from the prefetched words `raw` where given."""
+    if raw is None:
+        sel, d, sc4 = _q6k_head(s_base, sb, EMULATE)
+    else:
+        sel = tl.where(sb % 2 == 1, 0x5432, 0x3210) + tl.zeros(s_base.shape, dtype=tl.int32)
+        d = _prmt(raw[52], raw[52], sel, EMULATE).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc4 = _q6k_words_q8(s_base, raw, 48, sel, EMULATE)
+    return sel, d, sc4
+
+
 def _gguf_gemv_q8_kernel(
     xq_ptr,  # int8 activation codes [rows, K] viewed as int32 [rows, K/4]
     xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale, and the scale times the sum of its codes
@@ -170,6 +229,8 @@ def _gguf_gemv_q8_kernel(
     SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
     Q8_OUT: tl.constexpr = False,  # c: int8 codes, csum_ptr: [2, rows, N / 32] scales and scaled sums (gemv_store)
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
+    PREFETCH: tl.constexpr = False,  # Q4_K, Q5_K, Q6_K: the next super-block's weight words loaded while this one is
+    # computed (registers carried over the loop; the last super-block is loaded twice)
 ):
     pdl_enter(PDL)  # the activation codes and the routing are the previous kernels' output
     pid = tl.program_id(0)
@@ -210,20 +271,28 @@ def _gguf_gemv_q8_kernel(
     acc = tl.zeros((ROWS, 1), dtype=tl.float32)
     SB_PER: tl.constexpr = K // 256 // SPLIT_K
     sb0 = (pid_s % SPLIT_K) * SB_PER if SPLIT_K > 1 else 0
+    sb_last = sb0 + SB_PER - 1
+    if PREFETCH:  # the program's first super-block
+        if QTYPE == 12 or QTYPE == 13:
+            nxt = _kq_words(w3, sb0 * SB_WORDS, QTYPE)
+        elif QTYPE == 14:
+            nxt = _q6k_raw(row_base[:, None] + (105 * sb0) // 2)
     for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12 or QTYPE == 13:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words:
             # low nibbles sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b. Q5_K: the same
             # with qh's 8 words between (value l of sub-block s: bit s of qh byte l, the code's bit 4)
-            SBW: tl.constexpr = 36 if QTYPE == 12 else 44
-            QS0: tl.constexpr = 4 if QTYPE == 12 else 12
-            off = sb * SBW
-            h0, h1, h2, h3 = _split4(tl.load(w3 + off))  # [ROWS, 1]
+            if PREFETCH:  # this super-block's words came in during the last one; the next one's go out now
+                cur = nxt
+                nxt = _kq_words(w3, tl.minimum(sb + 1, sb_last) * SB_WORDS, QTYPE)
+            else:
+                cur = _kq_words(w3, sb * SB_WORDS, QTYPE)
+            h0, h1, h2, h3 = _split4(cur[0])  # [ROWS, 1]
             if QTYPE == 13:
-                qa = _split4(tl.load(w3 + (off + 4)))  # qh bytes 0 .. 15
-                qb = _split4(tl.load(w3 + (off + 8)))  # 16 .. 31
+                qa = _split4(cur[1])  # qh bytes 0 .. 15
+                qb = _split4(cur[2])  # 16 .. 31
             for c in tl.static_range(4):
-                wa = _split4(tl.load(w3 + (off + QS0 + 8 * c)))
-                wb = _split4(tl.load(w3 + (off + QS0 + 4 + 8 * c)))
+                wa = _split4(cur[3 + 2 * c])
+                wb = _split4(cur[4 + 2 * c])
                 xa = _split4(tl.load(x3 + (sb * 64 + 16 * c)))  # activation words of sub-block 2c
                 xb = _split4(tl.load(x3 + (sb * 64 + 16 * c + 4)))
                 ya = _split4(tl.load(x3 + (sb * 64 + 16 * c + 8)))  # of sub-block 2c + 1
@@ -254,7 +323,12 @@ def _gguf_gemv_q8_kernel(
             # ql byte 64h + l (runs 0, 2) or 64h + 32 + l (1, 3), high bits 2 run of qh byte 32h + l, scale
             # 8h + 2 run + l // 16 (kernels/gguf_gemm.py's Q6_K GEMV, the same words)
             s_base = row_base[:, None] + (105 * sb) // 2  # [ROWS, 1]
-            sel, d, sc4 = _q6k_head(s_base, sb, EMULATE)
+            if PREFETCH:  # as Q4_K's, the 53 words of the super-block as loaded (then permuted as _q6k_words)
+                raw = nxt
+                nxt = _q6k_raw(row_base[:, None] + (105 * tl.minimum(sb + 1, sb_last)) // 2)
+            else:
+                raw = None
+            sel, d, sc4 = _q6k_head_q8(s_base, sb, raw, EMULATE)
             neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
             for h in tl.static_range(2):
                 i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
@@ -262,9 +336,9 @@ def _gguf_gemv_q8_kernel(
                 i2 = tl.zeros((ROWS, 1), dtype=tl.int32)
                 i3 = tl.zeros((ROWS, 1), dtype=tl.int32)
                 for g in tl.static_range(2):  # l in [16g, 16g + 16)
-                    qa = _q6k_words(s_base, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
-                    qb = _q6k_words(s_base, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
-                    qh4 = _q6k_words(s_base, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
+                    qa = _q6k_words_q8(s_base, raw, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
+                    qb = _q6k_words_q8(s_base, raw, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
+                    qh4 = _q6k_words_q8(s_base, raw, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
                     for run in tl.static_range(4):
                         xw = _split4(tl.load(x3 + (sb * 64 + 32 * h + 8 * run + 4 * g)))  # its 16 activation codes
                         isum = tl.zeros((ROWS, 1), dtype=tl.int32)
@@ -359,7 +433,8 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
         SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
-        num_stages=1, **extra, **pdl_kwargs(c.device),
+        num_stages=1, PREFETCH=bool(cfg.get("Q8_PREFETCH", False)) and qtype != "q8_0", **extra,
+        **pdl_kwargs(c.device),
     )
 
 

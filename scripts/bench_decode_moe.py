@@ -111,6 +111,11 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2))]
             out += [(f"act_q8 q6q8 epi split {s}/{s2}", {**q8, "Q6_Q8": True, "EPI_Q8": True, "SPLIT_K": s,
                                                           "SPLIT_K2": s2}) for s, s2 in ((1, 1), (2, 2), (4, 2))]
+            # the next super-block's words loaded during this one (Q8_PREFETCH), one row a thread or two (1 warp)
+            out += [(f"act_q8 q6q8 epi prefetch{'' if nw == 2 else ' warps 1'} split {s}/{s2}",
+                     {**q8, "Q6_Q8": True, "EPI_Q8": True, "Q8_PREFETCH": True, "num_warps": nw, "SPLIT_K": s,
+                      "SPLIT_K2": s2})
+                    for nw in (2, 1) for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 3))]
         else:  # GEMM 2 on 8-bit activations already: made in GEMM 1's epilogue
             out += [(f"act_q8 epi split {s}/{s2}", {**q8, "EPI_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]

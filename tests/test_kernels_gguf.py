@@ -558,6 +558,9 @@ def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     assert out.dtype == dtype
     assert rel_err(out.cpu(), ref) < (2e-6 if dtype == torch.float32 else 4e-3)
     assert rel_err(out.cpu(), gguf_linear_ref(x.cpu(), w.cpu(), qtype)) < 1e-2
+    # the next super-block's words loaded during this one (Q8_PREFETCH; Q8_0 takes none): the same words, the same
+    # arithmetic
+    assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_PREFETCH": True}), out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -620,6 +623,10 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     assert rel_err(out.cpu(), moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8)) < 1e-3
     assert rel_err(out, fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)) < 6e-2
     assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
+    if q6q8 and split == 2:  # the next super-block's words loaded during this one: Q4_K or Q5_K gate and up, Q6_K
+        # down from odd super-blocks (the same bits)
+        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q8_PREFETCH": True}),
+                           out)
     if down_q8 and not sort:  # GEMM 2's activations from GEMM 1's epilogue: q8_prep's of the fp32 intermediate
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "EPI_Q8": True}), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
