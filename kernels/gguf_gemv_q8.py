@@ -213,6 +213,52 @@ def _q6k_head_q8(s_base, sb, raw, EMULATE: tl.constexpr):
     return sel, d, sc4
 
 
+@triton_kernel
+def _q8_0_vecs(w3, off):
+    """A Q8_0 super-block (four pairs of blocks, 68 words) at word offset `off` of the rows w3 ([ROWS, 1, 4]
+    pointers, 16-byte aligned) as 17 [ROWS, 1, 4] int32 loads."""
+    return (tl.load(w3 + (off + 0)), tl.load(w3 + (off + 4)), tl.load(w3 + (off + 8)), tl.load(w3 + (off + 12)),
+            tl.load(w3 + (off + 16)), tl.load(w3 + (off + 20)), tl.load(w3 + (off + 24)), tl.load(w3 + (off + 28)),
+            tl.load(w3 + (off + 32)), tl.load(w3 + (off + 36)), tl.load(w3 + (off + 40)), tl.load(w3 + (off + 44)),
+            tl.load(w3 + (off + 48)), tl.load(w3 + (off + 52)), tl.load(w3 + (off + 56)), tl.load(w3 + (off + 60)),
+            tl.load(w3 + (off + 64)))
+
+
+@triton_kernel
+def _q8_0_unvec(vec):
+    """_q8_0_vecs' 17 tiles as the super-block's 68 words [ROWS, 1] (register moves)."""
+    w0, w1, w2, w3 = _split4(vec[0])
+    w4, w5, w6, w7 = _split4(vec[1])
+    w8, w9, w10, w11 = _split4(vec[2])
+    w12, w13, w14, w15 = _split4(vec[3])
+    w16, w17, w18, w19 = _split4(vec[4])
+    w20, w21, w22, w23 = _split4(vec[5])
+    w24, w25, w26, w27 = _split4(vec[6])
+    w28, w29, w30, w31 = _split4(vec[7])
+    w32, w33, w34, w35 = _split4(vec[8])
+    w36, w37, w38, w39 = _split4(vec[9])
+    w40, w41, w42, w43 = _split4(vec[10])
+    w44, w45, w46, w47 = _split4(vec[11])
+    w48, w49, w50, w51 = _split4(vec[12])
+    w52, w53, w54, w55 = _split4(vec[13])
+    w56, w57, w58, w59 = _split4(vec[14])
+    w60, w61, w62, w63 = _split4(vec[15])
+    w64, w65, w66, w67 = _split4(vec[16])
+    return (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, w17, w18, w19, w20, w21, w22,
+            w23, w24, w25, w26, w27, w28, w29, w30, w31, w32, w33, w34, w35, w36, w37, w38, w39, w40, w41, w42, w43,
+            w44, w45, w46, w47, w48, w49, w50, w51, w52, w53, w54, w55, w56, w57, w58, w59, w60, w61, w62, w63, w64,
+            w65, w66, w67)
+
+
+@triton_kernel
+def _q8_0_pair_of(words, pr: tl.constexpr):
+    """Pair pr's 17 words (as _q8_0_pair loads them) out of a super-block's 68 (_q8_0_unvec)."""
+    return (words[17 * pr + 0], words[17 * pr + 1], words[17 * pr + 2], words[17 * pr + 3], words[17 * pr + 4],
+            words[17 * pr + 5], words[17 * pr + 6], words[17 * pr + 7], words[17 * pr + 8], words[17 * pr + 9],
+            words[17 * pr + 10], words[17 * pr + 11], words[17 * pr + 12], words[17 * pr + 13], words[17 * pr + 14],
+            words[17 * pr + 15], words[17 * pr + 16])
+
+
 def _gguf_gemv_q8_kernel(
     xq_ptr,  # int8 activation codes [rows, K] viewed as int32 [rows, K/4]
     xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale, and the scale times the sum of its codes
@@ -229,8 +275,10 @@ def _gguf_gemv_q8_kernel(
     SLOT_SUM: tl.constexpr = 0, NUM_EXPERTS: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
     Q8_OUT: tl.constexpr = False,  # c: int8 codes, csum_ptr: [2, rows, N / 32] scales and scaled sums (gemv_store)
     PDL: tl.constexpr = False,  # programmatic dependent launch (fp8_gemm.pdl_enter)
-    PREFETCH: tl.constexpr = False,  # Q4_K, Q5_K, Q6_K: the next super-block's weight words loaded while this one is
-    # computed (registers carried over the loop; the last super-block is loaded twice)
+    PREFETCH: tl.constexpr = False,  # Q4_K, Q5_K, Q6_K (Q8_0 with VEC16): the next super-block's weight words loaded
+    # while this one is computed (registers carried over the loop; the last super-block is loaded twice)
+    VEC16: tl.constexpr = False,  # Q8_0: a super-block's 272 bytes as 17 loads of 16 bytes (rows and super-blocks
+    # are 16-byte aligned), not 68 of 4
 ):
     pdl_enter(PDL)  # the activation codes and the routing are the previous kernels' output
     pid = tl.program_id(0)
@@ -277,6 +325,9 @@ def _gguf_gemv_q8_kernel(
             nxt = _kq_words(w3, sb0 * SB_WORDS, QTYPE)
         elif QTYPE == 14:
             nxt = _q6k_raw(row_base[:, None] + (105 * sb0) // 2)
+        else:
+            tl.static_assert(VEC16, "Q8_0 prefetches its 16-byte loads (VEC16)")
+            nxt = _q8_0_vecs(w3, sb0 * 68)
     for sb in range(sb0, sb0 + SB_PER):
         if QTYPE == 12 or QTYPE == 13:  # Q4_K: the header (d | dmin, 12 scale bytes), then chunk c's 8 words:
             # low nibbles sub-block 2c, high nibbles 2c + 1, byte b of word i holding values 4i + b. Q5_K: the same
@@ -366,9 +417,18 @@ def _gguf_gemv_q8_kernel(
                     isum = pick4(run, i0, i1, i2, i3)
                     acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
         else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
+            if VEC16:  # the super-block's 68 words from 17 loads of four
+                if PREFETCH:
+                    vec = nxt
+                    nxt = _q8_0_vecs(w3, tl.minimum(sb + 1, sb_last) * 68)
+                else:
+                    vec = _q8_0_vecs(w3, sb * 68)
+                words = _q8_0_unvec(vec)
             for pr in tl.static_range(4):
-                wbase = row_base[:, None] + (sb * 68 + pr * 17)  # [ROWS, 1]
-                wd = _q8_0_pair(wbase)
+                if VEC16:
+                    wd = _q8_0_pair_of(words, pr)
+                else:
+                    wd = _q8_0_pair(row_base[:, None] + (sb * 68 + pr * 17))  # [ROWS, 1] pointers
                 for blk in tl.static_range(2):
                     d = _q8_0_scale(wd, blk)
                     j = sb * 8 + 2 * pr + blk
@@ -425,6 +485,9 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(q, c, routing, pairs, 1)
     sums_out, tiles, split, part, counters = gemv_grid(c, n, k, cfg, num_pid_m, u is not None, slot_sum, c_sums)
     parts = max(slot_sum, 1) * split
+    # Q8_0 in 16-byte loads where its rows are 16-byte aligned (a super-block is 272 bytes)
+    vec16 = qtype == "q8_0" and bool(cfg.get("Q8_0_VEC16", False)) and w3.data_ptr() % 16 == 0 and \
+        u3.data_ptr() % 16 == 0 and w3.stride(0) % 4 == 0 and u3.stride(0) % 4 == 0
     extra = dict(PAIRS=True, SLOT_SUM=slot_sum, NUM_EXPERTS=pairs) if pairs else {}
     cs = c_sums if c_sums is not None else (c_q8 if c_q8 is not None else part)
     _gguf_gemv_q8[(tiles, parts)](
@@ -433,7 +496,8 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
         SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
-        num_stages=1, PREFETCH=bool(cfg.get("Q8_PREFETCH", False)) and qtype != "q8_0", **extra,
+        num_stages=1, PREFETCH=bool(cfg.get("Q8_PREFETCH", False)) and (qtype != "q8_0" or vec16), VEC16=vec16,
+        **extra,
         **pdl_kwargs(c.device),
     )
 

@@ -64,7 +64,8 @@ PAIRS_MAX_TOKENS = 1
 # top-8), as kernels/w4a16_moe.py's GEMV path does; more take the sorted list, BLOCK_M tokens of an expert a program
 GEMV_PAIRS_MAX = 64
 MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages",
-                   "SPLIT_K", "SPLIT_K2", "ACT_Q8", "Q6_Q8", "EPI_Q8", "Q6_WORDS", "Q8_PREFETCH")
+                   "SPLIT_K", "SPLIT_K2", "ACT_Q8", "Q6_Q8", "EPI_Q8", "Q6_WORDS", "Q8_PREFETCH",
+                   "Q8_0_VEC16")
 PATHS = ("tile", "gemv")
 
 

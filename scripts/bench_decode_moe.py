@@ -119,6 +119,10 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
         else:  # GEMM 2 on 8-bit activations already: made in GEMM 1's epilogue
             out += [(f"act_q8 epi split {s}/{s2}", {**q8, "EPI_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]
+            # Q8_0 super-blocks in 16-byte loads (Q8_0_VEC16), and the next one loaded during this one
+            out += [(f"act_q8 epi vec16{' prefetch' if pf else ''} split {s}/{s2}",
+                     {**q8, "EPI_Q8": True, "Q8_0_VEC16": True, "Q8_PREFETCH": pf, "SPLIT_K": s, "SPLIT_K2": s2})
+                    for pf in (False, True) for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]
     if w4 and base.get("PATH") == "gemv":
         rows = dict(PATH="rows", BLOCK_M=1, BLOCK_N=128, GROUP_M=1, num_warps=8, num_stages=1)
         out += [("rows", rows)] + splits("rows ", rows)

@@ -561,6 +561,9 @@ def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     # the next super-block's words loaded during this one (Q8_PREFETCH; Q8_0 takes none): the same words, the same
     # arithmetic
     assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_PREFETCH": True}), out)
+    if qtype == "q8_0":  # its super-blocks in 16-byte loads, with and without the prefetch
+        assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_0_VEC16": True}), out)
+        assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_0_VEC16": True, "Q8_PREFETCH": True}), out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -623,6 +626,9 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     assert rel_err(out.cpu(), moe_q8_ref(x, gate, up, down, w, ids, qtypes, down_q8)) < 1e-3
     assert rel_err(out, fused_moe_gguf_ref(x, gate, up, down, w, ids, qtypes)) < 6e-2
     assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config=cfg), out)
+    if qtypes[0] == "q8_0":  # Q8_0 in 16-byte loads, K split, the next super-block prefetched: the same bits
+        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes,
+                                          config={**cfg, "Q8_0_VEC16": True, "Q8_PREFETCH": True}), out)
     if q6q8 and split == 2:  # the next super-block's words loaded during this one: Q4_K or Q5_K gate and up, Q6_K
         # down from odd super-blocks (the same bits)
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q8_PREFETCH": True}),
