@@ -259,6 +259,100 @@ def _q8_0_pair_of(words, pr: tl.constexpr):
             words[17 * pr + 15], words[17 * pr + 16])
 
 
+@triton_kernel
+def _q6k_sb(acc, s_base, sb, raw, x3, xd_row, EMULATE: tl.constexpr):
+    """acc [ROWS, 1] fp32 plus one Q6_K super-block's share of each row's dot product, a thread a row: s_base
+    [ROWS, 1] its first words, raw its words prefetched (_q6k_raw) or None, x3 the activation words ([ROWS, 1, 4]
+    offsets from the row's), xd_row its block scales. Half h's value 128h + 32 run + l: low bits from ql byte
+    64h + l (runs 0, 2) or 64h + 32 + l (1, 3), high bits 2 run of qh byte 32h + l, scale 8h + 2 run + l // 16
+    (kernels/gguf_gemm.py's Q6_K GEMV, the same words)."""
+    sel, d, sc4 = _q6k_head_q8(s_base, sb, raw, EMULATE)
+    ROWS: tl.constexpr = s_base.shape[0]
+    neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
+    for h in tl.static_range(2):
+        i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
+        i1 = tl.zeros((ROWS, 1), dtype=tl.int32)
+        i2 = tl.zeros((ROWS, 1), dtype=tl.int32)
+        i3 = tl.zeros((ROWS, 1), dtype=tl.int32)
+        for g in tl.static_range(2):  # l in [16g, 16g + 16)
+            qa = _q6k_words_q8(s_base, raw, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
+            qb = _q6k_words_q8(s_base, raw, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
+            qh4 = _q6k_words_q8(s_base, raw, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
+            for run in tl.static_range(4):
+                xw = _split4(tl.load(x3 + (sb * 64 + 32 * h + 8 * run + 4 * g)))  # its 16 activation codes
+                isum = tl.zeros((ROWS, 1), dtype=tl.int32)
+                for q in tl.static_range(4):
+                    if run % 2 == 0:
+                        src = pick4(q, qa[0], qa[1], qa[2], qa[3])
+                    else:
+                        src = pick4(q, qb[0], qb[1], qb[2], qb[3])
+                    z = _q6k_run_word(src, pick4(q, qh4[0], qh4[1], qh4[2], qh4[3]), run, 0x0F0F0F0F,
+                                      0x30303030)  # four codes 0 .. 63
+                    isum = _dp4a(z, xw[q], isum, False, EMULATE)
+                    isum = _dp4a(neg32, xw[q], isum, True, EMULATE)  # - 32 x each
+                j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
+                sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
+                sc = (sw << (24 - 8 * (j % 4))) >> 24
+                if run == 0:
+                    i0 += sc * isum
+                elif run == 1:
+                    i1 += sc * isum
+                elif run == 2:
+                    i2 += sc * isum
+                else:
+                    i3 += sc * isum
+        for run in tl.static_range(4):
+            isum = pick4(run, i0, i1, i2, i3)
+            acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
+    return acc
+
+
+@triton_kernel
+def _q6k_lanes_sb(acc, s_base, sb, x3l, xd_row, LANES: tl.constexpr, EMULATE: tl.constexpr):
+    """_q6k_sb with LANES threads a row ([ROWS, LANES] tiles, lane j taking words j, j + LANES, .. of every four):
+    x3l the activation words' pointers [ROWS, LANES] (lane j's at j), each run's integer sum added over the lanes
+    before its scale, so the result is _q6k_sb's bit for bit."""
+    ROWS: tl.constexpr = s_base.shape[0]
+    lane = tl.arange(0, LANES)[None, :]
+    sel, d, sc4 = _q6k_head(s_base, sb, EMULATE)  # [ROWS, 1], every lane of a row the same
+    sl = s_base + lane  # [ROWS, LANES]: lane j's word j of each four
+    sel_l = sel + lane * 0
+    odd = sel_l == 0x5432  # an odd super-block's words are merged from two; an even one's are the first alone
+    neg32 = tl.full((ROWS, LANES), _NEG32, dtype=tl.int32)
+    for h in tl.static_range(2):
+        i0 = tl.zeros((ROWS, LANES), dtype=tl.int32)
+        i1 = tl.zeros((ROWS, LANES), dtype=tl.int32)
+        i2 = tl.zeros((ROWS, LANES), dtype=tl.int32)
+        i3 = tl.zeros((ROWS, LANES), dtype=tl.int32)
+        for g in tl.static_range(2):
+            for qq in tl.static_range(4 // LANES):  # this lane's word q = qq * LANES + lane of each four
+                wa = 16 * h + 4 * g + qq * LANES  # ql bytes 64h + 16g .., 64h + 32 + 16g .., qh bytes 32h + 16g ..
+                qa = _prmt(tl.load(sl + wa), tl.load(sl + (wa + 1), mask=odd, other=0), sel_l, EMULATE)
+                qb = _prmt(tl.load(sl + (wa + 8)), tl.load(sl + (wa + 9), mask=odd, other=0), sel_l, EMULATE)
+                wh = 32 + 8 * h + 4 * g + qq * LANES
+                qh = _prmt(tl.load(sl + wh), tl.load(sl + (wh + 1), mask=odd, other=0), sel_l, EMULATE)
+                for run in tl.static_range(4):
+                    xw = tl.load(x3l + (sb * 64 + 32 * h + 8 * run + 4 * g + qq * LANES))  # [ROWS, LANES]
+                    z = _q6k_run_word(qa if run % 2 == 0 else qb, qh, run, 0x0F0F0F0F, 0x30303030)
+                    isum = _dp4a(z, xw, tl.zeros((ROWS, LANES), dtype=tl.int32), False, EMULATE)
+                    isum = _dp4a(neg32, xw, isum, True, EMULATE)
+                    j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
+                    sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
+                    sc = (sw << (24 - 8 * (j % 4))) >> 24
+                    if run == 0:
+                        i0 += sc * isum
+                    elif run == 1:
+                        i1 += sc * isum
+                    elif run == 2:
+                        i2 += sc * isum
+                    else:
+                        i3 += sc * isum
+        for run in tl.static_range(4):
+            isum = tl.sum(pick4(run, i0, i1, i2, i3), axis=1, keep_dims=True)  # exact: int32
+            acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
+    return acc
+
+
 def _gguf_gemv_q8_kernel(
     xq_ptr,  # int8 activation codes [rows, K] viewed as int32 [rows, K/4]
     xd_ptr, xs_ptr,  # fp32 [rows, K/32]: each block's scale, and the scale times the sum of its codes
@@ -279,6 +373,9 @@ def _gguf_gemv_q8_kernel(
     # while this one is computed (registers carried over the loop; the last super-block is loaded twice)
     VEC16: tl.constexpr = False,  # Q8_0: a super-block's 272 bytes as 17 loads of 16 bytes (rows and super-blocks
     # are 16-byte aligned), not 68 of 4
+    Q6_LANES: tl.constexpr = 1,  # Q6_K: threads a row (2 or 4), each a word of every four: a warp's 4-byte loads
+    # read 8 or 16 contiguous bytes of each of 16 or 8 rows instead of 4 of 32 (rows are only 4-byte aligned); the
+    # lanes' integer sums added before the scales (the same bits)
 ):
     pdl_enter(PDL)  # the activation codes and the routing are the previous kernels' output
     pid = tl.program_id(0)
@@ -315,6 +412,11 @@ def _gguf_gemv_q8_kernel(
     w3 = tl.multiple_of(row_base, 16)[:, None, None] + offs_4[None, None, :]  # [ROWS, 1, 4]: a row, four words
     x3 = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, 1, 4), dtype=tl.int32) + offs_4[None, None, :])
     xd_row = xd_ptr + xrow * (K // 32)
+    if Q6_LANES > 1:  # Q6_K, lane j of a row: activation word j of each four
+        x3l = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, Q6_LANES), dtype=tl.int32) +
+                                            tl.arange(0, Q6_LANES)[None, :])
+    else:
+        x3l = x3
     xs_row = xs_ptr + xrow * (K // 32)
     acc = tl.zeros((ROWS, 1), dtype=tl.float32)
     SB_PER: tl.constexpr = K // 256 // SPLIT_K
@@ -370,52 +472,18 @@ def _gguf_gemv_q8_kernel(
                     isum = lo if p == 0 else hi
                     acc += ds * (isum.to(tl.float32) * tl.load(xd_row + j)) - dm * tl.load(xs_row + j)
         elif QTYPE == 14:  # Q6_K: ql [0, 128), qh [128, 192), 16 int8 scales, d at 208; super-block sb from word
-            # (105 sb) // 2 of the row, 2 bytes into it when sb is odd. Half h's value 128h + 32 run + l: low bits from
-            # ql byte 64h + l (runs 0, 2) or 64h + 32 + l (1, 3), high bits 2 run of qh byte 32h + l, scale
-            # 8h + 2 run + l // 16 (kernels/gguf_gemm.py's Q6_K GEMV, the same words)
+            # (105 sb) // 2 of the row, 2 bytes into it when sb is odd (_q6k_sb)
             s_base = row_base[:, None] + (105 * sb) // 2  # [ROWS, 1]
-            if PREFETCH:  # as Q4_K's, the 53 words of the super-block as loaded (then permuted as _q6k_words)
+            if Q6_LANES > 1:
+                tl.static_assert(not PREFETCH, "Q6_K: the prefetch with one thread a row")
+                acc = _q6k_lanes_sb(acc, s_base, sb, x3l, xd_row, Q6_LANES, EMULATE)
+            elif PREFETCH:  # as Q4_K's, the 53 words of the super-block as loaded (then permuted as _q6k_words)
                 raw = nxt
                 nxt = _q6k_raw(row_base[:, None] + (105 * tl.minimum(sb + 1, sb_last)) // 2)
             else:
                 raw = None
-            sel, d, sc4 = _q6k_head_q8(s_base, sb, raw, EMULATE)
-            neg32 = tl.full((ROWS, 1), _NEG32, dtype=tl.int32)
-            for h in tl.static_range(2):
-                i0 = tl.zeros((ROWS, 1), dtype=tl.int32)  # each run's (block of 32's) scaled integer sum
-                i1 = tl.zeros((ROWS, 1), dtype=tl.int32)
-                i2 = tl.zeros((ROWS, 1), dtype=tl.int32)
-                i3 = tl.zeros((ROWS, 1), dtype=tl.int32)
-                for g in tl.static_range(2):  # l in [16g, 16g + 16)
-                    qa = _q6k_words_q8(s_base, raw, 16 * h + 4 * g, sel, EMULATE)  # ql bytes 64h + 16g ..
-                    qb = _q6k_words_q8(s_base, raw, 16 * h + 8 + 4 * g, sel, EMULATE)  # ql bytes 64h + 32 + 16g ..
-                    qh4 = _q6k_words_q8(s_base, raw, 32 + 8 * h + 4 * g, sel, EMULATE)  # qh bytes 32h + 16g ..
-                    for run in tl.static_range(4):
-                        xw = _split4(tl.load(x3 + (sb * 64 + 32 * h + 8 * run + 4 * g)))  # its 16 activation codes
-                        isum = tl.zeros((ROWS, 1), dtype=tl.int32)
-                        for q in tl.static_range(4):
-                            if run % 2 == 0:
-                                src = pick4(q, qa[0], qa[1], qa[2], qa[3])
-                            else:
-                                src = pick4(q, qb[0], qb[1], qb[2], qb[3])
-                            z = _q6k_run_word(src, pick4(q, qh4[0], qh4[1], qh4[2], qh4[3]), run, 0x0F0F0F0F,
-                                              0x30303030)  # four codes 0 .. 63
-                            isum = _dp4a(z, xw[q], isum, False, EMULATE)
-                            isum = _dp4a(neg32, xw[q], isum, True, EMULATE)  # - 32 x each
-                        j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
-                        sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
-                        sc = (sw << (24 - 8 * (j % 4))) >> 24
-                        if run == 0:
-                            i0 += sc * isum
-                        elif run == 1:
-                            i1 += sc * isum
-                        elif run == 2:
-                            i2 += sc * isum
-                        else:
-                            i3 += sc * isum
-                for run in tl.static_range(4):
-                    isum = pick4(run, i0, i1, i2, i3)
-                    acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
+            if Q6_LANES == 1:
+                acc = _q6k_sb(acc, s_base, sb, raw, x3, xd_row, EMULATE)
         else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
             if VEC16:  # the super-block's 68 words from 17 loads of four
                 if PREFETCH:
@@ -485,6 +553,9 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
     weights, sorted_ids, expert_ids, total, num_pid_m, m_rows = _routing_args(q, c, routing, pairs, 1)
     sums_out, tiles, split, part, counters = gemv_grid(c, n, k, cfg, num_pid_m, u is not None, slot_sum, c_sums)
     parts = max(slot_sum, 1) * split
+    lanes = int(cfg.get("Q6_LANES", 1)) if qtype == "q6_k" else 1  # threads a Q6_K row: that many times the warps
+    if lanes not in (1, 2, 4):
+        raise ValueError(f"Q6_LANES: 1, 2 or 4 threads a row, got {lanes}")
     # Q8_0 in 16-byte loads where its rows are 16-byte aligned (a super-block is 272 bytes)
     vec16 = qtype == "q8_0" and bool(cfg.get("Q8_0_VEC16", False)) and w3.data_ptr() % 16 == 0 and \
         u3.data_ptr() % 16 == 0 and w3.stride(0) % 4 == 0 and u3.stride(0) % 4 == 0
@@ -495,9 +566,10 @@ def launch_gguf_gemv_q8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: 
         n, m_rows, num_pid_m, w3.stride(0), u3.stride(0), c.stride(0),
         K=k, QTYPE=QTYPE_IDS[qtype], A_ROW_DIV=a_row_div, GATED=u is not None, MUL_ROUTED_WEIGHT=mul_routed_weight,
         BLOCK_N=cfg["BLOCK_N"], OUT_MANT=0 if c_q8 is not None else out_mantissa_bits(c.dtype), EMULATE=INTERPRETED,
-        SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None, num_warps=cfg["num_warps"],
-        num_stages=1, PREFETCH=bool(cfg.get("Q8_PREFETCH", False)) and (qtype != "q8_0" or vec16), VEC16=vec16,
-        **extra,
+        SUMS_OUT=sums_out, DENSE=routing is None, SPLIT_K=split, Q8_OUT=c_q8 is not None,
+        num_warps=cfg["num_warps"] * lanes,
+        num_stages=1, PREFETCH=bool(cfg.get("Q8_PREFETCH", False)) and (qtype != "q8_0" or vec16) and lanes == 1,
+        VEC16=vec16, Q6_LANES=lanes, **extra,
         **pdl_kwargs(c.device),
     )
 

@@ -65,7 +65,7 @@ PAIRS_MAX_TOKENS = 1
 GEMV_PAIRS_MAX = 64
 MOE_CONFIG_KEYS = ("PATH", "PREP", "PREFETCH", "LANES", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages",
                    "SPLIT_K", "SPLIT_K2", "ACT_Q8", "Q6_Q8", "EPI_Q8", "Q6_WORDS", "Q8_PREFETCH",
-                   "Q8_0_VEC16")
+                   "Q8_0_VEC16", "Q6_LANES")
 PATHS = ("tile", "gemv")
 
 

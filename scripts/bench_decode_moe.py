@@ -116,6 +116,10 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
                      {**q8, "Q6_Q8": True, "EPI_Q8": True, "Q8_PREFETCH": True, "num_warps": nw, "SPLIT_K": s,
                       "SPLIT_K2": s2})
                     for nw in (2, 1) for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 3))]
+            # GEMM 2's Q6_K rows on 2 or 4 threads each (Q6_LANES: its programs that many times the warps)
+            out += [(f"act_q8 q6q8 epi lanes {ln} split {s}/{s2}",
+                     {**q8, "Q6_Q8": True, "EPI_Q8": True, "Q6_LANES": ln, "SPLIT_K": s, "SPLIT_K2": s2})
+                    for ln in (2, 4) for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 3))]
         else:  # GEMM 2 on 8-bit activations already: made in GEMM 1's epilogue
             out += [(f"act_q8 epi split {s}/{s2}", {**q8, "EPI_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]

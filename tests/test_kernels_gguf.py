@@ -561,6 +561,9 @@ def test_gemv_q8_matches_its_ref(device, qtype, dtype):
     # the next super-block's words loaded during this one (Q8_PREFETCH; Q8_0 takes none): the same words, the same
     # arithmetic
     assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_PREFETCH": True}), out)
+    if qtype == "q6_k":  # two and four threads a row, each a word of every four
+        for lanes in (2, 4):
+            assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q6_LANES": lanes}), out)
     if qtype == "q8_0":  # its super-blocks in 16-byte loads, with and without the prefetch
         assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_0_VEC16": True}), out)
         assert torch.equal(gguf_gemv_q8(x, w, qtype, config={"Q8_0_VEC16": True, "Q8_PREFETCH": True}), out)
@@ -630,9 +633,10 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes,
                                           config={**cfg, "Q8_0_VEC16": True, "Q8_PREFETCH": True}), out)
     if q6q8 and split == 2:  # the next super-block's words loaded during this one: Q4_K or Q5_K gate and up, Q6_K
-        # down from odd super-blocks (the same bits)
+        # down from odd super-blocks; Q6_K down on four threads a row (the same bits)
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q8_PREFETCH": True}),
                            out)
+        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q6_LANES": 4}), out)
     if down_q8 and not sort:  # GEMM 2's activations from GEMM 1's epilogue: q8_prep's of the fp32 intermediate
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "EPI_Q8": True}), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
