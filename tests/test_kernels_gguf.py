@@ -632,11 +632,10 @@ def test_fused_moe_act_q8(device, qtypes, split, sort, q6q8, monkeypatch):
     if qtypes[0] == "q8_0":  # Q8_0 in 16-byte loads, K split, the next super-block prefetched: the same bits
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes,
                                           config={**cfg, "Q8_0_VEC16": True, "Q8_PREFETCH": True}), out)
-    if q6q8 and split == 2:  # the next super-block's words loaded during this one: Q4_K or Q5_K gate and up, Q6_K
-        # down from odd super-blocks; Q6_K down on four threads a row (the same bits)
-        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q8_PREFETCH": True}),
-                           out)
-        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "Q6_LANES": 4}), out)
+    if q6q8 and split == 2:  # Q5_K_M: the next super-block's words loaded during this one, Q5_K gate and up and
+        # Q6_K down from odd super-blocks; Q4_K_M: Q6_K down on four threads a row (the same bits)
+        extra = {"Q8_PREFETCH": True} if qtypes[0] == "q5_k" else {"Q6_LANES": 4}
+        assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, **extra}), out)
     if down_q8 and not sort:  # GEMM 2's activations from GEMM 1's epilogue: q8_prep's of the fp32 intermediate
         assert torch.equal(fused_moe_gguf(x, gate, up, down, w, ids, qtypes, config={**cfg, "EPI_Q8": True}), out)
     with pytest.raises(ValueError, match="ACT_Q8 takes BLOCK_M 1"):
