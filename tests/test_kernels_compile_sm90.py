@@ -84,6 +84,7 @@ for module, kernel, consts, types, warps in jobs:
         # loads software-pipelined through shared memory (asynchronous copies)
         copies = ptx.count("cp.async.cg.shared") + ptx.count("cp.async.ca.shared")
         print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d,%d" % pdl, "async=%d" % copies,
+              "v4=%d" % (ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")),
               k.asm["ttgir"].count("ttg.warp_specialize("), flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
@@ -333,6 +334,33 @@ def test_pdl_variants_compile_for_sm90(mode):
     assert counts[("_router", "")][2] > 0 and counts[("_fused_moe_fp8", "gemm2")][2] == 1, counts
     assert counts[("_moe_gemv", "gemm2")][2] == 1, counts
     assert all(c[2] == 0 for k, c in counts.items() if k not in early), counts
+
+
+@pytest.mark.slow  # a few seconds per variant
+def test_gguf_q8_gemv_variants_compile_for_sm90():
+    """The 8-bit-activation GGUF GEMV's variants: the next super-block prefetched (Q4_K, Q5_K gate and up; Q6_K
+    down), Q6_K rows on 2 and 4 threads, Q8_0 in 16-byte loads (with the prefetch too)."""
+    types = {"xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32",
+             "c_ptr": "*bf16", "csum_ptr": "*fp32", "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32",
+             "expert_ids_ptr": "*i64", "num_tokens_post_padded_ptr": "*i32", "part_ptr": "*fp32",
+             "count_ptr": "*i32"}
+    gate = dict(K=3072, A_ROW_DIV=8, GATED=True, MUL_ROUTED_WEIGHT=False, BLOCK_N=32, OUT_MANT=0, EMULATE=False,
+                PAIRS=True, NUM_EXPERTS=256, SPLIT_K=2)
+    down = dict(K=1536, QTYPE=14, A_ROW_DIV=1, GATED=False, MUL_ROUTED_WEIGHT=True, BLOCK_N=64, OUT_MANT=7,
+                EMULATE=False, PAIRS=True, NUM_EXPERTS=256, SLOT_SUM=8, SPLIT_K=2)
+    jobs = [("gguf_gemv_q8", "_gguf_gemv_q8", {**gate, "QTYPE": 12, "PREFETCH": True}, types, 2),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**gate, "QTYPE": 13, "PREFETCH": True}, types, 2),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**down, "PREFETCH": True}, types, 2),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**down, "Q6_LANES": 2}, types, 4),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**down, "Q6_LANES": 4}, types, 8),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**gate, "QTYPE": 8}, types, 2),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**gate, "QTYPE": 8, "VEC16": True}, types, 2),
+            ("gguf_gemv_q8", "_gguf_gemv_q8", {**gate, "QTYPE": 8, "VEC16": True, "PREFETCH": True}, types, 2)]
+    lines = compile_all(jobs)
+    v4 = [int(line.split(" v4=")[1].split()[0]) for line in lines[5:]]
+    # the plain loop's 16-byte loads are the activations'; VEC16 adds a super-block's 17 (the prefetch: twice, the
+    # first super-block's before the loop)
+    assert v4[1] - v4[0] == 17 and v4[2] - v4[0] == 34, v4
 
 
 @pytest.mark.slow
