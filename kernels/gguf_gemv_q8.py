@@ -31,6 +31,11 @@ intermediate and its group sums).
 The launch arguments, the grid (PAIRS, DENSE, GATED, SPLIT_K, SLOT_SUM) and the epilogue are the GEMV kernel's,
 one token a program.
 
+Options (config keys, each the same words through the same arithmetic, so the same bits): "Q8_PREFETCH" loads the
+next super-block's weight words while this one is computed; "Q8_0_VEC16" reads a Q8_0 super-block (272 bytes, 16-byte
+aligned in 16-byte aligned rows) in 17 loads of 16 bytes instead of 68 of 4; "Q6_LANES" (2, 4) spreads each Q6_K row
+(4-byte aligned only) over that many threads, so that a warp's load reads contiguous bytes of fewer rows.
+
 Under Triton's interpreter (CPU tests) the `dp4a` is computed byte by byte; on a GPU it is the PTX instruction
 (compute capability 6.1 and up).
 """

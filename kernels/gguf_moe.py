@@ -30,7 +30,10 @@ gate and up) runs GEMM 1 on activations quantized to 8 bits per 32 with integer 
 as llama.cpp's CUDA kernels do), and GEMM 2 too where down is Q4_K, Q5_K or Q8_0, or Q6_K with "Q6_Q8" (a Q6_K down
 stays on the fp32 GEMV without it, as the tables measured it): about 1% from the fp32 result on a
 MiniMax-M2 layer, taken by the H100 and H200 tables at one to eight tokens, not by the defaults. "Q6_WORDS" reads
-Q6_K rows of an even number of super-blocks as int32 words (the same bits; in the GEMV default).
+Q6_K rows of an even number of super-blocks as int32 words (the same bits; in the GEMV default). On 8-bit
+activations, "Q8_PREFETCH" loads the next super-block's words during this one, "Q8_0_VEC16" reads Q8_0 super-blocks
+in 16-byte loads and "Q6_LANES" (2, 4) gives each Q6_K row that many threads (kernels/gguf_gemv_q8.py; the same bits,
+table choices).
 
 `fused_moe_gguf_ref` loops over experts in PyTorch on weights dequantized by `gguf_gemm.dequantize_ref`, in fp32,
 rounding where the kernel does (the intermediate, each slot's output, the sum). Block configurations:
