@@ -265,6 +265,23 @@ def _q8_0_pair_of(words, pr: tl.constexpr):
 
 
 @triton_kernel
+def _q6k_run_add(i0, i1, i2, i3, isum, sc4, j: tl.constexpr, run: tl.constexpr):
+    """Each run's scaled integer sum (i0 .. i3), run `run`'s plus isum times Q6_K scale j (byte j % 4 of the scale
+    words' word j // 4, signed)."""
+    sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
+    t = ((sw << (24 - 8 * (j % 4))) >> 24) * isum
+    if run == 0:
+        i0 += t
+    elif run == 1:
+        i1 += t
+    elif run == 2:
+        i2 += t
+    else:
+        i3 += t
+    return i0, i1, i2, i3
+
+
+@triton_kernel
 def _q6k_sb(acc, s_base, sb, raw, x3, xd_row, EMULATE: tl.constexpr):
     """acc [ROWS, 1] fp32 plus one Q6_K super-block's share of each row's dot product, a thread a row: s_base
     [ROWS, 1] its first words, raw its words prefetched (_q6k_raw) or None, x3 the activation words ([ROWS, 1, 4]
@@ -295,17 +312,7 @@ def _q6k_sb(acc, s_base, sb, raw, x3, xd_row, EMULATE: tl.constexpr):
                                       0x30303030)  # four codes 0 .. 63
                     isum = _dp4a(z, xw[q], isum, False, EMULATE)
                     isum = _dp4a(neg32, xw[q], isum, True, EMULATE)  # - 32 x each
-                j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
-                sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
-                sc = (sw << (24 - 8 * (j % 4))) >> 24
-                if run == 0:
-                    i0 += sc * isum
-                elif run == 1:
-                    i1 += sc * isum
-                elif run == 2:
-                    i2 += sc * isum
-                else:
-                    i3 += sc * isum
+                i0, i1, i2, i3 = _q6k_run_add(i0, i1, i2, i3, isum, sc4, 8 * h + 2 * run + g, run)
         for run in tl.static_range(4):
             isum = pick4(run, i0, i1, i2, i3)
             acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
@@ -341,17 +348,7 @@ def _q6k_lanes_sb(acc, s_base, sb, x3l, xd_row, LANES: tl.constexpr, EMULATE: tl
                     z = _q6k_run_word(qa if run % 2 == 0 else qb, qh, run, 0x0F0F0F0F, 0x30303030)
                     isum = _dp4a(z, xw, tl.zeros((ROWS, LANES), dtype=tl.int32), False, EMULATE)
                     isum = _dp4a(neg32, xw, isum, True, EMULATE)
-                    j = 8 * h + 2 * run + g  # the scale: byte j % 4 of word j // 4, signed
-                    sw = pick4(j // 4, sc4[0], sc4[1], sc4[2], sc4[3])
-                    sc = (sw << (24 - 8 * (j % 4))) >> 24
-                    if run == 0:
-                        i0 += sc * isum
-                    elif run == 1:
-                        i1 += sc * isum
-                    elif run == 2:
-                        i2 += sc * isum
-                    else:
-                        i3 += sc * isum
+                    i0, i1, i2, i3 = _q6k_run_add(i0, i1, i2, i3, isum, sc4, 8 * h + 2 * run + g, run)
         for run in tl.static_range(4):
             isum = tl.sum(pick4(run, i0, i1, i2, i3), axis=1, keep_dims=True)  # exact: int32
             acc += d * (isum.to(tl.float32) * tl.load(xd_row + (sb * 8 + 4 * h + run)))
