@@ -417,8 +417,6 @@ def _gguf_gemv_q8_kernel(
     if Q6_LANES > 1:  # Q6_K, lane j of a row: activation word j of each four
         x3l = (xq_ptr + xrow * (K // 4)) + (tl.zeros((ROWS, Q6_LANES), dtype=tl.int32) +
                                             tl.arange(0, Q6_LANES)[None, :])
-    else:
-        x3l = x3
     xs_row = xs_ptr + xrow * (K // 32)
     acc = tl.zeros((ROWS, 1), dtype=tl.float32)
     SB_PER: tl.constexpr = K // 256 // SPLIT_K
@@ -479,12 +477,12 @@ def _gguf_gemv_q8_kernel(
             if Q6_LANES > 1:
                 tl.static_assert(not PREFETCH, "Q6_K: the prefetch with one thread a row")
                 acc = _q6k_lanes_sb(acc, s_base, sb, x3l, xd_row, Q6_LANES, EMULATE)
-            elif PREFETCH:  # as Q4_K's, the 53 words of the super-block as loaded (then permuted as _q6k_words)
-                raw = nxt
-                nxt = _q6k_raw(row_base[:, None] + (105 * tl.minimum(sb + 1, sb_last)) // 2)
             else:
-                raw = None
-            if Q6_LANES == 1:
+                if PREFETCH:  # as Q4_K's, the 53 words of the super-block as loaded (then permuted as _q6k_words)
+                    raw = nxt
+                    nxt = _q6k_raw(row_base[:, None] + (105 * tl.minimum(sb + 1, sb_last)) // 2)
+                else:
+                    raw = None
                 acc = _q6k_sb(acc, s_base, sb, raw, x3, xd_row, EMULATE)
         else:  # Q8_0 as int32, blocks in pairs (68 bytes, 17 words; block 0's codes 2 bytes into its words)
             if VEC16:  # the super-block's 68 words from 17 loads of four
