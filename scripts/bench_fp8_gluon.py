@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import triton
-
 from bench_common import block_quant, commit_id
 from bench_kernels import ceilings
 from quantkit.kernels import fp8_gemm, fp8_gluon
