@@ -113,7 +113,7 @@ if HAVE_GLUON:
         bs_ptr += (off_n // GROUP_N) * stride_bsn  # the column tile's scale block (GROUP_N % BLOCK_N == 0)
 
         k_tiles = gl.cdiv(K, BLOCK_K)  # even (the launcher checks)
-        for s in gl.static_range(STAGES - 1):
+        for s in gl.static_range(STAGES):  # every stage filled; each refilled once the product reading it is done
             _load_tile(a_desc, b_desc, bars.index(s), a_bufs.index(s), b_bufs.index(s), off_m, off_n, s * BLOCK_K,
                        s < k_tiles)
 
