@@ -62,7 +62,10 @@ def compile_for(fn, consts: dict, types: dict, divisible: set[str] = frozenset()
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     divisible = set(divisible) | {n for n, t in signature.items() if t.startswith("*")}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its own front end (layouts given, not inferred)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
                                                                                  num_stages=num_stages))
 

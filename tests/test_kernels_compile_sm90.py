@@ -65,11 +65,11 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from sass_loop import compile_for
-from quantkit.kernels import fp8_gemm, fp8_moe, fused_ops, gguf_gemm, gguf_gemv_q8, w4a16_moe
+from quantkit.kernels import fp8_gemm, fp8_gluon, fp8_moe, fused_ops, gguf_gemm, gguf_gemv_q8, w4a16_moe
 jobs = json.loads(sys.argv[2])
 for module, kernel, consts, types, warps in jobs:
     fn = getattr({"w4a16_moe": w4a16_moe, "fused_ops": fused_ops, "fp8_moe": fp8_moe, "gguf_gemm": gguf_gemm,
-                  "fp8_gemm": fp8_gemm, "gguf_gemv_q8": gguf_gemv_q8}[module], kernel)
+                  "fp8_gemm": fp8_gemm, "gguf_gemv_q8": gguf_gemv_q8, "fp8_gluon": fp8_gluon}[module], kernel)
     try:
         k = compile_for(fn, consts, types, {"N", "stride_am", "stride_bn", "stride_cm", "stride_xm", "stride_we",
                                             "stride_ue", "stride_asm", "stride_b1n", "stride_b2n", "stride_im",
@@ -85,6 +85,8 @@ for module, kernel, consts, types, warps in jobs:
         copies = ptx.count("cp.async.cg.shared") + ptx.count("cp.async.ca.shared")
         print("ok", kernel, json.dumps(consts), "pdl=%d,%d,%d,%d" % pdl, "async=%d" % copies,
               "v4=%d" % (ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")),
+              "wgmma=%d,%d,%d" % (ptx.count("wgmma.mma_async"), ptx.count("wgmma.wait_group.sync.aligned 1;"),
+                                  ptx.count("wgmma.wait_group.sync.aligned 0;")),
               k.asm["ttgir"].count("ttg.warp_specialize("), flush=True)
     except Exception as e:
         print("FAILED", kernel, json.dumps(consts), type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
@@ -381,3 +383,20 @@ def test_pipelined_gemv_loops_compile_for_sm90():
     lines = compile_all(jobs)
     copies = [int(line.split(" async=")[1].split()[0]) for line in lines]
     assert copies[:2] == [0, 0] and min(copies[2:]) > 0, copies
+
+
+@pytest.mark.slow
+def test_fp8_gluon_gemm_compiles_for_sm90():
+    """The Gluon block-FP8 GEMM (no interpreter runs Gluon): its K loop issues each K block's warp-group MMAs
+    asynchronously and waits with one left outstanding (the previous block's product summed while this one runs),
+    waiting for none only after the last; 64- and 128-column tiles, 3 and 4 stages."""
+    types = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16"}
+    jobs = [("fp8_gluon", "_w8a8_block_gluon_kernel",
+             dict(GROUP_N=128, BLOCK_M=64, BLOCK_N=bn, GROUP_M=8, STAGES=st, num_warps=4), types, 4)
+            for bn, st in ((64, 4), (128, 3))]
+    lines = compile_all(jobs)
+    for line in lines:
+        mma, wait1, wait0 = (int(v) for v in line.split(" wgmma=")[1].split()[0].split(","))
+        # four K = 32 instructions a 128-deep block, at the four places one is issued (before the loop, the loop's
+        # two steps, the last block); every issue but the last followed by a wait leaving one outstanding
+        assert (mma, wait1, wait0) == (16, 3, 1), line
