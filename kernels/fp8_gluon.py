@@ -28,6 +28,8 @@ try:  # Gluon ships with triton >= 3.5 as triton.experimental.gluon
     HAVE_GLUON = True
     # TMA's global-to-shared copy: async_load from triton 3.7 on, async_copy_global_to_shared before
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a barrier of the program's warps: barrier from triton 3.7 on, thread_barrier before
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 except ImportError:  # pragma: no cover - older triton
     HAVE_GLUON = False
 
@@ -53,7 +55,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step(a_desc, b_desc, bars, a_bufs, b_bufs, t_new, t_prev, sa_prev, acc, as_ptrs, bs_ptr, m_mask, kb, k_tiles,
-              off_m, off_n, stride_ask, stride_bsk, STAGES: gl.constexpr):
+              off_m, off_n, stride_ask, stride_bsk, STAGES: gl.constexpr, WARP_GROUPS: gl.constexpr):
         """K block kb's product issued into t_new's registers (read: its last value was summed), its scales loaded;
         then the product in flight before it (t_prev, K block kb - 1) waited for with kb's left outstanding, scaled
         and added to acc, and the stage it read refilled with K block kb - 1 + STAGES. Returns kb's product (in
@@ -66,6 +68,8 @@ if HAVE_GLUON:
         t_prev = warpgroup_mma_wait(num_outstanding=1, deps=(t_prev, ))
         acc += t_prev * sa_prev[:, None]
         nxt = kb - 1 + STAGES
+        if WARP_GROUPS > 1:  # every warp group past its wait before the stage is overwritten
+            _cta_barrier()
         _load_tile(a_desc, b_desc, bars.index(nxt % STAGES), a_bufs.index(nxt % STAGES), b_bufs.index(nxt % STAGES),
                    off_m, off_n, nxt * 128, nxt < k_tiles)
         return t_new, sa, acc, t_prev
@@ -117,6 +121,7 @@ if HAVE_GLUON:
             _load_tile(a_desc, b_desc, bars.index(s), a_bufs.index(s), b_bufs.index(s), off_m, off_n, s * BLOCK_K,
                        s < k_tiles)
 
+        WG: gl.constexpr = num_warps // 4  # warp groups, 64 rows each
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
         t0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
         # K block 0's product issued ahead of the loop: t1 is the product in flight at each step's start
@@ -126,12 +131,12 @@ if HAVE_GLUON:
         for kk in range(1, k_tiles - 1, 2):
             # K block kk into t0 while kk - 1 (t1) is scaled and summed, then kk + 1 into t1 while kk (t0) is
             t0, sa0, acc, t1 = _step(a_desc, b_desc, bars, a_bufs, b_bufs, t0, t1, sa1, acc, as_ptrs, bs_ptr, m_mask,
-                                     kk, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES)
+                                     kk, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES, WG)
             t1, sa1, acc, t0 = _step(a_desc, b_desc, bars, a_bufs, b_bufs, t1, t0, sa0, acc, as_ptrs, bs_ptr, m_mask,
-                                     kk + 1, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES)
+                                     kk + 1, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES, WG)
         # the last K block into t0; then nothing left to issue
         t0, sa0, acc, t1 = _step(a_desc, b_desc, bars, a_bufs, b_bufs, t0, t1, sa1, acc, as_ptrs, bs_ptr, m_mask,
-                                 k_tiles - 1, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES)
+                                 k_tiles - 1, k_tiles, off_m, off_n, stride_ask, stride_bsk, STAGES, WG)
         t0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0, ))
         acc += t0 * sa0[:, None]
         for s in gl.static_range(STAGES):
@@ -164,8 +169,8 @@ def w8a8_block_fp8_matmul_gluon(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
     if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in (xq, w)):
         raise ValueError("the Gluon GEMM's operands need 16-byte aligned rows (TMA)")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    if cfg["BLOCK_M"] != 64 or cfg["num_warps"] != 4:  # one warp group: the stage it read is refilled unsynced
-        raise ValueError(f"the Gluon GEMM runs 64-row blocks on 4 warps, got {cfg}")
+    if cfg["BLOCK_M"] != 16 * cfg["num_warps"] or cfg["num_warps"] not in (4, 8):
+        raise ValueError(f"the Gluon GEMM runs 64 rows a warp group (4 or 8 warps), got {cfg}")
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0 or n == 0:
         return out

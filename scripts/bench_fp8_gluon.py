@@ -21,7 +21,8 @@ from bench_kernels import ceilings
 from quantkit.kernels import fp8_gemm, fp8_gluon
 
 SHAPES = {"qkv": (8192, 3072), "o_proj": (3072, 6144), "gate_up": (3072, 3072), "down": (3072, 1536)}
-CONFIGS = [dict(BLOCK_N=bn, STAGES=st, GROUP_M=gm) for bn in (64, 128) for st in (3, 4, 5) for gm in (8,)]
+CONFIGS = ([dict(BLOCK_N=bn, STAGES=st, GROUP_M=8) for bn in (64, 128) for st in (3, 4, 5)]
+           + [dict(BLOCK_M=128, num_warps=8, BLOCK_N=bn, STAGES=st, GROUP_M=8) for bn in (64, 128) for st in (3, 4)])
 
 
 def timed(fn) -> float:
@@ -67,7 +68,8 @@ def main() -> None:
                         rows.append((f"gluon {cfg}", cfg, None, err))
                         continue
                     t = timed(lambda c=cfg: fp8_gluon.w8a8_block_fp8_matmul_gluon(xq, xs, wq, ws, config=c))
-                    rows.append((f"gluon bn {cfg['BLOCK_N']} stages {cfg['STAGES']}", cfg, t, err))
+                    label = f"gluon bm {cfg.get('BLOCK_M', 64)} bn {cfg['BLOCK_N']} stages {cfg['STAGES']}"
+                    rows.append((label, cfg, t, err))
                 except Exception as e:  # a config that does not compile or launch: reported, the others go on
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             for label, cfg, t, err in rows:

@@ -394,6 +394,8 @@ def test_fp8_gluon_gemm_compiles_for_sm90():
     jobs = [("fp8_gluon", "_w8a8_block_gluon_kernel",
              dict(GROUP_N=128, BLOCK_M=64, BLOCK_N=bn, GROUP_M=8, STAGES=st, num_warps=4), types, 4)
             for bn, st in ((64, 4), (128, 3))]
+    jobs.append(("fp8_gluon", "_w8a8_block_gluon_kernel",  # two warp groups, a barrier before each refill
+                 dict(GROUP_N=128, BLOCK_M=128, BLOCK_N=64, GROUP_M=8, STAGES=4, num_warps=8), types, 8))
     lines = compile_all(jobs)
     for line in lines:
         mma, wait1, wait0 = (int(v) for v in line.split(" wgmma=")[1].split()[0].split(","))
