@@ -1107,3 +1107,35 @@ def test_fused_moe_captures_in_a_cuda_graph(device):
 
 def test_moe_kernels_share_the_interpreter_mode():
     assert fp8_moe.INTERPRETED == fp8_gemm.INTERPRETED
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+@pytest.mark.parametrize("m,n,k", [(200, 384, 512), (1024, 256, 3072), (64, 192, 256)])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_N=64, STAGES=4), dict(BLOCK_N=128, STAGES=3),
+                                 dict(BLOCK_M=128, num_warps=8, BLOCK_N=64, STAGES=3)])
+def test_gluon_block_gemm_gives_the_triton_gemm(device, m, n, k, cfg):
+    """The Gluon GEMM (one warp-group MMA in flight while the previous K block is scaled): the Triton kernel's
+    result to rounding (the same products and scaled sums; the MMA's order of additions within a block may differ),
+    with row blocks past M, column tiles past N (192 = 1.5 tiles of 128) and as few K blocks as 2."""
+    from quantkit.kernels import fp8_gluon
+    gen = gen_for("gluon_mm", m, n, k, cfg["BLOCK_N"])
+    xq, xs = per_token_group_quant_fp8_ref(activations(m, k, torch.float32, gen))
+    w, ws = quantize_block(weights(n, k, gen))
+    xq, xs, w, ws = (t.to(device) for t in (xq, xs, w, ws))
+    ref = w8a8_block_fp8_matmul(xq, xs, w, ws)
+    out = fp8_gluon.w8a8_block_fp8_matmul_gluon(xq, xs, w, ws, config=cfg)
+    assert_close(out, ref, *TOL[torch.bfloat16])
+    assert_close(out, w8a8_block_fp8_matmul_ref(xq, xs, w, ws), *TOL[torch.bfloat16])
+
+
+def test_gluon_block_gemm_refuses_what_it_cannot_run():
+    """One clear error where the Gluon GEMM cannot run: no Hopper GPU in compiled mode (the interpreter runs no
+    Gluon), or an odd number of K blocks."""
+    from quantkit.kernels import fp8_gluon
+    gen = gen_for("gluon_refuse", 4, 128, 384)
+    xq, xs = per_token_group_quant_fp8_ref(activations(4, 384, torch.float32, gen))
+    w, ws = quantize_block(weights(128, 384, gen))
+    dev = "cuda" if CUDA and not INTERPRETED else "cpu"
+    xq, xs, w, ws = (t.to(dev) for t in (xq, xs, w, ws))
+    with pytest.raises(ValueError, match="Gluon GEMM"):
+        fp8_gluon.w8a8_block_fp8_matmul_gluon(xq, xs, w, ws)  # 3 K blocks, or no Hopper GPU
