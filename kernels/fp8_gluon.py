@@ -145,8 +145,171 @@ if HAVE_GLUON:
         c_ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
         gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
+    @gluon.jit
+    def _moe_load(a_desc, b_desc, bar, a_buf, g_buf, u_buf, row0, g_row, u_row, k, pred, GATED: gl.constexpr):
+        """A K block of the list's row block and of the expert's gate (or only) rows, and up rows when gated, into one
+        stage, counted on its barrier."""
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes * (2 if GATED else 1)
+        mbarrier.expect(bar, nbytes, pred=pred)
+        _tma_load(a_desc, [row0, k], bar, a_buf, pred=pred)
+        _tma_load(b_desc, [g_row, k], bar, g_buf, pred=pred)
+        if GATED:
+            _tma_load(b_desc, [u_row, k], bar, u_buf, pred=pred)
+
+    @gluon.jit
+    def _moe_step(a_desc, b_desc, bars, a_bufs, g_bufs, u_bufs, tg, tu, pg, pu, sg_prev, su_prev, acc, acc_up,
+                  as_ptrs, bsg_ptr, bsu_ptr, kb, k_steps, row0, g_row, u_row, STAGES: gl.constexpr,
+                  GATED: gl.constexpr, WG: gl.constexpr):
+        """_step of the GEMM for the MoE's list: K block kb's products (gate, and up when gated) issued into tg
+        (tu), then the block before's (pg, pu) waited for with kb's left outstanding, scaled and summed, and its
+        stage refilled with block kb - 1 + STAGES."""
+        s = kb % STAGES
+        mbarrier.wait(bars.index(s), (kb // STAGES) & 1)
+        a = a_bufs.index(s)
+        tg = warpgroup_mma(a, g_bufs.index(s).permute((1, 0)), tg, use_acc=False, is_async=True)
+        sa = gl.load(as_ptrs + kb)
+        sg = sa * gl.load(bsg_ptr + kb)
+        if GATED:
+            tu = warpgroup_mma(a, u_bufs.index(s).permute((1, 0)), tu, use_acc=False, is_async=True)
+            su = sa * gl.load(bsu_ptr + kb)
+            pg, pu = warpgroup_mma_wait(num_outstanding=2, deps=(pg, pu))
+            acc += pg * sg_prev[:, None]
+            acc_up += pu * su_prev[:, None]
+        else:
+            su = sg
+            pg = warpgroup_mma_wait(num_outstanding=1, deps=(pg, ))
+            acc += pg * sg_prev[:, None]
+        nxt = kb - 1 + STAGES
+        if WG > 1:
+            _cta_barrier()
+        _moe_load(a_desc, b_desc, bars.index(nxt % STAGES), a_bufs.index(nxt % STAGES), g_bufs.index(nxt % STAGES),
+                  u_bufs.index(nxt % STAGES), row0, g_row, u_row, nxt * 128, nxt < k_steps, GATED)
+        return tg, tu, sg, su, acc, acc_up, pg, pu
+
+    @gluon.jit
+    def _moe_fp8_gluon_kernel(
+        a_ptr, as_ptr,  # A fp8 [P, K] in the padded list's order (row p: pair sorted_token_ids[p]); scales [P, K/128]
+        b_ptr, bs_ptr,  # B fp8 [E * NB, K] (each expert's NB rows: 2N gated, else N); scales [E, NB/128, K/128]
+        c_ptr,  # SORTED_OUT: [P, N], rows in list order (padding rows included); else [M*topk, N], rows of pairs
+        topk_weights_ptr,  # fp32 [M*topk]
+        sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P], [P / LIST_M]
+        num_tokens_post_padded_ptr,  # int32 [1]: the list's length
+        N, NB, num_valid_tokens, num_pid_m, P, B_ROWS,
+        stride_am, stride_asm, stride_bn, stride_bse, stride_bsn, stride_cm,
+        K: gl.constexpr, GATED: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr, SORTED_OUT: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        LIST_M: gl.constexpr,  # the list's row block (BLOCK_M divides it): a block's expert is its list block's
+        num_warps: gl.constexpr,
+    ):
+        """`fp8_moe._moe_fp8_ws_kernel`'s GEMM (the same operands, list, epilogue and result to rounding) on the
+        loop of `_w8a8_block_gluon_kernel`: gated, the gate and up products of a K block both in flight. Row blocks
+        past the list's end, or of padding only, return at once."""
+        BLOCK_K: gl.constexpr = 128
+        pid = gl.program_id(0)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_pid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        row0 = pid_m * BLOCK_M
+        total = gl.load(num_tokens_post_padded_ptr)  # a multiple of LIST_M
+        if row0 >= total:
+            return
+        if gl.load(sorted_token_ids_ptr + row0) >= num_valid_tokens:  # padding closes each run: padding only
+            return
+        expert = gl.load(expert_ids_ptr + row0 // LIST_M)
+        g_row = expert * NB + pid_n * BLOCK_N
+        u_row = g_row + N
+
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [P, K], [stride_am, 1], [BLOCK_M, BLOCK_K], smem)
+        b_desc = tma.make_tensor_descriptor(b_ptr, [B_ROWS, K], [stride_bn, 1], [BLOCK_N, BLOCK_K], smem)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
+        g_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], smem)
+        if GATED:
+            u_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], smem)
+        else:
+            u_bufs = g_bufs  # not read
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        rows: gl.constexpr = gl.SliceLayout(1, mma)
+        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        offs_r = row0 + gl.arange(0, BLOCK_M, layout=rows)  # [BLOCK_M] list positions
+        as_ptrs = as_ptr + offs_r.to(gl.int64) * stride_asm
+        bs_row = bs_ptr + expert.to(gl.int64) * stride_bse
+        bsg_ptr = bs_row + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn  # the tile's one scale a K block
+        bsu_ptr = bs_row + ((pid_n * BLOCK_N + N) // BLOCK_K) * stride_bsn
+
+        k_steps: gl.constexpr = K // BLOCK_K  # even (the launcher checks)
+        for s in gl.static_range(STAGES):
+            _moe_load(a_desc, b_desc, bars.index(s), a_bufs.index(s), g_bufs.index(s), u_bufs.index(s), row0, g_row,
+                      u_row, s * BLOCK_K, s < k_steps, GATED)
+
+        WG: gl.constexpr = num_warps // 4
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)  # gated only
+        g0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        u0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        # K block 0's products issued ahead of the loop (g1, u1: those in flight at each step's start)
+        mbarrier.wait(bars.index(0), 0)
+        g1 = warpgroup_mma(a_bufs.index(0), g_bufs.index(0).permute((1, 0)), g0, use_acc=False, is_async=True)
+        sa = gl.load(as_ptrs)
+        sg1 = sa * gl.load(bsg_ptr)
+        if GATED:
+            u1 = warpgroup_mma(a_bufs.index(0), u_bufs.index(0).permute((1, 0)), u0, use_acc=False, is_async=True)
+            su1 = sa * gl.load(bsu_ptr)
+        else:
+            u1 = u0
+            su1 = sg1
+        for kk in range(1, k_steps - 1, 2):
+            g0, u0, sg0, su0, acc, acc_up, g1, u1 = _moe_step(
+                a_desc, b_desc, bars, a_bufs, g_bufs, u_bufs, g0, u0, g1, u1, sg1, su1, acc, acc_up, as_ptrs,
+                bsg_ptr, bsu_ptr, kk, k_steps, row0, g_row, u_row, STAGES, GATED, WG)
+            g1, u1, sg1, su1, acc, acc_up, g0, u0 = _moe_step(
+                a_desc, b_desc, bars, a_bufs, g_bufs, u_bufs, g1, u1, g0, u0, sg0, su0, acc, acc_up, as_ptrs,
+                bsg_ptr, bsu_ptr, kk + 1, k_steps, row0, g_row, u_row, STAGES, GATED, WG)
+        g0, u0, sg0, su0, acc, acc_up, g1, u1 = _moe_step(
+            a_desc, b_desc, bars, a_bufs, g_bufs, u_bufs, g0, u0, g1, u1, sg1, su1, acc, acc_up, as_ptrs, bsg_ptr,
+            bsu_ptr, k_steps - 1, k_steps, row0, g_row, u_row, STAGES, GATED, WG)
+        if GATED:
+            g0, u0 = warpgroup_mma_wait(num_outstanding=0, deps=(g0, u0))
+            acc += g0 * sg0[:, None]
+            acc_up += u0 * su0[:, None]
+            acc = acc / (1.0 + gl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
+        else:
+            g0 = warpgroup_mma_wait(num_outstanding=0, deps=(g0, ))
+            acc += g0 * sg0[:, None]
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+        offs_tok = gl.load(sorted_token_ids_ptr + offs_r)  # [BLOCK_M] pair indices; padding: num_valid_tokens
+        tok_mask = offs_tok < num_valid_tokens
+        offs_tok64 = offs_tok.to(gl.int64)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
+        if MUL_ROUTED_WEIGHT:
+            acc = acc * gl.load(topk_weights_ptr + offs_tok64, mask=tok_mask, other=0.0)[:, None]
+        if SORTED_OUT:  # every row of the block, so GEMM 2's quantization reads no uninitialized row
+            c_ptrs = c_ptr + offs_r.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
+            c_mask = (offs_r < P)[:, None] & (offs_n < N)[None, :]
+        else:
+            c_ptrs = c_ptr + offs_tok64[:, None] * stride_cm + offs_n[None, :]
+            c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
+        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
 
 DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, STAGES=4, num_warps=4)
+
+
+def applies(cfg: dict, k: int, device: torch.device) -> bool:
+    """Whether a block config can run on the Gluon loop (a table entry's "WS": "gluon"): a Hopper GPU, 64 rows a
+    warp group on 4 or 8 warps, K blocks of 128 and an even number of them."""
+    return (available(device) and cfg.get("num_warps") in (4, 8) and cfg.get("BLOCK_M") == 16 * cfg["num_warps"]
+            and cfg.get("BLOCK_K", GROUP_K) == GROUP_K and k % GROUP_K == 0 and (k // GROUP_K) % 2 == 0)
 
 
 def w8a8_block_fp8_matmul_gluon(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fp8_gemm
+from . import fp8_gemm, fp8_gluon
 from .fp8_gemm import (
     ACT_DTYPES,
     CONFIG_KEYS,
@@ -1200,7 +1200,9 @@ def _ws_applies(cfg: dict, cfg2: dict, block: bool, w13: torch.Tensor, w2: torch
     descriptors). Otherwise the launcher's usual GEMMs run."""
     return (block and cfg["BLOCK_M"] % cfg2["BLOCK_M"] == 0 and w13.is_contiguous() and w2.is_contiguous()
             and fp8_gemm.ws_applies(cfg, SCALE_BLOCK, SCALE_BLOCK, w13)
-            and fp8_gemm.ws_applies(cfg2, SCALE_BLOCK, SCALE_BLOCK, w2))
+            and fp8_gemm.ws_applies(cfg2, SCALE_BLOCK, SCALE_BLOCK, w2)
+            and all(fp8_gluon.applies(c, w.shape[-1], w.device) for c, w in ((cfg, w13), (cfg2, w2))
+                    if c.get("WS") == "gluon"))
 
 
 def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
@@ -1211,6 +1213,15 @@ def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
     e, nb, k = b.shape
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if cfg.get("WS") == "gluon":  # the Gluon loop (fp8_gluon): one warp-group MMA in flight while the last is summed
+        fp8_gluon._moe_fp8_gluon_kernel[grid](
+            a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+            n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
+            a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0),
+            K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"], LIST_M=list_m,
+            num_warps=cfg["num_warps"])
+        return
     _moe_fp8_ws[grid](
         a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
         n, nb, num_valid, num_pid_m, a.shape[0], e * nb,

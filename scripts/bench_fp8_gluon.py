@@ -4,9 +4,11 @@ For MiniMax-M2's projections (q/k/v 8192 x 3072, o 3072 x 6144) and the MoE's ex
 (gate + up 3072 x 3072, down 3072 x 1536) at prefill sizes: each Gluon config checked against the Triton kernel on
 the same operands (relative error, fp32 rounding of the same products), then timed (CUDA-graph replays, median)
 beside the Triton kernel's tuned entry and torch._scaled_mm with row-wise scales (no K blocks: an upper bound of
-what the tensor cores give at this shape). Rows go to OUT/rows.jsonl as they come; a Markdown table at the end.
+what the tensor cores give at this shape). With --moe, the whole MoE layer (E=256, top-8, random routing) at the
+same sizes: the table's entry against entries whose GEMMs run on the Gluon loop ("WS": "gluon"). Rows go to
+OUT/rows.jsonl as they come; a Markdown table at the end.
 
-    python scripts/bench_fp8_gluon.py --out DIR [--ms 1024,4096]
+    python scripts/bench_fp8_gluon.py --out DIR [--ms 1024,4096] [--moe]
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 import triton
 from bench_common import block_quant, commit_id
 from bench_kernels import ceilings
-from quantkit.kernels import fp8_gemm, fp8_gluon
+from quantkit.kernels import fp8_gemm, fp8_gluon, fp8_moe
+
+E, I, H, TOPK = 256, 1536, 3072, 8
 
 SHAPES = {"qkv": (8192, 3072), "o_proj": (3072, 6144), "gate_up": (3072, 3072), "down": (3072, 1536)}
 CONFIGS = ([dict(BLOCK_N=bn, STAGES=st, GROUP_M=8) for bn in (64, 128) for st in (3, 4, 5)]
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ms", default="1024,4096")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--moe", action="store_true", help="the MoE layer too")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ceil = ceilings()
@@ -83,6 +88,8 @@ def main() -> None:
                 if t is not None:
                     print(f"{name} M={m} {label}: {t * 1e3:.1f} us, {rec['tflops']:.0f} TFLOP/s "
                           f"({rec['pct_fp8_peak']:.1f}% of peak), err {err}", flush=True)
+    if args.moe:
+        table += bench_moe([int(v) for v in args.ms.split(",")], g, peak, dev, log)
     print(f"\n{dev}, FP8 peak {peak:.0f} TFLOP/s, commit {commit_id()}\n")
     print("| op | M | variant | us | TFLOP/s | % FP8 peak |\n|---|---:|---|---:|---:|---:|")
     for r in table:
@@ -90,6 +97,50 @@ def main() -> None:
             print(f"| {r['op']} | {r['M']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['tflops']:.0f} "
                   f"| {r['pct_fp8_peak']:.1f} |")
     (args.out / "ceilings.json").write_text(json.dumps(ceil, indent=1) + "\n")
+
+
+MOE_VARIANTS = [
+    (f"gluon bm {16 * nw} bn {bn}/{bn2} stages {st}",
+     dict(WS="gluon", BLOCK_M=16 * nw, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=st,
+          GEMM2=dict(BLOCK_N=bn2)))
+    for nw in (4, 8) for bn, bn2 in ((64, 128), (64, 64), (32, 128)) for st in (3, 4)]
+
+
+def bench_moe(ms: list[int], g: torch.Generator, peak: float, dev: str, log: Path) -> list[dict]:
+    """The MoE layer on the table's entry and on the Gluon entries, each checked against the table's output."""
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+    s13 = torch.rand(E, 2 * I // 128, H // 128, device="cuda", generator=g) * 1e-4 + 1e-4
+    s2 = torch.rand(E, H // 128, I // 128, device="cuda", generator=g) * 1e-4 + 1e-4
+    out_rows = []
+    for m in ms:
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        tw, ids = torch.topk(torch.sigmoid(torch.randn(m, E, device="cuda", generator=g)), TOPK, dim=-1)
+        tw = (tw / tw.sum(-1, keepdim=True)).contiguous()
+        flops = 2 * m * TOPK * 3 * H * I
+        entry = fp8_moe.table_entry(fp8_moe.moe_config(torch.device("cuda"), m, TOPK, E, I, H, "block"))
+        ref = fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, tw, ids)
+        for label, cfg in [("table", entry)] + MOE_VARIANTS:
+            try:
+                out = fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, tw, ids, config=cfg)
+                torch.cuda.synchronize()
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                if not err < 2e-2:
+                    print(f"moe M={m} {label}: rel err {err:.3g}, not timed", flush=True)
+                    continue
+                t = timed(lambda c=cfg: fp8_moe.fused_moe_fp8(x, w13, s13, w2, s2, tw, ids, config=c))
+            except Exception as e:  # reported; the others go on
+                print(f"moe M={m} {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            rec = {"device": dev, "commit": commit_id(), "op": "moe layer", "M": m, "variant": label, "config": cfg,
+                   "ms": t, "rel_err_vs_table": err, "tflops": flops / t / 1e9,
+                   "pct_fp8_peak": 100 * flops / t / 1e9 / peak}
+            with open(log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            out_rows.append(rec)
+            print(f"moe M={m} {label}: {t:.3f} ms, {rec['tflops']:.0f} TFLOP/s ({rec['pct_fp8_peak']:.1f}%), "
+                  f"err {err:.2g}", flush=True)
+    return out_rows
 
 
 if __name__ == "__main__":

@@ -951,6 +951,34 @@ def test_fused_moe_tma_gemms_give_the_pointer_gemms_layer(device, m, block_n, dt
     assert_close(out, base, *TOL_MOE)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
+@pytest.mark.parametrize("m,block_n,warps,dtype,drop", [(37, 64, 4, torch.bfloat16, 0.2),
+                                                        (70, 128, 4, torch.float16, 0.0),
+                                                        (130, 64, 8, torch.bfloat16, 0.1)])
+def test_fused_moe_gluon_gemms_give_the_pointer_gemms_layer(device, m, block_n, warps, dtype, drop, monkeypatch):
+    """An entry with WS "gluon" runs both GEMMs of the sorted list on the Gluon loop (fp8_gluon: the gate and up
+    products of a K block in flight while the block before is summed): the pointer GEMMs' layer to rounding, with
+    experts dropped, 8 warps (two warp groups) and GEMM 2 in half blocks of GEMM 1's list."""
+    from quantkit.kernels import fp8_gluon
+    args = moe_case(m, 8, 2, 256, 256, "block", dtype, gen_for("moe_gluon", m, block_n, dtype), device, drop=drop)
+    cfg = dict(BLOCK_M=16 * warps, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=2, num_warps=warps, num_stages=3)
+    monkeypatch.setattr(fp8_moe, "PAIRS_MAX_TOKENS", 0)
+    base = fused_moe_fp8(*args, config=cfg)
+    gl_launches = []
+    monkeypatch.setattr(fp8_gluon, "_moe_fp8_gluon_kernel",
+                        _Spy(fp8_gluon._moe_fp8_gluon_kernel, gl_launches, record=lambda kw: kw))
+    out = fused_moe_fp8(*args, config={**cfg, "WS": "gluon"})
+    assert [(kw["GATED"], kw["SORTED_OUT"]) for kw in gl_launches] == [(True, True), (False, False)]
+    assert_close(out, base, *TOL_MOE)
+    assert_close(out, fused_moe_fp8_ref(*args), *TOL_MOE)
+    if warps == 8:  # GEMM 2 on 64-row halves of GEMM 1's 128-row list blocks
+        gl_launches.clear()
+        half = {**cfg, "WS": "gluon", "GEMM2": {"BLOCK_M": 64, "num_warps": 4, "WS": "gluon"}}
+        out = fused_moe_fp8(*args, config=half)
+        assert [(kw["BLOCK_M"], kw["LIST_M"]) for kw in gl_launches] == [(128, 128), (64, 128)]
+        assert_close(out, base, *TOL_MOE)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_takes_x_already_quantized(device):
     """x_quant (the block scheme's quantization of x, made elsewhere) gives the bits of quantizing x here; a pair of
