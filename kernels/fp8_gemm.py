@@ -51,10 +51,11 @@ TILE_SCALES = True
 SCALE_EPS = 1e-10  # smallest amax a scale is made from: an all-zero group quantizes to zeros, not NaN
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages",
-               "GEMM2", "WS", "PATH", "ONE_LAUNCH")  # (fp8_moe) GEMM2: the down GEMM's own tile over the shared one;
-# WS: the TMA GEMMs ("gluon": on fp8_gluon's loop, num_stages its stages); PATH "gemv" (block scales): the rows on
-# the CUDA cores, one activation row a program (_w8a8_fp8_gemv_kernel); ONE_LAUNCH (fp8_moe, single-token steps):
-# both GEMMs in one launch (1; 2: backing off while GEMM 2's programs wait)
+               "GEMM2", "WS", "PATH", "ONE_LAUNCH", "UNROLL")
+# (fp8_moe) GEMM2: the down GEMM's own tile over the shared one; WS: the TMA GEMMs ("gluon": on fp8_gluon's loop,
+# num_stages its stages, UNROLL its K blocks a step); PATH "gemv" (block scales): the rows on the CUDA cores, one
+# activation row a program (_w8a8_fp8_gemv_kernel); ONE_LAUNCH (fp8_moe, single-token steps): both GEMMs in one
+# launch (1; 2: backing off while GEMM 2's programs wait)
 
 
 def tile_scales(group_n: int, block_n: int, n_offset: int = 0) -> bool:
@@ -837,7 +838,7 @@ def _block_matmul(a: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.
         if ws_applies(cfg, bn, bk, xq, w) and fp8_gluon.applies(cfg, k, device):
             return fp8_gluon.w8a8_block_fp8_matmul_gluon(
                 xq, xs, w, ws, (bn, bk), out_dtype, {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "GROUP_M",
-                                                                                "num_warps")}
+                                                                                "num_warps", "UNROLL") if key in cfg}
                 | {"STAGES": cfg["num_stages"]})
         cfg = {key: v for key, v in cfg.items() if key != "WS"}
     if not quant_a and ws_applies(cfg, bn, bk, xq, w):  # the TMA GEMM

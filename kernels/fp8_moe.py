@@ -1219,8 +1219,8 @@ def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
             n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
             a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0),
             K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"], LIST_M=list_m,
-            num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"],
+            UNROLL=fp8_gluon.unroll(k // 128, cfg.get("UNROLL")), LIST_M=list_m, num_warps=cfg["num_warps"])
         return
     _moe_fp8_ws[grid](
         a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,

@@ -25,8 +25,9 @@ from quantkit.kernels import fp8_gemm, fp8_gluon, fp8_moe
 E, I, H, TOPK = 256, 1536, 3072, 8
 
 SHAPES = {"qkv": (8192, 3072), "o_proj": (3072, 6144), "gate_up": (3072, 3072), "down": (3072, 1536)}
-CONFIGS = ([dict(BLOCK_N=bn, STAGES=st, GROUP_M=8) for bn in (64, 128) for st in (3, 4, 5)]
-           + [dict(BLOCK_M=128, num_warps=8, BLOCK_N=bn, STAGES=st, GROUP_M=8) for bn in (64, 128) for st in (3, 4)])
+CONFIGS = ([dict(BLOCK_N=64, STAGES=st, UNROLL=u, GROUP_M=8) for st in (4, 6) for u in (4, 6)]
+           + [dict(BLOCK_M=128, num_warps=8, BLOCK_N=64, STAGES=st, UNROLL=4, GROUP_M=8) for st in (3, 4)]
+           + [dict(BLOCK_N=128, STAGES=st, UNROLL=4, GROUP_M=8) for st in (3, 4)])
 
 
 def timed(fn) -> float:
@@ -73,7 +74,8 @@ def main() -> None:
                         rows.append((f"gluon {cfg}", cfg, None, err))
                         continue
                     t = timed(lambda c=cfg: fp8_gluon.w8a8_block_fp8_matmul_gluon(xq, xs, wq, ws, config=c))
-                    label = f"gluon bm {cfg.get('BLOCK_M', 64)} bn {cfg['BLOCK_N']} stages {cfg['STAGES']}"
+                    label = (f"gluon bm {cfg.get('BLOCK_M', 64)} bn {cfg['BLOCK_N']} stages {cfg['STAGES']} "
+                             f"unroll {cfg['UNROLL']}")
                     rows.append((label, cfg, t, err))
                 except Exception as e:  # a config that does not compile or launch: reported, the others go on
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
@@ -101,9 +103,9 @@ def main() -> None:
 
 MOE_VARIANTS = [
     (f"gluon bm {16 * nw} bn {bn}/{bn2} stages {st}",
-     dict(WS="gluon", BLOCK_M=16 * nw, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=st,
+     dict(WS="gluon", BLOCK_M=16 * nw, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=st, UNROLL=4,
           GEMM2=dict(BLOCK_N=bn2)))
-    for nw in (4, 8) for bn, bn2 in ((64, 128), (64, 64), (32, 128)) for st in (3, 4)]
+    for nw in (4, 8) for bn, bn2 in ((32, 64), (64, 64), (32, 128)) for st in (3, 4)]
 
 
 def bench_moe(ms: list[int], g: torch.Generator, peak: float, dev: str, log: Path) -> list[dict]:

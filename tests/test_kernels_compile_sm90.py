@@ -392,21 +392,22 @@ def test_fp8_gluon_gemm_compiles_for_sm90():
     waiting for none only after the last; 64- and 128-column tiles, 3 and 4 stages."""
     types = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16"}
     jobs = [("fp8_gluon", "_w8a8_block_gluon_kernel",
-             dict(GROUP_N=128, BLOCK_M=64, BLOCK_N=bn, GROUP_M=8, STAGES=st, num_warps=4), types, 4)
+             dict(GROUP_N=128, BLOCK_M=64, BLOCK_N=bn, GROUP_M=8, STAGES=st, UNROLL=4, num_warps=4), types, 4)
             for bn, st in ((64, 4), (128, 3))]
     jobs.append(("fp8_gluon", "_w8a8_block_gluon_kernel",  # two warp groups, a barrier before each refill
-                 dict(GROUP_N=128, BLOCK_M=128, BLOCK_N=64, GROUP_M=8, STAGES=4, num_warps=8), types, 8))
+                 dict(GROUP_N=128, BLOCK_M=128, BLOCK_N=64, GROUP_M=8, STAGES=4, UNROLL=4, num_warps=8), types, 8))
     moe = {**types, "topk_weights_ptr": "*fp32", "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
            "num_tokens_post_padded_ptr": "*i32"}
     for gated in (True, False):  # the MoE's GEMMs on the sorted list (gate and up: two products a K block)
         jobs.append(("fp8_gluon", "_moe_fp8_gluon_kernel",
                      dict(K=3072 if gated else 1536, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=gated,
-                          BLOCK_M=64, BLOCK_N=64 if gated else 128, GROUP_M=8, STAGES=4, LIST_M=64, num_warps=4),
+                          BLOCK_M=64, BLOCK_N=64 if gated else 128, GROUP_M=8, STAGES=4, UNROLL=4, LIST_M=64,
+                          num_warps=4),
                      moe, 4))
     lines = compile_all(jobs)
     for line in lines:
         mma, wait1, wait0 = (int(v) for v in line.split(" wgmma=")[1].split()[0].split(","))
-        # four K = 32 instructions a 128-deep block, at the four places one is issued (before the loop, the loop's
-        # two steps, the last block); every issue but the last followed by a wait leaving one outstanding (gated:
-        # the gate and up products, twice the instructions, and two left outstanding, which the count here omits)
+        # four K = 32 instructions a 128-deep block, four blocks a loop step; every issue but the step's first
+        # followed by a wait leaving one outstanding, then one wait for all (gated: the gate and up products, twice
+        # the instructions, and two left outstanding, which the count here omits)
         assert (mma, wait1, wait0) == ((32, 0, 1) if '"GATED": true' in line else (16, 3, 1)), line
