@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import triton
 from bench_common import checked_timing, commit_id, merge_table
+from bench_gguf_kernels import MIXES as GGUF_MIXES
 from bench_gguf_kernels import Experts, ceilings
 from bench_gguf_kernels import routing as gguf_routing
 from bench_w4a16 import kmajor_weights, moe_bytes
@@ -43,7 +44,7 @@ GGUF_BUCKETS = [1, 4, 16, 64, 256]  # scripts/bench_gguf_kernels.py's tuned buck
 W4A16_BUCKETS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]  # scripts/bench_w4a16.py's
 FP8_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096]  # scripts/tune_fp8.py's
 FP8_SHAPE = f"E={E},I={I},H={H},block"
-MIXES = {"Q4_K_M": ("q4_k", "q4_k", "q6_k"), "Q8_0": ("q8_0",) * 3}
+MIXES = {k: v for k, v in GGUF_MIXES.items() if k != "Q4_K"}  # the presets' expert types
 
 
 def timed(fn) -> float:
@@ -120,6 +121,11 @@ def variants(base: dict, w4: bool, q6k: bool = False) -> list[tuple[str, dict]]:
             out += [(f"act_q8 q6q8 epi lanes {ln} split {s}/{s2}",
                      {**q8, "Q6_Q8": True, "EPI_Q8": True, "Q6_LANES": ln, "SPLIT_K": s, "SPLIT_K2": s2})
                     for ln in (2, 4) for s, s2 in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 3))]
+            # both: the other types' rows prefetched (Q4_K / Q5_K gate and up), the Q6_K rows on lanes
+            out += [(f"act_q8 q6q8 epi prefetch lanes {ln} split {s}/{s2}",
+                     {**q8, "Q6_Q8": True, "EPI_Q8": True, "Q8_PREFETCH": True, "Q6_LANES": ln, "SPLIT_K": s,
+                      "SPLIT_K2": s2})
+                    for ln in (2, 4) for s, s2 in ((1, 1), (2, 1), (2, 2))]
         else:  # GEMM 2 on 8-bit activations already: made in GEMM 1's epilogue
             out += [(f"act_q8 epi split {s}/{s2}", {**q8, "EPI_Q8": True, "SPLIT_K": s, "SPLIT_K2": s2})
                     for s, s2 in ((1, 1), (2, 1), (2, 2), (3, 3))]
