@@ -192,12 +192,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _moe_fp8_gluon_kernel(
-        a_ptr, as_ptr,  # A fp8 [P, K] in the padded list's order (row p: pair sorted_token_ids[p]); scales [P, K/128]
-        b_ptr, bs_ptr,  # B fp8 [E * NB, K] (each expert's NB rows: 2N gated, else N); scales [E, NB/128, K/128]
-        c_ptr,  # SORTED_OUT: [P, N], rows in list order (padding rows included); else [M*topk, N], rows of pairs
-        topk_weights_ptr,  # fp32 [M*topk]
-        sorted_token_ids_ptr, expert_ids_ptr,  # int32 [P], [P / LIST_M]
-        num_tokens_post_padded_ptr,  # int32 [1]: the list's length
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, topk_weights_ptr,  # as fp8_moe._moe_fp8_ws_kernel's (K blocks of 128)
+        sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,  # expert_ids: one a block of LIST_M rows
         N, NB, num_valid_tokens, num_pid_m, P, B_ROWS,
         stride_am, stride_asm, stride_bn, stride_bse, stride_bsn, stride_cm,
         K: gl.constexpr, GATED: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr, SORTED_OUT: gl.constexpr,
