@@ -13,6 +13,11 @@ ptxas serializes every MMA of a loop that copies an accumulator in flight across
 (UNROLL - 1) / UNROLL of the sums overlap an MMA. Two product tiles and the accumulator (and, for the MoE's gate and
 up, twice that) are held a thread: 3 x BLOCK_N / 2 registers at 64 rows a warp group.
 
+`_w8a8_block_ws_kernel` (config SPECIALIZE) is the other structure, DeepGEMM's: 128-row tiles, a producer warp
+issuing the TMA loads and two consumer warp groups (Gluon's `warp_specialize`), each with one product tile that it
+waits for in full before scaling and summing, while the other consumer's MMA runs; stages handed over through
+ready / empty barriers. 64 + 64 registers a thread at 128 columns.
+
 Operands through TMA descriptors made in the kernel (`triton.set_allocator`), rows past M or N read as zeros. The
 number of K blocks must be even. Gluon has no interpreter: on the CPU `w8a8_block_fp8_matmul_gluon` raises, and the
 tests compile the kernels for sm_90 there and compare them with the Triton kernels on the GPU.
@@ -241,6 +246,82 @@ if HAVE_GLUON:
             c_mask = tok_mask[:, None] & (offs_n < N)[None, :]
         gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
+    @gluon.jit
+    def _ws_producer(a_desc, b_desc, ready, empty, a_bufs, b_bufs, off_m, off_n, k_steps, STAGES: gl.constexpr):
+        """The producer warp: K block kb's two 64-row A boxes and B tile into stage kb % STAGES once both consumers
+        have released it (empty), counted on ready."""
+        for kb in range(k_steps):
+            s = kb % STAGES
+            mbarrier.wait(empty.index(s), ((kb // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            bar = ready.index(s)
+            mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(a_desc, [off_m, kb * 128], bar, a_bufs.index(2 * s))
+            _tma_load(a_desc, [off_m + 64, kb * 128], bar, a_bufs.index(2 * s + 1))
+            _tma_load(b_desc, [off_n, kb * 128], bar, b_bufs.index(s))
+
+    @gluon.jit
+    def _ws_consumer(ready, empty, a_bufs, b_bufs, as_ptr, bs_tile, c_ptr, M, N, off_m, off_n, k_steps, stride_asm,
+                     stride_ask, stride_bsk, stride_cm, C: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Consumer warp group C (4 warps): rows off_m + 64 C .. + 63 of the tile. Each K block's product waited for
+        in full, the stage released, then scaled and summed: the other consumer's MMA runs meanwhile."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        offs_m = off_m + 64 * C + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        m_mask = offs_m < M
+        as_ptrs = as_ptr + offs_m.to(gl.int64) * stride_asm
+        acc = gl.zeros([64, BLOCK_N], gl.float32, mma)
+        t = gl.zeros([64, BLOCK_N], gl.float32, mma)
+        for kb in range(k_steps):
+            s = kb % STAGES
+            sa = gl.load(as_ptrs + kb * stride_ask, mask=m_mask, other=0.0) * gl.load(bs_tile + kb * stride_bsk)
+            mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
+            t = warpgroup_mma(a_bufs.index(2 * s + C), b_bufs.index(s).permute((1, 0)), t, use_acc=False,
+                              is_async=True)
+            t = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc += t * sa[:, None]
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        c_ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
+        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+    @gluon.jit
+    def _w8a8_block_ws_kernel(
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+        stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm,
+        GROUP_N: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """The same GEMM as _w8a8_block_gluon_kernel on 128-row tiles, warp-specialized as DeepGEMM runs block FP8:
+        a producer warp issues the TMA loads, two consumer warp groups of 64 rows each take one product tile a K
+        block (acc and product: BLOCK_N registers a thread) and wait for it in full, so that while one scales and
+        sums, the other's MMA has the tensor cores. Stages are released through `empty` barriers (both consumers)
+        and filled through `ready` ones. The default partition (num_warps = 4) is consumer 0."""
+        pid_m, pid_n = _tile_pid(gl.program_id(0), gl.cdiv(M, 128), gl.cdiv(N, BLOCK_N), GROUP_M)
+        off_m = pid_m * 128
+        off_n = pid_n * BLOCK_N
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [64, 128], smem)
+        b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], smem)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, 64, 128], smem)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], smem)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)  # one arrival a consumer
+        k_steps = gl.cdiv(K, 128)
+        bs_tile = bs_ptr + (off_n // GROUP_N) * stride_bsn  # the column tile's scale block
+        gl.warp_specialize([(_ws_consumer, (ready, empty, a_bufs, b_bufs, as_ptr, bs_tile, c_ptr, M, N, off_m, off_n,
+                                            k_steps, stride_asm, stride_ask, stride_bsk, stride_cm, 0, BLOCK_N,
+                                            STAGES)),
+                            (_ws_consumer, (ready, empty, a_bufs, b_bufs, as_ptr, bs_tile, c_ptr, M, N, off_m, off_n,
+                                            k_steps, stride_asm, stride_ask, stride_bsk, stride_cm, 1, BLOCK_N,
+                                            STAGES)),
+                            (_ws_producer, (a_desc, b_desc, ready, empty, a_bufs, b_bufs, off_m, off_n, k_steps,
+                                            STAGES))],
+                           [4, 1], [232, 24])
+
 
 DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, STAGES=4, num_warps=4)
 
@@ -265,7 +346,8 @@ def w8a8_block_fp8_matmul_gluon(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
                                 config: dict | None = None) -> torch.Tensor:
     """`fp8_gemm.w8a8_block_fp8_matmul` on the Gluon kernel (same arguments and result, to fp32 rounding: each K
     block's product is summed in the same order). config: BLOCK_M (64 a warp group) and num_warps (4 or 8),
-    BLOCK_N, GROUP_M, STAGES, UNROLL."""
+    BLOCK_N, GROUP_M, STAGES, UNROLL; or SPECIALIZE (the warp-specialized kernel on 128-row tiles) with BLOCK_N,
+    GROUP_M, STAGES."""
     bn, bk = block_size
     m, n, k = fp8_gemm._check_fp8_operands(xq, w)
     if bk != GROUP_K or k % bk:
@@ -280,12 +362,22 @@ def w8a8_block_fp8_matmul_gluon(xq: torch.Tensor, xs: torch.Tensor, w: torch.Ten
     if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in (xq, w)):
         raise ValueError("the Gluon GEMM's operands need 16-byte aligned rows (TMA)")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    if cfg["BLOCK_M"] != 16 * cfg["num_warps"] or cfg["num_warps"] not in (4, 8):
+    if cfg.get("SPECIALIZE"):  # warp-specialized: 128-row tiles, a producer warp and two consumer warp groups
+        cfg.update(BLOCK_M=128, num_warps=4)
+        if bn % cfg["BLOCK_N"]:
+            raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide the weight's scale block {bn}")
+    elif cfg["BLOCK_M"] != 16 * cfg["num_warps"] or cfg["num_warps"] not in (4, 8):
         raise ValueError(f"the Gluon GEMM runs 64 rows a warp group (4 or 8 warps), got {cfg}")
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0 or n == 0:
         return out
     triton.set_allocator(fp8_gemm.tma_scratch(device))
+    if cfg.get("SPECIALIZE"):
+        _w8a8_block_ws_kernel[(triton.cdiv(m, 128) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+            xq, xs, w, ws, out, m, n, k, xq.stride(0), xs.stride(0), xs.stride(1), w.stride(0), ws.stride(0),
+            ws.stride(1), out.stride(0), GROUP_N=bn, BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+            STAGES=cfg["STAGES"], num_warps=4)
+        return out
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _w8a8_block_gluon_kernel[grid](
         xq, xs, w, ws, out, m, n, k, xq.stride(0), xs.stride(0), xs.stride(1), w.stride(0), ws.stride(0),

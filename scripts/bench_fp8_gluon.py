@@ -27,7 +27,8 @@ E, I, H, TOPK = 256, 1536, 3072, 8
 SHAPES = {"qkv": (8192, 3072), "o_proj": (3072, 6144), "gate_up": (3072, 3072), "down": (3072, 1536)}
 CONFIGS = ([dict(BLOCK_N=64, STAGES=st, UNROLL=u, GROUP_M=8) for st in (4, 6) for u in (4, 6)]
            + [dict(BLOCK_M=128, num_warps=8, BLOCK_N=64, STAGES=st, UNROLL=4, GROUP_M=8) for st in (3, 4)]
-           + [dict(BLOCK_N=128, STAGES=st, UNROLL=4, GROUP_M=8) for st in (3, 4)])
+           + [dict(BLOCK_N=128, STAGES=st, UNROLL=4, GROUP_M=8) for st in (3, 4)]
+           + [dict(SPECIALIZE=True, BLOCK_N=128, STAGES=st, GROUP_M=8) for st in (3, 4, 5)])
 
 
 def timed(fn) -> float:
@@ -75,7 +76,8 @@ def main() -> None:
                         continue
                     t = timed(lambda c=cfg: fp8_gluon.w8a8_block_fp8_matmul_gluon(xq, xs, wq, ws, config=c))
                     label = (f"gluon bm {cfg.get('BLOCK_M', 64)} bn {cfg['BLOCK_N']} stages {cfg['STAGES']} "
-                             f"unroll {cfg['UNROLL']}")
+                             f"unroll {cfg['UNROLL']}" if not cfg.get("SPECIALIZE") else
+                             f"gluon specialized bn {cfg['BLOCK_N']} stages {cfg['STAGES']}")
                     rows.append((label, cfg, t, err))
                 except Exception as e:  # a config that does not compile or launch: reported, the others go on
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)

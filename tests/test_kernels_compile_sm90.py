@@ -404,7 +404,13 @@ def test_fp8_gluon_gemm_compiles_for_sm90():
                           BLOCK_M=64, BLOCK_N=64 if gated else 128, GROUP_M=8, STAGES=4, UNROLL=4, LIST_M=64,
                           num_warps=4),
                      moe, 4))
+    # warp-specialized: two consumer warp groups (the default partition's and a worker's copy of one function),
+    # each waiting for its K block's product in full
+    jobs.append(("fp8_gluon", "_w8a8_block_ws_kernel",
+                 dict(GROUP_N=128, BLOCK_N=128, GROUP_M=8, STAGES=4, num_warps=4), types, 4))
     lines = compile_all(jobs)
+    mma, wait1, wait0 = (int(v) for v in lines.pop().split(" wgmma=")[1].split()[0].split(","))
+    assert (mma, wait1, wait0) == (8, 0, 2)
     for line in lines:
         mma, wait1, wait0 = (int(v) for v in line.split(" wgmma=")[1].split()[0].split(","))
         # four K = 32 instructions a 128-deep block, four blocks a loop step; every issue but the step's first

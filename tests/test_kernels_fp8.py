@@ -1140,11 +1140,14 @@ def test_moe_kernels_share_the_interpreter_mode():
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu_only)])
 @pytest.mark.parametrize("m,n,k", [(200, 384, 512), (1024, 256, 3072), (64, 192, 256)])
 @pytest.mark.parametrize("cfg", [dict(BLOCK_N=64, STAGES=4), dict(BLOCK_N=128, STAGES=3),
-                                 dict(BLOCK_M=128, num_warps=8, BLOCK_N=64, STAGES=3)])
+                                 dict(BLOCK_M=128, num_warps=8, BLOCK_N=64, STAGES=3),
+                                 dict(SPECIALIZE=True, BLOCK_N=128, STAGES=3),
+                                 dict(SPECIALIZE=True, BLOCK_N=64, STAGES=4)])
 def test_gluon_block_gemm_gives_the_triton_gemm(device, m, n, k, cfg):
-    """The Gluon GEMM (one warp-group MMA in flight while the previous K block is scaled): the Triton kernel's
-    result to rounding (the same products and scaled sums; the MMA's order of additions within a block may differ),
-    with row blocks past M, column tiles past N (192 = 1.5 tiles of 128) and as few K blocks as 2."""
+    """The Gluon GEMMs (one warp-group MMA in flight while the previous K block is scaled; or warp-specialized):
+    the Triton kernel's result to rounding (the same products and scaled sums; the MMA's order of additions within a
+    block may differ), with row blocks past M, column tiles past N (192 = 1.5 tiles of 128) and as few K blocks as
+    2."""
     from quantkit.kernels import fp8_gluon
     gen = gen_for("gluon_mm", m, n, k, cfg["BLOCK_N"])
     xq, xs = per_token_group_quant_fp8_ref(activations(m, k, torch.float32, gen))
