@@ -48,7 +48,7 @@ def available(device: torch.device) -> bool:
     """Whether the Gluon kernel runs on device: compiled mode, Gluon importable, a CUDA GPU of compute capability
     9.0 (the warp-group MMA is Hopper's)."""
     return (HAVE_GLUON and not fp8_gemm.INTERPRETED and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+            and fp8_gemm._cuda_device_info(fp8_gemm._cuda_index(device))[1][0] == 9)  # (cached a device)
 
 
 if HAVE_GLUON:

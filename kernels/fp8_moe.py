@@ -1213,20 +1213,17 @@ def _launch_ws_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
     e, nb, k = b.shape
     num_pid_m = sorted_token_ids.numel() // cfg["BLOCK_M"]
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    args = (a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+            n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
+            a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0))  # both kernels'
     if cfg.get("WS") == "gluon":  # the Gluon loop (fp8_gluon): one warp-group MMA in flight while the last is summed
         fp8_gluon._moe_fp8_gluon_kernel[grid](
-            a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-            n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
-            a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0),
-            K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, BLOCK_M=cfg["BLOCK_M"],
+            *args, K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"],
             UNROLL=fp8_gluon.unroll(k // 128, cfg.get("UNROLL")), LIST_M=list_m, num_warps=cfg["num_warps"])
         return
     _moe_fp8_ws[grid](
-        a, a_s, b, b_s, c, weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        n, nb, num_valid, num_pid_m, a.shape[0], e * nb,
-        a.stride(0), a_s.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), c.stride(0),
-        K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, GROUP_N=SCALE_BLOCK,
+        *args, K=k, GATED=gated, MUL_ROUTED_WEIGHT=not gated, SORTED_OUT=sorted_out, GROUP_N=SCALE_BLOCK,
         GROUP_K=SCALE_BLOCK, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], UPCAST=INTERPRETED, OUT_MANT=out_mantissa_bits(c.dtype),
         WS=fp8_gemm.ws_split(cfg["BLOCK_M"], 2 if gated else 1),
